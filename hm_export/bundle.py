@@ -1,0 +1,126 @@
+"""Bundle directory: one ``manifest.json`` describing programs, slot contract, bank, router, tokenizer.
+
+A bundle is written into a temporary sibling directory and renamed into place, so an interrupted
+export never leaves a half bundle where a loader could find it.  Every file except the bank blocks
+(which carry their own checksums in the bank index) is listed with its size and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+BUNDLE_FORMAT = "hm-export-bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "manifest.json"
+HASH_CHUNK = 1 << 20
+
+
+class BundleError(ValueError):
+    """A bundle is missing files, was tampered with, or does not match what a loader expects."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_record(root: Path, relative: str) -> dict[str, Any]:
+    path = root / relative
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def toolchain_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in (
+        "hm-export",
+        "torch",
+        "executorch",
+        "onnx",
+        "onnxruntime",
+        "coremltools",
+        "tokenizers",
+        "safetensors",
+    ):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def safe_relative(root: Path, relative: str, what: str) -> Path:
+    """Resolve ``relative`` under ``root``; refuse absolute paths and ``..`` escapes."""
+    candidate = Path(relative)
+    resolved = (root / candidate).resolve()
+    if candidate.is_absolute() or not resolved.is_relative_to(root.resolve()):
+        raise BundleError(f"{root / MANIFEST}: unsafe path {relative!r} for {what} (must stay inside the bundle)")
+    return resolved
+
+
+@contextmanager
+def atomic_directory(destination: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp directory next to ``destination``; on success rename it into place."""
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise BundleError(f"{destination}: already exists (pass overwrite to replace it)")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        yield tmp
+        if destination.exists():
+            retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+            os.replace(destination, retired)
+            os.replace(tmp, destination)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(tmp, destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (not an hm-export bundle)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: format {manifest.get('format')!r} is not {BUNDLE_FORMAT!r}")
+    if manifest.get("format_version") != BUNDLE_VERSION:
+        raise BundleError(
+            f"{path}: format_version {manifest.get('format_version')!r} unsupported (reads {BUNDLE_VERSION})"
+        )
+    return manifest
+
+
+def verify_files(root: Path, manifest: dict[str, Any]) -> None:
+    """Check every listed file's size and sha256; raise naming the first file that differs."""
+    for relative, record in manifest.get("files", {}).items():
+        path = safe_relative(root, relative, "a listed file")
+        if not path.is_file():
+            raise BundleError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise BundleError(f"{path}: {size} bytes, manifest says {record['bytes']} (truncated or replaced)")
+        if sha256_file(path) != record["sha256"]:
+            raise BundleError(f"{path}: sha256 does not match the manifest (file was modified)")

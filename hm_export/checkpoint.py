@@ -1,0 +1,209 @@
+"""Checkpoint directory format (documented in docs/checkpoint-format.md).
+
+::
+
+    config.json               format marker, version, model config, storage dtype, router, file names
+    anchor.safetensors        anchor weights (embedding, blocks, final norm)
+    bank_level{l}.safetensors level l blocks: gate, up [n_l, layers, d, r_l]; down [n_l, layers, r_l, d]
+    router.safetensors        level{l}: centroids [n_l, embed_dim]
+    tokenizer.json            a Hugging Face `tokenizers` tokenizer
+
+Only safetensors and JSON: nothing here is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from hm_export.config import ConfigError, ModelConfig
+from hm_export.model import MemoryLM
+from hm_export.router import MINILM_DIM, CentroidTree
+
+FORMAT_NAME = "hm-export-checkpoint"
+FORMAT_VERSION = 1
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ANCHOR_FILE = "anchor.safetensors"
+ROUTER_FILE = "router.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing files, has the wrong tensors, or an unknown version."""
+
+
+def bank_file(level: int) -> str:
+    return f"bank_level{level}.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (fp32, eval mode), its router tree and tokenizer."""
+
+    path: Path
+    config: ModelConfig
+    model: MemoryLM
+    tree: CentroidTree
+    tokenizer: Tokenizer
+    storage_dtype: str
+    metadata: dict[str, Any]
+
+
+def expected_bank_shapes(cfg: ModelConfig, level: int) -> dict[str, tuple[int, ...]]:
+    nodes, layers, d, r = cfg.memory.nodes_at(level), len(cfg.memory.layers), cfg.d_model, cfg.memory.widths[level]
+    return {"gate": (nodes, layers, d, r), "up": (nodes, layers, d, r), "down": (nodes, layers, r, d)}
+
+
+def expected_anchor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes only, no allocation
+        reference = MemoryLM(cfg)
+    bank_names = {name for name, _ in reference.named_parameters() if name.startswith("bank.")}
+    return {n: tuple(p.shape) for n, p in reference.state_dict().items() if n not in bank_names}
+
+
+def save_checkpoint(
+    directory: Path,
+    model: MemoryLM,
+    tree: CentroidTree,
+    tokenizer: Tokenizer,
+    storage_dtype: str = "float32",
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (temp directory, then rename over ``directory``)."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise CheckpointError(f"storage dtype {storage_dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    dtype = STORAGE_DTYPES[storage_dtype]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        cfg = model.cfg
+        anchor = {
+            n: t.detach().to(dtype).contiguous() for n, t in model.state_dict().items() if not n.startswith("bank.")
+        }
+        save_file(anchor, str(tmp / ANCHOR_FILE))
+        for level in range(cfg.memory.num_levels):
+            tensors = {
+                "gate": model.bank.gate[level].detach().to(dtype).contiguous(),
+                "up": model.bank.up[level].detach().to(dtype).contiguous(),
+                "down": model.bank.down[level].detach().to(dtype).contiguous(),
+            }
+            save_file(tensors, str(tmp / bank_file(level)))
+        save_file(
+            {
+                f"level{lv}": torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
+                for lv, c in enumerate(tree.centroids)
+            },
+            str(tmp / ROUTER_FILE),
+        )
+        tokenizer.save(str(tmp / TOKENIZER_FILE))
+        config = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "model": cfg.to_dict(),
+            "storage_dtype": storage_dtype,
+            "router": {"embedder": "all-MiniLM-L6-v2", "dim": tree.dim, "pooling": "mean", "normalize": True},
+            "files": {
+                "anchor": ANCHOR_FILE,
+                "bank": [bank_file(lv) for lv in range(cfg.memory.num_levels)],
+                "router": ROUTER_FILE,
+                "tokenizer": TOKENIZER_FILE,
+            },
+            "metadata": metadata or {},
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not an hm-export checkpoint directory)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    if config.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: format is {config.get('format')!r}, expected {FORMAT_NAME!r}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {config.get('format_version')!r} is not supported "
+            f"(this hm-export reads {FORMAT_VERSION})"
+        )
+    if config.get("storage_dtype") not in STORAGE_DTYPES:
+        raise CheckpointError(f"{path}: storage_dtype {config.get('storage_dtype')!r} not in {sorted(STORAGE_DTYPES)}")
+    return config
+
+
+def _read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Read exactly the ``expected`` tensors from a safetensors file, checking names and shapes."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = set(handle.keys())
+            missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+            if missing or unexpected:
+                raise CheckpointError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+            tensors = {}
+            for name, shape in expected.items():
+                tensor = handle.get_tensor(name)
+                if tuple(tensor.shape) != shape:
+                    raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+                if not tensor.is_floating_point():
+                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
+                tensors[name] = tensor.float()
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+    return tensors
+
+
+def load_checkpoint(directory: Path | str) -> Checkpoint:
+    """Load and validate a checkpoint directory; the model comes back in fp32, eval mode."""
+    directory = Path(directory)
+    raw = read_config(directory)
+    try:
+        cfg = ModelConfig.from_dict(raw["model"])
+    except (ConfigError, ValueError, TypeError, KeyError) as exc:  # also int("x"), dict(non-object), ...
+        raise CheckpointError(f"{directory / 'config.json'}: invalid model config: {exc}") from exc
+    state = _read_tensors(directory / ANCHOR_FILE, expected_anchor_shapes(cfg))
+    for level in range(cfg.memory.num_levels):
+        tensors = _read_tensors(directory / bank_file(level), expected_bank_shapes(cfg, level))
+        state.update({f"bank.{name}.{level}": t for name, t in tensors.items()})
+    dim = raw.get("router", {}).get("dim", MINILM_DIM)
+    router = _read_tensors(
+        directory / ROUTER_FILE, {f"level{lv}": (cfg.memory.nodes_at(lv), dim) for lv in range(cfg.memory.num_levels)}
+    )
+    tokenizer_path = directory / TOKENIZER_FILE
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON or a missing file
+        raise CheckpointError(f"{tokenizer_path}: cannot load tokenizer ({exc})") from exc
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise CheckpointError(
+            f"{tokenizer_path}: vocabulary {tokenizer.get_vocab_size()} exceeds model vocab_size {cfg.vocab_size}"
+        )
+    model = MemoryLM(cfg)
+    model.load_state_dict(state)  # rope/mask buffers are derived (non-persistent), not stored
+    model.eval()
+    tree = CentroidTree(cfg.memory, [router[f"level{lv}"].numpy() for lv in range(cfg.memory.num_levels)])
+    return Checkpoint(directory, cfg, model, tree, tokenizer, raw["storage_dtype"], raw.get("metadata", {}))

@@ -1,0 +1,131 @@
+"""``hm-export`` command line: thin wrappers over the library API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _emit(report: dict[str, Any], as_json: bool, human: str) -> None:
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else human)
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.version_option(package_name="hm-export")
+def main() -> None:
+    """Export memory-augmented language models to device bundles."""
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--target", default="executorch", show_default=True, help="Comma-separated targets.")
+@click.option("--seq-len", type=int, default=None, help="Program sequence length (default: model max).")
+@click.option("--bank-scheme", default="float32", show_default=True, help="Bank block scheme.")
+@click.option("--separate-weights", is_flag=True, help="Anchor weights in a separate .ptd data file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
+def export(
+    checkpoint: Path,
+    out: Path,
+    target: str,
+    seq_len: int | None,
+    bank_scheme: str,
+    separate_weights: bool,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Export CHECKPOINT (a checkpoint directory) into the bundle directory OUT."""
+    from hm_export.export import ExportRecipe, export_bundle
+
+    try:
+        recipe = ExportRecipe(tuple(target.split(",")), seq_len, bank_scheme, separate_weights)
+        report = export_bundle(checkpoint, out, recipe, overwrite=overwrite, progress=not as_json)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    sizes = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in report.sizes.items())
+    _emit(report.to_dict(), as_json, f"wrote {out} in {report.seconds['total']} s: {sizes}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--context", required=True, help="Text that selects the memory path.")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--target", default="executorch", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def run(bundle: Path, context: str, prompt: str, max_new_tokens: int, target: str, as_json: bool) -> None:
+    """Route CONTEXT, load its memory, and continue PROMPT greedily."""
+    from hm_export.runtime_stubs.loader import BundleLoader, complete
+
+    try:
+        result = complete(BundleLoader(bundle, target=target), context, prompt, max_new_tokens)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    _emit(asdict(result), as_json, f"[path {list(result.context_path)}] {prompt}{result.text}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--contexts",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON lines with 'text' (or 'tokens') and optional 'context'.",
+)
+@click.option("-n", "limit", type=int, default=64, show_default=True, help="Contexts to check.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max |logit diff|.")
+@click.option("--min-top1", type=float, default=1.0, show_default=True, help="Min top-1 agreement.")
+@click.option("--target", default="executorch", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def verify(
+    bundle: Path,
+    checkpoint: Path,
+    contexts: Path,
+    limit: int,
+    tolerance: float,
+    min_top1: float,
+    target: str,
+    as_json: bool,
+) -> None:
+    """Compare BUNDLE with the eager CHECKPOINT on held-out contexts; exit 1 beyond tolerance."""
+    from hm_export.verify import verify_bundle
+
+    try:
+        report = verify_bundle(bundle, checkpoint, contexts, limit, tolerance, min_top1, target, progress=not as_json)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    verdict = "PASS" if report.passed else "FAIL"
+    _emit(
+        report.to_dict(),
+        as_json,
+        f"{verdict}: {report.contexts} contexts, {report.distinct_paths} paths, max |logit diff| "
+        f"{report.max_abs_diff:.2e} (tol {tolerance:g}), top-1 {report.top1_agreement:.4f}, "
+        f"bundle/eager latency {report.latency_ratio_bundle_over_eager}",
+    )
+    sys.exit(0 if report.passed else 1)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Show a bundle's manifest: model, slot contract, bank, targets, sizes."""
+    from hm_export.summary import summarize_bundle
+
+    try:
+        summary = summarize_bundle(bundle)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    _emit(summary, as_json, json.dumps(summary, indent=2))

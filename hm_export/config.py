@@ -1,0 +1,130 @@
+"""Declarative model configuration: the anchor transformer and its hierarchical FFN memory.
+
+The node layout of the memory tree is fixed here, because the checkpoint, the bank files, the router
+and the slot contract all index nodes the same way: level ``l`` holds ``prod(branching[:l+1])``
+nodes numbered ``0..n_l-1``; node ``i`` at level ``l`` has children ``i*k + c`` (``c < k``) at
+level ``l+1`` where ``k = branching[l+1]``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration is inconsistent or does not describe this model family."""
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Hierarchical FFN memory: per level a branching factor ``k_l`` and a block width ``r_l``."""
+
+    branching: tuple[int, ...]
+    widths: tuple[int, ...]
+    layers: tuple[int, ...]  # memory-carrying anchor layers, ascending
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "branching", tuple(int(k) for k in self.branching))
+        object.__setattr__(self, "widths", tuple(int(r) for r in self.widths))
+        object.__setattr__(self, "layers", tuple(int(j) for j in self.layers))
+        if not self.branching or len(self.branching) != len(self.widths):
+            raise ConfigError(
+                f"memory.branching {self.branching} and memory.widths {self.widths} "
+                "must be non-empty and of equal length (one entry per level)"
+            )
+        if any(k < 1 for k in self.branching) or any(r < 1 for r in self.widths):
+            raise ConfigError("memory branching factors and widths must be positive")
+        if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0:
+            raise ConfigError(f"memory.layers {self.layers} must be non-empty, ascending, unique, non-negative")
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.branching)
+
+    def nodes_at(self, level: int) -> int:
+        return prod(self.branching[: level + 1])
+
+    @property
+    def total_width(self) -> int:
+        """R: hidden units the fetched path adds to each memory layer's FFN."""
+        return sum(self.widths)
+
+    def level_offsets(self) -> list[int]:
+        """Start of each level's range within the concatenated width R."""
+        offsets, start = [], 0
+        for r in self.widths:
+            offsets.append(start)
+            start += r
+        return offsets
+
+    def validate_path(self, path: Sequence[int]) -> tuple[int, ...]:
+        """Check that ``path`` is a root-to-leaf chain of node ids; return it as a tuple."""
+        path = tuple(int(p) for p in path)
+        if len(path) != self.num_levels:
+            raise ConfigError(f"path {path} has {len(path)} levels, the memory has {self.num_levels}")
+        for level, node in enumerate(path):
+            if not 0 <= node < self.nodes_at(level):
+                raise ConfigError(f"path {path}: node {node} out of range at level {level}")
+            if level and node // self.branching[level] != path[level - 1]:
+                raise ConfigError(f"path {path}: node {node} at level {level} is not a child of {path[level - 1]}")
+        return path
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Anchor transformer (pre-norm RMSNorm, RoPE, SwiGLU, tied embeddings) plus memory."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_hidden: int
+    max_seq_len: int
+    memory: MemoryConfig
+    rope_theta: float = 100000.0
+    norm_eps: float = 1e-5
+    architecture: str = field(default="hm-anchor")
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError("head dimension must be even for RoPE")
+        if self.memory.layers[-1] >= self.n_layers:
+            raise ConfigError(f"memory.layers {self.memory.layers} exceed n_layers {self.n_layers}")
+        if self.architecture != "hm-anchor":
+            raise ConfigError(f"architecture {self.architecture!r} is not 'hm-anchor'")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def block_params(self, level: int) -> int:
+        """Parameters of one bank block: G, U (r x d) and D (d x r) for every memory layer."""
+        return 3 * self.memory.widths[level] * self.d_model * len(self.memory.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        try:
+            memory = MemoryConfig(**data.pop("memory"))
+            return cls(memory=memory, **data)
+        except (TypeError, KeyError) as exc:
+            raise ConfigError(f"model config does not match ModelConfig: {exc}") from exc
+
+    def to_json(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,0 +1,167 @@
+"""``export``: checkpoint -> bundle (programs with a memory slot, bank files, router, tokenizer, manifest)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from hm_export import __version__
+from hm_export.bank import write_bank
+from hm_export.bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    atomic_directory,
+    file_record,
+    sha256_file,
+    toolchain_versions,
+    write_manifest,
+)
+from hm_export.checkpoint import ROUTER_FILE, TOKENIZER_FILE, load_checkpoint
+from hm_export.passes.pipeline import PIPELINES
+from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract
+from hm_export.trace import trace_slot_program
+
+TARGETS = ("executorch",)
+BANK_DIR = "bank"
+
+
+@dataclass(frozen=True)
+class ExportRecipe:
+    """What to build. ``seq_len`` defaults to the model's ``max_seq_len``."""
+
+    targets: tuple[str, ...] = ("executorch",)
+    seq_len: int | None = None
+    bank_scheme: str = "float32"
+    separate_weights: bool = False
+    pipeline: str = "xnnpack_slot"
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"unknown targets {unknown or self.targets}; available: {list(TARGETS)}")
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"unknown pass pipeline {self.pipeline!r}; available: {sorted(PIPELINES)}")
+
+
+@dataclass
+class ExportReport:
+    bundle: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    targets: dict[str, Any] = field(default_factory=dict)
+    slot_schema_hash: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def export_bundle(
+    checkpoint_dir: Path,
+    out: Path,
+    recipe: ExportRecipe = ExportRecipe(),
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ExportReport:
+    """Export ``checkpoint_dir`` into the bundle directory ``out`` (written atomically)."""
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    report = ExportReport(bundle=str(out))
+    stages = ["load", "trace", *recipe.targets, "bank", "manifest"]
+    bar = tqdm(total=len(stages), desc="export", unit="stage", disable=not progress)
+
+    def step(name: str, start: float) -> None:
+        report.seconds[name] = round(time.perf_counter() - start, 2)
+        bar.update(1)
+        bar.set_postfix_str(name)
+
+    start = t0 = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint_dir)
+    seq_len = recipe.seq_len or ckpt.config.max_seq_len
+    if not 1 <= seq_len <= ckpt.config.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} must be in [1, {ckpt.config.max_seq_len}]")
+    contract = SlotContract.for_model(ckpt.config, seq_len)
+    step("load", start)
+
+    with atomic_directory(out, overwrite) as tmp:
+        start = time.perf_counter()
+        slot_program = trace_slot_program(ckpt.model, contract, PIPELINES[recipe.pipeline])
+        report.passes = [asdict(r) for r in slot_program.pass_records]
+        step("trace", start)
+
+        targets: dict[str, Any] = {}
+        for target in recipe.targets:
+            start = time.perf_counter()
+            targets[target] = _emit(target, slot_program, tmp, recipe)
+            step(target, start)
+
+        start = time.perf_counter()
+        index = write_bank(tmp / BANK_DIR, checkpoint_dir, scheme=recipe.bank_scheme, progress=progress)
+        step("bank", start)
+
+        start = time.perf_counter()
+        shutil.copyfile(checkpoint_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        shutil.copyfile(checkpoint_dir / ROUTER_FILE, tmp / ROUTER_FILE)
+        listed = [TOKENIZER_FILE, ROUTER_FILE, f"{BANK_DIR}/index.json"]
+        listed += [f for t in targets.values() for f in t["files"].values()]
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_VERSION,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model": ckpt.config.to_dict(),
+            "tokenizer": {"file": TOKENIZER_FILE},
+            "router": {
+                "file": ROUTER_FILE,
+                "embedder": "all-MiniLM-L6-v2",
+                "dim": ckpt.tree.dim,
+                "pooling": "mean",
+                "normalize": True,
+                "descent": "greedy-l2",
+            },
+            "slot": contract.to_dict(),
+            "io": {"inputs": [TOKENS_INPUT, *contract.input_names], "outputs": [LOGITS_OUTPUT]},
+            "bank": {
+                "dir": BANK_DIR,
+                "index": f"{BANK_DIR}/index.json",
+                "scheme": recipe.bank_scheme,
+                "schema_hash": index.schema_hash,
+            },
+            "targets": targets,
+            "pipeline": {"name": recipe.pipeline, "passes": report.passes},
+            "files": {f: file_record(tmp, f) for f in listed},
+            "source": {
+                "checkpoint": str(checkpoint_dir),
+                "config_sha256": sha256_file(checkpoint_dir / "config.json"),
+                "storage_dtype": ckpt.storage_dtype,
+            },
+            "versions": {**toolchain_versions(), "hm-export": __version__},
+        }
+        write_manifest(tmp, manifest)
+        report.sizes = {f: r["bytes"] for f, r in manifest["files"].items()}
+        report.sizes["bank_total"] = sum(p.stat().st_size for p in (tmp / BANK_DIR).rglob("*") if p.is_file())
+        step("manifest", start)
+    bar.close()
+    report.targets = targets
+    report.slot_schema_hash = contract.schema_hash
+    report.seconds["total"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def _emit(target: str, slot_program: Any, root: Path, recipe: ExportRecipe) -> dict[str, Any]:
+    from hm_export.targets.executorch import emit_executorch
+
+    directory = "executorch"
+    result = emit_executorch(slot_program, root / directory, separate_weights=recipe.separate_weights)
+    return {
+        "runtime": "executorch",
+        "backend": "xnnpack",
+        "files": {role: f"{directory}/{name}" for role, name in result.files.items()},
+        "slot_dtype": slot_program.contract.dtype,
+        "delegation": result.delegation,
+        "seconds": result.seconds,
+    }

@@ -1,0 +1,196 @@
+"""Reference memory-augmented language model (Pouransari et al., 2025).
+
+Anchor: token embedding (tied with the output head), pre-norm decoder blocks with RMSNorm, RoPE
+attention with optional grouped KV heads, SwiGLU FFN.
+
+Memory: a bank of FFN blocks, one per tree node.  The block of node ``i`` at level ``l`` holds,
+for every memory layer, ``G, U`` (``r_l x d``) and ``D`` (``d x r_l``).  The blocks on a routed path
+are concatenated along the FFN width, which is the same as adding a second SwiGLU::
+
+    FFN(h) = D_a(silu(G_a h) * U_a h) + D_m(silu(G_m h) * U_m h)
+
+Storage is in *slot layout* so assembling a path is a pure copy and the exported graph never
+transposes the slot: per level ``gate = G^T`` and ``up = U^T`` as ``[nodes, layers, d, r]``, and
+``down = D^T`` as ``[nodes, layers, r, d]``.  The assembled memory of one memory layer is
+
+* ``gate_up``: ``[B, d, 2R]``, columns ``[0, R)`` the gate and ``[R, 2R)`` the up projection,
+  level ``l`` at columns ``off_l .. off_l + r_l`` of each half;
+* ``down``: ``[B, R, d]``, level ``l`` at rows ``off_l .. off_l + r_l``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hm_export.config import ModelConfig
+
+# One memory layer's assembled memory: (gate_up [B, d, 2R], down [B, R, d]).
+LayerMemory = tuple[Tensor, Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables ``[max_seq_len, head_dim]`` for the rotate-half RoPE convention."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Grouped KV heads without repeating K/V: the query heads sharing a KV head are stacked along
+        # the sequence axis ([B, kv, group*T, hd]), so every matmul stays a plain batched matmul.
+        # 3-D bmm rather than 4-D matmul: matmul decomposes into expand copies XNNPACK cannot take.
+        group, kv_batch = self.n_heads // self.n_kv_heads, batch * self.n_kv_heads
+        q = q.reshape(kv_batch, group * seq, self.head_dim)
+        k = k.reshape(kv_batch, seq, self.head_dim)
+        v = v.reshape(kv_batch, seq, self.head_dim)
+        scores = torch.bmm(q, k.transpose(1, 2)) * (self.head_dim**-0.5) + mask.repeat(group, 1)
+        out = torch.bmm(torch.softmax(scores, dim=-1), v).view(batch, self.n_heads, seq, self.head_dim)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_model, hidden, bias=False)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def memory_ffn(x: Tensor, memory: LayerMemory) -> Tensor:
+    """``D_m(silu(G_m x) * U_m x)`` with the slot as batched-matmul operands (no transposes)."""
+    gate_up, down = memory
+    width = down.shape[-2]
+    hidden = torch.bmm(x, gate_up)
+    return torch.bmm(F.silu(hidden[..., :width]) * hidden[..., width:], down)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, memory: LayerMemory | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        h = self.ffn_norm(x)
+        out = self.ffn(h)
+        if memory is not None:
+            out = out + memory_ffn(h, memory)
+        return x + out
+
+
+class MemoryBank(nn.Module):
+    """All blocks of the tree, level by level, in slot layout (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        mem, d, n_mem = cfg.memory, cfg.d_model, len(cfg.memory.layers)
+        self.cfg = cfg
+        self.gate = nn.ParameterList()
+        self.up = nn.ParameterList()
+        self.down = nn.ParameterList()
+        for level, r in enumerate(mem.widths):
+            nodes = mem.nodes_at(level)
+            self.gate.append(nn.Parameter(torch.randn(nodes, n_mem, d, r) * d**-0.5))
+            self.up.append(nn.Parameter(torch.randn(nodes, n_mem, d, r) * d**-0.5))
+            self.down.append(nn.Parameter(torch.zeros(nodes, n_mem, r, d)))  # D starts at zero
+
+    def assemble(self, paths: Tensor) -> list[LayerMemory]:
+        """Concatenate the blocks of ``paths`` (``[B, levels]`` node ids) per memory layer."""
+        levels = range(self.cfg.memory.num_levels)
+        gates = [self.gate[lv][paths[:, lv]] for lv in levels]  # each [B, n_mem, d, r_l]
+        ups = [self.up[lv][paths[:, lv]] for lv in levels]
+        downs = [self.down[lv][paths[:, lv]] for lv in levels]
+        gate_up = torch.cat(gates + ups, dim=-1)  # [B, n_mem, d, 2R]
+        down = torch.cat(downs, dim=-2)  # [B, n_mem, R, d]
+        return [(gate_up[:, j], down[:, j]) for j in range(len(self.cfg.memory.layers))]
+
+
+class MemoryLM(nn.Module):
+    """Anchor transformer plus hierarchical FFN memory."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.bank = MemoryBank(cfg)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        causal = torch.full((cfg.max_seq_len, cfg.max_seq_len), float("-inf")).triu(1)
+        self.register_buffer("causal_mask", causal, persistent=False)
+
+    def forward(self, tokens: Tensor, memory: Sequence[LayerMemory] | None = None) -> Tensor:
+        """Logits ``[B, T, vocab]`` given an already assembled memory (one entry per memory layer)."""
+        seq = tokens.shape[1]
+        if seq > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {seq} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        if memory is not None and len(memory) != len(self.cfg.memory.layers):
+            raise ValueError(f"memory has {len(memory)} layers, the model declares {len(self.cfg.memory.layers)}")
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        mask = self.causal_mask[:seq, :seq]
+        layer_memory = dict(zip(self.cfg.memory.layers, memory)) if memory is not None else {}
+        x = self.embed(tokens)
+        for index, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, layer_memory.get(index))
+        return F.linear(self.norm(x), self.embed.weight)
+
+    def forward_path(self, tokens: Tensor, paths: Tensor) -> Tensor:
+        """Logits with the memory of ``paths`` (``[B, levels]`` or ``[levels]`` node ids)."""
+        if paths.dim() == 1:
+            paths = paths.unsqueeze(0).expand(tokens.shape[0], -1)
+        return self(tokens, self.bank.assemble(paths))
+
+    def anchor_parameters(self) -> list[nn.Parameter]:
+        bank_ids = {id(p) for p in self.bank.parameters()}
+        return [p for p in self.parameters() if id(p) not in bank_ids]
+
+
+def assemble_path(model: MemoryLM, path: Sequence[int]) -> list[LayerMemory]:
+    """The assembled memory of one path, batch 1, detached: what the exported slot receives."""
+    path = model.cfg.memory.validate_path(path)
+    with torch.no_grad():
+        return [(g.clone(), d.clone()) for g, d in model.bank.assemble(torch.tensor([path]))]

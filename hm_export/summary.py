@@ -1,0 +1,38 @@
+"""``inspect``: a readable summary of a bundle's manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hm_export.bundle import read_manifest
+
+
+def summarize_bundle(bundle_dir: Path) -> dict[str, Any]:
+    manifest = read_manifest(Path(bundle_dir))
+    model, slot = manifest["model"], manifest["slot"]
+    bank_dir = Path(bundle_dir) / manifest["bank"]["dir"]
+    return {
+        "bundle": str(bundle_dir),
+        "format_version": manifest["format_version"],
+        "created": manifest["created"],
+        "model": {k: model[k] for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")},
+        "memory": model["memory"],
+        "slot": {
+            "seq_len": slot["seq_len"],
+            "schema_hash": slot["schema_hash"],
+            "inputs": [
+                {"name": t["name"], "shape": t["shape"], "dtype": t["dtype"], "level_ranges": t["level_ranges"]}
+                for t in slot["tensors"]
+            ],
+        },
+        "bank": {
+            **manifest["bank"],
+            "bytes_on_disk": sum(p.stat().st_size for p in bank_dir.rglob("*") if p.is_file()),
+        },
+        "targets": {
+            name: {"files": t["files"], "delegation": t.get("delegation")} for name, t in manifest["targets"].items()
+        },
+        "files": manifest["files"],
+        "versions": manifest["versions"],
+    }

@@ -1,0 +1,112 @@
+"""ExecuTorch emitter: lower the slot program to XNNPACK and write ``.pte`` (and optionally ``.ptd``).
+
+The slot matmuls are ``bmm`` nodes, which XNNPACK delegates without
+``force_non_static_weights_for_f32_linear``; the anchor's weights therefore stay static (pre-packed
+once at load).  After lowering we check that every slot input is consumed by a delegate, so a slot
+matmul silently falling back to portable kernels fails the export instead of shipping slow.
+The runtime binds the caller's input buffers (``alloc_graph_input=False``): a block swap overwrites
+those buffers and the next call sees it without any copy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hm_export.passes.base import SlotPassError
+from hm_export.trace import SlotProgram
+
+PROGRAM_FILE = "model.pte"
+DATA_TAG = "anchor"  # the .ptd file name stem; one tag for delegated and portable constants
+
+
+@dataclass
+class ExecuTorchResult:
+    files: dict[str, str]  # role -> path relative to the target directory
+    delegation: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _tag_constants_for_data_file(slot_program: SlotProgram) -> torch.export.ExportedProgram:
+    """Re-export with every constant tagged for the external ``anchor.ptd`` (program-data separation)."""
+    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
+
+    module = slot_program.program.module()
+    delegate_external_constants_pass_unlifted(module=module, gen_tag_fn=lambda _node: DATA_TAG)
+    return torch.export.export(module, slot_program.example_inputs, strict=False)
+
+
+def _delegation_summary(edge_program: torch.export.ExportedProgram, slot_names: list[str]) -> dict[str, Any]:
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    graph_module = edge_program.graph_module
+    info = get_delegation_info(graph_module)
+    placeholders = {n.name: n for n in graph_module.graph.nodes if n.op == "placeholder"}
+    not_delegated = {
+        name: sorted({str(u.target) for u in placeholders[name].users if "call_delegate" not in str(u.target)})
+        for name in slot_names
+    }
+    not_delegated = {k: v for k, v in not_delegated.items() if v}
+    if not_delegated:
+        raise SlotPassError(f"slot inputs read outside XNNPACK (portable fallback): {not_delegated}")
+    return {
+        "backend": "xnnpack",
+        "delegated_subgraphs": info.num_delegated_subgraphs,
+        "delegated_nodes": info.num_delegated_nodes,
+        "non_delegated_nodes": info.num_non_delegated_nodes,
+        "non_delegated_ops": {
+            op: b.non_delegated
+            for op, b in sorted(info.delegation_by_operator.items())
+            if b.non_delegated and op != "getitem"
+        },
+        "slot_inputs_delegated": True,
+    }
+
+
+def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: bool = False) -> ExecuTorchResult:
+    """Lower to XNNPACK and write ``model.pte`` (+ ``anchor.ptd`` when ``separate_weights``) into ``out_dir``."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    program = _tag_constants_for_data_file(slot_program) if separate_weights else slot_program.program
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    seconds["lower"] = time.perf_counter() - start
+    delegation = _delegation_summary(edge.exported_program(), slot_program.contract.input_names)
+
+    start = time.perf_counter()
+    config = ExecutorchBackendConfig(
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+        external_constants=(lambda _node: DATA_TAG) if separate_weights else False,
+    )
+    et_program = edge.to_executorch(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / PROGRAM_FILE).write_bytes(et_program.buffer)
+    files = {"program": PROGRAM_FILE}
+    if separate_weights:
+        et_program.write_tensor_data_to_file(str(out_dir))
+        files["data"] = f"{DATA_TAG}.ptd"
+        if not (out_dir / files["data"]).is_file():
+            raise RuntimeError(f"ExecuTorch did not write {out_dir / files['data']}")
+    seconds["emit"] = time.perf_counter() - start
+    return ExecuTorchResult(files, delegation, {k: round(v, 2) for k, v in seconds.items()})
+
+
+class ExecuTorchRunner:
+    """Runs a bundle's ``.pte`` with the slot tensors bound as inputs."""
+
+    def __init__(self, program: Path, data: Path | None = None) -> None:
+        from executorch.runtime import Runtime
+
+        runtime = Runtime.get()
+        loaded = runtime.load_program(str(program), data_path=str(data)) if data else runtime.load_program(str(program))
+        self.method = loaded.load_method("forward")
+
+    def __call__(self, tokens: torch.Tensor, slot: list[torch.Tensor]) -> torch.Tensor:
+        return self.method.execute([tokens, *slot])[0]

@@ -1,0 +1,134 @@
+"""``verify``: a bundle against the eager checkpoint on held-out contexts.
+
+For each context: route it with the bundle's router, fill the slot, run the bundle's program and
+the eager model on the same tokens and path, and compare logits (max |diff|, top-1 agreement) and
+perplexity.  Fails when any context exceeds the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hm_export.checkpoint import load_checkpoint
+from hm_export.runtime_stubs.loader import BundleLoader
+
+
+@dataclass
+class ContextResult:
+    index: int
+    path: tuple[int, ...]
+    tokens: int
+    max_abs_diff: float
+    top1_agreement: float
+    perplexity_bundle: float
+    perplexity_eager: float
+
+
+@dataclass
+class VerifyReport:
+    bundle: str
+    target: str
+    contexts: int
+    max_abs_diff: float
+    top1_agreement: float
+    tolerance: float
+    min_top1: float
+    passed: bool
+    distinct_paths: int
+    latency_ratio_bundle_over_eager: float
+    results: list[ContextResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_contexts(path: Path) -> list[dict[str, Any]]:
+    """JSON lines with ``text`` (or ``tokens``) and optionally ``context`` (the routing text, default: text)."""
+    items = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
+        if not isinstance(item, dict) or not ("text" in item or "tokens" in item):
+            raise ValueError(f"{path}:{number}: each line needs a 'text' or 'tokens' field")
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no contexts")
+    return items
+
+
+def _perplexity(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    return math.exp(F.cross_entropy(logits[:-1], tokens[1:]).item())
+
+
+@torch.no_grad()
+def verify_bundle(
+    bundle_dir: Path,
+    checkpoint_dir: Path,
+    contexts_file: Path,
+    limit: int = 64,
+    tolerance: float = 1e-4,
+    min_top1: float = 1.0,
+    target: str = "executorch",
+    progress: bool = False,
+) -> VerifyReport:
+    loader = BundleLoader(bundle_dir, target=target)
+    ckpt = load_checkpoint(checkpoint_dir)
+    if ckpt.config != loader.config:
+        raise ValueError(f"{checkpoint_dir}: model config differs from the bundle's manifest")
+    items = read_contexts(contexts_file)[:limit]
+    results, bundle_seconds, eager_seconds = [], 0.0, 0.0
+    for index, item in enumerate(tqdm(items, desc="verify", disable=not progress)):
+        ids = item.get("tokens") or loader.tokenizer.encode(item["text"]).ids
+        ids = ids[: loader.contract.seq_len]
+        if len(ids) < 2:
+            raise ValueError(f"{contexts_file}: context {index} has fewer than 2 tokens")
+        path = loader.route(item.get("context") or item.get("text") or loader.tokenizer.decode(ids))
+        loader.set_path(path)
+        start = time.perf_counter()
+        got = loader.logits(ids)
+        bundle_seconds += time.perf_counter() - start
+        tokens = torch.tensor(ids)
+        padded = torch.zeros(1, loader.contract.seq_len, dtype=torch.long)  # same input as the program
+        padded[0, : len(ids)] = tokens
+        start = time.perf_counter()
+        want = ckpt.model.forward_path(padded, torch.tensor(path))[0, : len(ids)]
+        eager_seconds += time.perf_counter() - start
+        results.append(
+            ContextResult(
+                index=index,
+                path=path,
+                tokens=len(ids),
+                max_abs_diff=float((got - want).abs().max()),
+                top1_agreement=float((got.argmax(-1) == want.argmax(-1)).float().mean()),
+                perplexity_bundle=round(_perplexity(got, tokens), 4),
+                perplexity_eager=round(_perplexity(want, tokens), 4),
+            )
+        )
+    max_diff = max(r.max_abs_diff for r in results)
+    top1 = sum(r.top1_agreement * r.tokens for r in results) / sum(r.tokens for r in results)
+    return VerifyReport(
+        bundle=str(bundle_dir),
+        target=target,
+        contexts=len(results),
+        max_abs_diff=max_diff,
+        top1_agreement=top1,
+        tolerance=tolerance,
+        min_top1=min_top1,
+        passed=max_diff <= tolerance and top1 >= min_top1,
+        distinct_paths=len({r.path for r in results}),
+        latency_ratio_bundle_over_eager=round(bundle_seconds / eager_seconds, 3),
+        results=results,
+    )

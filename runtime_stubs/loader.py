@@ -1,0 +1,182 @@
+"""Reference bundle loader: route a context, stream its blocks into the slot, run the program.
+
+This is the Python reference for device-side loaders (see docs/runtime.md).  It keeps one slot
+buffer per slot input for the life of the loader; :meth:`BundleLoader.set_path` reads only the
+blocks of levels whose node changed and copies them into those levels' ranges, so switching
+between sibling leaves reads one small block and leaves the rest of the slot untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from hm_export.bank import BankReader
+from hm_export.bundle import BundleError, read_manifest, safe_relative, verify_files
+from hm_export.config import ModelConfig
+from hm_export.router import CentroidTree, Embedder, MiniLMEmbedder
+from hm_export.slot import SlotContract
+
+Runner = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SlotUpdate:
+    """What a path switch cost: the levels rewritten, bytes read from the bank, wall time."""
+
+    path: tuple[int, ...]
+    levels_changed: tuple[int, ...]
+    bytes_read: int
+    seconds: float
+
+
+def _open_runner(root: Path, manifest: dict, target: str) -> Runner:
+    targets = manifest.get("targets", {})
+    if target not in targets:
+        raise BundleError(f"{root / 'manifest.json'}: no target {target!r} (bundle has {sorted(targets)})")
+    files = targets[target]["files"]
+    if target == "executorch":
+        from hm_export.targets.executorch import ExecuTorchRunner
+
+        data = safe_relative(root, files["data"], "program data") if "data" in files else None
+        return ExecuTorchRunner(safe_relative(root, files["program"], "program"), data)
+    raise BundleError(f"target {target!r} has no runner in this hm-export")
+
+
+class BundleLoader:
+    """Open and validate a bundle; route contexts; fill the slot level by level; run the program."""
+
+    def __init__(
+        self,
+        bundle_dir: Path | str,
+        target: str = "executorch",
+        verify: bool = True,
+        verify_blocks: bool = True,
+        embedder: Embedder | None = None,
+    ) -> None:
+        self.root = Path(bundle_dir)
+        self.manifest = read_manifest(self.root)
+        if verify:
+            verify_files(self.root, self.manifest)
+        self.config = ModelConfig.from_dict(self.manifest["model"])
+        try:
+            self.contract = SlotContract.from_dict(self.manifest["slot"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{self.root / 'manifest.json'}: bad slot contract: {exc}") from exc
+        expected = SlotContract.for_model(self.config, self.contract.seq_len, self.contract.dtype)
+        if expected.schema_hash != self.contract.schema_hash:
+            raise BundleError(f"{self.root / 'manifest.json'}: slot contract does not match the model config")
+        self.bank = BankReader(safe_relative(self.root, self.manifest["bank"]["dir"], "bank"))
+        if self.bank.schema_hash != self.manifest["bank"]["schema_hash"]:
+            raise BundleError(
+                f"{self.bank_dir}: bank schema hash {self.bank.schema_hash} does not match the manifest's "
+                f"{self.manifest['bank']['schema_hash']} (bank written for another model or scheme)"
+            )
+        index = self.bank.index
+        if (index.d_model, index.memory.widths, index.memory.branching, index.memory.layers) != (
+            self.contract.d_model,
+            self.contract.widths,
+            self.contract.branching,
+            self.contract.memory_layers,
+        ):
+            raise BundleError(f"{self.bank_dir}: bank layout does not match the slot contract")
+        self.verify_blocks = verify_blocks
+        self.tokenizer = Tokenizer.from_file(
+            str(safe_relative(self.root, self.manifest["tokenizer"]["file"], "tokenizer"))
+        )
+        router_file = safe_relative(self.root, self.manifest["router"]["file"], "router")
+        with safe_open(str(router_file), framework="np") as handle:
+            centroids = [handle.get_tensor(f"level{lv}") for lv in range(self.config.memory.num_levels)]
+        self.tree = CentroidTree(self.config.memory, centroids)
+        self._embedder = embedder
+        self.runner = _open_runner(self.root, self.manifest, target)
+        self.slot = self.contract.empty_slot()
+        self.path: list[int | None] = [None] * self.config.memory.num_levels
+
+    @property
+    def bank_dir(self) -> Path:
+        return self.root / self.manifest["bank"]["dir"]
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = MiniLMEmbedder()
+        return self._embedder
+
+    def route(self, context: str) -> tuple[int, ...]:
+        """The memory path of a context (one node id per level)."""
+        return tuple(int(n) for n in self.tree.route(self.embedder.embed([context]))[0])
+
+    def set_path(self, path: Sequence[int]) -> SlotUpdate:
+        """Make the slot hold ``path``'s memory, reading only the levels whose node changed."""
+        path = self.config.memory.validate_path(path)
+        start, changed, read = time.perf_counter(), [], 0
+        for level, node in enumerate(path):
+            if self.path[level] == node:
+                continue
+            block = self.bank.read_block(level, node, verify=self.verify_blocks)
+            read += self.bank.index.entry(level, node).length
+            for tensor, buffer in zip(self.contract.tensors, self.slot):
+                for (lo, hi), source in zip(tensor.level_ranges[level], tensor.sources):
+                    values = torch.from_numpy(np.ascontiguousarray(getattr(block, source)[tensor.memory_index]))
+                    buffer.narrow(tensor.hidden_axis, lo, hi - lo).copy_(values.unsqueeze(0))
+            self.path[level] = node
+            changed.append(level)
+        return SlotUpdate(path, tuple(changed), read, time.perf_counter() - start)
+
+    def logits(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Logits ``[n, vocab]`` for up to ``seq_len`` tokens (the program's fixed length; padded after)."""
+        if any(p is None for p in self.path):
+            raise RuntimeError("no memory path set: call set_path() or route_and_set() first")
+        tokens = list(tokens)[-self.contract.seq_len :]
+        if not tokens:
+            raise ValueError("need at least one token")
+        padded = torch.zeros(1, self.contract.seq_len, dtype=torch.long)
+        padded[0, : len(tokens)] = torch.tensor(tokens)
+        return self.runner(padded, self.slot)[0, : len(tokens)]
+
+    def route_and_set(self, context: str) -> SlotUpdate:
+        return self.set_path(self.route(context))
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, stop_token: int | None = None) -> list[int]:
+        """Greedy continuation of ``prompt`` with the current slot (re-runs the full window per token)."""
+        tokens = self.tokenizer.encode(prompt).ids
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            next_token = int(self.logits(tokens + new)[-1].argmax())
+            if next_token == stop_token:
+                break
+            new.append(next_token)
+        return new
+
+
+@dataclass(frozen=True)
+class Completion:
+    context_path: tuple[int, ...]
+    slot_update: SlotUpdate
+    prompt_tokens: int
+    new_tokens: list[int]
+    text: str
+    seconds: float
+
+
+def complete(loader: BundleLoader, context: str, prompt: str, max_new_tokens: int = 32) -> Completion:
+    """Route ``context``, load its memory, and greedily continue ``prompt``."""
+    start = time.perf_counter()
+    update = loader.route_and_set(context)
+    new = loader.generate(prompt, max_new_tokens)
+    return Completion(
+        update.path,
+        update,
+        len(loader.tokenizer.encode(prompt).ids),
+        new,
+        loader.tokenizer.decode(new),
+        time.perf_counter() - start,
+    )

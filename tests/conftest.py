@@ -1,0 +1,120 @@
+"""Shared test fixtures: a tiny model configuration, model, tokenizer, router tree and checkpoint.
+
+Plain functions (importable as ``from conftest import tiny_config, tiny_checkpoint, ...``):
+
+* ``tiny_config(**overrides)``: vocab 64, d 32, 2 layers, 4 heads / 2 KV heads, FFN 64, 32 positions,
+  memory branching (2, 3), widths (8, 4) on layers (0, 1); any field (or ``memory=MemoryConfig(...)``)
+  can be overridden.
+* ``tiny_model(cfg, seed)``: a deterministic ``MemoryLM`` with a NON-zero ``bank.down`` (a fresh model
+  has ``down = 0``, so its memory would be a no-op).
+* ``tiny_tokenizer()``: a whitespace WordLevel tokenizer with ``len(TINY_WORDS)`` tokens.
+* ``tiny_tree(memory, dim, seed)``: a router tree with random unit-norm centroids.
+* ``tiny_checkpoint(tmp_path, ...)``: saves all of the above with ``save_checkpoint``; returns the path.
+
+Fixtures: ``tiny_cfg`` (the default config) and ``tiny_checkpoint_factory`` (``tiny_checkpoint`` bound to the
+test's ``tmp_path``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from hm_export.checkpoint import save_checkpoint
+from hm_export.config import MemoryConfig, ModelConfig
+from hm_export.model import MemoryLM
+from hm_export.router import MINILM_DIM, CentroidTree
+
+TINY_WORDS = ("[UNK]", "the", "a", "cat", "dog", "sat", "on", "mat", "memory", "tree", ".", ",")
+
+
+def tiny_config(**overrides: Any) -> ModelConfig:
+    fields: dict[str, Any] = {
+        "vocab_size": 64,
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "ffn_hidden": 64,
+        "max_seq_len": 32,
+        "memory": MemoryConfig(branching=(2, 3), widths=(8, 4), layers=(0, 1)),
+    }
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def randomize_bank_down(model: MemoryLM, generator: torch.Generator, scale: float = 1.0) -> None:
+    """Give every bank ``down`` block random values so the memory changes the logits."""
+    with torch.no_grad():
+        for down in model.bank.down:
+            r = down.shape[-2]
+            down.copy_(torch.randn(down.shape, generator=generator) * scale * r**-0.5)
+
+
+def tiny_model(cfg: ModelConfig | None = None, seed: int = 0, nonzero_memory: bool = True) -> MemoryLM:
+    """Deterministic in ``seed`` (the global RNG is restored afterwards); eval mode."""
+    cfg = cfg or tiny_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MemoryLM(cfg)
+    if nonzero_memory:
+        randomize_bank_down(model, torch.Generator().manual_seed(seed + 1))
+    return model.eval()
+
+
+def tiny_tokenizer() -> Tokenizer:
+    vocab = {word: index for index, word in enumerate(TINY_WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+def tiny_tree(memory: MemoryConfig, dim: int = MINILM_DIM, seed: int = 0) -> CentroidTree:
+    rng = np.random.default_rng(seed)
+    centroids = []
+    for level in range(memory.num_levels):
+        c = rng.standard_normal((memory.nodes_at(level), dim)).astype(np.float32)
+        centroids.append(c / np.linalg.norm(c, axis=1, keepdims=True))
+    return CentroidTree(memory, centroids)
+
+
+def tiny_checkpoint(
+    tmp_path: Path,
+    *,
+    name: str = "ckpt",
+    cfg: ModelConfig | None = None,
+    seed: int = 0,
+    storage_dtype: str = "float32",
+    embed_dim: int = MINILM_DIM,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``tiny_model(cfg, seed)`` with ``tiny_tree(cfg.memory, embed_dim, seed)``; return the directory.
+
+    Rebuild the saved model and tree with the same ``cfg``/``seed`` to compare against a load.
+    """
+    cfg = cfg or tiny_config()
+    model = tiny_model(cfg, seed)
+    tree = tiny_tree(cfg.memory, embed_dim, seed)
+    return save_checkpoint(
+        Path(tmp_path) / name, model, tree, tiny_tokenizer(), storage_dtype=storage_dtype, metadata=metadata
+    )
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    return tiny_config()
+
+
+@pytest.fixture
+def tiny_checkpoint_factory(tmp_path: Path):
+    """``tiny_checkpoint_factory(**kwargs)`` == ``tiny_checkpoint(tmp_path, **kwargs)``."""
+
+    def make(**kwargs: Any) -> Path:
+        return tiny_checkpoint(tmp_path, **kwargs)
+
+    return make
