@@ -1,7 +1,7 @@
 """Bundle directory: one ``manifest.json`` describing programs, slot contract, bank, router, tokenizer.
 
-A bundle is written into a temporary sibling directory and renamed into place, so an interrupted
-export never leaves a half bundle where a loader could find it.  Every file except the bank blocks
+A bundle is written with :func:`hm_export.atomic.atomic_directory`, so an interrupted export never
+leaves a half bundle where a loader could find it.  Every file except the bank blocks
 (which carry their own checksums in the bank index) is listed with its size and sha256.
 """
 
@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -68,28 +63,6 @@ def safe_relative(root: Path, relative: str, what: str) -> Path:
     if candidate.is_absolute() or not resolved.is_relative_to(root.resolve()):
         raise BundleError(f"{root / MANIFEST}: unsafe path {relative!r} for {what} (must stay inside the bundle)")
     return resolved
-
-
-@contextmanager
-def atomic_directory(destination: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp directory next to ``destination``; on success rename it into place."""
-    destination = Path(destination)
-    if destination.exists() and not overwrite:
-        raise BundleError(f"{destination}: already exists (pass overwrite to replace it)")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
-    try:
-        yield tmp
-        if destination.exists():
-            retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            os.replace(destination, retired)
-            os.replace(tmp, destination)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(tmp, destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:

@@ -14,9 +14,6 @@ Only safetensors and JSON: nothing here is ever unpickled.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from hm_export.atomic import atomic_directory
 from hm_export.config import ConfigError, ModelConfig
 from hm_export.model import MemoryLM
 from hm_export.router import MINILM_DIM, CentroidTree
@@ -83,11 +81,8 @@ def save_checkpoint(
     """Write a checkpoint directory atomically (temp directory, then rename over ``directory``)."""
     if storage_dtype not in STORAGE_DTYPES:
         raise CheckpointError(f"storage dtype {storage_dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     dtype = STORAGE_DTYPES[storage_dtype]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(Path(directory), overwrite=True) as tmp:
         cfg = model.cfg
         anchor = {
             n: t.detach().to(dtype).contiguous() for n, t in model.state_dict().items() if not n.startswith("bank.")
@@ -123,13 +118,7 @@ def save_checkpoint(
             "metadata": metadata or {},
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def read_config(directory: Path) -> dict[str, Any]:

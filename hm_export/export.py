@@ -12,11 +12,11 @@ from typing import Any
 from tqdm import tqdm
 
 from hm_export import __version__
+from hm_export.atomic import atomic_directory
 from hm_export.bank import write_bank
 from hm_export.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
-    atomic_directory,
     file_record,
     sha256_file,
     toolchain_versions,
@@ -25,9 +25,9 @@ from hm_export.bundle import (
 from hm_export.checkpoint import ROUTER_FILE, TOKENIZER_FILE, load_checkpoint
 from hm_export.passes.pipeline import PIPELINES
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract
-from hm_export.trace import trace_slot_program
+from hm_export.targets import TARGETS, EmitOptions
+from hm_export.trace import SlotProgram, trace_slot_program
 
-TARGETS = ("executorch",)
 BANK_DIR = "bank"
 
 
@@ -39,14 +39,11 @@ class ExportRecipe:
     seq_len: int | None = None
     bank_scheme: str = "float32"
     separate_weights: bool = False
-    pipeline: str = "xnnpack_slot"
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
-            raise ValueError(f"unknown targets {unknown or self.targets}; available: {list(TARGETS)}")
-        if self.pipeline not in PIPELINES:
-            raise ValueError(f"unknown pass pipeline {self.pipeline!r}; available: {sorted(PIPELINES)}")
+            raise ValueError(f"unknown targets {unknown or self.targets}; available: {sorted(TARGETS)}")
 
 
 @dataclass
@@ -54,7 +51,6 @@ class ExportReport:
     bundle: str
     seconds: dict[str, float] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
-    passes: list[dict[str, Any]] = field(default_factory=list)
     targets: dict[str, Any] = field(default_factory=dict)
     slot_schema_hash: str = ""
 
@@ -72,7 +68,7 @@ def export_bundle(
     """Export ``checkpoint_dir`` into the bundle directory ``out`` (written atomically)."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     report = ExportReport(bundle=str(out))
-    stages = ["load", "trace", *recipe.targets, "bank", "manifest"]
+    stages = ["load", *recipe.targets, "bank", "manifest"]
     bar = tqdm(total=len(stages), desc="export", unit="stage", disable=not progress)
 
     def step(name: str, start: float) -> None:
@@ -89,16 +85,19 @@ def export_bundle(
     step("load", start)
 
     with atomic_directory(out, overwrite) as tmp:
-        start = time.perf_counter()
-        slot_program = trace_slot_program(ckpt.model, contract, PIPELINES[recipe.pipeline])
-        report.passes = [asdict(r) for r in slot_program.pass_records]
-        step("trace", start)
-
         targets: dict[str, Any] = {}
-        for target in recipe.targets:
+        programs: dict[str, SlotProgram] = {}  # one trace per distinct pass pipeline
+        for name in recipe.targets:
+            target = TARGETS[name]
             start = time.perf_counter()
-            targets[target] = _emit(target, slot_program, tmp, recipe)
-            step(target, start)
+            if target.pipeline not in programs:
+                programs[target.pipeline] = trace_slot_program(ckpt.model, contract, PIPELINES[target.pipeline])
+            program = programs[target.pipeline]
+            emitted = target.emit(program, tmp / target.directory, EmitOptions(recipe.separate_weights))
+            emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
+            emitted["pipeline"] = {"name": target.pipeline, "passes": [asdict(r) for r in program.pass_records]}
+            targets[name] = emitted
+            step(name, start)
 
         start = time.perf_counter()
         index = write_bank(tmp / BANK_DIR, checkpoint_dir, scheme=recipe.bank_scheme, progress=progress)
@@ -132,7 +131,6 @@ def export_bundle(
                 "schema_hash": index.schema_hash,
             },
             "targets": targets,
-            "pipeline": {"name": recipe.pipeline, "passes": report.passes},
             "files": {f: file_record(tmp, f) for f in listed},
             "source": {
                 "checkpoint": str(checkpoint_dir),
@@ -150,18 +148,3 @@ def export_bundle(
     report.slot_schema_hash = contract.schema_hash
     report.seconds["total"] = round(time.perf_counter() - t0, 2)
     return report
-
-
-def _emit(target: str, slot_program: Any, root: Path, recipe: ExportRecipe) -> dict[str, Any]:
-    from hm_export.targets.executorch import emit_executorch
-
-    directory = "executorch"
-    result = emit_executorch(slot_program, root / directory, separate_weights=recipe.separate_weights)
-    return {
-        "runtime": "executorch",
-        "backend": "xnnpack",
-        "files": {role: f"{directory}/{name}" for role, name in result.files.items()},
-        "slot_dtype": slot_program.contract.dtype,
-        "delegation": result.delegation,
-        "seconds": result.seconds,
-    }

@@ -9,7 +9,7 @@ between sibling leaves reads one small block and leaves the rest of the slot unt
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +23,7 @@ from hm_export.bundle import BundleError, read_manifest, safe_relative, verify_f
 from hm_export.config import ModelConfig
 from hm_export.router import CentroidTree, Embedder, MiniLMEmbedder
 from hm_export.slot import SlotContract
-
-Runner = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
+from hm_export.targets import TARGETS, Runner
 
 
 @dataclass(frozen=True)
@@ -37,17 +36,14 @@ class SlotUpdate:
     seconds: float
 
 
-def _open_runner(root: Path, manifest: dict, target: str) -> Runner:
+def _open_runner(root: Path, manifest: dict, target: str, slot_names: list[str]) -> Runner:
     targets = manifest.get("targets", {})
     if target not in targets:
         raise BundleError(f"{root / 'manifest.json'}: no target {target!r} (bundle has {sorted(targets)})")
-    files = targets[target]["files"]
-    if target == "executorch":
-        from hm_export.targets.executorch import ExecuTorchRunner
-
-        data = safe_relative(root, files["data"], "program data") if "data" in files else None
-        return ExecuTorchRunner(safe_relative(root, files["program"], "program"), data)
-    raise BundleError(f"target {target!r} has no runner in this hm-export")
+    if target not in TARGETS or TARGETS[target].open_runner is None:
+        raise BundleError(f"target {target!r} cannot run on this host")
+    files = {role: safe_relative(root, f, f"{target} {role}") for role, f in targets[target]["files"].items()}
+    return TARGETS[target].open_runner(files, slot_names)
 
 
 class BundleLoader:
@@ -96,7 +92,7 @@ class BundleLoader:
             centroids = [handle.get_tensor(f"level{lv}") for lv in range(self.config.memory.num_levels)]
         self.tree = CentroidTree(self.config.memory, centroids)
         self._embedder = embedder
-        self.runner = _open_runner(self.root, self.manifest, target)
+        self.runner = _open_runner(self.root, self.manifest, target, self.contract.input_names)
         self.slot = self.contract.empty_slot()
         self.path: list[int | None] = [None] * self.config.memory.num_levels
 

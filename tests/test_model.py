@@ -27,7 +27,7 @@ def all_paths(memory: MemoryConfig) -> list[tuple[int, ...]]:
     """Every root-to-leaf chain, built from the children rule ``child = parent * k + c``."""
     paths = [(node,) for node in range(memory.branching[0])]
     for k in memory.branching[1:]:
-        paths = [p + (p[-1] * k + c,) for p in paths for c in range(k)]
+        paths = [(*p, p[-1] * k + c) for p in paths for c in range(k)]
     return paths
 
 
@@ -340,7 +340,9 @@ def test_batch_with_per_row_paths_equals_row_by_row():
         batched = model.forward_path(tokens, paths)
         batched_same = model.forward_path(same, paths)
         for row, path in enumerate(paths):
-            torch.testing.assert_close(batched[row], model.forward_path(tokens[row : row + 1], path)[0], atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                batched[row], model.forward_path(tokens[row : row + 1], path)[0], atol=1e-6, rtol=0
+            )
             torch.testing.assert_close(batched_same[row], model.forward_path(same[:1], path)[0], atol=1e-6, rtol=0)
     # The same tokens under different paths give different logits: rows really carry their own memory.
     for a, b in zip(range(len(paths)), range(1, len(paths)), strict=False):

@@ -11,7 +11,6 @@ those buffers and the next call sees it without any copy.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,6 @@ from hm_export.trace import SlotProgram
 
 PROGRAM_FILE = "model.pte"
 DATA_TAG = "anchor"  # the .ptd file name stem; one tag for delegated and portable constants
-
-
-@dataclass
-class ExecuTorchResult:
-    files: dict[str, str]  # role -> path relative to the target directory
-    delegation: dict[str, Any]
-    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _tag_constants_for_data_file(slot_program: SlotProgram) -> torch.export.ExportedProgram:
@@ -67,7 +59,7 @@ def _delegation_summary(edge_program: torch.export.ExportedProgram, slot_names: 
     }
 
 
-def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: bool = False) -> ExecuTorchResult:
+def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: bool = False) -> dict[str, Any]:
     """Lower to XNNPACK and write ``model.pte`` (+ ``anchor.ptd`` when ``separate_weights``) into ``out_dir``."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -95,7 +87,13 @@ def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: 
         if not (out_dir / files["data"]).is_file():
             raise RuntimeError(f"ExecuTorch did not write {out_dir / files['data']}")
     seconds["emit"] = time.perf_counter() - start
-    return ExecuTorchResult(files, delegation, {k: round(v, 2) for k, v in seconds.items()})
+    return {
+        "runtime": "executorch",
+        "backend": "xnnpack",
+        "files": files,
+        "delegation": delegation,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
 
 
 class ExecuTorchRunner:

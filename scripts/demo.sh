@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The main job on the shipped example: set up, export a bundle, verify it against eager, generate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1
+example=examples/stdlib_docs
+hm-export export "$example/checkpoint" out/stdlib_docs.bundle --overwrite
+hm-export inspect out/stdlib_docs.bundle --json | python -c \
+    'import json,sys; m=json.load(sys.stdin); print("slot inputs:", [t["name"] for t in m["slot"]["inputs"]]); print("delegation:", m["targets"]["executorch"]["delegation"])'
+hm-export verify out/stdlib_docs.bundle --checkpoint "$example/checkpoint" --contexts "$example/heldout.jsonl" -n 64
+hm-export run out/stdlib_docs.bundle \
+    --context "Create a TCP socket, bind it to an address and listen for incoming connections." \
+    --prompt "socket.socket.accept
+Accept a connection." --max-new-tokens 32
+hm-export run out/stdlib_docs.bundle \
+    --context "Parse an email message and walk its MIME parts, headers and payloads." \
+    --prompt "email.message.Message.get_payload
+Return the" --max-new-tokens 32
