@@ -37,6 +37,18 @@ def file_record(root: Path, relative: str) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def list_files(root: Path, relatives: list[str]) -> list[str]:
+    """Expand directories (e.g. ``.mlpackage``) into the files under them, as bundle-relative paths."""
+    out = []
+    for relative in relatives:
+        path = root / relative
+        if path.is_dir():
+            out += sorted(p.relative_to(root).as_posix() for p in path.rglob("*") if p.is_file())
+        else:
+            out.append(relative)
+    return out
+
+
 def toolchain_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for package in (

@@ -29,10 +29,29 @@ def main() -> None:
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--target", default="executorch", show_default=True, help="Comma-separated targets.")
+@click.option(
+    "--target",
+    default="executorch",
+    show_default=True,
+    help="Comma-separated: executorch, onnx, coreml, executorch-coreml.",
+)
 @click.option("--seq-len", type=int, default=None, help="Program sequence length (default: model max).")
-@click.option("--bank-scheme", default="float32", show_default=True, help="Bank block scheme.")
-@click.option("--separate-weights", is_flag=True, help="Anchor weights in a separate .ptd data file.")
+@click.option(
+    "--bank-scheme",
+    default="float32",
+    show_default=True,
+    help="Bank preset: float32, float16, bfloat16, int8, int4-g32/64/128, mixed-int8-int4, or one per level.",
+)
+@click.option("--separate-weights", is_flag=True, help="ExecuTorch: anchor weights in a separate .ptd file.")
+@click.option("--coreml-precision", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--coreml-target", type=click.Choice(["iOS17", "iOS18"]), default="iOS18", show_default=True)
+@click.option(
+    "--coreml-compress-anchor",
+    type=click.Choice(["none", "int8", "int4-block32", "palettize4"]),
+    default="none",
+    show_default=True,
+    help="Compress the anchor's constant weights with coremltools.optimize (the slot stays fp16).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
 def export(
@@ -42,14 +61,19 @@ def export(
     seq_len: int | None,
     bank_scheme: str,
     separate_weights: bool,
+    coreml_precision: str,
+    coreml_target: str,
+    coreml_compress_anchor: str,
     overwrite: bool,
     as_json: bool,
 ) -> None:
     """Export CHECKPOINT (a checkpoint directory) into the bundle directory OUT."""
     from hm_export.export import ExportRecipe, export_bundle
+    from hm_export.targets import EmitOptions
 
     try:
-        recipe = ExportRecipe(tuple(target.split(",")), seq_len, bank_scheme, separate_weights)
+        options = EmitOptions(separate_weights, coreml_precision, coreml_target, coreml_compress_anchor)
+        recipe = ExportRecipe(tuple(target.split(",")), seq_len, bank_scheme, options)
         report = export_bundle(checkpoint, out, recipe, overwrite=overwrite, progress=not as_json)
     except (ValueError, RuntimeError, OSError) as exc:
         _fail(exc)
@@ -107,6 +131,10 @@ def verify(
     except (ValueError, RuntimeError, OSError) as exc:
         _fail(exc)
     verdict = "PASS" if report.passed else "FAIL"
+    if report.numerics != "checked":
+        structure = "structure ok" if report.passed else f"structure FAILED: {report.structure}"
+        _emit(report.to_dict(), as_json, f"{verdict}: {structure}; numerical checks {report.numerics}")
+        sys.exit(0 if report.passed else 1)
     _emit(
         report.to_dict(),
         as_json,
@@ -129,3 +157,79 @@ def inspect(bundle: Path, as_json: bool) -> None:
     except (ValueError, OSError) as exc:
         _fail(exc)
     _emit(summary, as_json, json.dumps(summary, indent=2))
+
+
+@main.group()
+def bank() -> None:
+    """Quantize, inspect and check memory bank directories."""
+
+
+@bank.command("quantize")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--scheme", default="int8", show_default=True, help="Preset, or one scheme per level (comma-separated).")
+@click.option("--pack", is_flag=True, help="One pack file per level instead of one file per block.")
+@click.option("--workers", type=int, default=None, help="Quantizer processes (default: one per core).")
+@click.option("--json", "as_json", is_flag=True)
+def bank_quantize(checkpoint: Path, out: Path, scheme: str, pack: bool, workers: int | None, as_json: bool) -> None:
+    """Quantize CHECKPOINT's bank into OUT (resumes an interrupted run; a finished one is left as is)."""
+    from hm_export.bank import quantize_bank
+
+    layout = "per-level" if pack else "per-block"
+    try:
+        report = quantize_bank(out, checkpoint, scheme, layout=layout, workers=workers, progress=not as_json)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    _emit(
+        report.to_dict(),
+        as_json,
+        f"wrote {out} ({', '.join(report.level_schemes)}, {layout}): {report.blocks_written} blocks quantized, "
+        f"{report.blocks_resumed} kept, {report.bank_bytes / 1e6:.1f} MB, {report.seconds} s "
+        f"({report.source_gb_per_s:.2f} GB/s of input)",
+    )
+
+
+@bank.command("inspect")
+@click.argument("bank_dir", metavar="BANK", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def bank_inspect(bank_dir: Path, as_json: bool) -> None:
+    """Show BANK's format, layout, per-level schemes and sizes (reads only its index)."""
+    from hm_export.bank.tools import inspect_bank
+
+    try:
+        summary = inspect_bank(bank_dir)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    rows = [
+        f"  level {lv['level']}: {lv['nodes']} x {lv['scheme']} blocks, {lv['read_bytes_per_block']} bytes per read, "
+        f"{lv['bits_per_param']} bits/param"
+        for lv in summary["levels"]
+    ]
+    human = "\n".join(
+        [
+            f"{bank_dir}: {summary['scheme']} ({summary['layout']}), {summary['blocks']} blocks, "
+            f"{summary['params'] / 1e6:.1f} M params, {summary['bytes_on_disk'] / 1e6:.1f} MB on disk",
+            *rows,
+        ]
+    )
+    _emit(summary, as_json, human)
+
+
+@bank.command("check")
+@click.argument("bank_dir", metavar="BANK", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def bank_check(bank_dir: Path, as_json: bool) -> None:
+    """Verify every block's header and checksum; exit 1 if any block fails."""
+    from hm_export.bank.tools import check_bank
+
+    try:
+        report = check_bank(bank_dir)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    lines = [
+        f"{'OK' if report.ok else 'FAIL'}: {report.blocks} blocks, {report.bytes_checked / 1e6:.1f} MB in "
+        f"{report.seconds} s, {len(report.failures)} failures"
+    ]
+    lines += [f"  {failure['error']}" for failure in report.failures]
+    _emit(report.to_dict(), as_json, "\n".join(lines))
+    sys.exit(0 if report.ok else 1)

@@ -13,11 +13,12 @@ from tqdm import tqdm
 
 from hm_export import __version__
 from hm_export.atomic import atomic_directory
-from hm_export.bank import write_bank
+from hm_export.bank import check_preset, write_bank
 from hm_export.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     file_record,
+    list_files,
     sha256_file,
     toolchain_versions,
     write_manifest,
@@ -33,17 +34,19 @@ BANK_DIR = "bank"
 
 @dataclass(frozen=True)
 class ExportRecipe:
-    """What to build. ``seq_len`` defaults to the model's ``max_seq_len``."""
+    """What to build. ``seq_len`` defaults to the model's ``max_seq_len``; ``bank_scheme`` is a bank preset
+    (``float32``, ``int8``, ``int4-g32``, ``mixed-int8-int4``, ... or one scheme per level, comma-separated)."""
 
     targets: tuple[str, ...] = ("executorch",)
     seq_len: int | None = None
     bank_scheme: str = "float32"
-    separate_weights: bool = False
+    options: EmitOptions = field(default_factory=EmitOptions)
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise ValueError(f"unknown targets {unknown or self.targets}; available: {sorted(TARGETS)}")
+        check_preset(self.bank_scheme)
 
 
 @dataclass
@@ -93,7 +96,7 @@ def export_bundle(
             if target.pipeline not in programs:
                 programs[target.pipeline] = trace_slot_program(ckpt.model, contract, PIPELINES[target.pipeline])
             program = programs[target.pipeline]
-            emitted = target.emit(program, tmp / target.directory, EmitOptions(recipe.separate_weights))
+            emitted = target.emit(program, tmp / target.directory, recipe.options)
             emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
             emitted["pipeline"] = {"name": target.pipeline, "passes": [asdict(r) for r in program.pass_records]}
             targets[name] = emitted
@@ -128,10 +131,11 @@ def export_bundle(
                 "dir": BANK_DIR,
                 "index": f"{BANK_DIR}/index.json",
                 "scheme": recipe.bank_scheme,
+                "levels": [s.name for s in index.level_schemes],
                 "schema_hash": index.schema_hash,
             },
             "targets": targets,
-            "files": {f: file_record(tmp, f) for f in listed},
+            "files": {f: file_record(tmp, f) for f in list_files(tmp, listed)},
             "source": {
                 "checkpoint": str(checkpoint_dir),
                 "config_sha256": sha256_file(checkpoint_dir / "config.json"),

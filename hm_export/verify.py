@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hm_export.checkpoint import load_checkpoint
-from hm_export.runtime_stubs.loader import BundleLoader
+from hm_export.runtime_stubs.loader import BundleLoader, target_files
+from hm_export.targets import TARGETS, HostUnsupported
 
 
 @dataclass
@@ -43,8 +44,10 @@ class VerifyReport:
     tolerance: float
     min_top1: float
     passed: bool
+    numerics: str  # "checked" or "skipped: <why>"; skipped numerics never count as passed numerics
     distinct_paths: int
-    latency_ratio_bundle_over_eager: float
+    latency_ratio_bundle_over_eager: float | None
+    structure: dict[str, Any] | None = None
     results: list[ContextResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,11 +87,34 @@ def verify_bundle(
     target: str = "executorch",
     progress: bool = False,
 ) -> VerifyReport:
-    loader = BundleLoader(bundle_dir, target=target)
+    loader = BundleLoader(bundle_dir, target=None)
     ckpt = load_checkpoint(checkpoint_dir)
     if ckpt.config != loader.config:
         raise ValueError(f"{checkpoint_dir}: model config differs from the bundle's manifest")
     items = read_contexts(contexts_file)[:limit]
+    structure = None
+    if target in TARGETS and TARGETS[target].check_structure is not None and target in loader.manifest["targets"]:
+        entry = loader.manifest["targets"][target]
+        structure = TARGETS[target].check_structure(
+            target_files(loader.root, loader.manifest, target), loader.contract, entry
+        )
+    try:
+        loader.use_target(target)
+    except HostUnsupported as exc:
+        return VerifyReport(
+            bundle=str(bundle_dir),
+            target=target,
+            contexts=0,
+            max_abs_diff=float("nan"),
+            top1_agreement=float("nan"),
+            tolerance=tolerance,
+            min_top1=min_top1,
+            passed=bool(structure and structure["passed"]),
+            numerics=f"skipped: {exc}",
+            distinct_paths=0,
+            latency_ratio_bundle_over_eager=None,
+            structure=structure,
+        )
     results, bundle_seconds, eager_seconds = [], 0.0, 0.0
     for index, item in enumerate(tqdm(items, desc="verify", disable=not progress)):
         ids = item.get("tokens") or loader.tokenizer.encode(item["text"]).ids
@@ -127,7 +153,9 @@ def verify_bundle(
         top1_agreement=top1,
         tolerance=tolerance,
         min_top1=min_top1,
-        passed=max_diff <= tolerance and top1 >= min_top1,
+        passed=max_diff <= tolerance and top1 >= min_top1 and (structure is None or structure["passed"]),
+        numerics="checked",
+        structure=structure,
         distinct_paths=len({r.path for r in results}),
         latency_ratio_bundle_over_eager=round(bundle_seconds / eager_seconds, 3),
         results=results,

@@ -41,11 +41,14 @@ class PassPipeline:
         return ep, records
 
 
-# Split anchor and slot, then shape the graph for XNNPACK: folded constants, 4-D norm means,
-# and a final check that the slot feeds matmuls in place.
+# Split anchor and slot; then precompute constants (mask, RoPE) and check the slot is read in place;
+# XNNPACK additionally wants RMSNorm means in the 4-D form it can delegate.
 SLOT_SPLIT = PassPipeline("slot_split", (lift_memory_to_slot, verify_slot_split))
+FOLDED_SLOT = PassPipeline(
+    "folded_slot", (lift_memory_to_slot, verify_slot_split, fold_constant_subgraphs, check_slot_access)
+)
 XNNPACK_SLOT = PassPipeline(
     "xnnpack_slot",
     (lift_memory_to_slot, verify_slot_split, fold_constant_subgraphs, reduce_norm_means_to_4d, check_slot_access),
 )
-PIPELINES = {p.name: p for p in (SLOT_SPLIT, XNNPACK_SLOT)}
+PIPELINES = {p.name: p for p in (SLOT_SPLIT, FOLDED_SLOT, XNNPACK_SLOT)}

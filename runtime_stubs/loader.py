@@ -1,20 +1,23 @@
 """Reference bundle loader: route a context, stream its blocks into the slot, run the program.
 
 This is the Python reference for device-side loaders (see docs/runtime.md).  It keeps one slot
-buffer per slot input for the life of the loader; :meth:`BundleLoader.set_path` reads only the
-blocks of levels whose node changed and copies them into those levels' ranges, so switching
-between sibling leaves reads one small block and leaves the rest of the slot untouched.
+buffer per slot input for the life of the loader; :meth:`BundleLoader.set_path` fetches only the
+blocks of levels whose node changed (one aligned read each, or from the level-aware cache) and
+dequantizes them straight into those levels' ranges, so switching between sibling leaves touches one
+small block and leaves the rest of the slot untouched.  :meth:`BundleLoader.prefetch` reads the next
+context's blocks in the background while the current one is still running.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
+from hm_export.runtime_stubs.block_cache import CachePolicy, SlotFiller, SlotUpdate
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
@@ -23,27 +26,24 @@ from hm_export.bundle import BundleError, read_manifest, safe_relative, verify_f
 from hm_export.config import ModelConfig
 from hm_export.router import CentroidTree, Embedder, MiniLMEmbedder
 from hm_export.slot import SlotContract
-from hm_export.targets import TARGETS, Runner
-
-
-@dataclass(frozen=True)
-class SlotUpdate:
-    """What a path switch cost: the levels rewritten, bytes read from the bank, wall time."""
-
-    path: tuple[int, ...]
-    levels_changed: tuple[int, ...]
-    bytes_read: int
-    seconds: float
+from hm_export.targets import TARGETS, HostUnsupported, Runner
 
 
 def _open_runner(root: Path, manifest: dict, target: str, slot_names: list[str]) -> Runner:
     targets = manifest.get("targets", {})
     if target not in targets:
         raise BundleError(f"{root / 'manifest.json'}: no target {target!r} (bundle has {sorted(targets)})")
-    if target not in TARGETS or TARGETS[target].open_runner is None:
-        raise BundleError(f"target {target!r} cannot run on this host")
-    files = {role: safe_relative(root, f, f"{target} {role}") for role, f in targets[target]["files"].items()}
-    return TARGETS[target].open_runner(files, slot_names)
+    if target not in TARGETS:
+        raise BundleError(f"target {target!r} is unknown to this hm-export")
+    open_runner = TARGETS[target].open_runner
+    if open_runner is None:
+        raise HostUnsupported(f"target {target!r} runs only on its device, not on this host")
+    return open_runner(target_files(root, manifest, target), slot_names, targets[target])
+
+
+def target_files(root: Path, manifest: dict, target: str) -> dict[str, Path]:
+    files = manifest["targets"][target]["files"]
+    return {role: safe_relative(root, f, f"{target} {role}") for role, f in files.items()}
 
 
 class BundleLoader:
@@ -52,11 +52,15 @@ class BundleLoader:
     def __init__(
         self,
         bundle_dir: Path | str,
-        target: str = "executorch",
+        target: str | None = "executorch",
         verify: bool = True,
         verify_blocks: bool = True,
         embedder: Embedder | None = None,
+        cache: CachePolicy | None = None,
+        read_mode: str = "pread",
     ) -> None:
+        """``verify_blocks``: CRC-32 check of every block read (overrides ``cache.verify``); ``cache``: resident
+        levels and LRU cap (default :class:`CachePolicy`); ``read_mode``: ``pread``, ``readinto`` or ``mmap``."""
         self.root = Path(bundle_dir)
         self.manifest = read_manifest(self.root)
         if verify:
@@ -69,21 +73,17 @@ class BundleLoader:
         expected = SlotContract.for_model(self.config, self.contract.seq_len, self.contract.dtype)
         if expected.schema_hash != self.contract.schema_hash:
             raise BundleError(f"{self.root / 'manifest.json'}: slot contract does not match the model config")
-        self.bank = BankReader(safe_relative(self.root, self.manifest["bank"]["dir"], "bank"))
+        self.bank = BankReader(safe_relative(self.root, self.manifest["bank"]["dir"], "bank"), read_mode)
         if self.bank.schema_hash != self.manifest["bank"]["schema_hash"]:
             raise BundleError(
                 f"{self.bank_dir}: bank schema hash {self.bank.schema_hash} does not match the manifest's "
                 f"{self.manifest['bank']['schema_hash']} (bank written for another model or scheme)"
             )
-        index = self.bank.index
-        if (index.d_model, index.memory.widths, index.memory.branching, index.memory.layers) != (
-            self.contract.d_model,
-            self.contract.widths,
-            self.contract.branching,
-            self.contract.memory_layers,
-        ):
-            raise BundleError(f"{self.bank_dir}: bank layout does not match the slot contract")
-        self.verify_blocks = verify_blocks
+        policy = replace(cache or CachePolicy(), verify=verify_blocks)
+        try:
+            self.filler = SlotFiller(self.contract, self.bank, policy)
+        except ValueError as exc:
+            raise BundleError(str(exc)) from exc
         self.tokenizer = Tokenizer.from_file(
             str(safe_relative(self.root, self.manifest["tokenizer"]["file"], "tokenizer"))
         )
@@ -92,13 +92,27 @@ class BundleLoader:
             centroids = [handle.get_tensor(f"level{lv}") for lv in range(self.config.memory.num_levels)]
         self.tree = CentroidTree(self.config.memory, centroids)
         self._embedder = embedder
+        self.runner: Runner | None = None
+        if target is not None:
+            self.use_target(target)
+
+    def use_target(self, target: str) -> None:
+        """Run programs with ``target``'s runtime (raises HostUnsupported where it cannot run)."""
         self.runner = _open_runner(self.root, self.manifest, target, self.contract.input_names)
-        self.slot = self.contract.empty_slot()
-        self.path: list[int | None] = [None] * self.config.memory.num_levels
 
     @property
     def bank_dir(self) -> Path:
         return self.root / self.manifest["bank"]["dir"]
+
+    @property
+    def slot(self) -> list[torch.Tensor]:
+        """The slot buffers (one per slot input), filled in place by :meth:`set_path`."""
+        return self.filler.slot
+
+    @property
+    def path(self) -> list[int | None]:
+        """The node held per level (None: not loaded yet)."""
+        return self.filler.path
 
     @property
     def embedder(self) -> Embedder:
@@ -111,26 +125,19 @@ class BundleLoader:
         return tuple(int(n) for n in self.tree.route(self.embedder.embed([context]))[0])
 
     def set_path(self, path: Sequence[int]) -> SlotUpdate:
-        """Make the slot hold ``path``'s memory, reading only the levels whose node changed."""
-        path = self.config.memory.validate_path(path)
-        start, changed, read = time.perf_counter(), [], 0
-        for level, node in enumerate(path):
-            if self.path[level] == node:
-                continue
-            block = self.bank.read_block(level, node, verify=self.verify_blocks)
-            read += self.bank.index.entry(level, node).length
-            for tensor, buffer in zip(self.contract.tensors, self.slot):
-                for (lo, hi), source in zip(tensor.level_ranges[level], tensor.sources):
-                    values = torch.from_numpy(np.ascontiguousarray(getattr(block, source)[tensor.memory_index]))
-                    buffer.narrow(tensor.hidden_axis, lo, hi - lo).copy_(values.unsqueeze(0))
-            self.path[level] = node
-            changed.append(level)
-        return SlotUpdate(path, tuple(changed), read, time.perf_counter() - start)
+        """Make the slot hold ``path``'s memory, fetching only the levels whose node changed."""
+        return self.filler.set_path(path)
+
+    def prefetch(self, path: Sequence[int]) -> Future[int]:
+        """Read ``path``'s missing blocks in the background; a later :meth:`set_path` only dequantizes."""
+        return self.filler.prefetch(path)
 
     def logits(self, tokens: Sequence[int]) -> torch.Tensor:
         """Logits ``[n, vocab]`` for up to ``seq_len`` tokens (the program's fixed length; padded after)."""
         if any(p is None for p in self.path):
             raise RuntimeError("no memory path set: call set_path() or route_and_set() first")
+        if self.runner is None:
+            raise RuntimeError("no target selected: call use_target()")
         tokens = list(tokens)[-self.contract.seq_len :]
         if not tokens:
             raise ValueError("need at least one token")

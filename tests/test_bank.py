@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer, models
 
 from hm_export.bank import (
+    FORMAT_VERSION,
     HEADER,
     INDEX_FILE,
     MAGIC,
@@ -94,7 +95,8 @@ def test_block_header_and_alignment(bank: Path) -> None:
         header = BlockHeader._make(HEADER.unpack_from(data))
         width = MEMORY.widths[entry.level]
         assert entry.file == f"level{entry.level}/node{entry.node:06d}.hmb"
-        assert header.magic == MAGIC == b"HMBK" and header.version == 1 and header.header_length == HEADER.size
+        assert header.magic == MAGIC == b"HMBK" and header.version == FORMAT_VERSION == 2
+        assert header.header_length == HEADER.size
         assert (header.scheme_id, header.level, header.node) == (1, entry.level, entry.node)
         assert (header.layers, header.d_model, header.width) == (layers, d, width)
         assert header.payload_offset == entry.offset == PAYLOAD_ALIGNMENT and entry.offset % 4096 == 0
@@ -105,7 +107,7 @@ def test_block_header_and_alignment(bank: Path) -> None:
 
 def test_index_contents(bank: Path) -> None:
     raw = json.loads((bank / INDEX_FILE).read_text())
-    assert (raw["format"], raw["format_version"], raw["scheme"]) == ("hm-export-bank", 1, "float32")
+    assert (raw["format"], raw["format_version"], raw["scheme"]) == ("hm-export-bank", 2, "float32")
     model = {"d_model": 16, "memory_layers": [0, 2], "branching": [2, 3], "widths": [4, 3], "nodes": [2, 6]}
     assert raw["model"] == model
     assert [(b["level"], b["node"]) for b in raw["blocks"]] == blocks(MEMORY)
@@ -127,7 +129,7 @@ def test_failed_write_leaves_no_temp_files(
     def fail(src: object, dst: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("hm_export.bank.os.replace", fail)
+    monkeypatch.setattr("hm_export.bank.quantize.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_bank(tmp_path / "bank", checkpoint[0])
     assert [p for p in (tmp_path / "bank").rglob("*") if p.is_file()] == []
@@ -156,7 +158,7 @@ def edit_index(bank: Path, edit: dict[str, object], block: int | None = None) ->
     ("edit", "message"),
     [
         ({"format": "something-else"}, "format"),
-        ({"format_version": 2}, "format_version 2"),
+        ({"format_version": 1}, "format_version 1 is not supported"),
         ({"scheme": "int3"}, "unknown scheme 'int3'"),
         ({"schema_hash": "0" * 64}, "schema_hash"),
     ],

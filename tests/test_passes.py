@@ -331,5 +331,9 @@ def test_xnnpack_pipeline_records_every_pass(model, tokens, exported):
 
 
 def test_pipelines_are_registered_by_name():
-    assert PIPELINES == {"slot_split": SLOT_SPLIT, "xnnpack_slot": XNNPACK_SLOT}
+    assert PIPELINES["slot_split"] is SLOT_SPLIT and PIPELINES["xnnpack_slot"] is XNNPACK_SLOT
+    assert all(name == pipeline.name for name, pipeline in PIPELINES.items())
     assert [p.__name__ for p in SLOT_SPLIT.passes] == ["lift_memory_to_slot", "verify_slot_split"]
+    # Every pipeline starts with the split and its verification.
+    for pipeline in PIPELINES.values():
+        assert pipeline.passes[:2] == (lift_memory_to_slot, verify_slot_split)

@@ -13,14 +13,22 @@ from typing import Any
 
 import torch
 
+from hm_export.slot import SlotContract
 from hm_export.trace import SlotProgram
 
 Runner = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
 
+class HostUnsupported(RuntimeError):
+    """The target's runtime does not run on this host (e.g. Core ML prediction off macOS)."""
+
+
 @dataclass(frozen=True)
 class EmitOptions:
-    separate_weights: bool = False
+    separate_weights: bool = False  # ExecuTorch: anchor weights in a .ptd file
+    coreml_precision: str = "float16"
+    coreml_target: str = "iOS18"
+    coreml_anchor_compression: str = "none"
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,8 @@ class Target:
     pipeline: str
     directory: str
     emit: Callable[[SlotProgram, Path, EmitOptions], dict[str, Any]]
-    open_runner: Callable[[dict[str, Path], list[str]], Runner] | None  # None: cannot run on this host
+    open_runner: Callable[[dict[str, Path], list[str], dict[str, Any]], Runner] | None  # None: never runs here
+    check_structure: Callable[[dict[str, Path], SlotContract, dict[str, Any]], dict[str, Any]] | None = None
 
 
 def _emit_executorch(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dict[str, Any]:
@@ -38,7 +47,7 @@ def _emit_executorch(program: SlotProgram, out_dir: Path, options: EmitOptions) 
     return emit_executorch(program, out_dir, separate_weights=options.separate_weights)
 
 
-def _run_executorch(files: dict[str, Path], slot_names: list[str]) -> Runner:
+def _run_executorch(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Runner:
     from hm_export.targets.executorch import ExecuTorchRunner
 
     return ExecuTorchRunner(files["program"], files.get("data"))
@@ -50,13 +59,42 @@ def _emit_onnx(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dic
     return emit_onnx(program, out_dir)
 
 
-def _run_onnx(files: dict[str, Path], slot_names: list[str]) -> Runner:
+def _run_onnx(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Runner:
     from hm_export.targets.onnx import OnnxRunner
 
     return OnnxRunner(files["program"], slot_names)
 
 
+def _emit_coreml(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dict[str, Any]:
+    from hm_export.targets.coreml import emit_coreml
+
+    return emit_coreml(
+        program, out_dir, options.coreml_precision, options.coreml_target, options.coreml_anchor_compression
+    )
+
+
+def _run_coreml(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Runner:
+    from hm_export.targets.coreml import CoreMLRunner
+
+    return CoreMLRunner(files["package"], slot_names, entry["precision"])
+
+
+def _check_coreml(files: dict[str, Path], contract: SlotContract, entry: dict[str, Any]) -> dict[str, Any]:
+    from hm_export.targets.coreml import check_coreml_package
+
+    return check_coreml_package(files["package"], contract, entry["precision"], entry["anchor_params"])
+
+
+def _emit_executorch_coreml(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dict[str, Any]:
+    from hm_export.targets.executorch import emit_executorch_coreml
+
+    return emit_executorch_coreml(program, out_dir)
+
+
 TARGETS: dict[str, Target] = {
     "executorch": Target("executorch", "xnnpack_slot", "executorch", _emit_executorch, _run_executorch),
-    "onnx": Target("onnx", "slot_split", "onnx", _emit_onnx, _run_onnx),
+    "onnx": Target("onnx", "folded_slot", "onnx", _emit_onnx, _run_onnx),
+    "coreml": Target("coreml", "folded_slot", "coreml", _emit_coreml, _run_coreml, _check_coreml),
+    # ExecuTorch with the Core ML delegate: lowers on Linux, runs only on Apple devices.
+    "executorch-coreml": Target("executorch-coreml", "folded_slot", "executorch_coreml", _emit_executorch_coreml, None),
 }

@@ -1,0 +1,271 @@
+"""Bank directory format: block header, file names, ``index.json``, schema hash (docs/bank-format.md).
+
+::
+
+    <bank_dir>/index.json                 format, schemes, model dims, schema hash, one entry per block
+    <bank_dir>/level{l}/node{i:06d}.hmb   layout "per-block": one file per block (4 KiB header page + payload)
+    <bank_dir>/level{l}.hmp               layout "per-level": the blocks of a level back to back, each
+                                          a 4 KiB header page + payload padded to 4 KiB
+
+Either way a block is one contiguous, 4 KiB-aligned range ``[offset - 4096, offset + length)`` of its file:
+its header page followed by its payload, fetched with one read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from hm_export.bank.errors import BankError
+from hm_export.bank.schemes import SCHEMES, Scheme, check_preset, resolve_preset
+from hm_export.config import ConfigError, MemoryConfig
+
+FORMAT_NAME = "hm-export-bank"
+FORMAT_VERSION = 2
+INDEX_FILE = "index.json"
+MAGIC = b"HMBK"
+PAYLOAD_ALIGNMENT = 4096  # header page size; payloads start (and, in level packs, blocks start) on this boundary
+LAYOUTS = ("per-block", "per-level")
+
+# magic, version, header_length, scheme_id, level, node, layers, group_size, d_model, width, reserved,
+# payload_offset, payload_length, crc32: every field at its natural alignment, little-endian.
+HEADER = struct.Struct("<4sHHHHIHHIIIQQI")
+
+
+class BlockHeader(NamedTuple):
+    magic: bytes
+    version: int
+    header_length: int
+    scheme_id: int
+    level: int
+    node: int
+    layers: int
+    group_size: int
+    d_model: int
+    width: int
+    reserved: int
+    payload_offset: int  # absolute offset of the payload in its file; the header sits 4096 bytes before it
+    payload_length: int
+    crc32: int
+
+
+def block_file(level: int, node: int) -> str:
+    return f"level{level}/node{node:06d}.hmb"
+
+
+def pack_file(level: int) -> str:
+    return f"level{level}.hmp"
+
+
+def block_stride(length: int) -> int:
+    """Bytes a block takes in a level pack: its header page plus its payload padded to 4 KiB."""
+    return PAYLOAD_ALIGNMENT + -(-length // PAYLOAD_ALIGNMENT) * PAYLOAD_ALIGNMENT
+
+
+def schema_hash(d_model: int, memory: MemoryConfig, scheme: str) -> str:
+    """sha256 (hex) of the canonical JSON of the fields that fix every block's byte layout.
+
+    ``scheme`` is a preset or per-level list; the hash covers the resolved per-level scheme names, so
+    equivalent spellings (``"int8"`` and ``"int8,int8"``) give the same hash.
+    """
+    fields = {
+        "branching": list(memory.branching),
+        "d_model": d_model,
+        "format_version": FORMAT_VERSION,
+        "memory_layers": list(memory.layers),
+        "schemes": list(resolve_preset(scheme, memory.num_levels)),
+        "widths": list(memory.widths),
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    level: int
+    node: int
+    file: str  # relative to the bank directory, '/'-separated
+    offset: int  # absolute payload offset in the file (a multiple of 4096, >= 4096)
+    length: int  # payload bytes
+    scheme: str
+    crc32: int
+
+
+@dataclass(frozen=True)
+class BankIndex:
+    """The contents of ``index.json``; ``blocks`` is ordered level by level, node by node."""
+
+    scheme: str  # the preset or per-level list the bank was written with
+    d_model: int
+    memory: MemoryConfig
+    layout: str
+    blocks: tuple[BlockEntry, ...]
+    source: str = ""  # fingerprint of the checkpoint it was quantized from (informational; used to resume)
+
+    @property
+    def level_schemes(self) -> tuple[Scheme, ...]:
+        return tuple(SCHEMES[name] for name in resolve_preset(self.scheme, self.memory.num_levels))
+
+    @property
+    def schema_hash(self) -> str:
+        return schema_hash(self.d_model, self.memory, self.scheme)
+
+    @property
+    def layers(self) -> int:
+        return len(self.memory.layers)
+
+    def entry(self, level: int, node: int) -> BlockEntry:
+        if not (0 <= level < self.memory.num_levels and 0 <= node < self.memory.nodes_at(level)):
+            raise BankError(f"no block (level {level}, node {node}) in this bank")
+        return self.blocks[sum(self.memory.nodes_at(lv) for lv in range(level)) + node]
+
+    def expected_header(self, entry: BlockEntry) -> BlockHeader:
+        scheme = self.level_schemes[entry.level]
+        return make_header(
+            scheme,
+            entry.level,
+            entry.node,
+            self.layers,
+            self.d_model,
+            self.memory.widths[entry.level],
+            entry.offset,
+            entry.length,
+            entry.crc32,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "scheme": self.scheme,
+            "levels": [{"scheme": s.name, "scheme_id": s.id, "group_size": s.group_size} for s in self.level_schemes],
+            "layout": self.layout,
+            "schema_hash": self.schema_hash,
+            "model": {
+                "d_model": self.d_model,
+                "memory_layers": list(self.memory.layers),
+                "branching": list(self.memory.branching),
+                "widths": list(self.memory.widths),
+                "nodes": [self.memory.nodes_at(lv) for lv in range(self.memory.num_levels)],
+            },
+            "source": {"fingerprint": self.source},
+            "blocks": [asdict(b) for b in self.blocks],
+        }
+
+    @classmethod
+    def load(cls, path: Path) -> BankIndex:
+        """Read and validate ``index.json``; every problem is a :class:`BankError` naming ``path``."""
+        if not path.is_file():
+            raise BankError(f"{path}: missing (not an hm-export bank directory, or its quantization did not finish)")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BankError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+            found = raw.get("format") if isinstance(raw, dict) else raw
+            raise BankError(f"{path}: format is {found!r}, expected {FORMAT_NAME!r}")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise BankError(
+                f"{path}: format_version {raw.get('format_version')!r} is not supported (this reader: "
+                f"{FORMAT_VERSION}); re-create the bank with `hm-export bank quantize`"
+            )
+        try:
+            check_preset(raw.get("scheme"))
+        except BankError as exc:
+            raise BankError(f"{path}: {exc}") from exc
+        if raw.get("layout") not in LAYOUTS:
+            raise BankError(f"{path}: layout {raw.get('layout')!r} is not one of {list(LAYOUTS)}")
+        try:
+            model = raw["model"]
+            memory = MemoryConfig(tuple(model["branching"]), tuple(model["widths"]), tuple(model["memory_layers"]))
+            index = cls(
+                raw["scheme"],
+                int(model["d_model"]),
+                memory,
+                raw["layout"],
+                tuple(BlockEntry(**{k: b[k] for k in BlockEntry.__dataclass_fields__}) for b in raw["blocks"]),
+                str(raw.get("source", {}).get("fingerprint", "")),
+            )
+            nodes, levels = list(model["nodes"]), list(raw["levels"])
+            schemes = index.level_schemes
+        except (BankError, ConfigError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BankError(f"{path}: malformed index ({type(exc).__name__}: {exc})") from exc
+        if nodes != [memory.nodes_at(lv) for lv in range(memory.num_levels)]:
+            raise BankError(f"{path}: nodes per level {nodes} do not follow from branching {list(memory.branching)}")
+        if levels != index.to_dict()["levels"]:
+            raise BankError(
+                f"{path}: levels {levels} do not match scheme {index.scheme!r} ({[s.name for s in schemes]})"
+            )
+        if raw.get("schema_hash") != index.schema_hash:
+            raise BankError(
+                f"{path}: schema_hash {raw.get('schema_hash')!r} does not match the fields ({index.schema_hash})"
+            )
+        index._check_blocks(path)
+        return index
+
+    def _check_blocks(self, path: Path) -> None:
+        expected = [(lv, i) for lv in range(self.memory.num_levels) for i in range(self.memory.nodes_at(lv))]
+        if [(b.level, b.node) for b in self.blocks] != expected:
+            raise BankError(f"{path}: blocks must list each of the {len(expected)} (level, node) once, in order")
+        schemes = self.level_schemes
+        for b in self.blocks:
+            where = f"{path}: block (level {b.level}, node {b.node})"
+            if not _is_safe_relative(b.file):
+                raise BankError(f"{where}: unsafe file path {b.file!r} (must stay inside the bank directory)")
+            scheme = schemes[b.level]
+            if b.scheme != scheme.name:
+                raise BankError(f"{where}: scheme {b.scheme!r} differs from its level's scheme {scheme.name!r}")
+            length = scheme.payload_length(self.layers, self.d_model, self.memory.widths[b.level])
+            if b.length != length:
+                raise BankError(f"{where}: length {b.length}, expected {length}")
+            if not isinstance(b.offset, int) or b.offset < PAYLOAD_ALIGNMENT or b.offset % PAYLOAD_ALIGNMENT:
+                raise BankError(
+                    f"{where}: payload offset {b.offset!r} is not a positive multiple of {PAYLOAD_ALIGNMENT}"
+                )
+            if not isinstance(b.crc32, int) or not 0 <= b.crc32 < 2**32:
+                raise BankError(f"{where}: crc32 {b.crc32!r} is not a 32-bit unsigned integer")
+
+
+def _is_safe_relative(file: object) -> bool:
+    """A '/'-separated relative path of plain names (no '', '.', '..'): it cannot leave the bank directory."""
+    return isinstance(file, str) and "\\" not in file and not {"", ".", ".."} & set(file.split("/"))
+
+
+def make_header(
+    scheme: Scheme, level: int, node: int, layers: int, d_model: int, width: int, offset: int, length: int, crc: int
+) -> BlockHeader:
+    return BlockHeader(
+        MAGIC,
+        FORMAT_VERSION,
+        HEADER.size,
+        scheme.id,
+        level,
+        node,
+        layers,
+        scheme.group_size,
+        d_model,
+        width,
+        0,
+        offset,
+        length,
+        crc,
+    )
+
+
+def header_page(header: BlockHeader) -> bytes:
+    return HEADER.pack(*header).ljust(PAYLOAD_ALIGNMENT, b"\0")
+
+
+def check_header(page: memoryview | bytes, expected: BlockHeader, where: str) -> None:
+    """Compare a block's header page with what the index says it must be; ``where`` names the block."""
+    header = BlockHeader._make(HEADER.unpack_from(page))
+    if header.magic != MAGIC:
+        raise BankError(f"{where}: bad magic {header.magic!r}, expected {MAGIC!r} (not a bank block)")
+    if header.version != expected.version:
+        raise BankError(f"{where}: block format version {header.version}, this reader reads {expected.version}")
+    if header != expected:
+        bad = [f"{f} {a} != {e}" for f, a, e in zip(BlockHeader._fields, header, expected, strict=True) if a != e]
+        raise BankError(f"{where}: header does not match the index ({', '.join(bad)})")

@@ -1,0 +1,194 @@
+"""The ``hm-export`` command line on a tiny checkpoint: export, inspect, verify, run, and its exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from conftest import tiny_checkpoint, tiny_config
+
+from hm_export.checkpoint import Checkpoint, load_checkpoint
+from hm_export.cli import main
+from hm_export.router import MiniLMEmbedder
+
+SEQ = 16
+CONTEXTS = [
+    {"text": "the cat sat on the mat ."},
+    {"text": "a dog sat on a tree , the memory", "context": "dogs and trees"},
+    {"tokens": [1, 3, 5, 6, 1, 7, 10]},
+]
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(workdir: Path) -> Path:
+    return tiny_checkpoint(workdir, name="ckpt", cfg=tiny_config(max_seq_len=SEQ), seed=5)
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoint_dir: Path) -> Checkpoint:
+    return load_checkpoint(checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def exported(workdir: Path, checkpoint_dir: Path) -> tuple[Path, Result]:
+    bundle = workdir / "bundle"
+    return bundle, invoke("export", checkpoint_dir, bundle, "--json")
+
+
+@pytest.fixture(scope="module")
+def bundle(exported) -> Path:
+    path, result = exported
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.fixture(scope="module")
+def contexts(workdir: Path) -> Path:
+    path = workdir / "contexts.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in CONTEXTS))
+    return path
+
+
+def test_export_json_writes_a_bundle(exported):
+    bundle, result = exported
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # stdout is the JSON report and nothing else
+    assert report["bundle"] == str(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert report["slot_schema_hash"] == manifest["slot"]["schema_hash"]
+    assert report["sizes"]["executorch/model.pte"] == (bundle / "executorch/model.pte").stat().st_size
+    for relative, size in report["sizes"].items():
+        if relative != "bank_total":
+            assert manifest["files"][relative]["bytes"] == size
+    assert report["targets"]["executorch"]["delegation"]["slot_inputs_delegated"] is True
+    assert report["seconds"]["total"] > 0
+
+
+def test_export_refuses_to_overwrite_without_the_flag(bundle, checkpoint_dir):
+    before = (bundle / "manifest.json").read_bytes()
+    result = invoke("export", checkpoint_dir, bundle, "--json")
+    assert result.exit_code == 2
+    assert "already exists" in result.stderr and str(bundle) in result.stderr
+    assert result.stdout == ""
+    assert (bundle / "manifest.json").read_bytes() == before
+
+
+def test_inspect_json(bundle):
+    result = invoke("inspect", bundle, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert summary["model"]["d_model"] == 32 and summary["model"]["n_kv_heads"] == 2
+    assert summary["memory"]["branching"] == [2, 3] and summary["memory"]["widths"] == [8, 4]
+    assert summary["slot"]["seq_len"] == SEQ
+    assert summary["slot"]["schema_hash"] == manifest["slot"]["schema_hash"]
+    assert [(i["name"], i["shape"]) for i in summary["slot"]["inputs"]] == [
+        ("mem0_gate_up", [1, 32, 24]),
+        ("mem0_down", [1, 12, 32]),
+        ("mem1_gate_up", [1, 32, 24]),
+        ("mem1_down", [1, 12, 32]),
+    ]
+    bank_bytes = sum(p.stat().st_size for p in (bundle / "bank").rglob("*") if p.is_file())
+    assert summary["bank"]["bytes_on_disk"] == bank_bytes
+    assert summary["files"] == manifest["files"]
+    assert summary["targets"]["executorch"]["files"] == {"program": "executorch/model.pte"}
+
+
+def test_inspect_a_directory_that_is_not_a_bundle(tmp_path):
+    result = invoke("inspect", tmp_path, "--json")
+    assert result.exit_code == 2
+    assert f"{tmp_path / 'manifest.json'}: missing" in result.stderr
+
+
+def test_verify_json_passes_on_a_fresh_bundle(bundle, checkpoint_dir, contexts):
+    result = invoke("verify", bundle, "--checkpoint", checkpoint_dir, "--contexts", contexts, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] is True and report["contexts"] == len(CONTEXTS)
+    assert report["max_abs_diff"] <= 1e-4 and report["top1_agreement"] == 1.0
+    assert [r["tokens"] for r in report["results"]] == [7, 9, 7]
+
+
+def test_verify_exits_1_beyond_tolerance(bundle, checkpoint_dir, contexts):
+    base = ["verify", bundle, "--checkpoint", checkpoint_dir, "--contexts", contexts, "--json"]
+    first = json.loads(invoke(*base).stdout)
+    # An unreachable top-1 requirement always fails.
+    result = invoke(*base, "--min-top1", "1.1")
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stdout)["passed"] is False
+    # So does a tolerance below the measured difference (when the program is not bit-exact).
+    if first["max_abs_diff"] > 0:
+        result = invoke(*base, "--tolerance", str(first["max_abs_diff"] / 2))
+        assert result.exit_code == 1, result.output
+        assert json.loads(result.stdout)["passed"] is False
+
+
+def test_verify_rejects_a_bad_contexts_file(bundle, checkpoint_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the cat"}\n{"neither": 1}\n')
+    result = invoke("verify", bundle, "--checkpoint", checkpoint_dir, "--contexts", bad, "--json")
+    assert result.exit_code == 2
+    assert f"{bad}:2" in result.stderr
+
+
+def test_run_json_continues_the_prompt(bundle, ckpt):
+    context, prompt, new = "the memory tree", "the cat sat on", 6
+    result = invoke("run", bundle, "--context", context, "--prompt", prompt, "--max-new-tokens", new, "--json")
+    assert result.exit_code == 0, result.output
+    completion = json.loads(result.stdout)
+    path = tuple(completion["context_path"])
+    # Routed with MiniLM through the bundle's router tree...
+    assert path == tuple(int(n) for n in ckpt.tree.route(MiniLMEmbedder().embed([context]))[0])
+    assert completion["slot_update"]["levels_changed"] == [0, 1]
+    # ...and continued exactly as the eager model does greedily on that path.
+    tokens = ckpt.tokenizer.encode(prompt).ids
+    assert completion["prompt_tokens"] == len(tokens) == 4
+    with torch.no_grad():
+        for _ in range(new):
+            padded = torch.zeros(1, SEQ, dtype=torch.long)
+            padded[0, : len(tokens)] = torch.tensor(tokens)
+            logits = ckpt.model.forward_path(padded, torch.tensor(path))[0, len(tokens) - 1]
+            tokens.append(int(logits.argmax()))
+    assert completion["new_tokens"] == tokens[4:]
+    assert len(completion["new_tokens"]) == new
+    assert completion["text"] == ckpt.tokenizer.decode(completion["new_tokens"])
+
+
+def test_export_of_a_missing_checkpoint_exits_2(tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    result = invoke("export", missing, tmp_path / "out", "--json")
+    assert result.exit_code == 2
+    assert str(missing) in result.stderr and "does not exist" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_corrupt_checkpoint_exits_2(checkpoint_dir, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for source in checkpoint_dir.iterdir():
+        (corrupt / source.name).write_bytes(source.read_bytes())
+    (corrupt / "anchor.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    result = invoke("export", corrupt, tmp_path / "out", "--json")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and str(corrupt / "anchor.safetensors") in result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt"]  # no temp directory left behind
+
+
+def test_export_with_an_unknown_target_exits_2(checkpoint_dir, tmp_path):
+    result = invoke("export", checkpoint_dir, tmp_path / "out", "--target", "tflite", "--json")
+    assert result.exit_code == 2
+    assert "tflite" in result.stderr
