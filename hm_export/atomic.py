@@ -33,7 +33,11 @@ def atomic_directory(destination: Path, overwrite: bool) -> Iterator[Path]:
         if destination.exists():
             retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
             os.replace(destination, retired)
-            os.replace(tmp, destination)
+            try:
+                os.replace(tmp, destination)
+            except BaseException:
+                os.replace(retired, destination)  # put the old directory back before cleaning up
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(tmp, destination)

@@ -81,7 +81,7 @@ def export_bundle(
 
     start = t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint_dir)
-    seq_len = recipe.seq_len or ckpt.config.max_seq_len
+    seq_len = ckpt.config.max_seq_len if recipe.seq_len is None else recipe.seq_len
     if not 1 <= seq_len <= ckpt.config.max_seq_len:
         raise ValueError(f"seq_len {seq_len} must be in [1, {ckpt.config.max_seq_len}]")
     contract = SlotContract.for_model(ckpt.config, seq_len)

@@ -65,22 +65,42 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """RoPE'd queries ``[B*kv, group*T, hd]`` and keys / values ``[B*kv, T, hd]`` of ``x`` ``[B, T, d]``.
+
+        Grouped KV heads without repeating K/V: the query heads sharing a KV head are stacked along the
+        sequence axis (group-major), so every attention matmul stays a plain batched matmul.
+        """
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Grouped KV heads without repeating K/V: the query heads sharing a KV head are stacked along
-        # the sequence axis ([B, kv, group*T, hd]), so every matmul stays a plain batched matmul.
-        # 3-D bmm rather than 4-D matmul: matmul decomposes into expand copies XNNPACK cannot take.
-        group, kv_batch = self.n_heads // self.n_kv_heads, batch * self.n_kv_heads
-        q = q.reshape(kv_batch, group * seq, self.head_dim)
-        k = k.reshape(kv_batch, seq, self.head_dim)
-        v = v.reshape(kv_batch, seq, self.head_dim)
-        scores = torch.bmm(q, k.transpose(1, 2)) * (self.head_dim**-0.5) + mask.repeat(group, 1)
-        out = torch.bmm(torch.softmax(scores, dim=-1), v).view(batch, self.n_heads, seq, self.head_dim)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+        kv_batch = batch * self.n_kv_heads
+        q = q.reshape(kv_batch, self.group * seq, self.head_dim)
+        return q, k.reshape(kv_batch, seq, self.head_dim), v.reshape(kv_batch, seq, self.head_dim)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, grouped_mask: Tensor, batch: int, seq: int) -> Tensor:
+        """Attention output ``[B, T, d]`` of grouped queries over keys/values (``project``'s layout).
+
+        ``grouped_mask`` is the additive mask of the stacked query rows, ``[group*T, keys]``.
+        3-D bmm rather than 4-D matmul: matmul decomposes into expand copies XNNPACK cannot take.
+        """
+        scores = torch.bmm(q, k.transpose(1, 2)) * (self.head_dim**-0.5) + grouped_mask
+        out = torch.bmm(torch.softmax(scores, dim=-1), v)
+        # Unflatten before the head view: a direct view trips torch.export's guard on a dynamic T.
+        out = out.unflatten(1, (self.group, seq)).view(batch, self.n_heads, seq, self.head_dim)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        return self.attend(q, k, v, mask.repeat(self.group, 1), batch, seq)
 
 
 class SwiGLU(nn.Module):
@@ -110,13 +130,16 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, memory: LayerMemory | None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def feed_forward(self, x: Tensor, memory: LayerMemory | None) -> Tensor:
+        """The residual FFN half of the block: ``x + FFN(norm(x))``, plus the memory FFN when given."""
         h = self.ffn_norm(x)
         out = self.ffn(h)
         if memory is not None:
             out = out + memory_ffn(h, memory)
         return x + out
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, memory: LayerMemory | None) -> Tensor:
+        return self.feed_forward(x + self.attn(self.attn_norm(x), cos, sin, mask), memory)
 
 
 class MemoryBank(nn.Module):

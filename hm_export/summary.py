@@ -5,13 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hm_export.bundle import read_manifest
+from hm_export.bundle import MANIFEST, BundleError, read_manifest, safe_relative
 
 
 def summarize_bundle(bundle_dir: Path) -> dict[str, Any]:
     manifest = read_manifest(Path(bundle_dir))
+    try:
+        return _summarize(Path(bundle_dir), manifest)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{Path(bundle_dir) / MANIFEST}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+
+
+def _summarize(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     model, slot = manifest["model"], manifest["slot"]
-    bank_dir = Path(bundle_dir) / manifest["bank"]["dir"]
+    bank_dir = safe_relative(bundle_dir, manifest["bank"]["dir"], "bank")
     return {
         "bundle": str(bundle_dir),
         "format_version": manifest["format_version"],

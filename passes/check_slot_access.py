@@ -8,8 +8,9 @@ transposes or casts the slot per call, and the runtime can bind the caller's buf
 from __future__ import annotations
 
 import torch
-from hm_export.passes.base import SlotPassContext, SlotPassError
 from torch.export import ExportedProgram
+
+from hm_export.passes.base import SlotPassContext, SlotPassError
 
 aten = torch.ops.aten
 

@@ -7,8 +7,9 @@ The slot is made of user inputs, so nothing that reads it is folded; run this af
 
 from __future__ import annotations
 
-from hm_export.passes.base import SlotPassContext
 from torch.export import ExportedProgram
+
+from hm_export.passes.base import SlotPassContext
 
 
 def fold_constant_subgraphs(ep: ExportedProgram, ctx: SlotPassContext) -> ExportedProgram:

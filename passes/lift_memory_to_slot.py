@@ -9,10 +9,11 @@ patterns, and a declared name that is not a parameter of the program is an error
 
 from __future__ import annotations
 
-from hm_export.passes.base import SlotPassContext, SlotPassError
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 from torch.utils import _pytree as pytree
+
+from hm_export.passes.base import SlotPassContext, SlotPassError
 
 
 def lift_memory_to_slot(ep: ExportedProgram, ctx: SlotPassContext) -> ExportedProgram:

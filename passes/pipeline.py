@@ -6,13 +6,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from torch.export import ExportedProgram
+
 from hm_export.passes.base import SlotPassContext
 from hm_export.passes.check_slot_access import check_slot_access
 from hm_export.passes.fold_constant_subgraphs import fold_constant_subgraphs
 from hm_export.passes.lift_memory_to_slot import lift_memory_to_slot
 from hm_export.passes.reduce_norm_means_to_4d import reduce_norm_means_to_4d
 from hm_export.passes.verify_slot_split import verify_slot_split
-from torch.export import ExportedProgram
 
 SlotPass = Callable[[ExportedProgram, SlotPassContext], ExportedProgram]
 

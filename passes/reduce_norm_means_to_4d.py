@@ -10,8 +10,9 @@ which computes the same value.
 from __future__ import annotations
 
 import torch
-from hm_export.passes.base import SlotPassContext
 from torch.export import ExportedProgram
+
+from hm_export.passes.base import SlotPassContext
 
 aten = torch.ops.aten
 

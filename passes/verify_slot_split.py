@@ -8,9 +8,10 @@ slot inputs are exactly ``ctx.slot_input_names`` in that order, after the origin
 
 from __future__ import annotations
 
-from hm_export.passes.base import SlotPassContext, SlotPassError
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
+
+from hm_export.passes.base import SlotPassContext, SlotPassError
 
 
 def verify_slot_split(ep: ExportedProgram, ctx: SlotPassContext) -> ExportedProgram:

@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from hm_export.bank import PAYLOAD_ALIGNMENT, BankError, BankReader, aligned_buffer
 from hm_export.bank.schemes import Destination
@@ -242,6 +243,22 @@ class SlotUpdate:
     level_seconds: tuple[float, ...] = ()
 
 
+def slot_destination(contract: SlotContract, slot: Sequence[torch.Tensor], level: int) -> Destination:
+    """(layer index, matrix) -> the numpy view of ``slot`` that a level-``level`` block's matrix fills.
+
+    ``gate``/``up`` ``[d, r]`` land in columns of ``gate_up [1, d, 2R]``, ``down [r, d]`` in rows of
+    ``down [1, R, d]``: the views share memory with the slot tensors, so decoding into them fills the slot.
+    """
+    views: dict[tuple[int, str], np.ndarray] = {}
+    for tensor, buffer in zip(contract.tensors, slot):
+        array = buffer.numpy()[0]  # batch axis dropped
+        for (lo, hi), source in zip(tensor.level_ranges[level], tensor.sources):
+            index = [slice(None)] * array.ndim
+            index[tensor.hidden_axis - 1] = slice(lo, hi)
+            views[(tensor.memory_index, source)] = array[tuple(index)]
+    return lambda layer, matrix: views[(layer, matrix)]
+
+
 class SlotFiller:
     """Slot buffers for a contract, filled level by level from a bank through a :class:`BlockCache`."""
 
@@ -255,19 +272,8 @@ class SlotFiller:
         self.contract, self.memory = contract, index.memory
         self.slot = contract.empty_slot()
         self.blocks = BlockCache(reader, policy)
-        self._destinations = [self._destination(level) for level in range(self.memory.num_levels)]
+        self._destinations = [slot_destination(contract, self.slot, lv) for lv in range(self.memory.num_levels)]
         self.path: list[int | None] = [None] * self.memory.num_levels
-
-    def _destination(self, level: int) -> Destination:
-        """(layer index, matrix) -> the numpy view of the slot that the level's block matrix fills."""
-        views: dict[tuple[int, str], np.ndarray] = {}
-        for tensor, buffer in zip(self.contract.tensors, self.slot):
-            array = buffer.numpy()[0]  # shares memory with the slot tensor; batch axis dropped
-            for (lo, hi), source in zip(tensor.level_ranges[level], tensor.sources):
-                index = [slice(None)] * array.ndim
-                index[tensor.hidden_axis - 1] = slice(lo, hi)
-                views[(tensor.memory_index, source)] = array[tuple(index)]
-        return lambda layer, matrix: views[(layer, matrix)]
 
     def set_path(self, path: Sequence[int]) -> SlotUpdate:
         """Make the slot hold ``path``'s memory, fetching and dequantizing only the levels whose node changed."""

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from hm_export.runtime_stubs.block_cache import CachePolicy, SlotFiller, SlotUpdate
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
@@ -25,6 +24,7 @@ from hm_export.bank import BankReader
 from hm_export.bundle import BundleError, read_manifest, safe_relative, verify_files
 from hm_export.config import ModelConfig
 from hm_export.router import CentroidTree, Embedder, MiniLMEmbedder
+from hm_export.runtime_stubs.block_cache import CachePolicy, SlotFiller, SlotUpdate
 from hm_export.slot import SlotContract
 from hm_export.targets import TARGETS, HostUnsupported, Runner
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,24 @@ def test_inspect_a_directory_that_is_not_a_bundle(tmp_path):
     result = invoke("inspect", tmp_path, "--json")
     assert result.exit_code == 2
     assert f"{tmp_path / 'manifest.json'}: missing" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("slot"), "malformed manifest (KeyError: 'slot')"),
+        (lambda m: m["bank"].update(dir="../.."), "unsafe path '../..' for bank"),
+    ],
+)
+def test_inspect_a_malformed_manifest_exits_2(bundle, tmp_path, edit, message):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("inspect", copy, "--json")
+    assert result.exit_code == 2
+    assert str(copy / "manifest.json") in result.stderr and message in result.stderr
 
 
 def test_verify_json_passes_on_a_fresh_bundle(bundle, checkpoint_dir, contexts):

@@ -10,6 +10,11 @@ import itertools
 import pytest
 import torch
 from conftest import tiny_config, tiny_model
+from torch import nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from hm_export.model import MemoryLM, assemble_path
 from hm_export.passes.base import SlotPassContext, SlotPassError
 from hm_export.passes.check_slot_access import check_slot_access
 from hm_export.passes.fold_constant_subgraphs import fold_constant_subgraphs
@@ -17,11 +22,6 @@ from hm_export.passes.lift_memory_to_slot import lift_memory_to_slot
 from hm_export.passes.pipeline import PIPELINES, SLOT_SPLIT, XNNPACK_SLOT
 from hm_export.passes.reduce_norm_means_to_4d import reduce_norm_means_to_4d
 from hm_export.passes.verify_slot_split import verify_slot_split
-from torch import nn
-from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind
-
-from hm_export.model import MemoryLM, assemble_path
 from hm_export.slot import SlotContract, SlotModule, slot_tensors
 
 aten = torch.ops.aten

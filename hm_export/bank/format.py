@@ -17,6 +17,7 @@ import hashlib
 import json
 import struct
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -105,7 +106,7 @@ class BankIndex:
     blocks: tuple[BlockEntry, ...]
     source: str = ""  # fingerprint of the checkpoint it was quantized from (informational; used to resume)
 
-    @property
+    @cached_property
     def level_schemes(self) -> tuple[Scheme, ...]:
         return tuple(SCHEMES[name] for name in resolve_preset(self.scheme, self.memory.num_levels))
 
@@ -259,13 +260,15 @@ def header_page(header: BlockHeader) -> bytes:
     return HEADER.pack(*header).ljust(PAYLOAD_ALIGNMENT, b"\0")
 
 
-def check_header(page: memoryview | bytes, expected: BlockHeader, where: str) -> None:
-    """Compare a block's header page with what the index says it must be; ``where`` names the block."""
+def check_header(page: memoryview | bytes, expected: BlockHeader, path: Path | str) -> None:
+    """Compare a block's header page (read from ``path``) with what the index says it must be."""
     header = BlockHeader._make(HEADER.unpack_from(page))
+    if header == expected:
+        return
+    where = f"{path}: block (level {expected.level}, node {expected.node})"
     if header.magic != MAGIC:
         raise BankError(f"{where}: bad magic {header.magic!r}, expected {MAGIC!r} (not a bank block)")
     if header.version != expected.version:
         raise BankError(f"{where}: block format version {header.version}, this reader reads {expected.version}")
-    if header != expected:
-        bad = [f"{f} {a} != {e}" for f, a, e in zip(BlockHeader._fields, header, expected, strict=True) if a != e]
-        raise BankError(f"{where}: header does not match the index ({', '.join(bad)})")
+    bad = [f"{f} {a} != {e}" for f, a, e in zip(BlockHeader._fields, header, expected, strict=True) if a != e]
+    raise BankError(f"{where}: header does not match the index ({', '.join(bad)})")

@@ -108,8 +108,10 @@ def read_node(fd: int, tensor: SourceTensor, node: int, shape: tuple[int, ...]) 
     """One node's slice of a checkpoint tensor as float32, read with one ``pread``."""
     raw = os.pread(fd, tensor.node_bytes, tensor.start + node * tensor.node_bytes)
     values = np.frombuffer(raw, SOURCE_DTYPES[tensor.dtype]).reshape(shape)
-    if tensor.dtype == "BF16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
+    if tensor.dtype == "BF16":  # bfloat16 is the top half of a float32
+        bits = values.astype(np.uint32)
+        bits <<= 16
+        return bits.view(np.float32)
     return values.astype(np.float32)
 
 

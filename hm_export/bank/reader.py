@@ -77,7 +77,7 @@ class BankReader:
         """Bytes one read of a level-``level`` block fetches: header page + payload."""
         return PAYLOAD_ALIGNMENT + self.index.entry(level, 0).length
 
-    def where(self, entry: BlockEntry) -> str:
+    def _where(self, entry: BlockEntry) -> str:
         return f"{self.bank_dir / entry.file}: block (level {entry.level}, node {entry.node})"
 
     def _pack_fd(self, path: Path) -> int:
@@ -95,7 +95,7 @@ class BankReader:
         path, size = self.bank_dir / entry.file, PAYLOAD_ALIGNMENT + entry.length
         view = memoryview(buffer).cast("B")[:size]
         if len(view) != size:
-            raise BankError(f"{self.where(entry)}: buffer of {len(view)} bytes, the block needs {size}")
+            raise BankError(f"{self._where(entry)}: buffer of {len(view)} bytes, the block needs {size}")
         packed = self.index.layout == "per-level"
         try:
             fd = self._pack_fd(path) if packed else os.open(path, os.O_RDONLY)
@@ -116,11 +116,11 @@ class BankReader:
         if got != size:
             what = "truncated pack" if packed else "wrong size"
             raise BankError(f"{path}: {what} for block (level {level}, node {node}), expected {size} bytes, got {got}")
-        check_header(view, self.index.expected_header(entry), self.where(entry))
+        check_header(view, self.index.expected_header(entry), path)
         payload = view[PAYLOAD_ALIGNMENT:]
         if verify and (crc := zlib.crc32(payload)) != entry.crc32:
             raise BankError(
-                f"{self.where(entry)}: checksum mismatch (payload crc32 {crc:#010x}, index {entry.crc32:#010x})"
+                f"{self._where(entry)}: checksum mismatch (payload crc32 {crc:#010x}, index {entry.crc32:#010x})"
             )
         return payload
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -209,9 +209,9 @@ class IntScheme(Scheme):
         scale = scale.astype(np.float16)
         if not np.isfinite(scale).all():
             raise BankError(f"scheme {self.name}: a group's range overflows its float16 scale (|w| > 1e5?)")
-        inverse = np.divide(1.0, scale, out=np.zeros(scale.shape, np.float32), where=scale != 0, dtype=np.float32)
         shifted = grouped if base is None else grouped - base.astype(np.float32)
-        codes = np.clip(np.rint(shifted * inverse), qmin, qmax).reshape(-1)
+        divisor = np.where(scale == 0, 1, scale).astype(np.float32)  # a zero scale means |w - base| < 1e-7: codes 0
+        codes = np.clip(np.rint(shifted / divisor), qmin, qmax).reshape(-1)
         if self.bits == 8:
             packed = codes.astype(np.int8)
         else:
@@ -250,7 +250,6 @@ SCHEMES: dict[str, Scheme] = {
         *(IntScheme(f"int4a-g{g}", 6, bits=4, group_size=g, symmetric=False) for g in (32, 64, 128)),
     )
 }
-SCHEMES_BY_HEADER: dict[tuple[int, int], Scheme] = {(s.id, s.group_size): s for s in SCHEMES.values()}
 
 
 def get_scheme(name: str) -> Scheme:
@@ -295,13 +294,5 @@ def resolve_preset(spec: str, num_levels: int) -> tuple[str, ...]:
     return names
 
 
-def level_schemes(spec: str, num_levels: int) -> list[Scheme]:
-    return [SCHEMES[name] for name in resolve_preset(spec, num_levels)]
-
-
 def bits_per_parameter(scheme: Scheme, layers: int, d_model: int, width: int) -> float:
     return 8 * scheme.payload_length(layers, d_model, width) / (3 * layers * d_model * width)
-
-
-def scheme_names(schemes: Sequence[Scheme]) -> list[str]:
-    return [s.name for s in schemes]

@@ -1,0 +1,137 @@
+"""Incremental decoding with a static-size KV cache: the program a device runs to generate text.
+
+:class:`DecodeModule` wraps a :class:`~hm_export.model.MemoryLM`'s anchor exactly like
+:class:`~hm_export.slot.SlotModule` does (same modules, the memory of one path held as ``slot.*``
+parameters that the slot passes lift into graph inputs) and adds a KV cache of ``max_seq_len``
+positions per layer.  One call takes ``tokens [1, n]`` (``1 <= n``, a dynamic axis) and
+``input_pos [1]`` (the position of ``tokens[0, 0]``) and returns ``logits [1, n, vocab]``; it writes
+the keys/values of positions ``input_pos .. input_pos+n-1`` into the cache and attends over all
+``max_seq_len`` cache positions with the causal mask row of each query position, so positions past
+the current one (stale or never written) never contribute.  The same program serves the prefill
+(``n`` = prompt length, ``input_pos`` = 0) and every decode step (``n`` = 1).
+
+Nothing is built per call: the RoPE rows and mask rows are ``index_select`` gathers from tables
+computed at export, and the cache update is one ``index_put`` per tensor.  The cache comes in two forms:
+
+* ``cache="state"``: per layer, buffers ``k_cache{i}`` / ``v_cache{i}`` ``[n_kv, max_seq_len, head_dim]``
+  updated in place (ExecuTorch mutable buffers, Core ML states);
+* ``cache="io"``: the same tensors as explicit inputs ``past_key{i}`` / ``past_value{i}`` and outputs
+  ``present_key{i}`` / ``present_value{i}`` (ONNX), the caller feeding each step's present as the next past.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hm_export.config import ModelConfig
+from hm_export.model import LayerMemory, MemoryLM
+from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotModule
+
+POSITION_INPUT = "input_pos"
+CacheForm = Literal["state", "io"]
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The KV cache of a decode program: per anchor layer one key and one value tensor of ``shape``."""
+
+    n_layers: int
+    n_kv_heads: int
+    max_seq_len: int
+    head_dim: int
+    dtype: str = "float32"
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig) -> CacheSpec:
+        return cls(cfg.n_layers, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.n_kv_heads, self.max_seq_len, self.head_dim)
+
+    def names(self, form: str) -> list[str]:
+        """Cache tensor names in program order (key, value per layer): ``state`` buffers, ``past``
+        inputs or ``present`` outputs."""
+        patterns = {
+            "state": ("k_cache{}", "v_cache{}"),
+            "past": ("past_key{}", "past_value{}"),
+            "present": ("present_key{}", "present_value{}"),
+        }[form]
+        return [pattern.format(layer) for layer in range(self.n_layers) for pattern in patterns]
+
+    def empty(self) -> list[Tensor]:
+        """Zeroed cache tensors, in :meth:`names` order."""
+        return [torch.zeros(self.shape, dtype=getattr(torch, self.dtype)) for _ in range(2 * self.n_layers)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": self.n_layers,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "layout": "[n_kv_heads, max_seq_len, head_dim] per layer; RoPE applied to keys",
+        }
+
+
+class DecodeModule(SlotModule):
+    """The anchor, one path's memory as ``slot.*`` parameters (or none), and a static KV cache.
+
+    ``memory=()`` gives the same program without a memory FFN (the baseline of the memory-cost benchmark).
+    The module computes what :class:`MemoryLM` computes: for a prompt fed in any split into calls, the
+    logits equal the full-window forward's logits at those positions (up to float summation order).
+    """
+
+    def __init__(self, model: MemoryLM, memory: Sequence[LayerMemory], cache: CacheForm = "state") -> None:
+        super().__init__(model, memory)
+        if cache not in ("state", "io"):
+            raise ValueError(f"cache must be 'state' or 'io', not {cache!r}")
+        self.cache_form = cache
+        self.cache_spec = CacheSpec.for_model(model.cfg)
+        if cache == "state":
+            for name, tensor in zip(self.cache_spec.names("state"), self.cache_spec.empty()):
+                self.register_buffer(name, tensor, persistent=False)
+
+    @property
+    def input_names(self) -> list[str]:
+        """User inputs before the slot: tokens, positions, and the past cache in the ``io`` form."""
+        past = self.cache_spec.names("past") if self.cache_form == "io" else []
+        return [TOKENS_INPUT, POSITION_INPUT, *past]
+
+    @property
+    def output_names(self) -> list[str]:
+        present = self.cache_spec.names("present") if self.cache_form == "io" else []
+        return [LOGITS_OUTPUT, *present]
+
+    def reset_cache(self) -> None:
+        """Zero the state cache (eager use; a program's cache is reset by prefilling from position 0)."""
+        for name in self.cache_spec.names("state"):
+            getattr(self, name).zero_()
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, *past: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
+        seq = tokens.shape[1]
+        positions = input_pos + torch.arange(seq, dtype=input_pos.dtype)
+        cos = self.rope_cos.index_select(0, positions)
+        sin = self.rope_sin.index_select(0, positions)
+        first = self.blocks[0].attn
+        mask = self.causal_mask.index_select(0, positions.repeat(first.group))  # [group*n, max_seq_len]
+        layers = self.cfg.memory.layers if len(self.slot) else ()
+        memory = {j: (self.slot[f"mem{j}_gate_up"], self.slot[f"mem{j}_down"]) for j in layers}
+        caches = list(past) if self.cache_form == "io" else [getattr(self, n) for n in self.cache_spec.names("state")]
+        if len(caches) != 2 * self.cfg.n_layers:
+            raise ValueError(f"expected {2 * self.cfg.n_layers} past cache tensors, got {len(caches)}")
+        write = torch.ops.aten.index_put_ if self.cache_form == "state" else torch.ops.aten.index_put
+        present = []
+        x = self.embed(tokens)
+        for index, block in enumerate(self.blocks):
+            q, k, v = block.attn.project(block.attn_norm(x), cos, sin)
+            keys = write(caches[2 * index], [None, positions], k)
+            values = write(caches[2 * index + 1], [None, positions], v)
+            present += [keys, values]
+            x = block.feed_forward(x + block.attn.attend(q, keys, values, mask, 1, seq), memory.get(index))
+        logits = F.linear(self.norm(x), self.embed.weight)
+        return (logits, *present) if self.cache_form == "io" else logits
