@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -98,14 +99,21 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    """Check every listed file's size and sha256; raise naming the first file that differs."""
+def file_problems(root: Path, manifest: dict[str, Any]) -> Iterator[str]:
+    """One message per listed file that is missing or differs in size or sha256, naming the file."""
     for relative, record in manifest.get("files", {}).items():
         path = safe_relative(root, relative, "a listed file")
         if not path.is_file():
-            raise BundleError(f"{path}: listed in the manifest but missing")
+            yield f"{path}: listed in the manifest but missing"
+            continue
         size = path.stat().st_size
         if size != record["bytes"]:
-            raise BundleError(f"{path}: {size} bytes, manifest says {record['bytes']} (truncated or replaced)")
-        if sha256_file(path) != record["sha256"]:
-            raise BundleError(f"{path}: sha256 does not match the manifest (file was modified)")
+            yield f"{path}: {size} bytes, manifest says {record['bytes']} (truncated or replaced)"
+        elif sha256_file(path) != record["sha256"]:
+            yield f"{path}: sha256 does not match the manifest (file was modified)"
+
+
+def verify_files(root: Path, manifest: dict[str, Any]) -> None:
+    """Check every listed file's size and sha256; raise naming the first file that differs."""
+    for problem in file_problems(root, manifest):
+        raise BundleError(problem)

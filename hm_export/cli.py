@@ -52,6 +52,15 @@ def main() -> None:
     show_default=True,
     help="Compress the anchor's constant weights with coremltools.optimize (the slot stays fp16).",
 )
+@click.option("--no-decode", is_flag=True, help="Skip the KV-cache decode programs (full-window programs only).")
+@click.option("--checks", type=int, default=4, show_default=True, help="Golden checks recorded into checks/ (0: none).")
+@click.option("--check-new-tokens", type=int, default=16, show_default=True, help="Greedy tokens per check.")
+@click.option(
+    "--check-contexts",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON lines ('text' or 'tokens', optional 'context') for the checks; default: derived from the tokenizer.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
 def export(
@@ -64,6 +73,10 @@ def export(
     coreml_precision: str,
     coreml_target: str,
     coreml_compress_anchor: str,
+    no_decode: bool,
+    checks: int,
+    check_new_tokens: int,
+    check_contexts: Path | None,
     overwrite: bool,
     as_json: bool,
 ) -> None:
@@ -73,7 +86,16 @@ def export(
 
     try:
         options = EmitOptions(separate_weights, coreml_precision, coreml_target, coreml_compress_anchor)
-        recipe = ExportRecipe(tuple(target.split(",")), seq_len, bank_scheme, options)
+        recipe = ExportRecipe(
+            tuple(target.split(",")),
+            seq_len,
+            bank_scheme,
+            options,
+            decode=not no_decode,
+            checks=checks,
+            check_new_tokens=check_new_tokens,
+            check_contexts=check_contexts,
+        )
         report = export_bundle(checkpoint, out, recipe, overwrite=overwrite, progress=not as_json)
     except (ValueError, RuntimeError, OSError) as exc:
         _fail(exc)
@@ -86,17 +108,50 @@ def export(
 @click.option("--context", required=True, help="Text that selects the memory path.")
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k most likely (0: all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1: all).")
+@click.option("--seed", type=int, default=None, help="Sampling seed (same seed, same text).")
+@click.option("--stop-token", "stop_tokens", type=int, multiple=True, help="Token id that ends generation (repeat).")
 @click.option("--target", default="executorch", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-def run(bundle: Path, context: str, prompt: str, max_new_tokens: int, target: str, as_json: bool) -> None:
-    """Route CONTEXT, load its memory, and continue PROMPT greedily."""
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report at the end instead of streaming.")
+def run(
+    bundle: Path,
+    context: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    stop_tokens: tuple[int, ...],
+    target: str,
+    as_json: bool,
+) -> None:
+    """Route CONTEXT, load its memory, and continue PROMPT, streaming the text as it is generated."""
+    from hm_export.runtime_stubs.generate import Sampling
     from hm_export.runtime_stubs.loader import BundleLoader, complete
 
+    def stream(piece: str) -> None:
+        click.echo(piece, nl=False)
+
     try:
-        result = complete(BundleLoader(bundle, target=target), context, prompt, max_new_tokens)
+        sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, stop_tokens)
+        loader = BundleLoader(bundle, target=target)
+        if not as_json:
+            click.echo(prompt, nl=False)
+        result = complete(loader, context, prompt, sampling=sampling, on_text=None if as_json else stream)
     except (ValueError, RuntimeError, OSError) as exc:
         _fail(exc)
-    _emit(asdict(result), as_json, f"[path {list(result.context_path)}] {prompt}{result.text}")
+    if as_json:
+        _emit(asdict(result), True, "")
+    else:
+        click.echo(
+            f"\n[path {list(result.context_path)}, {len(result.new_tokens)} tokens, {result.stop_reason}; "
+            f"{result.program} program: prefill {result.prefill_tokens_per_s:.0f} tok/s, "
+            f"decode {result.decode_tokens_per_s:.0f} tok/s]",
+            err=True,
+        )
 
 
 @main.command()
@@ -157,6 +212,97 @@ def inspect(bundle: Path, as_json: bool) -> None:
     except (ValueError, OSError) as exc:
         _fail(exc)
     _emit(summary, as_json, json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", "targets", multiple=True, help="Replay only this target (repeat); default: all.")
+@click.option("--json", "as_json", is_flag=True)
+def check(bundle: Path, targets: tuple[str, ...], as_json: bool) -> None:
+    """Replay BUNDLE's golden checks per target and program; exit 1 if any fails."""
+    from hm_export.checks import run_checks
+
+    try:
+        report = run_checks(bundle, targets or None)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    lines = []
+    for name, counts in report.summary().items():
+        ran = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+        lines.append(f"  {name:28s} {ran}")
+    problems = [r for r in report.results if r.status == "fail"]
+    lines += [f"  FAIL {r.target}/{r.program} {r.check}: {r.detail}" for r in problems]
+    skipped = {f"{r.target}/{r.program}": r.detail for r in report.results if r.status == "skipped"}
+    lines += [f"  skipped {name}: {why}" for name, why in skipped.items()]
+    verdict = "PASS" if report.passed else "FAIL"
+    _emit(report.to_dict(), as_json, "\n".join([f"{verdict}: {report.checks} golden checks of {bundle}", *lines]))
+    sys.exit(0 if report.passed else 1)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", default="executorch", show_default=True)
+@click.option("--runs", "-r", type=int, default=3, show_default=True, help="Repetitions (mean and sd over runs).")
+@click.option(
+    "--contexts",
+    "contexts_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON lines to switch between; default: the bundle's golden-check contexts.",
+)
+@click.option("-n", "count", type=int, default=8, show_default=True, help="Contexts per run.")
+@click.option("--prompt-tokens", type=int, default=64, show_default=True)
+@click.option("--new-tokens", type=int, default=32, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch and ExecuTorch threads (default: torch's).")
+@click.option("--cache", type=click.Choice(["stream", "default"]), default="stream", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG here.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(
+    bundle: Path,
+    target: str,
+    runs: int,
+    contexts_file: Path | None,
+    count: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    threads: int | None,
+    cache: str,
+    plot: Path | None,
+    as_json: bool,
+) -> None:
+    """Route, fetch+fill per level, time to first token after a context switch, prefill/decode tokens/s, RSS."""
+    from hm_export.bench import bench_bundle, plot_report
+
+    try:
+        report = bench_bundle(bundle, target, runs, contexts_file, count, prompt_tokens, new_tokens, threads, cache)
+        if plot is not None:
+            plot_report(report, plot)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    _emit(report.to_dict(), as_json, _bench_table(report))
+
+
+def _bench_table(report: Any) -> str:
+    def lat(stats: dict[str, float]) -> str:
+        return f"{stats['p50']:9.3f} {stats['p99']:9.3f}  (n={stats['n']})" if stats.get("n") else "        -"
+
+    def rate(stats: dict[str, Any]) -> str:
+        return f"{stats['mean']:9.1f} +/- {stats['sd']:.1f}"
+
+    rows = [
+        f"{report.bundle} [{report.target}, {report.program} program, {report.threads} threads, {report.runs} runs "
+        f"x {report.contexts} contexts ({report.distinct_paths} paths), prompt {report.prompt_tokens}, "
+        f"{report.new_tokens} new tokens, cache {report.cache_policy}]",
+        f"{'':34s}{'p50 ms':>9s} {'p99 ms':>9s}",
+        f"{'route (embed + descent)':34s}{lat(report.route_ms)}",
+        *[f"{'fetch + fill ' + level:34s}{lat(stats)}" for level, stats in report.fetch_fill_ms.items()],
+        f"{'first token after context switch':34s}{lat(report.ttft_after_switch_ms)}",
+        f"{'decode step':34s}{lat(report.decode_step_ms)}",
+        f"{'prefill tokens/s':34s}{rate(report.prefill_tokens_per_s)}",
+        f"{'decode tokens/s':34s}{rate(report.decode_tokens_per_s)}",
+        f"{'peak RSS':34s}{report.peak_rss_mb:9.1f} MB",
+    ]
+    return "\n".join(rows)
 
 
 @main.group()

@@ -22,7 +22,7 @@ computed at export, and the cache update is one ``index_put`` per tensor.  The c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hm_export.config import ModelConfig
-from hm_export.model import LayerMemory, MemoryLM
-from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotModule
+from hm_export.model import LayerMemory, MemoryLM, assemble_path
+from hm_export.passes.pipeline import PassPipeline
+from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract, SlotModule
+from hm_export.trace import SlotProgram, TensorIO, example_path, export_slot_module, slot_io
 
 POSITION_INPUT = "input_pos"
 CacheForm = Literal["state", "io"]
@@ -74,8 +76,13 @@ class CacheSpec:
             "layers": self.n_layers,
             "shape": list(self.shape),
             "dtype": self.dtype,
-            "layout": "[n_kv_heads, max_seq_len, head_dim] per layer; RoPE applied to keys",
+            "layout": "[n_kv_heads, max_seq_len, head_dim] per layer and tensor; keys stored after RoPE",
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CacheSpec:
+        n_kv_heads, max_seq_len, head_dim = data["shape"]
+        return cls(data["layers"], n_kv_heads, max_seq_len, head_dim, data["dtype"])
 
 
 class DecodeModule(SlotModule):
@@ -96,17 +103,6 @@ class DecodeModule(SlotModule):
             for name, tensor in zip(self.cache_spec.names("state"), self.cache_spec.empty()):
                 self.register_buffer(name, tensor, persistent=False)
 
-    @property
-    def input_names(self) -> list[str]:
-        """User inputs before the slot: tokens, positions, and the past cache in the ``io`` form."""
-        past = self.cache_spec.names("past") if self.cache_form == "io" else []
-        return [TOKENS_INPUT, POSITION_INPUT, *past]
-
-    @property
-    def output_names(self) -> list[str]:
-        present = self.cache_spec.names("present") if self.cache_form == "io" else []
-        return [LOGITS_OUTPUT, *present]
-
     def reset_cache(self) -> None:
         """Zero the state cache (eager use; a program's cache is reset by prefilling from position 0)."""
         for name in self.cache_spec.names("state"):
@@ -125,13 +121,63 @@ class DecodeModule(SlotModule):
         if len(caches) != 2 * self.cfg.n_layers:
             raise ValueError(f"expected {2 * self.cfg.n_layers} past cache tensors, got {len(caches)}")
         write = torch.ops.aten.index_put_ if self.cache_form == "state" else torch.ops.aten.index_put
+        # Explicit (head, position) index pairs rather than ``[None, positions]``: Core ML reads a ``None``
+        # index as a single-position slice; explicit pairs become one scatter on every backend.
+        heads = torch.arange(self.cache_spec.n_kv_heads).unsqueeze(1).expand(-1, seq)
+        where = [heads, positions.unsqueeze(0).expand(self.cache_spec.n_kv_heads, -1)]
         present = []
         x = self.embed(tokens)
         for index, block in enumerate(self.blocks):
             q, k, v = block.attn.project(block.attn_norm(x), cos, sin)
-            keys = write(caches[2 * index], [None, positions], k)
-            values = write(caches[2 * index + 1], [None, positions], v)
+            keys = write(caches[2 * index], where, k)
+            values = write(caches[2 * index + 1], where, v)
             present += [keys, values]
             x = block.feed_forward(x + block.attn.attend(q, keys, values, mask, 1, seq), memory.get(index))
         logits = F.linear(self.norm(x), self.embed.weight)
         return (logits, *present) if self.cache_form == "io" else logits
+
+
+DECODE_STEM = "decode"
+TOKENS_AXIS = "n"  # the dynamic number of tokens per call
+
+
+def trace_decode_program(
+    model: MemoryLM, contract: SlotContract, pipeline: PassPipeline, cache: CacheForm, memory: bool = True
+) -> SlotProgram:
+    """Export the :class:`DecodeModule` of ``model`` (cache form ``cache``) and run the slot ``pipeline`` on it.
+
+    The program's inputs are ``tokens [1, n]`` (``1 <= n <= max_seq_len``), ``input_pos [1]``, the past
+    cache (``io`` form) and the slot; the slot passes hold exactly as for the full-window program.
+    ``memory=False`` exports the same program without the memory FFN and without slot inputs (the baseline
+    of ``scripts/bench_decode.py``).
+    """
+    cfg = model.cfg
+    layers = assemble_path(model, example_path(cfg.memory)) if memory else ()
+    module = DecodeModule(model, layers, cache).eval()
+    contract = contract if memory else replace(contract, tensors=())
+    spec = module.cache_spec
+    n = torch.export.Dim(TOKENS_AXIS, min=1, max=cfg.max_seq_len)
+    past = spec.empty() if cache == "io" else []
+    args = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long), *past)
+    cache_io = [TensorIO(name, spec.shape, spec.dtype) for name in spec.names("past")] if cache == "io" else []
+    present = [TensorIO(name, spec.shape, spec.dtype) for name in spec.names("present")] if cache == "io" else []
+    states = [TensorIO(name, spec.shape, spec.dtype) for name in spec.names("state")] if cache == "state" else []
+    rest = (None,) * (len(past) + len(contract.tensors))
+    return export_slot_module(
+        module,
+        args,
+        contract,
+        pipeline,
+        stem=DECODE_STEM,
+        inputs=(
+            TensorIO(TOKENS_INPUT, (1, TOKENS_AXIS), "int64"),
+            TensorIO(POSITION_INPUT, (1,), "int64"),
+            *cache_io,
+            *slot_io(contract),
+        ),
+        outputs=(TensorIO(LOGITS_OUTPUT, (1, TOKENS_AXIS, cfg.vocab_size), "float32"), *present),
+        states=tuple(states),
+        dynamic_shapes=({1: n}, None, *rest),
+        export_dynamic_shapes=({1: n}, None, (None,) * len(past)) if past else ({1: n}, None),
+        axes={TOKENS_AXIS: (1, cfg.max_seq_len)},
+    )

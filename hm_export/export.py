@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from hm_export import __version__
 from hm_export.atomic import atomic_directory
-from hm_export.bank import check_preset, write_bank
+from hm_export.bank import BankReader, check_preset, write_bank
 from hm_export.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
@@ -24,9 +24,14 @@ from hm_export.bundle import (
     write_manifest,
 )
 from hm_export.checkpoint import ROUTER_FILE, TOKENIZER_FILE, load_checkpoint
+from hm_export.checks import check_contexts, check_lengths, record_checks
+from hm_export.decode import CacheSpec, trace_decode_program
+from hm_export.model import MemoryLM
 from hm_export.passes.pipeline import PIPELINES
+from hm_export.router import Embedder, MiniLMEmbedder
+from hm_export.runtime_stubs.block_cache import SlotFiller
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract
-from hm_export.targets import TARGETS, EmitOptions
+from hm_export.targets import TARGETS, DecodeSupport, EmitOptions, Target
 from hm_export.trace import SlotProgram, trace_slot_program
 
 BANK_DIR = "bank"
@@ -35,18 +40,30 @@ BANK_DIR = "bank"
 @dataclass(frozen=True)
 class ExportRecipe:
     """What to build. ``seq_len`` defaults to the model's ``max_seq_len``; ``bank_scheme`` is a bank preset
-    (``float32``, ``int8``, ``int4-g32``, ``mixed-int8-int4``, ... or one scheme per level, comma-separated)."""
+    (``float32``, ``int8``, ``int4-g32``, ``mixed-int8-int4``, ... or one scheme per level, comma-separated).
+
+    ``decode``: also emit the KV-cache decode program (``{target}/decode.*``) for targets that have one.
+    ``checks``: golden checks recorded into ``checks/`` (0: none), each continuing its prompt by
+    ``check_new_tokens`` greedy tokens; their contexts come from ``check_contexts`` (JSON lines like
+    ``verify``'s) or, without it, are derived from the tokenizer (:func:`hm_export.checks.derive_contexts`).
+    """
 
     targets: tuple[str, ...] = ("executorch",)
     seq_len: int | None = None
     bank_scheme: str = "float32"
     options: EmitOptions = field(default_factory=EmitOptions)
+    decode: bool = True
+    checks: int = 4
+    check_new_tokens: int = 16
+    check_contexts: Path | None = None
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise ValueError(f"unknown targets {unknown or self.targets}; available: {sorted(TARGETS)}")
         check_preset(self.bank_scheme)
+        if self.checks < 0 or self.check_new_tokens < 1:
+            raise ValueError(f"checks ({self.checks}) must be >= 0 and check_new_tokens ({self.check_new_tokens}) >= 1")
 
 
 @dataclass
@@ -61,17 +78,43 @@ class ExportReport:
         return asdict(self)
 
 
+def _emit_decode(
+    target: Target,
+    support: DecodeSupport,
+    model: MemoryLM,
+    contract: SlotContract,
+    out_dir: Path,
+    options: EmitOptions,
+    traced: dict[tuple[str, str], SlotProgram],
+) -> dict[str, Any]:
+    """Trace (once per pipeline and cache form, cached in ``traced``) and emit ``target``'s decode program."""
+    key = (target.pipeline, support.cache)
+    if key not in traced:
+        traced[key] = trace_decode_program(model, contract, PIPELINES[target.pipeline], support.cache)
+    program = traced[key]
+    emitted = support.emit(program, out_dir / target.directory, options)
+    emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
+    emitted["io"] = program.io_dict()
+    emitted["cache"] = {**CacheSpec.for_model(model.cfg).to_dict(), "form": support.cache}
+    emitted["pipeline"] = {"name": target.pipeline, "passes": [asdict(r) for r in program.pass_records]}
+    return emitted
+
+
 def export_bundle(
     checkpoint_dir: Path,
     out: Path,
     recipe: ExportRecipe = ExportRecipe(),
     overwrite: bool = False,
     progress: bool = False,
+    embedder: Embedder | None = None,
 ) -> ExportReport:
-    """Export ``checkpoint_dir`` into the bundle directory ``out`` (written atomically)."""
+    """Export ``checkpoint_dir`` into the bundle directory ``out`` (written atomically).
+
+    ``embedder`` routes the golden checks' contexts (default: all-MiniLM-L6-v2, loaded only when needed).
+    """
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     report = ExportReport(bundle=str(out))
-    stages = ["load", *recipe.targets, "bank", "manifest"]
+    stages = ["load", *recipe.targets, "bank", "checks", "manifest"]
     bar = tqdm(total=len(stages), desc="export", unit="stage", disable=not progress)
 
     def step(name: str, start: float) -> None:
@@ -85,11 +128,15 @@ def export_bundle(
     if not 1 <= seq_len <= ckpt.config.max_seq_len:
         raise ValueError(f"seq_len {seq_len} must be in [1, {ckpt.config.max_seq_len}]")
     contract = SlotContract.for_model(ckpt.config, seq_len)
+    if recipe.checks:  # read the check contexts now: a bad file fails before minutes of lowering
+        prompt_tokens, new_tokens = check_lengths(seq_len, ckpt.config.max_seq_len, recipe.check_new_tokens)
+        pairs = check_contexts(recipe.check_contexts, ckpt.tokenizer, recipe.checks, prompt_tokens)
     step("load", start)
 
     with atomic_directory(out, overwrite) as tmp:
         targets: dict[str, Any] = {}
         programs: dict[str, SlotProgram] = {}  # one trace per distinct pass pipeline
+        decode_programs: dict[tuple[str, str], SlotProgram] = {}  # one per pipeline and cache form
         for name in recipe.targets:
             target = TARGETS[name]
             start = time.perf_counter()
@@ -99,6 +146,10 @@ def export_bundle(
             emitted = target.emit(program, tmp / target.directory, recipe.options)
             emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
             emitted["pipeline"] = {"name": target.pipeline, "passes": [asdict(r) for r in program.pass_records]}
+            if recipe.decode and target.decode is not None:
+                emitted["decode"] = _emit_decode(
+                    target, target.decode, ckpt.model, contract, tmp, recipe.options, decode_programs
+                )
             targets[name] = emitted
             step(name, start)
 
@@ -107,10 +158,24 @@ def export_bundle(
         step("bank", start)
 
         start = time.perf_counter()
+        listed = [TOKENIZER_FILE, ROUTER_FILE, f"{BANK_DIR}/index.json"]
+        checks = None
+        if recipe.checks:
+            filler = SlotFiller(contract, BankReader(tmp / BANK_DIR))
+            try:
+                embedder = embedder or MiniLMEmbedder()
+                scheme = recipe.bank_scheme
+                checks = record_checks(ckpt.model, ckpt.tree, embedder, filler, pairs, new_tokens, tmp, scheme)
+            finally:
+                filler.blocks.close()
+            listed += [checks["file"], checks["expected"]]
+        step("checks", start)
+
+        start = time.perf_counter()
         shutil.copyfile(checkpoint_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         shutil.copyfile(checkpoint_dir / ROUTER_FILE, tmp / ROUTER_FILE)
-        listed = [TOKENIZER_FILE, ROUTER_FILE, f"{BANK_DIR}/index.json"]
         listed += [f for t in targets.values() for f in t["files"].values()]
+        listed += [f for t in targets.values() if "decode" in t for f in t["decode"]["files"].values()]
         manifest = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_VERSION,
@@ -135,6 +200,7 @@ def export_bundle(
                 "schema_hash": index.schema_hash,
             },
             "targets": targets,
+            **({"checks": checks} if checks else {}),
             "files": {f: file_record(tmp, f) for f in list_files(tmp, listed)},
             "source": {
                 "checkpoint": str(checkpoint_dir),

@@ -38,8 +38,14 @@ def _summarize(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "bytes_on_disk": sum(p.stat().st_size for p in bank_dir.rglob("*") if p.is_file()),
         },
         "targets": {
-            name: {"files": t["files"], "delegation": t.get("delegation")} for name, t in manifest["targets"].items()
+            name: {
+                "files": t["files"],
+                "delegation": t.get("delegation"),
+                "decode": {"files": t["decode"]["files"], "cache": t["decode"]["cache"]} if "decode" in t else None,
+            }
+            for name, t in manifest["targets"].items()
         },
+        "checks": manifest.get("checks"),
         "files": manifest["files"],
         "versions": manifest["versions"],
     }

@@ -2,41 +2,122 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.export import ExportedProgram
 
+from hm_export.config import MemoryConfig
 from hm_export.model import MemoryLM, assemble_path
 from hm_export.passes.base import SlotPassContext
 from hm_export.passes.pipeline import PassPipeline, PassRecord
-from hm_export.slot import SlotContract, SlotModule, slot_tensors
+from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract, SlotModule
+
+WINDOW_STEM = "model"  # file name stem of the full-window program (model.pte, model.onnx, ...)
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One program input, output or state.  A ``str`` in ``shape`` names a dynamic axis of the program."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
 
 @dataclass
 class SlotProgram:
-    """A program whose user inputs are ``(tokens, *slot)`` plus what the passes recorded."""
+    """A program whose user inputs are ``inputs`` (ending with the slot) plus what the passes recorded.
+
+    ``example_inputs`` are the flat values of ``inputs``; ``dynamic_shapes`` (flat, one entry per input) and
+    ``axes`` (axis name -> inclusive bounds) describe its dynamic axes; ``states`` are buffers the program
+    updates in place across calls; ``stem`` names its files in a bundle.
+    """
 
     program: ExportedProgram
     contract: SlotContract
     example_inputs: tuple[torch.Tensor, ...]
     pass_records: list[PassRecord]
     notes: dict[str, object]
+    stem: str
+    inputs: tuple[TensorIO, ...]
+    outputs: tuple[TensorIO, ...]
+    states: tuple[TensorIO, ...] = ()
+    dynamic_shapes: tuple[Any, ...] | None = None
+    axes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def io_dict(self) -> dict[str, Any]:
+        """The manifest's description of this program's interface."""
+        body: dict[str, Any] = {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+        if self.states:
+            body["states"] = [t.to_dict() for t in self.states]
+        if self.axes:
+            body["axes"] = {name: list(bounds) for name, bounds in self.axes.items()}
+        return body
+
+
+def example_path(memory: MemoryConfig) -> list[int]:
+    """The first root-to-leaf path (node 0, its first child, ...): example values for tracing."""
+    path = [0] * memory.num_levels
+    for level in range(1, len(path)):
+        path[level] = path[level - 1] * memory.branching[level]
+    return path
+
+
+def slot_io(contract: SlotContract) -> tuple[TensorIO, ...]:
+    return tuple(TensorIO(t.name, t.shape, t.dtype) for t in contract.tensors)
+
+
+def export_slot_module(
+    module: SlotModule,
+    args: tuple[Any, ...],
+    contract: SlotContract,
+    pipeline: PassPipeline,
+    **description: Any,
+) -> SlotProgram:
+    """``torch.export`` a :class:`SlotModule` (or subclass) with ``args`` and run ``pipeline`` on it.
+
+    ``description`` holds the :class:`SlotProgram` fields that describe the interface (``stem``, ``inputs``,
+    ``outputs``, ...); ``dynamic_shapes`` there is the flat per-input form, and ``export_dynamic_shapes``
+    (popped) the form matching ``module.forward``'s signature, when it differs.
+    """
+    export_dynamic = description.pop("export_dynamic_shapes", description.get("dynamic_shapes"))
+    ctx = SlotPassContext(module.memory_parameter_names(), module.anchor_parameter_names(), contract.input_names)
+    with torch.no_grad():
+        program = torch.export.export(module, args, dynamic_shapes=export_dynamic, strict=False)
+    program, records = pipeline.run(program, ctx)
+    slot = [module.get_parameter(name).detach() for name in module.memory_parameter_names()]
+    return SlotProgram(program, contract, (*args, *slot), records, ctx.notes, **description)
 
 
 def trace_slot_program(model: MemoryLM, contract: SlotContract, pipeline: PassPipeline) -> SlotProgram:
-    """Export the anchor with the memory of path ``(0, 0, ...)`` as parameters, then run ``pipeline``.
+    """Export the full-window anchor with the memory of :func:`example_path` as parameters, then run ``pipeline``.
 
     The path only provides example values: after the lift, the slot is an input and any path can be fed.
     """
-    first_path = [0] * model.cfg.memory.num_levels
-    for level in range(1, len(first_path)):
-        first_path[level] = first_path[level - 1] * model.cfg.memory.branching[level]
-    memory = assemble_path(model, first_path)
-    module = SlotModule(model, memory).eval()
+    module = SlotModule(model, assemble_path(model, example_path(model.cfg.memory))).eval()
     tokens = torch.zeros(1, contract.seq_len, dtype=torch.long)
-    ctx = SlotPassContext(module.memory_parameter_names(), module.anchor_parameter_names(), contract.input_names)
-    with torch.no_grad():
-        program = torch.export.export(module, (tokens,), strict=False)
-    program, records = pipeline.run(program, ctx)
-    return SlotProgram(program, contract, (tokens, *slot_tensors(memory)), records, ctx.notes)
+    return export_slot_module(
+        module,
+        (tokens,),
+        contract,
+        pipeline,
+        stem=WINDOW_STEM,
+        inputs=(TensorIO(TOKENS_INPUT, (1, contract.seq_len), "int64"), *slot_io(contract)),
+        outputs=(TensorIO(LOGITS_OUTPUT, (1, contract.seq_len, model.cfg.vocab_size), "float32"),),
+    )

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hm_export.bank.accuracy import load_dequantized_bank
 from hm_export.checkpoint import load_checkpoint
 from hm_export.runtime_stubs.loader import BundleLoader, target_files
 from hm_export.targets import TARGETS, HostUnsupported
@@ -91,6 +92,10 @@ def verify_bundle(
     ckpt = load_checkpoint(checkpoint_dir)
     if ckpt.config != loader.config:
         raise ValueError(f"{checkpoint_dir}: model config differs from the bundle's manifest")
+    if any(scheme.name != "float32" for scheme in loader.bank.index.level_schemes):
+        # A quantized bank: the program must match the eager model on the memory the bank really holds
+        # (the quantization error itself is measured by scripts/bank_accuracy.py, not here).
+        load_dequantized_bank(ckpt.model, loader.bank)
     items = read_contexts(contexts_file)[:limit]
     structure = None
     if target in TARGETS and TARGETS[target].check_structure is not None and target in loader.manifest["targets"]:

@@ -4,7 +4,8 @@ XNNPACK lowers ``mean.dim`` only for 4-D inputs averaged over axes (2, 3) with `
 ``x.pow(2).mean(-1, keepdim=True)`` on ``[B, T, d]`` therefore fell back to portable kernels and cut
 the delegated graph in pieces at every norm.  Guarantees afterwards: every ``aten.mean.dim`` over the
 last axis of a rank-3 tensor with ``keepdim=True`` is ``view [B, T, d, 1] -> mean(2, 3) -> view [B, T, 1]``,
-which computes the same value.
+which computes the same value (a dynamic ``T``, as in the decode program, is written ``-1`` in the views;
+means with a dynamic batch or width are left as they are).
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ def reduce_norm_means_to_4d(ep: ExportedProgram, ctx: SlotPassContext) -> Export
             continue
         source = node.args[0]
         batch, seq, width = source.meta["val"].shape
+        if not isinstance(batch, int) or not isinstance(width, int):
+            continue  # only a dynamic sequence axis can be left to the view (as -1)
+        rows = seq if isinstance(seq, int) else -1
         with graph.inserting_before(node):
-            as_4d = graph.call_function(aten.view.default, (source, [batch, seq, width, 1]))
+            as_4d = graph.call_function(aten.view.default, (source, [batch, rows, width, 1]))
             as_4d.meta["val"] = source.meta["val"].view(batch, seq, width, 1)
             mean = graph.call_function(aten.mean.dim, (as_4d, [2, 3], True))
             mean.meta["val"] = as_4d.meta["val"].mean(dim=(2, 3), keepdim=True)
-            back = graph.call_function(aten.view.default, (mean, [batch, seq, 1]))
+            back = graph.call_function(aten.view.default, (mean, [batch, rows, 1]))
             back.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(back)
         graph.erase_node(node)

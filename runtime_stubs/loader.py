@@ -11,10 +11,11 @@ context's blocks in the background while the current one is still running.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -26,24 +27,33 @@ from hm_export.config import ModelConfig
 from hm_export.router import CentroidTree, Embedder, MiniLMEmbedder
 from hm_export.runtime_stubs.block_cache import CachePolicy, SlotFiller, SlotUpdate
 from hm_export.slot import SlotContract
-from hm_export.targets import TARGETS, HostUnsupported, Runner
+from hm_export.targets import TARGETS, Decoder, HostUnsupported, Runner
+
+if TYPE_CHECKING:
+    from hm_export.runtime_stubs.generate import Sampling
 
 
-def _open_runner(root: Path, manifest: dict, target: str, slot_names: list[str]) -> Runner:
+def _target_entry(root: Path, manifest: dict, target: str) -> dict:
     targets = manifest.get("targets", {})
     if target not in targets:
         raise BundleError(f"{root / 'manifest.json'}: no target {target!r} (bundle has {sorted(targets)})")
     if target not in TARGETS:
         raise BundleError(f"target {target!r} is unknown to this hm-export")
+    return targets[target]
+
+
+def _open_runner(root: Path, manifest: dict, target: str, slot_names: list[str]) -> Runner:
+    entry = _target_entry(root, manifest, target)
     open_runner = TARGETS[target].open_runner
     if open_runner is None:
         raise HostUnsupported(f"target {target!r} runs only on its device, not on this host")
-    return open_runner(target_files(root, manifest, target), slot_names, targets[target])
+    return open_runner(target_files(root, manifest, target), slot_names, entry)
 
 
-def target_files(root: Path, manifest: dict, target: str) -> dict[str, Path]:
-    files = manifest["targets"][target]["files"]
-    return {role: safe_relative(root, f, f"{target} {role}") for role, f in files.items()}
+def target_files(root: Path, manifest: dict, target: str, decode: bool = False) -> dict[str, Path]:
+    """A target's files (role -> path inside the bundle): its full-window program, or its decode program."""
+    entry = manifest["targets"][target]["decode"] if decode else manifest["targets"][target]
+    return {role: safe_relative(root, f, f"{target} {role}") for role, f in entry["files"].items()}
 
 
 class BundleLoader:
@@ -93,12 +103,32 @@ class BundleLoader:
         self.tree = CentroidTree(self.config.memory, centroids)
         self._embedder = embedder
         self.runner: Runner | None = None
+        self.target: str | None = None
         if target is not None:
             self.use_target(target)
 
     def use_target(self, target: str) -> None:
         """Run programs with ``target``'s runtime (raises HostUnsupported where it cannot run)."""
         self.runner = _open_runner(self.root, self.manifest, target, self.contract.input_names)
+        self.target = target
+
+    def has_decoder(self, target: str) -> bool:
+        """Whether the bundle holds a KV-cache decode program for ``target``."""
+        return "decode" in _target_entry(self.root, self.manifest, target)
+
+    def open_decoder(self, target: str) -> Decoder:
+        """A runner of ``target``'s decode program, fed this loader's slot buffers by the caller.
+
+        Raises BundleError when the bundle has no decode program for it, HostUnsupported where it cannot run.
+        """
+        entry = _target_entry(self.root, self.manifest, target)
+        support = TARGETS[target].decode
+        if "decode" not in entry or support is None:
+            raise BundleError(f"{self.root / 'manifest.json'}: target {target!r} has no decode program")
+        if support.open_decoder is None:
+            raise HostUnsupported(f"target {target!r} decodes only on its device, not on this host")
+        files = target_files(self.root, self.manifest, target, decode=True)
+        return support.open_decoder(files, self.contract.input_names, entry["decode"])
 
     @property
     def bank_dir(self) -> Path:
@@ -148,17 +178,6 @@ class BundleLoader:
     def route_and_set(self, context: str) -> SlotUpdate:
         return self.set_path(self.route(context))
 
-    def generate(self, prompt: str, max_new_tokens: int = 32, stop_token: int | None = None) -> list[int]:
-        """Greedy continuation of ``prompt`` with the current slot (re-runs the full window per token)."""
-        tokens = self.tokenizer.encode(prompt).ids
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            next_token = int(self.logits(tokens + new)[-1].argmax())
-            if next_token == stop_token:
-                break
-            new.append(next_token)
-        return new
-
 
 @dataclass(frozen=True)
 class Completion:
@@ -168,18 +187,37 @@ class Completion:
     new_tokens: list[int]
     text: str
     seconds: float
+    stop_reason: str
+    program: str  # "decode" (KV cache) or "window" (full window re-run per token)
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
 
 
-def complete(loader: BundleLoader, context: str, prompt: str, max_new_tokens: int = 32) -> Completion:
-    """Route ``context``, load its memory, and greedily continue ``prompt``."""
+def complete(
+    loader: BundleLoader,
+    context: str,
+    prompt: str,
+    max_new_tokens: int = 32,
+    sampling: Sampling | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Completion:
+    """Route ``context``, load its memory, and continue ``prompt`` (greedy unless ``sampling`` says otherwise;
+    ``sampling.max_new_tokens`` wins over ``max_new_tokens``) with the loader's target's decode program."""
+    from hm_export.runtime_stubs.generate import Generator, Sampling, WindowDecoder
+
     start = time.perf_counter()
+    generator = Generator(loader, loader.target or "executorch")
     update = loader.route_and_set(context)
-    new = loader.generate(prompt, max_new_tokens)
+    result = generator.generate(prompt, sampling or Sampling(max_new_tokens=max_new_tokens), on_text)
     return Completion(
         update.path,
         update,
-        len(loader.tokenizer.encode(prompt).ids),
-        new,
-        loader.tokenizer.decode(new),
+        result.prompt_tokens,
+        result.new_tokens,
+        result.text,
         time.perf_counter() - start,
+        result.stop_reason,
+        "window" if isinstance(generator.decoder, WindowDecoder) else "decode",
+        round(result.prefill_tokens_per_s, 1),
+        round(result.decode_tokens_per_s, 1),
     )

@@ -14,7 +14,7 @@ from hm_export.bank.accuracy import scheme_accuracy
 from hm_export.router import MiniLMEmbedder
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "stdlib_docs"
-DEFAULT_SCHEMES = "float16,bfloat16,int8,int4-g32,int4-g64,int4-g128,int4a-g32,int4a-g64,mixed-int8-int4"
+DEFAULT_SCHEMES = "float16,bfloat16,int8,int4-g32,int4-g64,int4-g128,mixed-int8-int4"
 
 
 def main() -> None:

@@ -7,8 +7,8 @@
 * peak RSS of a fresh process serving random paths from the big bank vs from a bank ~1/95 its size with the
   same block shapes, for the streaming policy and for level 0 resident + a 256 MB LRU.
 
-Usage: ``python scripts/bench_bank.py --bank BIG --small-bank SMALL`` (e.g. banks kept by
-``scripts/paper_scale_bank.py --keep``), or ``--scale tiny|paper --dir DIR`` to synthesize both first.
+Usage: ``python scripts/bench_bank.py [--bank BIG] [--small-bank SMALL] [--scale paper|tiny] [--json]``: a bank not
+given (e.g. kept by ``scripts/paper_scale_bank.py --keep``) is synthesized under ``--dir`` and deleted after.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 from benchlib import SMALL_OF, bank_config, files_under, run_measured, scale_config, write_synthetic_checkpoint
-from hm_export.runtime_stubs.block_cache import BlockCache, CachePolicy, slot_destination
 
 from hm_export.bank import PAYLOAD_ALIGNMENT, SCHEMES, BankReader, aligned_buffer, quantize_bank
 from hm_export.bank.schemes import BlockArrays
 from hm_export.config import ModelConfig
+from hm_export.runtime_stubs.block_cache import BlockCache, CachePolicy, slot_destination
 from hm_export.slot import SlotContract
 
 SERVE = """
@@ -147,15 +147,13 @@ def serving_rss(banks: dict[str, Path], paths: int) -> list[dict[str, Any]]:
     return rows
 
 
-def synthesize(directory: Path, scale: str, scheme: str) -> dict[str, Path]:
-    """Write the ``scale`` bank and its small counterpart (same blocks, fewer nodes) with ``scheme``."""
-    banks = {}
-    for name, bank_scale in (("big", scale), ("small", SMALL_OF[scale])):
-        source, banks[name] = directory / f"source-{name}", directory / f"bank-{name}"
-        write_synthetic_checkpoint(source, scale_config(bank_scale))
-        quantize_bank(banks[name], source, scheme)
-        shutil.rmtree(source)
-    return banks
+def synthesize(bank: Path, scale: str, scheme: str) -> Path:
+    """Write a synthetic bf16 source at ``scale``, quantize it to ``bank`` with ``scheme``, drop the source."""
+    source = bank.with_name(f"{bank.name}-source")
+    write_synthetic_checkpoint(source, scale_config(scale))
+    quantize_bank(bank, source, scheme)
+    shutil.rmtree(source)
+    return bank
 
 
 def run(banks: dict[str, Path], schemes: list[str], max_bytes: int, repeats: int, paths: int) -> dict[str, Any]:
@@ -205,28 +203,28 @@ def print_tables(result: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bank", type=Path, help="The big bank (default: synthesize one at --scale).")
-    parser.add_argument("--small-bank", type=Path, help="A bank with the same blocks and ~1/100 of the nodes.")
-    parser.add_argument("--scale", choices=sorted(SMALL_OF), default="paper")
+    parser.add_argument(
+        "--small-bank", type=Path, help="Same blocks, ~1/100 of the nodes (default: synthesize one for --scale)."
+    )
+    parser.add_argument("--scale", choices=sorted(SMALL_OF), default="paper", help="Scale of synthesized banks.")
     parser.add_argument("--scheme", default="int4-g32", help="Scheme of synthesized banks.")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/hm-bench-bank"), help="Where to synthesize.")
-    parser.add_argument("--schemes", default="float16,bfloat16,int8,int4-g32,int4-g128,int4a-g32")
+    parser.add_argument("--schemes", default="float16,bfloat16,int8,int4-g32,int4-g128")
     parser.add_argument("--max-gb", type=float, default=2.0, help="Bytes read in the throughput test.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--paths", type=int, default=500, help="Random paths served in the RSS test.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    synthesized = args.bank is None
-    if synthesized:
-        banks = synthesize(args.dir, args.scale, args.scheme)
-    elif args.small_bank is None:
-        parser.error("--bank needs --small-bank")
-    else:
-        banks = {"big": args.bank, "small": args.small_bank}
+    banks, synthesized = {"big": args.bank, "small": args.small_bank}, []
     try:
+        for name, scale in (("big", args.scale), ("small", SMALL_OF[args.scale])):
+            if banks[name] is None:
+                banks[name] = synthesize(args.dir / f"bank-{name}", scale, args.scheme)
+                synthesized.append(banks[name])
         result = run(banks, args.schemes.split(","), int(args.max_gb * 1e9), args.repeats, args.paths)
     finally:
-        if synthesized:
-            shutil.rmtree(args.dir, ignore_errors=True)
+        for bank in synthesized:
+            shutil.rmtree(bank, ignore_errors=True)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

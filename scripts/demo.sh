@@ -6,7 +6,9 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 example=examples/stdlib_docs
-hm-export export "$example/checkpoint" out/stdlib_docs.bundle --overwrite
+hm-export export "$example/checkpoint" out/stdlib_docs.bundle --target executorch,onnx \
+    --check-contexts "$example/heldout.jsonl" --overwrite
+hm-export check out/stdlib_docs.bundle   # the golden checks that travel with the bundle, per target
 hm-export inspect out/stdlib_docs.bundle --json | python -c \
     'import json,sys; m=json.load(sys.stdin); print("slot inputs:", [t["name"] for t in m["slot"]["inputs"]]); print("delegation:", m["targets"]["executorch"]["delegation"])'
 hm-export verify out/stdlib_docs.bundle --checkpoint "$example/checkpoint" --contexts "$example/heldout.jsonl" -n 64
@@ -18,3 +20,4 @@ hm-export run out/stdlib_docs.bundle \
     --context "Parse an email message and walk its MIME parts, headers and payloads." \
     --prompt "email.message.Message.get_payload
 Return the" --max-new-tokens 32
+hm-export bench out/stdlib_docs.bundle --runs 3 --plot out/stdlib_docs.bench.png

@@ -31,14 +31,15 @@ from benchlib import (
     scale_config,
     write_synthetic_checkpoint,
 )
-from hm_export.runtime_stubs.block_cache import CachePolicy, SlotFiller
 
 from hm_export.bank import BankReader
 from hm_export.bank.format import block_file
 from hm_export.bank.tools import inspect_bank
 from hm_export.config import ModelConfig
+from hm_export.runtime_stubs.block_cache import CachePolicy, SlotFiller
 from hm_export.slot import SlotContract
 
+IMPORTS_ONLY = "import hm_export.bank; print('{}')"  # the interpreter + numpy + torch baseline
 QUANTIZE = """
 import json, sys
 from hm_export.bank import quantize_bank
@@ -47,13 +48,18 @@ print(json.dumps(report.to_dict()))
 """
 
 
-def quantize_measured(source: Path, bank: Path, scheme: str, layout: str, workers: int) -> dict[str, Any]:
-    evict_page_cache(files_under(source))
+def quantize_measured(
+    source: Path, bank: Path, scheme: str, layout: str, workers: int, cold: bool = True
+) -> dict[str, Any]:
+    """Quantize in a subprocess, sampling its process tree's memory; ``cold``: drop the source's pages first."""
+    if cold:
+        evict_page_cache(files_under(source))
     measured = run_measured(QUANTIZE, str(bank), str(source), scheme, layout, str(workers))
     report = measured.result
     return {
         "scheme": scheme,
         "layout": layout,
+        "source_cache": "cold" if cold else "warm",
         "level_schemes": report["level_schemes"],
         "workers": report["workers"],
         "seconds": report["seconds"],
@@ -66,10 +72,11 @@ def quantize_measured(source: Path, bank: Path, scheme: str, layout: str, worker
 
 
 def fetch_latency(bank: Path, cfg: ModelConfig, count: int, cold: bool, seed: int = 1) -> dict[str, Any]:
-    """Swap through ``count`` random paths with no cache; latency per level, bytes per swap."""
+    """Swap through ``count`` random paths with no cache; fetch and fetch+fill latency per level, bytes/swap."""
     contract = SlotContract.for_model(cfg, seq_len=1)
     filler = SlotFiller(contract, BankReader(bank), CachePolicy(resident_levels=0, cache_bytes=0))
-    per_level: dict[int, list[float]] = {lv: [] for lv in range(cfg.memory.num_levels)}
+    total: dict[int, list[float]] = {lv: [] for lv in range(cfg.memory.num_levels)}
+    fetch: dict[int, list[float]] = {lv: [] for lv in range(cfg.memory.num_levels)}
     swap_bytes, swap_seconds = [], []
     layout = filler.blocks.reader.index.layout
     try:
@@ -79,16 +86,19 @@ def fetch_latency(bank: Path, cfg: ModelConfig, count: int, cold: bool, seed: in
             update = filler.set_path(path)
             if index == 0:  # the first fill of an empty slot is not a swap
                 continue
-            for level, seconds in zip(update.levels_changed, update.level_seconds):
-                per_level[level].append(seconds)
+            for level, seconds, fetched in zip(update.levels_changed, update.level_seconds, update.fetch_seconds):
+                total[level].append(seconds)
+                fetch[level].append(fetched)
             swap_bytes.append(update.storage_bytes)
             swap_seconds.append(update.seconds)
     finally:
         filler.close()
+    levels = [lv for lv in total if total[lv]]
     return {
         "cold": cold,
         "swaps": count,
-        "per_level": {f"level{lv}": percentiles(values) for lv, values in per_level.items() if values},
+        "per_level": {f"level{lv}": percentiles(total[lv]) for lv in levels},
+        "fetch_only": {f"level{lv}": percentiles(fetch[lv]) for lv in levels},
         "swap": percentiles(swap_seconds),
         "bytes_per_swap_mean": round(sum(swap_bytes) / len(swap_bytes)),
     }
@@ -110,7 +120,9 @@ def swap_bytes_model(bank: Path) -> dict[str, Any]:
     }
 
 
-def run(directory: Path, scale: str, schemes: list[str], layouts: list[str], paths: int, workers: int) -> dict:
+def run(
+    directory: Path, scale: str, schemes: list[str], layouts: list[str], paths: int, workers: int, warm: bool
+) -> dict:
     cfg = scale_config(scale)
     directory.mkdir(parents=True, exist_ok=True)
     source = directory / "source"
@@ -133,6 +145,7 @@ def run(directory: Path, scale: str, schemes: list[str], layouts: list[str], pat
             "bytes": source_bytes,
             "write_seconds": round(time.perf_counter() - start, 1),
         },
+        "quantize_baseline_pss_mb": run_measured(IMPORTS_ONLY).peak_tree_pss_mb,
         "quantize": [],
         "fetch": [],
     }
@@ -147,6 +160,16 @@ def run(directory: Path, scale: str, schemes: list[str], layouts: list[str], pat
             if layout == "per-block":
                 entry["cold"] = fetch_latency(bank, cfg, paths, cold=True)
             result["fetch"].append(entry)
+    for scheme in schemes if warm else []:  # the same quantization with the source in the page cache
+        bank = directory / f"bank-{scheme}-warm"
+        for path in files_under(source):  # make sure every page of the source is cached
+            with open(path, "rb") as handle:
+                while handle.read(64 << 20):
+                    pass
+        quantized = quantize_measured(source, bank, scheme, layouts[0], workers, cold=False)
+        quantized["bits_per_param"] = round(8 * quantized["bank_bytes"] / params, 3)
+        result["quantize"].append(quantized)
+        shutil.rmtree(bank)
     return result
 
 
@@ -154,29 +177,33 @@ def print_tables(result: dict) -> None:
     config = result["config"]
     print(f"bank: {config['bank_params'] / 1e9:.2f}B params, nodes {config['nodes']}, widths {config['widths']}")
     print(f"bf16 source: {result['source']['bytes'] / 1e9:.2f} GB written in {result['source']['write_seconds']} s")
+    print(f"quantizer process after imports (python, numpy, torch): {result['quantize_baseline_pss_mb']} MB PSS")
     print(
-        "\n| scheme | layout | input GB/s | seconds | peak PSS MB, all processes | peak RSS MB, largest process "
-        "| bank GB | bits/param |"
+        "\n| scheme | layout | source cache | input GB/s | seconds | peak PSS MB, all processes "
+        "| peak RSS MB, largest process | bank GB | bits/param |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for q in result["quantize"]:
         print(
-            f"| {q['scheme']} | {q['layout']} | {q['input_gb_per_s']:.3f} | {q['seconds']:.1f} | "
+            f"| {q['scheme']} | {q['layout']} | {q['source_cache']} | {q['input_gb_per_s']:.3f} | {q['seconds']:.1f} | "
             f"{q['peak_pss_mb']:.0f} | {q['peak_process_rss_mb']:.0f} | {q['bank_bytes'] / 1e9:.3f} | "
             f"{q['bits_per_param']} |"
         )
-    print("\n| scheme | layout | cache | level | p50 ms | p99 ms | bytes per read |")
-    print("|---|---|---|---|---:|---:|---:|")
+    print(
+        "\n| scheme | layout | page cache | level | fetch+fill p50 ms | p99 ms | fetch only p50 ms | p99 ms "
+        "| bytes per read |"
+    )
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for f in result["fetch"]:
         reads = f["bytes_model"]["read_bytes_per_block"]
         for mode in ("warm", "cold"):
             if mode not in f:
                 continue
             for name, stats in f[mode]["per_level"].items():
-                size = reads[int(name.removeprefix("level"))]
+                size, fetched = reads[int(name.removeprefix("level"))], f[mode]["fetch_only"][name]
                 print(
                     f"| {f['scheme']} | {f['layout']} | {mode} | {name} | {stats['p50_ms']} | {stats['p99_ms']} "
-                    f"| {size} |"
+                    f"| {fetched['p50_ms']} | {fetched['p99_ms']} | {size} |"
                 )
     print("\n| scheme | layout | measured bytes/swap | full path | sibling swap | expected random | level 0 resident |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -196,11 +223,15 @@ def main() -> None:
     parser.add_argument("--layouts", default="per-block", help="Comma-separated: per-block, per-level.")
     parser.add_argument("--paths", type=int, default=300, help="Random path swaps per fetch measurement.")
     parser.add_argument("--workers", type=int, default=0, help="Quantizer processes (0: one per core).")
+    parser.add_argument("--warm", action="store_true", help="Also quantize with the source in the page cache.")
     parser.add_argument("--keep", action="store_true", help="Keep the source and the banks.")
     parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
     args = parser.parse_args()
+    if args.dir.exists() and any(args.dir.iterdir()):
+        parser.error(f"--dir {args.dir} is not empty (it is deleted at the end: give a new or empty directory)")
     try:
-        result = run(args.dir, args.scale, args.schemes.split(","), args.layouts.split(","), args.paths, args.workers)
+        layouts, schemes = args.layouts.split(","), args.schemes.split(",")
+        result = run(args.dir, args.scale, schemes, layouts, args.paths, args.workers, args.warm)
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)

@@ -118,3 +118,29 @@ def tiny_checkpoint_factory(tmp_path: Path):
         return tiny_checkpoint(tmp_path, **kwargs)
 
     return make
+
+
+# Contexts of the decode/checks bundle: routing text plus the tokens of the prompt (tiny vocabulary).
+DECODE_CONTEXTS = (
+    {"text": "the cat sat on the mat . the dog sat on a tree", "context": "cats and mats"},
+    {"text": "a memory tree , a dog , the cat", "context": "memory trees"},
+    {"text": "the dog sat on the memory . a cat sat", "context": "a dog on a mat"},
+    {"text": "mat , tree , memory , cat , dog , the", "context": "lists of words"},
+)
+
+
+@pytest.fixture(scope="session")
+def decode_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, bundle): the default tiny model exported once per session to ExecuTorch, ONNX and Core ML
+    with decode programs and golden checks on ``DECODE_CONTEXTS`` (about a minute on two busy cores)."""
+    import json
+
+    from hm_export.export import ExportRecipe, export_bundle
+
+    work = tmp_path_factory.mktemp("decode_bundle")
+    checkpoint = tiny_checkpoint(work, name="ckpt", seed=3)
+    contexts = work / "contexts.jsonl"
+    contexts.write_text("".join(json.dumps(item) + "\n" for item in DECODE_CONTEXTS))
+    recipe = ExportRecipe(targets=("executorch", "onnx", "coreml"), check_contexts=contexts, check_new_tokens=12)
+    export_bundle(checkpoint, work / "bundle", recipe)
+    return checkpoint, work / "bundle"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -10,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_checkpoint, tiny_config, tiny_model
-from hm_export.runtime_stubs.block_cache import BlockCache, CachePolicy, SlotFiller
-from hm_export.runtime_stubs.loader import BundleLoader
 
 from hm_export.bank import PAYLOAD_ALIGNMENT, READ_MODES, BankError, BankReader, aligned_buffer, write_bank
+from hm_export.bank.accuracy import load_dequantized_bank
 from hm_export.config import MemoryConfig
 from hm_export.export import ExportRecipe, export_bundle
 from hm_export.model import MemoryLM, assemble_path
+from hm_export.runtime_stubs.block_cache import BlockCache, CachePolicy, SlotFiller
+from hm_export.runtime_stubs.loader import BundleLoader
 from hm_export.slot import SlotContract, slot_tensors
+from hm_export.verify import verify_bundle
 
 MEMORY = MemoryConfig(branching=(2, 3), widths=(64, 8), layers=(0, 1))
 CFG = tiny_config(d_model=64, n_heads=2, n_kv_heads=1, memory=MEMORY)
@@ -40,12 +43,8 @@ def bank(request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory: pyt
 
 def dequantized_model(bank: Path) -> MemoryLM:
     """The checkpoint's model with every bank block replaced by its dequantized value."""
-    model, reader = tiny_model(CFG, seed=7), BankReader(bank)
-    with torch.no_grad():
-        for entry in reader.index.blocks:
-            block = reader.read_block(entry.level, entry.node)
-            for name in ("gate", "up", "down"):
-                getattr(model.bank, name)[entry.level][entry.node].copy_(torch.from_numpy(getattr(block, name)))
+    model = tiny_model(CFG, seed=7)
+    load_dequantized_bank(model, BankReader(bank))
     return model
 
 
@@ -73,7 +72,8 @@ def test_sibling_swap_touches_only_the_deepest_level(bank: Path) -> None:
     assert first.storage_bytes == block_bytes(bank, 0) + block_bytes(bank, 1)
     before = [t.clone() for t in filler.slot]
     update = filler.set_path((1, 4))
-    assert update.levels_changed == (1,) and len(update.level_seconds) == 1
+    assert update.levels_changed == (1,) and len(update.level_seconds) == len(update.fetch_seconds) == 1
+    assert 0 < update.fetch_seconds[0] <= update.level_seconds[0] <= update.seconds
     assert update.bytes_read == filler.blocks.reader.index.entry(1, 4).length
     assert update.storage_bytes == block_bytes(bank, 1)
     r0, r1, width = 64, 8, 72
@@ -216,12 +216,8 @@ def test_bundle_with_a_quantized_bank_runs_the_dequantized_memory(tmp_path: Path
     loader = BundleLoader(tmp_path / "bundle", cache=CachePolicy(resident_levels=1, cache_bytes=1 << 20))
     bank = loader.manifest["bank"]
     assert bank["scheme"] == "mixed-int8-int4" and bank["levels"] == ["int8", "int4-g32"]
-    model, reader = tiny_model(cfg, seed=2), loader.bank
-    with torch.no_grad():
-        for entry in reader.index.blocks:
-            block = reader.read_block(entry.level, entry.node)
-            for name in ("gate", "up", "down"):
-                getattr(model.bank, name)[entry.level][entry.node].copy_(torch.from_numpy(getattr(block, name)))
+    model = tiny_model(cfg, seed=2)
+    load_dequantized_bank(model, loader.bank)
     tokens = list(range(1, 12))
     for path in [(0, 1), (1, 4), (1, 5)]:
         loader.prefetch(path).result(timeout=10)
@@ -232,3 +228,8 @@ def test_bundle_with_a_quantized_bank_runs_the_dequantized_memory(tmp_path: Path
         with torch.no_grad():
             want = model.forward_path(padded, torch.tensor(path))[0, : len(tokens)]
         torch.testing.assert_close(loader.logits(tokens), want, rtol=0, atol=1e-4)
+    # `hm-export verify` compares the program with the eager model on the dequantized bank: it passes.
+    contexts = tmp_path / "contexts.jsonl"
+    contexts.write_text("".join(json.dumps({"tokens": tokens, "context": c}) + "\n" for c in ("cats", "trees")))
+    report = verify_bundle(tmp_path / "bundle", checkpoint, contexts, tolerance=1e-4)
+    assert report.passed and report.numerics == "checked" and report.max_abs_diff < 1e-4

@@ -4,14 +4,17 @@ Text that needs no download: every docstring of the running interpreter's standa
 class and function docstrings, parsed with ``ast``) plus ``pydoc_data.topics`` (the language
 reference topics that ``help()`` shows).  One document per module / topic.
 
-Steps (about 15-20 minutes on 2 CPU cores):
- 1. split documents into train / held-out by a hash of their name;
+Steps (about 15-20 minutes on 2 quiet CPU cores):
+ 1. hold out whole documents by a hash of their name ("unseen documents"); inside the other
+    documents, every 10th window is held-out test text and another 10th is validation text;
  2. train a byte-level BPE tokenizer (``tokenizers``) on the training documents;
- 3. cut documents into windows of ``seq_len`` tokens, embed each window with all-MiniLM-L6-v2 and
-    build a balanced 2-level k-means tree (k = 8, 8);
+ 3. cut documents into windows of ``seq_len`` tokens, embed each training window with
+    all-MiniLM-L6-v2 and build a balanced 2-level k-means tree (k = 8, 8);
  4. train the anchor alone; then freeze it and train the memory bank, each window using the blocks
-    of its greedily routed path (as at inference);
- 5. save the checkpoint (fp16 storage) and evaluate the *reloaded* checkpoint on held-out windows:
+    of its greedily routed path (as at inference), keeping the bank of the step with the best
+    validation perplexity (the bank memorises its windows quickly; early stopping keeps what
+    generalises);
+ 5. save the checkpoint (fp16 storage) and evaluate the *reloaded* checkpoint on both held-out sets:
     the memory is routed from the first half of each window (the context) and perplexity is measured
     on the second half, so the router never sees the tokens it is scored on.
 
@@ -21,13 +24,13 @@ Usage: ``python examples/stdlib_docs/train.py [--out DIR] [--anchor-steps N] [--
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
 import sysconfig
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +45,13 @@ from hm_export.router import CentroidTree, MiniLMEmbedder, build_tree
 
 HERE = Path(__file__).resolve().parent
 HELDOUT_PERCENT = 6
+EVAL_EVERY = 100
+CONTEXT_CHARS = 1200
 
 
 def stdlib_documents() -> dict[str, str]:
-    """Docstrings of every stdlib module (tests and site-packages excluded) plus pydoc topics."""
+    """Source of every stdlib module (code, comments, docstrings; tests and site-packages excluded)
+    plus the pydoc topics (the language reference that ``help()`` shows); one document each."""
     root = Path(sysconfig.get_paths()["stdlib"])
     docs: dict[str, str] = {}
     for path in sorted(root.rglob("*.py")):
@@ -53,24 +59,21 @@ def stdlib_documents() -> dict[str, str]:
         if rel.parts[0] in {"site-packages", "test", "idlelib", "lib2to3"} or "tests" in rel.parts:
             continue
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
             continue
-        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
-        parts = []
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 40:
-                    title = module if isinstance(node, ast.Module) else f"{module}.{node.name}"
-                    parts.append(f"{title}\n{doc}")
-        if parts:
-            docs[f"module:{module}"] = "\n\n".join(parts)
+        if len(text) > 2000:
+            docs[f"module:{'.'.join(rel.with_suffix('').parts)}"] = text
     import pydoc_data.topics
 
     for name, text in sorted(pydoc_data.topics.topics.items()):
         docs[f"topic:{name}"] = text
     return docs
+
+
+def document_context(text: str) -> str:
+    """What routes a document: its head (MiniLM reads at most 256 word pieces of it anyway)."""
+    return text[:CONTEXT_CHARS]
 
 
 def is_heldout(name: str) -> bool:
@@ -88,13 +91,25 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def windows(tokenizer: Tokenizer, docs: list[str], seq_len: int) -> np.ndarray:
-    """Non-overlapping ``seq_len`` windows of each document (a document's tail shorter than that is dropped)."""
-    out = []
-    for enc in tokenizer.encode_batch(docs):
-        ids = enc.ids
-        out += [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-    return np.array(out, dtype=np.int64)
+def windows(tokenizer: Tokenizer, docs: list[str], seq_len: int) -> list[list[list[int]]]:
+    """Per document, its non-overlapping ``seq_len`` windows (a tail shorter than that is dropped)."""
+    return [
+        [enc.ids[i : i + seq_len] for i in range(0, len(enc.ids) - seq_len + 1, seq_len)]
+        for enc in tokenizer.encode_batch(docs)
+    ]
+
+
+def split_windows(per_doc: list[list[list[int]]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Window-level split inside the training documents: every 10th window (offset 5) is held-out test
+    text, every 10th (offset 2) is validation for early stopping, the rest is training text.
+    Each part is (windows, index of their document)."""
+    parts: dict[str, tuple[list[list[int]], list[int]]] = {"train": ([], []), "validation": ([], []), "test": ([], [])}
+    for doc_index, doc in enumerate(per_doc):
+        for index, window in enumerate(doc):
+            rows, owners = parts[{2: "validation", 5: "test"}.get(index % 10, "train")]
+            rows.append(window)
+            owners.append(doc_index)
+    return {name: (np.array(rows, dtype=np.int64), np.array(owners)) for name, (rows, owners) in parts.items()}
 
 
 def train(
@@ -107,11 +122,17 @@ def train(
     batch: int,
     seed: int,
     label: str,
+    validate: Callable[[], float] | None = None,
 ) -> list[float]:
-    """AdamW with warmup + cosine decay; ``paths`` given means every window uses its memory path."""
+    """AdamW with warmup + cosine decay; ``paths`` given means every window uses its memory path.
+
+    With ``validate`` (a held-out NLL), it is measured every ``EVAL_EVERY`` steps and the parameters
+    come back as they were at the best measurement (early stopping).
+    """
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1 if paths is None else 0.0)
     gen = torch.Generator().manual_seed(seed)
     warmup, losses, start = max(1, steps // 20), [], time.time()
+    best = (validate(), 0, [p.detach().clone() for p in params]) if validate else None
     for step in range(steps):
         scale = (
             (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
@@ -130,6 +151,16 @@ def train(
         if step % 50 == 0 or step == steps - 1:
             recent = sum(losses[-50:]) / len(losses[-50:])
             print(f"[{label}] step {step:5d}/{steps} loss {recent:.3f} ({time.time() - start:.0f}s)", flush=True)
+        if best is not None and validate is not None and ((step + 1) % EVAL_EVERY == 0 or step == steps - 1):
+            value = validate()
+            print(f"[{label}] step {step + 1:5d} validation nll {value:.4f} (best {best[0]:.4f})", flush=True)
+            if value < best[0]:
+                best = (value, step + 1, [p.detach().clone() for p in params])
+    if best is not None:
+        with torch.no_grad():
+            for param, kept in zip(params, best[2]):
+                param.copy_(kept)
+        print(f"[{label}] kept the parameters of step {best[1]} (validation nll {best[0]:.4f})", flush=True)
     return losses
 
 
@@ -144,39 +175,56 @@ def farthest_path(tree: CentroidTree, embedding: np.ndarray) -> list[int]:
     return path
 
 
+def heldout_items(tokenizer: Tokenizer, rows: np.ndarray, contexts: list[str], context_tokens: int) -> list[dict]:
+    """Held-out windows as the JSON lines ``hm-export verify`` reads: routing text (the head of the
+    window's document), the window's text and tokens; perplexity is scored after ``context_tokens``."""
+    return [
+        {
+            "context": context,
+            "text": tokenizer.decode(w.tolist()),
+            "tokens": w.tolist(),
+            "context_tokens": context_tokens,
+        }
+        for w, context in zip(rows, contexts)
+    ]
+
+
 @torch.no_grad()
-def evaluate(checkpoint_dir: Path, heldout: list[dict], embedder: MiniLMEmbedder) -> dict:
-    ckpt = load_checkpoint(checkpoint_dir)
-    model, tree = ckpt.model, ckpt.tree
-    contexts = [item["context"] for item in heldout]
-    embeddings = embedder.embed(contexts)
+def second_half_nll(model: MemoryLM, items: list[dict], paths: np.ndarray | None) -> float:
+    """Mean NLL of each window's tokens after its routing context (the router never sees them)."""
+    tokens = torch.tensor([item["tokens"] for item in items])
+    split = items[0]["context_tokens"]
+    per_window = []
+    for i in range(0, len(tokens), 64):
+        inputs, targets = tokens[i : i + 64, :-1], tokens[i : i + 64, 1:]
+        logits = model(inputs) if paths is None else model.forward_path(inputs, torch.from_numpy(paths[i : i + 64]))
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        per_window.append(losses[:, split - 1 :].mean(1))
+    return torch.cat(per_window).mean().item()
+
+
+def evaluate_set(model: MemoryLM, tree: CentroidTree, items: list[dict], embedder: MiniLMEmbedder) -> dict:
+    embeddings = embedder.embed([item["context"] for item in items])
     routed = tree.route(embeddings)
     wrong = np.array([farthest_path(tree, e) for e in embeddings])
-    tokens = torch.tensor([item["tokens"] for item in heldout])
-    split = heldout[0]["context_tokens"]
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-
-    def nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # mean NLL over the scored half
-        losses = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        return losses[:, split - 1 :].mean(1)
-
-    results = {}
+    results: dict = {"windows": len(items)}
     for name, paths in (("anchor_only", None), ("routed_memory", routed), ("wrong_path_memory", wrong)):
-        per_window = []
-        for i in range(0, len(inputs), 64):
-            batch = inputs[i : i + 64]
-            logits = model(batch) if paths is None else model.forward_path(batch, torch.from_numpy(paths[i : i + 64]))
-            per_window.append(nll(logits, targets[i : i + 64]))
-        mean_nll = torch.cat(per_window).mean().item()
-        results[name] = {"perplexity": round(math.exp(mean_nll), 4), "nll": round(mean_nll, 5)}
+        nll = second_half_nll(model, items, paths)
+        results[name] = {"perplexity": round(math.exp(nll), 4), "nll": round(nll, 5)}
     gain = 1 - results["routed_memory"]["perplexity"] / results["anchor_only"]["perplexity"]
+    results["routed_vs_anchor_perplexity_reduction"] = round(gain, 4)
+    results["distinct_routed_paths"] = len({tuple(p) for p in routed})
+    return results
+
+
+def evaluate(checkpoint_dir: Path, sets: dict[str, list[dict]], embedder: MiniLMEmbedder) -> dict:
+    """Evaluate the *reloaded* checkpoint (fp16 storage) on each held-out set."""
+    ckpt = load_checkpoint(checkpoint_dir)
     return {
-        "heldout_windows": len(heldout),
-        "scored_tokens_per_window": int(inputs.shape[1] - (split - 1)),
-        "routing": "memory routed from the first half of each window; perplexity on the second half",
-        **results,
-        "routed_vs_anchor_perplexity_reduction": round(gain, 4),
-        "distinct_routed_paths": len({tuple(p) for p in routed}),
+        "routing": "memory routed from the head of the window's document (never overlapping the window); "
+        "perplexity on the second half of each window",
+        "scored_tokens_per_window": ckpt.config.max_seq_len - next(iter(sets.values()))[0]["context_tokens"] + 1,
+        **{name: evaluate_set(ckpt.model, ckpt.tree, items, embedder) for name, items in sets.items()},
     }
 
 
@@ -184,7 +232,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=HERE / "checkpoint")
     parser.add_argument("--anchor-steps", type=int, default=1200)
-    parser.add_argument("--memory-steps", type=int, default=1000)
+    parser.add_argument("--memory-steps", type=int, default=800)
+    parser.add_argument("--memory-lr", type=float, default=5e-3)
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -203,22 +252,33 @@ def main() -> None:
     )
     docs = stdlib_documents()
     train_docs = [t for n, t in docs.items() if not is_heldout(n)]
-    heldout_docs = [t for n, t in docs.items() if is_heldout(n)]
-    print(f"{len(docs)} documents, {sum(map(len, docs.values())) / 1e6:.2f} M chars; {len(heldout_docs)} held out")
+    unseen_docs = [t for n, t in docs.items() if is_heldout(n)]
+    print(f"{len(docs)} documents, {sum(map(len, docs.values())) / 1e6:.2f} M chars; {len(unseen_docs)} held out")
     tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
     seq = cfg.max_seq_len + 1  # windows carry one extra token for the shifted targets
-    train_windows, heldout_windows = windows(tokenizer, train_docs, seq), windows(tokenizer, heldout_docs, seq)
-    print(f"{len(train_windows)} training windows, {len(heldout_windows)} held-out windows of {seq} tokens")
+    split = split_windows(windows(tokenizer, train_docs, seq))
+    unseen_per_doc = windows(tokenizer, unseen_docs, seq)
+    unseen = np.array([w for doc in unseen_per_doc for w in doc], dtype=np.int64)
+    unseen_contexts = [document_context(unseen_docs[d]) for d, doc in enumerate(unseen_per_doc) for _ in doc]
+    print({name: len(rows) for name, (rows, _) in split.items()}, f"unseen-document windows: {len(unseen)}")
 
     embedder = MiniLMEmbedder()
+    contexts = [document_context(t) for t in train_docs]
     t0 = time.time()
-    train_emb = embedder.embed(tokenizer.decode_batch(train_windows.tolist()))
-    print(f"embedded training windows in {time.time() - t0:.0f}s")
-    tree, _ = build_tree(train_emb, cfg.memory, seed=args.seed)
-    train_paths = torch.from_numpy(tree.route(train_emb))
+    doc_embeddings = embedder.embed(contexts)
+    print(f"embedded {len(contexts)} document heads in {time.time() - t0:.0f}s")
+    tree, _ = build_tree(doc_embeddings, cfg.memory, seed=args.seed)
+    doc_paths = tree.route(doc_embeddings)  # a document's windows share its greedily routed path
+    train_rows, train_owner = split["train"]
+    train_paths = torch.from_numpy(doc_paths[train_owner])
+
+    context_tokens = cfg.max_seq_len // 2
+    val_rows, val_owner = split["validation"]
+    validation = heldout_items(tokenizer, val_rows, [contexts[d] for d in val_owner], context_tokens)
+    validation_paths = doc_paths[val_owner]
 
     model = MemoryLM(cfg)
-    data = torch.from_numpy(train_windows)
+    data = torch.from_numpy(train_rows)
     anchor_losses = train(
         model, model.anchor_parameters(), data, None, args.anchor_steps, 3e-3, args.batch, args.seed, "anchor"
     )
@@ -230,33 +290,32 @@ def main() -> None:
         data,
         train_paths,
         args.memory_steps,
-        1e-2,
+        args.memory_lr,
         args.batch,
         args.seed + 1,
         "memory",
+        validate=lambda: second_half_nll(model, validation, validation_paths),
     )
 
-    context_tokens = cfg.max_seq_len // 2
-    heldout = [
-        {
-            "context": tokenizer.decode(w[:context_tokens].tolist()),
-            "text": tokenizer.decode(w.tolist()),
-            "tokens": w.tolist(),
-            "context_tokens": context_tokens,
-        }
-        for w in heldout_windows
-    ]
     metadata = {
         "trained_by": "examples/stdlib_docs/train.py",
         "seed": args.seed,
         "anchor_steps": args.anchor_steps,
         "memory_steps": args.memory_steps,
+        "memory_lr": args.memory_lr,
         "batch": args.batch,
-        "train_windows": len(train_windows),
+        "train_windows": len(train_rows),
+        "routing": "document head (first 1200 characters)",
     }
     save_checkpoint(args.out, model, tree, tokenizer, storage_dtype="float16", metadata=metadata)
-    (args.out.parent / "heldout.jsonl").write_text("".join(json.dumps(h) + "\n" for h in heldout))
-    report = evaluate(args.out, heldout, embedder)
+    test_rows, test_owner = split["test"]
+    test = heldout_items(tokenizer, test_rows, [contexts[d] for d in test_owner], context_tokens)
+    (args.out.parent / "heldout.jsonl").write_text("".join(json.dumps(h) + "\n" for h in test))
+    sets = {
+        "heldout_windows": test,
+        "unseen_documents": heldout_items(tokenizer, unseen, unseen_contexts, context_tokens),
+    }
+    report = evaluate(args.out, sets, embedder)
     report["training"] = {
         **metadata,
         "final_anchor_loss": round(float(np.mean(anchor_losses[-50:])), 4),

@@ -4,7 +4,10 @@
 * :mod:`~hm_export.bank.schemes`: payload encodings (float32/16, bfloat16, int8, int4) and named presets;
 * :mod:`~hm_export.bank.quantize`: streaming, parallel, resumable checkpoint -> bank quantizer;
 * :mod:`~hm_export.bank.reader`: :class:`BankReader` (read into a buffer, verify, dequantize in place);
-* :mod:`~hm_export.bank.tools`: ``inspect`` and ``check`` behind ``hm-export bank``.
+* :mod:`~hm_export.bank.tools`: ``inspect`` and ``check`` behind ``hm-export bank``;
+* :mod:`~hm_export.bank.accuracy`: held-out perplexity / top-1 agreement per scheme (scripts/bank_accuracy.py).
+
+The runtime side (level-aware cache, prefetch, filling the slot) is ``hm_export.runtime_stubs.block_cache``.
 """
 
 from hm_export.bank.errors import BankError

@@ -42,7 +42,8 @@ def _score(model: MemoryLM, tokens: torch.Tensor, paths: torch.Tensor, split: in
     return {"nll": torch.cat(nll), "top1": torch.cat(top1), "logits": torch.cat(logits_out)}
 
 
-def _load_bank(model: MemoryLM, reader: BankReader) -> None:
+def load_dequantized_bank(model: MemoryLM, reader: BankReader) -> None:
+    """Overwrite ``model``'s bank with every block of ``reader``'s bank, dequantized to float32."""
     with torch.no_grad():
         for entry in reader.index.blocks:
             block = reader.read_block(entry.level, entry.node)
@@ -72,6 +73,7 @@ def scheme_accuracy(
     params = sum(p.numel() for p in model.bank.parameters())
     results: dict[str, Any] = {
         "checkpoint": str(checkpoint_dir),
+        "checkpoint_metadata": ckpt.metadata,
         "storage_dtype": ckpt.storage_dtype,
         "heldout_windows": len(heldout),
         "scored_tokens": int(reference["top1"].numel()),
@@ -83,7 +85,7 @@ def scheme_accuracy(
         for scheme in schemes:
             report = quantize_bank(Path(tmp) / scheme, checkpoint_dir, scheme)
             with BankReader(report.bank) as reader:
-                _load_bank(model, reader)
+                load_dequantized_bank(model, reader)
             errors = {
                 name: float(
                     np.sqrt(

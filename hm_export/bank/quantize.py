@@ -145,10 +145,8 @@ class _Job:
 
 def _existing_crc(job: _Job) -> int | None:
     """The CRC of a complete, valid block already at the job's place, or None."""
-    scheme, size = (
-        SCHEMES[job.scheme],
-        PAYLOAD_ALIGNMENT + SCHEMES[job.scheme].payload_length(job.layers, job.d_model, job.width),
-    )
+    scheme = SCHEMES[job.scheme]
+    size = PAYLOAD_ALIGNMENT + scheme.payload_length(job.layers, job.d_model, job.width)
     try:
         with open(job.target, "rb") as handle:
             if not job.packed and os.fstat(handle.fileno()).st_size != size:

@@ -1,7 +1,8 @@
 """Emitters: one module per runtime, each turning a slot-split program into files in a bundle.
 
 A :class:`Target` names the pass pipeline its program needs, the bundle sub-directory it writes,
-and how to emit and run it.  Heavy toolchains are imported only when a target is used.
+and how to emit and run it; its :class:`DecodeSupport` (when it has one) says how it holds the decode
+program's KV cache and how to run that program.  Heavy toolchains are imported only when a target is used.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -17,6 +18,16 @@ from hm_export.slot import SlotContract
 from hm_export.trace import SlotProgram
 
 Runner = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
+
+
+class Decoder(Protocol):
+    """Runs a decode program: ``decoder(tokens [1, n], input_pos, slot)`` -> logits ``[n, vocab]`` of
+    positions ``input_pos .. input_pos+n-1``, given the cache holds positions ``0 .. input_pos-1`` of the
+    same sequence; ``reset()`` forgets the cache (a prefill from position 0 starts a new sequence anyway)."""
+
+    def __call__(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor: ...
+
+    def reset(self) -> None: ...
 
 
 class HostUnsupported(RuntimeError):
@@ -32,6 +43,16 @@ class EmitOptions:
 
 
 @dataclass(frozen=True)
+class DecodeSupport:
+    """How a target holds the KV cache (``state``: in the program; ``io``: past/present tensors), emits the
+    decode program (the target's own emitter: files are named after the program's stem) and runs it."""
+
+    cache: str
+    emit: Callable[[SlotProgram, Path, EmitOptions], dict[str, Any]]
+    open_decoder: Callable[[dict[str, Path], list[str], dict[str, Any]], Decoder] | None  # None: never runs here
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     pipeline: str
@@ -39,6 +60,7 @@ class Target:
     emit: Callable[[SlotProgram, Path, EmitOptions], dict[str, Any]]
     open_runner: Callable[[dict[str, Path], list[str], dict[str, Any]], Runner] | None  # None: never runs here
     check_structure: Callable[[dict[str, Path], SlotContract, dict[str, Any]], dict[str, Any]] | None = None
+    decode: DecodeSupport | None = None  # None: no decode program for this target
 
 
 def _emit_executorch(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dict[str, Any]:
@@ -53,6 +75,12 @@ def _run_executorch(files: dict[str, Path], slot_names: list[str], entry: dict[s
     return ExecuTorchRunner(files["program"], files.get("data"))
 
 
+def _decode_executorch(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Decoder:
+    from hm_export.targets.executorch import ExecuTorchDecoder
+
+    return ExecuTorchDecoder(files["program"], files.get("data"))
+
+
 def _emit_onnx(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dict[str, Any]:
     from hm_export.targets.onnx import emit_onnx
 
@@ -63,6 +91,13 @@ def _run_onnx(files: dict[str, Path], slot_names: list[str], entry: dict[str, An
     from hm_export.targets.onnx import OnnxRunner
 
     return OnnxRunner(files["program"], slot_names)
+
+
+def _decode_onnx(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Decoder:
+    from hm_export.decode import CacheSpec
+    from hm_export.targets.onnx import OnnxDecoder
+
+    return OnnxDecoder(files["program"], slot_names, CacheSpec.from_dict(entry["cache"]))
 
 
 def _emit_coreml(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dict[str, Any]:
@@ -79,10 +114,16 @@ def _run_coreml(files: dict[str, Path], slot_names: list[str], entry: dict[str, 
     return CoreMLRunner(files["package"], slot_names, entry["precision"])
 
 
+def _decode_coreml(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Decoder:
+    from hm_export.targets.coreml import CoreMLDecoder
+
+    return CoreMLDecoder(files["package"], slot_names, entry["precision"])
+
+
 def _check_coreml(files: dict[str, Path], contract: SlotContract, entry: dict[str, Any]) -> dict[str, Any]:
     from hm_export.targets.coreml import check_coreml_package
 
-    return check_coreml_package(files["package"], contract, entry["precision"], entry["anchor_params"])
+    return check_coreml_package(files["package"], contract, entry["io"], entry["precision"], entry["anchor_params"])
 
 
 def _emit_executorch_coreml(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dict[str, Any]:
@@ -92,9 +133,26 @@ def _emit_executorch_coreml(program: SlotProgram, out_dir: Path, options: EmitOp
 
 
 TARGETS: dict[str, Target] = {
-    "executorch": Target("executorch", "xnnpack_slot", "executorch", _emit_executorch, _run_executorch),
-    "onnx": Target("onnx", "folded_slot", "onnx", _emit_onnx, _run_onnx),
-    "coreml": Target("coreml", "folded_slot", "coreml", _emit_coreml, _run_coreml, _check_coreml),
+    "executorch": Target(
+        "executorch",
+        "xnnpack_slot",
+        "executorch",
+        _emit_executorch,
+        _run_executorch,
+        decode=DecodeSupport("state", _emit_executorch, _decode_executorch),
+    ),
+    "onnx": Target(
+        "onnx", "folded_slot", "onnx", _emit_onnx, _run_onnx, decode=DecodeSupport("io", _emit_onnx, _decode_onnx)
+    ),
+    "coreml": Target(
+        "coreml",
+        "folded_slot",
+        "coreml",
+        _emit_coreml,
+        _run_coreml,
+        _check_coreml,
+        decode=DecodeSupport("state", _emit_coreml, _decode_coreml),
+    ),
     # ExecuTorch with the Core ML delegate: lowers on Linux, runs only on Apple devices.
     "executorch-coreml": Target("executorch-coreml", "folded_slot", "executorch_coreml", _emit_executorch_coreml, None),
 }

@@ -1,9 +1,12 @@
 """Core ML emitter (``mlprogram`` ``.mlpackage``) and its structural verification.
 
 The slot is a set of fp16 ``matmul`` inputs (Core ML's ``linear`` and its compression ops need
-constant weights, so only the anchor can be compressed).  ``MLModel.predict`` exists only on macOS:
-on other hosts :func:`check_coreml_package` verifies the package's structure against the slot
-contract and reports numerical checks as skipped; ``scripts/check_coreml_macos.py`` runs them.
+constant weights, so only the anchor can be compressed).  The decode program's KV cache becomes
+Core ML states (``ct.StateType``, iOS18+: ``read_state`` / ``write_state`` in the program) and its
+token axis a ``RangeDim``; ``int64`` inputs become ``int32`` (Core ML has no int64 inputs).
+``MLModel.predict`` exists only on macOS: on other hosts :func:`check_coreml_package` verifies the
+package's structure against the program's I/O and reports numerical checks as skipped;
+``scripts/check_coreml_macos.py`` runs them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from hm_export.decode import POSITION_INPUT
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract
-from hm_export.trace import SlotProgram
+from hm_export.trace import SlotProgram, TensorIO
 
-PACKAGE = "model.mlpackage"
 DEPLOYMENT_TARGETS = ("iOS17", "iOS18")
 PRECISIONS = ("float16", "float32")
 ANCHOR_COMPRESSION = ("none", "int8", "int4-block32", "palettize4")
@@ -54,32 +57,49 @@ def emit_coreml(
 
     if precision not in PRECISIONS or deployment_target not in DEPLOYMENT_TARGETS:
         raise ValueError(f"Core ML precision must be one of {PRECISIONS}, target one of {DEPLOYMENT_TARGETS}")
+    if slot_program.states and deployment_target == "iOS17":
+        raise ValueError(
+            "the decode program's KV cache needs Core ML states: use deployment target iOS18, or --no-decode"
+        )
     start = time.perf_counter()
-    contract = slot_program.contract
-    slot_dtype = np.float16 if precision == "float16" else np.float32
-    inputs = [ct.TensorType(name=TOKENS_INPUT, shape=(1, contract.seq_len), dtype=np.int32)]
-    inputs += [ct.TensorType(name=t.name, shape=t.shape, dtype=slot_dtype) for t in contract.tensors]
+    float_dtype = np.float16 if precision == "float16" else np.float32
+
+    def tensor_type(io: TensorIO, named: bool = True, dtype: Any = None) -> Any:
+        shape = tuple(ct.RangeDim(*slot_program.axes[d], default=1) if isinstance(d, str) else d for d in io.shape)
+        dtype = dtype or (np.int32 if io.dtype == "int64" else float_dtype)
+        return ct.TensorType(name=io.name if named else None, shape=shape, dtype=dtype)
+
+    # coremltools 9 supports fp16 states only ("State only support fp16 dtype"), also in fp32 programs.
+    states = [
+        ct.StateType(wrapped_type=tensor_type(s, named=False, dtype=np.float16), name=s.name)
+        for s in slot_program.states
+    ]
     model = ct.convert(
         slot_program.program.run_decompositions({}),
         convert_to="mlprogram",
-        inputs=inputs,
-        outputs=[ct.TensorType(name=LOGITS_OUTPUT, dtype=slot_dtype)],
+        inputs=[tensor_type(io) for io in slot_program.inputs],
+        outputs=[ct.TensorType(name=io.name, dtype=float_dtype) for io in slot_program.outputs],
+        states=states or None,
         minimum_deployment_target=getattr(ct.target, deployment_target),
         compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
     )
     if anchor_compression != "none":
         model = _compress_anchor(model, anchor_compression)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save(str(out_dir / PACKAGE))
+    package = f"{slot_program.stem}.mlpackage"
+    model.save(str(out_dir / package))
     program = slot_program.program
     anchor_params = sum(v.numel() for v in [*program.state_dict.values(), *program.constants.values()])
-    structure = check_coreml_package(out_dir / PACKAGE, contract, precision, anchor_params)
+    io = slot_program.io_dict()
+    structure = check_coreml_package(out_dir / package, slot_program.contract, io, precision, anchor_params)
     if not structure["passed"]:
-        raise RuntimeError(f"{out_dir / PACKAGE}: structural check failed: {structure['problems']}")
+        raise RuntimeError(f"{out_dir / package}: structural check failed: {structure['problems']}")
     return {
         "runtime": "coreml",
-        "files": {"package": PACKAGE},
+        "files": {"package": package},
+        "io": io,
         "precision": precision,
+        **({"state_dtype": "float16"} if states else {}),
         "deployment_target": deployment_target,
         "anchor_compression": anchor_compression,
         "slot_dtype": precision,
@@ -95,28 +115,53 @@ def _array_dtype_name(code: int) -> str:
     return ft.ArrayFeatureType.ArrayDataType.Name(code).lower()
 
 
-def check_coreml_package(package: Path, contract: SlotContract, precision: str, anchor_params: int) -> dict[str, Any]:
-    """Structural verification: I/O names, shapes, dtypes vs the slot contract; op counts; no bank inside."""
+def _features(features: Any) -> dict[str, tuple[list[int], str]]:
+    """name -> (shape, dtype) of spec features; a flexible (RangeDim) axis reads as -1."""
+    seen = {}
+    for feature in features:
+        array = feature.type.multiArrayType if feature.type.HasField("multiArrayType") else None
+        if array is None:  # a state wraps its array type
+            array = feature.type.stateType.arrayType
+        shape = list(array.shape)
+        for axis, bounds in enumerate(array.shapeRange.sizeRanges):
+            if bounds.lowerBound != bounds.upperBound:
+                shape[axis] = -1
+        seen[feature.name] = (shape, _array_dtype_name(array.dataType))
+    return seen
+
+
+def _expected(entries: list[dict[str, Any]], float_dtype: str) -> dict[str, tuple[list[int], str]]:
+    """The manifest's I/O entries as Core ML sees them: int64 -> int32, floats in the package precision."""
+    return {
+        e["name"]: (
+            [-1 if isinstance(d, str) else d for d in e["shape"]],
+            "int32" if e["dtype"] == "int64" else float_dtype,
+        )
+        for e in entries
+    }
+
+
+def check_coreml_package(
+    package: Path, contract: SlotContract, io: dict[str, Any], precision: str, anchor_params: int
+) -> dict[str, Any]:
+    """Structural verification: inputs, outputs and states (names, shapes, dtypes) vs the program's ``io``
+    description; slot inputs read only by ``matmul``; op counts; weights no bigger than the anchor."""
     import coremltools as ct
 
     model = ct.models.MLModel(str(package), skip_model_load=True)
     spec = model.get_spec()
     problems: list[str] = []
-    want_slot = "float16" if precision == "float16" else "float32"
-    expected = {TOKENS_INPUT: ([1, contract.seq_len], "int32")}
-    expected.update({t.name: (list(t.shape), want_slot) for t in contract.tensors})
-    seen = {}
-    for feature in spec.description.input:
-        array = feature.type.multiArrayType
-        seen[feature.name] = (list(array.shape), _array_dtype_name(array.dataType))
-    if list(seen) != list(expected):
-        problems.append(f"inputs {list(seen)} differ from the contract {list(expected)}")
-    for name, (shape, dtype) in expected.items():
-        if name in seen and seen[name] != (shape, dtype):
-            problems.append(f"input {name}: {seen[name]} != contract {(shape, dtype)}")
-    outputs = [o.name for o in spec.description.output]
-    if outputs != [LOGITS_OUTPUT]:
-        problems.append(f"outputs {outputs} != [{LOGITS_OUTPUT!r}]")
+    want_float = "float16" if precision == "float16" else "float32"
+    description = spec.description
+    for kind, features in (("input", description.input), ("output", description.output), ("state", description.state)):
+        expected = _expected(io.get(f"{kind}s", []), "float16" if kind == "state" else want_float)
+        seen = _features(features)
+        if list(seen) != list(expected):
+            problems.append(f"{kind}s {list(seen)} differ from the program's {list(expected)}")
+        for name, (shape, dtype) in expected.items():
+            seen_shape, seen_dtype = seen.get(name, (shape, dtype))
+            if seen_dtype != dtype or (kind != "output" and seen_shape != shape):
+                problems.append(f"{kind} {name}: {seen[name]} != expected {(shape, dtype)}")
     ops: Counter[str] = Counter()
     slot_readers: dict[str, set[str]] = {t.name: set() for t in contract.tensors}
     for function in spec.mlProgram.functions.values():
@@ -160,9 +205,27 @@ class CoreMLRunner:
         self.slot_names = slot_names
         self.dtype = np.float16 if precision == "float16" else np.float32
 
-    def __call__(self, tokens: Any, slot: list[Any]) -> Any:
+    def _predict(self, feeds: dict[str, Any], slot: list[Any], state: Any = None) -> Any:
         import torch
 
-        feeds = {TOKENS_INPUT: tokens.numpy().astype(np.int32)}
         feeds.update({name: t.numpy().astype(self.dtype) for name, t in zip(self.slot_names, slot)})
-        return torch.from_numpy(self.model.predict(feeds)[LOGITS_OUTPUT].astype(np.float32))
+        out = self.model.predict(feeds, state=state) if state is not None else self.model.predict(feeds)
+        return torch.from_numpy(out[LOGITS_OUTPUT].astype(np.float32))
+
+    def __call__(self, tokens: Any, slot: list[Any]) -> Any:
+        return self._predict({TOKENS_INPUT: tokens.numpy().astype(np.int32)}, slot)
+
+
+class CoreMLDecoder(CoreMLRunner):
+    """The decode package: the KV cache is a Core ML state object (``MLModel.make_state``), kept across calls."""
+
+    def __init__(self, package: Path, slot_names: list[str], precision: str) -> None:
+        super().__init__(package, slot_names, precision)
+        self.state = self.model.make_state()
+
+    def reset(self) -> None:
+        self.state = self.model.make_state()
+
+    def __call__(self, tokens: Any, input_pos: int, slot: list[Any]) -> Any:  # type: ignore[override]
+        feeds = {TOKENS_INPUT: tokens.numpy().astype(np.int32), POSITION_INPUT: np.array([input_pos], np.int32)}
+        return self._predict(feeds, slot, self.state)[0]

@@ -17,10 +17,15 @@ from typing import Any
 import torch
 
 from hm_export.passes.base import SlotPassError
-from hm_export.trace import SlotProgram
+from hm_export.trace import WINDOW_STEM, SlotProgram
 
-PROGRAM_FILE = "model.pte"
-DATA_TAG = "anchor"  # the .ptd file name stem; one tag for delegated and portable constants
+DATA_TAG = "anchor"  # the full-window program's .ptd stem; one tag for delegated and portable constants
+
+
+def _data_tag(slot_program: SlotProgram) -> str:
+    """The .ptd stem: ``anchor`` for the full-window program, the program's own stem for the others (each
+    program's constants are keyed by that program, so every program carries its own data file)."""
+    return DATA_TAG if slot_program.stem == WINDOW_STEM else slot_program.stem
 
 
 def _tag_constants_for_data_file(slot_program: SlotProgram) -> torch.export.ExportedProgram:
@@ -28,8 +33,12 @@ def _tag_constants_for_data_file(slot_program: SlotProgram) -> torch.export.Expo
     from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
 
     module = slot_program.program.module()
-    delegate_external_constants_pass_unlifted(module=module, gen_tag_fn=lambda _node: DATA_TAG)
-    return torch.export.export(module, slot_program.example_inputs, strict=False)
+    tag = _data_tag(slot_program)
+    delegate_external_constants_pass_unlifted(module=module, gen_tag_fn=lambda _node: tag)
+    with torch.no_grad():
+        return torch.export.export(
+            module, slot_program.example_inputs, dynamic_shapes=slot_program.dynamic_shapes, strict=False
+        )
 
 
 def _delegation_summary(edge_program: torch.export.ExportedProgram, slot_names: list[str]) -> dict[str, Any]:
@@ -60,7 +69,12 @@ def _delegation_summary(edge_program: torch.export.ExportedProgram, slot_names: 
 
 
 def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: bool = False) -> dict[str, Any]:
-    """Lower to XNNPACK and write ``model.pte`` (+ ``anchor.ptd`` when ``separate_weights``) into ``out_dir``."""
+    """Lower to XNNPACK and write ``{stem}.pte`` (+ its ``.ptd`` when ``separate_weights``) into ``out_dir``.
+
+    The full-window program is ``model.pte`` (+ ``anchor.ptd``), the decode program ``decode.pte`` (+
+    ``decode.ptd``); the decode program's KV cache becomes mutable buffers that live in the method's
+    planned memory across calls.
+    """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -73,17 +87,18 @@ def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: 
     delegation = _delegation_summary(edge.exported_program(), slot_program.contract.input_names)
 
     start = time.perf_counter()
+    tag = _data_tag(slot_program)
     config = ExecutorchBackendConfig(
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-        external_constants=(lambda _node: DATA_TAG) if separate_weights else False,
+        external_constants=(lambda _node: tag) if separate_weights else False,
     )
     et_program = edge.to_executorch(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / PROGRAM_FILE).write_bytes(et_program.buffer)
-    files = {"program": PROGRAM_FILE}
+    files = {"program": f"{slot_program.stem}.pte"}
+    (out_dir / files["program"]).write_bytes(et_program.buffer)
     if separate_weights:
         et_program.write_tensor_data_to_file(str(out_dir))
-        files["data"] = f"{DATA_TAG}.ptd"
+        files["data"] = f"{tag}.ptd"
         if not (out_dir / files["data"]).is_file():
             raise RuntimeError(f"ExecuTorch did not write {out_dir / files['data']}")
     seconds["emit"] = time.perf_counter() - start
@@ -96,18 +111,39 @@ def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: 
     }
 
 
+def _load_method(program: Path, data: Path | None) -> Any:
+    from executorch.runtime import Runtime
+
+    runtime = Runtime.get()
+    loaded = runtime.load_program(str(program), data_path=str(data)) if data else runtime.load_program(str(program))
+    return loaded.load_method("forward")
+
+
 class ExecuTorchRunner:
     """Runs a bundle's ``.pte`` with the slot tensors bound as inputs."""
 
     def __init__(self, program: Path, data: Path | None = None) -> None:
-        from executorch.runtime import Runtime
-
-        runtime = Runtime.get()
-        loaded = runtime.load_program(str(program), data_path=str(data)) if data else runtime.load_program(str(program))
-        self.method = loaded.load_method("forward")
+        self.method = _load_method(program, data)
 
     def __call__(self, tokens: torch.Tensor, slot: list[torch.Tensor]) -> torch.Tensor:
         return self.method.execute([tokens, *slot])[0]
+
+
+class ExecuTorchDecoder:
+    """Runs ``decode.pte``: the KV cache is the method's mutable buffers, kept across calls.
+
+    A call feeds ``tokens [1, n]`` at positions ``input_pos ..``; positions after the last one written are
+    masked, so starting a new sequence is just prefilling from position 0 (:meth:`reset` has nothing to do).
+    """
+
+    def __init__(self, program: Path, data: Path | None = None) -> None:
+        self.method = _load_method(program, data)
+
+    def reset(self) -> None:
+        """Nothing to clear: see the class docstring."""
+
+    def __call__(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor:
+        return self.method.execute([tokens, torch.tensor([input_pos]), *slot])[0][0]
 
 
 def emit_executorch_coreml(slot_program: SlotProgram, out_dir: Path) -> dict[str, Any]:
@@ -122,11 +158,12 @@ def emit_executorch_coreml(slot_program: SlotProgram, out_dir: Path) -> dict[str
     info = get_delegation_info(edge.exported_program().graph_module)
     et_program = edge.to_executorch()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / PROGRAM_FILE).write_bytes(et_program.buffer)
+    program_file = f"{slot_program.stem}.pte"
+    (out_dir / program_file).write_bytes(et_program.buffer)
     return {
         "runtime": "executorch",
         "backend": "coreml",
-        "files": {"program": PROGRAM_FILE},
+        "files": {"program": program_file},
         "delegation": {
             "backend": "coreml",
             "delegated_subgraphs": info.num_delegated_subgraphs,

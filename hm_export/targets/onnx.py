@@ -1,9 +1,11 @@
-"""ONNX emitter and ONNX Runtime runner.
+"""ONNX emitter and ONNX Runtime runners.
 
 The program is exported with the dynamo exporter from the slot-split ``ExportedProgram``: the slot
 tensors are graph inputs carrying the contract's names, the anchor weights live in the external data
-file ``model.onnx.data``.  The runner binds the loader's slot buffers once with IOBinding; a block
-swap overwrites those buffers in place, so nothing is re-bound or reallocated per context.
+file ``{stem}.onnx.data``.  The runners bind the loader's slot buffers once with IOBinding; a block
+swap overwrites those buffers in place, so nothing is re-bound or reallocated per context.  The decode
+program's KV cache is explicit: ``past_*`` inputs and ``present_*`` outputs, bound to two preallocated
+cache buffers that swap roles after every call (no cache is allocated or copied by the caller).
 """
 
 from __future__ import annotations
@@ -15,48 +17,49 @@ from typing import Any
 import numpy as np
 import torch
 
+from hm_export.decode import POSITION_INPUT, CacheSpec
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT
 from hm_export.trace import SlotProgram
 
-PROGRAM_FILE = "model.onnx"
 OPSET = 20
 
 
 def emit_onnx(slot_program: SlotProgram, out_dir: Path) -> dict[str, Any]:
-    """Write ``model.onnx`` + ``model.onnx.data`` into ``out_dir`` and check the graph's I/O names."""
+    """Write ``{stem}.onnx`` + ``{stem}.onnx.data`` into ``out_dir`` and check the graph's I/O names."""
     import onnx
 
     start = time.perf_counter()
-    names = [TOKENS_INPUT, *slot_program.contract.input_names]
+    names = slot_program.input_names
+    program_file = f"{slot_program.stem}.onnx"
     exported = torch.onnx.export(
         slot_program.program,
         args=slot_program.example_inputs,
         dynamo=True,
         input_names=names,
-        output_names=[LOGITS_OUTPUT],
+        output_names=slot_program.output_names,
         opset_version=OPSET,
         verbose=False,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    exported.save(str(out_dir / PROGRAM_FILE), external_data=True)
-    graph = onnx.load(str(out_dir / PROGRAM_FILE), load_external_data=False).graph
+    exported.save(str(out_dir / program_file), external_data=True)
+    graph = onnx.load(str(out_dir / program_file), load_external_data=False).graph
     graph_inputs = [i.name for i in graph.input]
     if graph_inputs != names:
-        raise RuntimeError(f"{out_dir / PROGRAM_FILE}: inputs {graph_inputs} differ from the slot contract {names}")
+        raise RuntimeError(f"{out_dir / program_file}: inputs {graph_inputs} differ from the program's {names}")
     initializers = {i.name for i in graph.initializer}
     leaked = [n for n in slot_program.contract.input_names if n in initializers]
     if leaked:
-        raise RuntimeError(f"{out_dir / PROGRAM_FILE}: slot tensors stored as weights: {leaked}")
+        raise RuntimeError(f"{out_dir / program_file}: slot tensors stored as weights: {leaked}")
     return {
-        "files": {"program": PROGRAM_FILE, "data": f"{PROGRAM_FILE}.data"},
+        "files": {"program": program_file, "data": f"{program_file}.data"},
         "opset": OPSET,
         "nodes": len(graph.node),
         "seconds": {"export": round(time.perf_counter() - start, 2)},
     }
 
 
-class OnnxRunner:
-    """ONNX Runtime session whose slot inputs are bound once to the caller's buffers (IOBinding)."""
+class _BoundSession:
+    """An ONNX Runtime session with IOBinding; slot inputs are (re)bound only when the caller's buffers change."""
 
     def __init__(self, program: Path, slot_names: list[str], threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -64,23 +67,68 @@ class OnnxRunner:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # Idle intra-op threads sleep instead of spinning: the router (torch) shares these cores between calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(program), options, providers=["CPUExecutionProvider"])
         self.binding = self.session.io_binding()
         self.slot_names = slot_names
         self._bound: list[int] = []
+        self.vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == LOGITS_OUTPUT)
 
     def _bind_slot(self, slot: list[torch.Tensor]) -> None:
         for name, tensor in zip(self.slot_names, slot):
             if not tensor.is_contiguous() or tensor.dtype != torch.float32:
                 raise ValueError(f"slot input {name} must be a contiguous float32 tensor")
-            self.binding.bind_input(name, "cpu", 0, np.float32, list(tensor.shape), tensor.data_ptr())
+            self._bind(name, tensor)
         self._bound = [t.data_ptr() for t in slot]
 
-    def __call__(self, tokens: torch.Tensor, slot: list[torch.Tensor]) -> torch.Tensor:
+    def _bind(self, name: str, tensor: torch.Tensor, output: bool = False) -> None:
+        """Bind a contiguous CPU tensor's memory (it must stay alive until the run)."""
+        dtype = np.int64 if tensor.dtype == torch.int64 else np.float32
+        bind = self.binding.bind_output if output else self.binding.bind_input
+        bind(name, "cpu", 0, dtype, list(tensor.shape), tensor.data_ptr())
+
+    def _run(self, tokens: torch.Tensor, slot: list[torch.Tensor]) -> torch.Tensor:
+        """Run with ``tokens`` and the slot (other inputs/outputs bound by the caller); return the logits,
+        written by ONNX Runtime straight into a tensor allocated here."""
         if [t.data_ptr() for t in slot] != self._bound:  # first call, or the caller swapped buffers
             self._bind_slot(slot)
         tokens = tokens.contiguous()
-        self.binding.bind_input(TOKENS_INPUT, "cpu", 0, np.int64, list(tokens.shape), tokens.data_ptr())
-        self.binding.bind_output(LOGITS_OUTPUT, "cpu")
+        logits = torch.empty(1, tokens.shape[1], self.vocab)
+        self._bind(TOKENS_INPUT, tokens)
+        self._bind(LOGITS_OUTPUT, logits, output=True)
         self.session.run_with_iobinding(self.binding)
-        return torch.from_numpy(self.binding.copy_outputs_to_cpu()[0])
+        return logits
+
+
+class OnnxRunner(_BoundSession):
+    """The full-window program; slot inputs bound once to the caller's buffers."""
+
+    def __call__(self, tokens: torch.Tensor, slot: list[torch.Tensor]) -> torch.Tensor:
+        return self._run(tokens, slot)
+
+
+class OnnxDecoder(_BoundSession):
+    """The decode program: ``past_*`` inputs read one cache buffer set, ``present_*`` outputs write the other,
+    and the two sets swap after every call, so the cache is never allocated or copied by the caller."""
+
+    def __init__(self, program: Path, slot_names: list[str], cache: CacheSpec, threads: int | None = None) -> None:
+        super().__init__(program, slot_names, threads)
+        self.cache = cache
+        self._past, self._present = cache.empty(), cache.empty()
+
+    def reset(self) -> None:
+        """Zero the cache (positions past the last one written are masked anyway)."""
+        for tensor in self._past:
+            tensor.zero_()
+
+    def __call__(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor:
+        position = torch.tensor([input_pos])
+        self._bind(POSITION_INPUT, position)
+        for name, tensor in zip(self.cache.names("past"), self._past):
+            self._bind(name, tensor)
+        for name, tensor in zip(self.cache.names("present"), self._present):
+            self._bind(name, tensor, output=True)
+        logits = self._run(tokens, slot)
+        self._past, self._present = self._present, self._past
+        return logits[0]

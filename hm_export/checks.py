@@ -1,0 +1,364 @@
+"""Golden checks that travel with a bundle: recorded at export from the eager model, replayed by ``hm-export check``.
+
+At export, :func:`record_checks` takes a few held-out contexts (``--check-contexts``, or contexts derived
+from the tokenizer, see :func:`derive_contexts`) and writes into ``checks/``:
+
+* ``checks.json``: per check its routing ``context``, the routed ``path``, the ``prompt`` token ids, the
+  eager model's greedy continuation (``greedy``) with the top-1 minus top-2 logit margin of every step
+  (``margins``), plus the tolerances (max |logit diff| per program precision);
+* ``expected.safetensors``: a digest of the eager prefill logits of each prompt ``[n, vocab]``: the ``top_k``
+  largest logits of every position with their token ids, every position's logsumexp, and the whole logits
+  row of the last position.
+
+The expected values come from :class:`~hm_export.model.MemoryLM` run eagerly with the slot filled from the
+bundle's own bank, so they are what a correct runtime computes for this bundle (with a quantized bank
+scheme, the quantized memory; ``hm-export verify`` measures the distance to the float checkpoint).
+
+:func:`run_checks` replays them on any machine: bundle integrity (every listed file's size and sha256),
+the router (each context routes to its recorded path), then per target and per program (full window,
+decode) pass / fail / skipped per check: prefill logits within tolerance and, for the decode program,
+the greedy continuation token for token.  A greedy token that differs where the recorded margin is below
+twice the tolerance is a near-tie, reported as a pass that stopped comparing there.  A target whose runtime
+does not run on this host is skipped (with its structural check, where it has one).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from hm_export.bundle import BundleError, file_problems, read_manifest
+from hm_export.model import MemoryLM
+from hm_export.router import CentroidTree, Embedder
+from hm_export.runtime_stubs.block_cache import SlotFiller
+from hm_export.targets import TARGETS, HostUnsupported
+from hm_export.verify import read_contexts
+
+CHECKS_FILE = "checks/checks.json"
+EXPECTED_FILE = "checks/expected.safetensors"
+CHECKS_FORMAT = "hm-export-checks"
+CHECKS_VERSION = 1
+TOLERANCE = {"float32": 1e-3, "float16": 0.1}  # max |logit diff| by the precision a program computes in
+TOP_K = 8
+PROMPT_TOKENS = 32  # longest prompt a check uses
+
+
+def derive_contexts(tokenizer: Tokenizer, count: int, length: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``count`` contexts of ``length`` tokens drawn uniformly (numpy seed ``seed``) from the tokenizer's
+    vocabulary without its added/special tokens; each routes on its own decoded text.  Used when an export
+    is given no check contexts: deterministic, and enough to prove numerics (not meaningful text)."""
+    special = set(tokenizer.get_added_tokens_decoder())
+    vocabulary = np.array([i for i in range(tokenizer.get_vocab_size()) if i not in special])
+    rng = np.random.default_rng(seed)
+    contexts = []
+    for _ in range(count):
+        tokens = [int(t) for t in rng.choice(vocabulary, size=length)]
+        contexts.append({"tokens": tokens, "context": tokenizer.decode(tokens)})
+    return contexts
+
+
+def check_lengths(seq_len: int, max_seq_len: int, new_tokens: int) -> tuple[int, int]:
+    """(prompt tokens, new tokens) of the checks: prompts fit the full-window program (``seq_len``) and
+    prompt + continuation fit the decode program's cache (``max_seq_len``); new tokens take at most half."""
+    new_tokens = min(new_tokens, max_seq_len // 2)
+    return min(PROMPT_TOKENS, seq_len, max_seq_len - new_tokens), new_tokens
+
+
+def check_contexts(
+    contexts_file: Path | None, tokenizer: Tokenizer, count: int, length: int
+) -> list[tuple[str, list[int]]]:
+    """``count`` (routing context, prompt ids) pairs: from ``contexts_file`` (JSON lines as for ``verify``:
+    ``text`` or ``tokens``, optional ``context``) or, without one, from :func:`derive_contexts`.  Prompts are
+    cut to ``length`` tokens; a context defaults to the item's full text."""
+    items = read_contexts(contexts_file)[:count] if contexts_file else derive_contexts(tokenizer, count, length)
+    pairs = []
+    for number, item in enumerate(items, 1):
+        tokens = list(item.get("tokens") or tokenizer.encode(item["text"]).ids)
+        if not tokens:
+            raise ValueError(f"{contexts_file}:{number}: context has no tokens")
+        context = item.get("context") or item.get("text") or tokenizer.decode(tokens)
+        pairs.append((context, tokens[:length]))
+    return pairs
+
+
+def logits_digest(logits: torch.Tensor, top_k: int = TOP_K) -> dict[str, torch.Tensor]:
+    """What a check keeps of prefill logits ``[n, vocab]``: top-k ids/values per position, logsumexp per
+    position, and the last position's full row."""
+    top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+    return {
+        "topk_ids": top.indices.contiguous(),
+        "topk_values": top.values.contiguous(),
+        "logsumexp": logits.logsumexp(-1).contiguous(),
+        "last_logits": logits[-1].contiguous(),
+    }
+
+
+@torch.no_grad()
+def record_checks(
+    model: MemoryLM,
+    tree: CentroidTree,
+    embedder: Embedder,
+    filler: SlotFiller,
+    pairs: Sequence[tuple[str, list[int]]],
+    new_tokens: int,
+    root: Path,
+    bank_scheme: str,
+) -> dict[str, Any]:
+    """Write ``checks/`` under the bundle ``root`` for ``pairs``; returns the manifest's ``checks`` entry.
+
+    ``filler`` fills the slot from the bundle's bank, so the expected values are the eager model's with the
+    memory exactly as the bundle stores it.
+    """
+    paths = tree.route(embedder.embed([context for context, _ in pairs]))
+    checks, tensors = [], {}
+    for index, ((context, prompt), path) in enumerate(zip(pairs, paths)):
+        filler.set_path(path)
+        memory = list(zip(filler.slot[0::2], filler.slot[1::2]))
+        logits = model(torch.tensor([prompt]), memory)[0]
+        for key, value in logits_digest(logits).items():
+            tensors[f"check{index}.{key}"] = value
+        sequence, margins = list(prompt), []
+        for _ in range(new_tokens):
+            top = model(torch.tensor([sequence]), memory)[0, -1].topk(2)
+            margins.append(round(float(top.values[0] - top.values[1]), 6))
+            sequence.append(int(top.indices[0]))
+        checks.append(
+            {
+                "name": f"check{index}",
+                "context": context,
+                "path": [int(n) for n in path],
+                "prompt": prompt,
+                "greedy": sequence[len(prompt) :],
+                "margins": margins,
+            }
+        )
+    body = {
+        "format": CHECKS_FORMAT,
+        "version": CHECKS_VERSION,
+        "source": "eager hm_export.model.MemoryLM with the slot filled from this bundle's bank",
+        "bank_scheme": bank_scheme,
+        "tolerance": TOLERANCE,
+        "top_k": TOP_K,
+        "checks": checks,
+    }
+    (root / CHECKS_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (root / CHECKS_FILE).write_text(json.dumps(body, indent=2) + "\n")
+    save_file(tensors, str(root / EXPECTED_FILE))
+    return {"file": CHECKS_FILE, "expected": EXPECTED_FILE, "count": len(checks), "new_tokens": new_tokens}
+
+
+@dataclass
+class CheckResult:
+    """One line of a replay: ``target`` is a bundle target, ``bundle`` (file integrity) or ``router``;
+    ``program`` is ``window``, ``decode``, ``structure``, ``files`` or ``route``."""
+
+    target: str
+    program: str
+    check: str
+    status: str  # "pass", "fail" or "skipped"
+    detail: str
+    max_abs_diff: float | None = None
+    tokens_matched: int | None = None
+
+
+@dataclass
+class ChecksReport:
+    bundle: str
+    checks: int
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """No failure, and at least one numerical replay ran."""
+        statuses = [r.status for r in self.results]
+        ran = any(r.status == "pass" and r.program in ("window", "decode") for r in self.results)
+        return "fail" not in statuses and ran
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Per target and program: how many checks passed, failed, were skipped."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self.results:
+            counts = out.setdefault(f"{r.target}/{r.program}", {"pass": 0, "fail": 0, "skipped": 0})
+            counts[r.status] += 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bundle": self.bundle,
+            "checks": self.checks,
+            "passed": self.passed,
+            "summary": self.summary(),
+            "results": [asdict(r) for r in self.results],
+        }
+
+
+def load_checks(root: Path, entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The parsed ``checks.json`` and expected tensors; raises ValueError naming the file and problem."""
+    path = root / entry["file"]
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the checks ({exc})") from exc
+    if body.get("format") != CHECKS_FORMAT or body.get("version") != CHECKS_VERSION:
+        raise ValueError(f"{path}: not {CHECKS_FORMAT} version {CHECKS_VERSION}")
+    try:
+        expected = load_file(str(root / entry["expected"]))
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"{root / entry['expected']}: cannot read the expected logits ({exc})") from exc
+    missing = [f"check{i}.{key}" for i in range(len(body["checks"])) for key in logits_digest(torch.zeros(1, 1))]
+    missing = [name for name in missing if name not in expected]
+    if missing:
+        raise ValueError(f"{root / entry['expected']}: missing tensors {missing}")
+    return body, expected
+
+
+def compare_logits(got: torch.Tensor, expected: dict[str, torch.Tensor], tolerance: float) -> tuple[bool, str, float]:
+    """Prefill logits ``[n, vocab]`` against a digest: (within tolerance, what differs most, max |diff|)."""
+    if got.shape[0] != expected["logsumexp"].shape[0]:
+        return False, f"{got.shape[0]} logits rows, expected {expected['logsumexp'].shape[0]}", float("inf")
+    got = got.float()
+    diffs = {
+        "top-k logits": (got.gather(1, expected["topk_ids"]) - expected["topk_values"]).abs().max(),
+        "logsumexp": (got.logsumexp(-1) - expected["logsumexp"]).abs().max(),
+        "last-position logits": (got[-1] - expected["last_logits"]).abs().max(),
+    }
+    worst = max(diffs, key=lambda k: float(diffs[k]) if diffs[k] == diffs[k] else float("inf"))
+    value = float(diffs[worst])
+    ok = value <= tolerance  # NaN fails
+    verdict = "within" if ok else "beyond"
+    return ok, f"max |diff| {value:.3g} ({worst}) {verdict} tolerance {tolerance:g}", value
+
+
+def compare_greedy(got: list[int], check: dict[str, Any], tolerance: float) -> tuple[bool, str, int]:
+    """A greedy continuation against the recorded one: (pass, detail, tokens matched)."""
+    expected, margins = check["greedy"], check["margins"]
+    for step, (token, want) in enumerate(zip(got, expected)):
+        if token != want:
+            margin = margins[step]
+            if margin <= 2 * tolerance:
+                return True, f"{step} tokens equal, then a near-tie (margin {margin:.2g}): not compared further", step
+            return False, f"greedy token {step} is {token}, expected {want} (margin {margin:.3g})", step
+    if len(got) < len(expected):
+        return False, f"stopped after {len(got)} of {len(expected)} greedy tokens", len(got)
+    return True, f"{len(expected)} greedy tokens equal", len(expected)
+
+
+def _replay_window(loader: Any, target: str, body: dict, expected: dict, tolerance: float) -> list[CheckResult]:
+    try:
+        loader.use_target(target)
+    except HostUnsupported as exc:
+        return [CheckResult(target, "window", c["name"], "skipped", str(exc)) for c in body["checks"]]
+    results = []
+    for index, check in enumerate(body["checks"]):
+        loader.set_path(check["path"])
+        ok, detail, diff = compare_logits(loader.logits(check["prompt"]), _digest(expected, index), tolerance)
+        results.append(CheckResult(target, "window", check["name"], "pass" if ok else "fail", detail, diff))
+    return results
+
+
+def _replay_decode(loader: Any, target: str, body: dict, expected: dict, tolerance: float) -> list[CheckResult]:
+    from hm_export.runtime_stubs.generate import Generator, Sampling
+
+    try:
+        generator = Generator(loader, target)
+    except HostUnsupported as exc:
+        return [CheckResult(target, "decode", c["name"], "skipped", str(exc)) for c in body["checks"]]
+    results = []
+    for index, check in enumerate(body["checks"]):
+        loader.set_path(check["path"])
+        ok, detail, diff = compare_logits(generator.prefill(check["prompt"]), _digest(expected, index), tolerance)
+        tokens = generator.generate(check["prompt"], Sampling(max_new_tokens=len(check["greedy"]))).new_tokens
+        greedy_ok, greedy_detail, matched = compare_greedy(tokens, check, tolerance)
+        status = "pass" if ok and greedy_ok else "fail"
+        results.append(
+            CheckResult(target, "decode", check["name"], status, f"{detail}; {greedy_detail}", diff, matched)
+        )
+    return results
+
+
+def _digest(expected: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    prefix = f"check{index}."
+    return {name[len(prefix) :]: value for name, value in expected.items() if name.startswith(prefix)}
+
+
+def _structure(loader: Any, target: str) -> list[CheckResult]:
+    from hm_export.runtime_stubs.loader import target_files
+
+    check_structure = TARGETS[target].check_structure
+    entry = loader.manifest["targets"][target]
+    if check_structure is None:
+        return []
+    results = []
+    for program, program_entry, decode in (("window", entry, False), ("decode", entry.get("decode"), True)):
+        if program_entry is None:
+            continue
+        files = target_files(loader.root, loader.manifest, target, decode=decode)
+        report = check_structure(files, loader.contract, program_entry)
+        detail = f"{program} program: " + (
+            "; ".join(report["problems"]) or "inputs, outputs, states and ops as expected"
+        )
+        results.append(CheckResult(target, "structure", "-", "pass" if report["passed"] else "fail", detail))
+    return results
+
+
+def _precision(program_entry: dict[str, Any]) -> str:
+    """The precision a program computes in, for its tolerance: fp16 compute or an fp16 KV cache count as fp16."""
+    if "float16" in (program_entry.get("precision"), program_entry.get("state_dtype")):
+        return "float16"
+    return "float32"
+
+
+def run_checks(
+    bundle_dir: Path, targets: Sequence[str] | None = None, embedder: Embedder | None = None
+) -> ChecksReport:
+    """Replay a bundle's golden checks on every target (or ``targets``) that runs on this host."""
+    from hm_export.runtime_stubs.loader import BundleLoader
+
+    root = Path(bundle_dir)
+    manifest = read_manifest(root)
+    entry = manifest.get("checks")
+    if entry is None:
+        raise BundleError(f"{root / 'manifest.json'}: the bundle has no golden checks (exported with --checks 0)")
+    unknown = [t for t in targets or () if t not in manifest["targets"]]
+    if unknown:
+        raise BundleError(f"{root / 'manifest.json'}: no target {unknown} (bundle has {sorted(manifest['targets'])})")
+    report = ChecksReport(str(root), entry["count"])
+    problems = list(file_problems(root, manifest))
+    report.results += [CheckResult("bundle", "files", "-", "fail", problem) for problem in problems]
+    if not problems:
+        detail = f"{len(manifest['files'])} files match their sizes and sha256"
+        report.results.append(CheckResult("bundle", "files", "-", "pass", detail))
+    try:
+        body, expected = load_checks(root, entry)
+    except ValueError as exc:
+        report.results.append(CheckResult("bundle", "files", "-", "fail", str(exc)))
+        return report
+    loader = BundleLoader(root, target=None, verify=False, embedder=embedder)
+    for check in body["checks"]:
+        route = list(loader.route(check["context"]))
+        ok = route == check["path"]
+        detail = f"routes to {route}" + ("" if ok else f", recorded {check['path']}")
+        report.results.append(CheckResult("router", "route", check["name"], "pass" if ok else "fail", detail))
+    for target in targets or manifest["targets"]:
+        target_entry = manifest["targets"][target]
+        report.results += _structure(loader, target)
+        replays = [("window", _replay_window, target_entry)]
+        if "decode" in target_entry:
+            replays.append(("decode", _replay_decode, target_entry["decode"]))
+        for program, replay, program_entry in replays:
+            tolerance = body["tolerance"][_precision(program_entry)]
+            try:
+                report.results += replay(loader, target, body, expected, tolerance)
+            except Exception as exc:  # a damaged program can make its runtime raise anything: report, go on
+                detail = f"{type(exc).__name__}: {exc}"
+                report.results.append(CheckResult(target, program, "-", "fail", f"the program failed to run: {detail}"))
+    return report
