@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hm_export.formats import read_format_json
+
 BUNDLE_FORMAT = "hm-export-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -83,20 +85,7 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{path}: missing (not an hm-export bundle)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path}: format {manifest.get('format')!r} is not {BUNDLE_FORMAT!r}")
-    if manifest.get("format_version") != BUNDLE_VERSION:
-        raise BundleError(
-            f"{path}: format_version {manifest.get('format_version')!r} unsupported (reads {BUNDLE_VERSION})"
-        )
-    return manifest
+    return read_format_json(Path(root) / MANIFEST, BUNDLE_FORMAT, BUNDLE_VERSION, BundleError, "an hm-export bundle")
 
 
 def file_problems(root: Path, manifest: dict[str, Any]) -> Iterator[str]:

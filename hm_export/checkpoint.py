@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 from hm_export.atomic import atomic_directory
 from hm_export.config import ConfigError, ModelConfig
+from hm_export.formats import read_format_json
 from hm_export.model import MemoryLM
 from hm_export.router import MINILM_DIM, CentroidTree
 
@@ -123,21 +124,7 @@ def save_checkpoint(
 
 def read_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (not an hm-export checkpoint directory)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    if config.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path}: format is {config.get('format')!r}, expected {FORMAT_NAME!r}")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format_version {config.get('format_version')!r} is not supported "
-            f"(this hm-export reads {FORMAT_VERSION})"
-        )
+    config = read_format_json(path, FORMAT_NAME, FORMAT_VERSION, CheckpointError, "an hm-export checkpoint directory")
     if config.get("storage_dtype") not in STORAGE_DTYPES:
         raise CheckpointError(f"{path}: storage_dtype {config.get('storage_dtype')!r} not in {sorted(STORAGE_DTYPES)}")
     return config

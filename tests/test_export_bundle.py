@@ -186,7 +186,15 @@ def test_manifest_slot_contract(manifest):
 
 def test_manifest_files_match_their_sizes_and_hashes(bundle, manifest):
     files = manifest["files"]
-    assert set(files) == {"tokenizer.json", "router.safetensors", "bank/index.json", PROGRAM}
+    assert set(files) == {
+        "tokenizer.json",
+        "router.safetensors",
+        "bank/index.json",
+        PROGRAM,
+        "executorch/decode.pte",
+        "checks/checks.json",
+        "checks/expected.safetensors",
+    }
     for relative, record in files.items():
         data = (bundle / relative).read_bytes()
         assert record == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, relative

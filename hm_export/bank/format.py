@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 from hm_export.bank.errors import BankError
 from hm_export.bank.schemes import SCHEMES, Scheme, check_preset, resolve_preset
 from hm_export.config import ConfigError, MemoryConfig
+from hm_export.formats import read_format_json
 
 FORMAT_NAME = "hm-export-bank"
 FORMAT_VERSION = 2
@@ -159,20 +160,13 @@ class BankIndex:
     @classmethod
     def load(cls, path: Path) -> BankIndex:
         """Read and validate ``index.json``; every problem is a :class:`BankError` naming ``path``."""
-        if not path.is_file():
-            raise BankError(f"{path}: missing (not an hm-export bank directory, or its quantization did not finish)")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BankError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
-            found = raw.get("format") if isinstance(raw, dict) else raw
-            raise BankError(f"{path}: format is {found!r}, expected {FORMAT_NAME!r}")
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise BankError(
-                f"{path}: format_version {raw.get('format_version')!r} is not supported (this reader: "
-                f"{FORMAT_VERSION}); re-create the bank with `hm-export bank quantize`"
-            )
+        raw = read_format_json(
+            path,
+            FORMAT_NAME,
+            FORMAT_VERSION,
+            BankError,
+            "a complete hm-export bank: no index, or quantization unfinished",
+        )
         try:
             check_preset(raw.get("scheme"))
         except BankError as exc:
