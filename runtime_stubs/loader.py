@@ -75,6 +75,10 @@ class BundleLoader:
         self.manifest = read_manifest(self.root)
         if verify:
             verify_files(self.root, self.manifest)
+        sections = ("model", "slot", "bank", "tokenizer", "router", "targets")
+        missing = [key for key in sections if key not in self.manifest]
+        if missing:
+            raise BundleError(f"{self.root / 'manifest.json'}: malformed manifest, missing {missing}")
         self.config = ModelConfig.from_dict(self.manifest["model"])
         try:
             self.contract = SlotContract.from_dict(self.manifest["slot"])

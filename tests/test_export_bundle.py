@@ -467,3 +467,13 @@ def test_verify_bundle_passes_on_held_out_contexts(bundle, checkpoint_dir, tmp_p
         CFG.memory.validate_path(result.path)
         assert result.perplexity_bundle == pytest.approx(result.perplexity_eager, rel=1e-3)
     assert report.distinct_paths == len({r.path for r in report.results}) >= 1
+
+
+def test_loader_names_missing_manifest_sections(bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["model"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"manifest.json: malformed manifest, missing \['model'\]"):
+        BundleLoader(copy, target=None, verify=False)
