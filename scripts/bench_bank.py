@@ -5,7 +5,7 @@
   does: ``open`` + one ``preadv`` of the block's range into a reused buffer + ``close``, no checks;
 * dequantize throughput per scheme and level shape, straight into the slot's level ranges (the real fill);
 * peak RSS of a fresh process serving random paths from the big bank vs from a bank ~1/95 its size with the
-  same block shapes, for the streaming policy and for level 0 resident + a 256 MB LRU.
+  same block shapes, for the streaming policy and for level 0 resident + a 256 MiB LRU.
 
 Usage: ``python scripts/bench_bank.py [--bank BIG] [--small-bank SMALL] [--scale paper|tiny] [--json]``: a bank not
 given (e.g. kept by ``scripts/paper_scale_bank.py --keep``) is synthesized under ``--dir`` and deleted after.
@@ -46,9 +46,9 @@ for path in random_paths(memory, int(sys.argv[4]), seed=3):
 seconds = time.perf_counter() - start
 status = open("/proc/self/status").read().splitlines()
 hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-print(json.dumps({"peak_rss_mb": round(hwm / 1024, 1), "serve_seconds": round(seconds, 2),
-                  "resident_mb": round(filler.blocks.resident_bytes / 2**20, 1),
-                  "lru_mb": round(filler.blocks.cached_bytes / 2**20, 1)}))
+print(json.dumps({"peak_rss_mib": round(hwm / 1024, 1), "serve_seconds": round(seconds, 2),
+                  "resident_mib": round(filler.blocks.resident_bytes / 2**20, 1),
+                  "lru_mib": round(filler.blocks.cached_bytes / 2**20, 1)}))
 """
 POLICIES = {"streaming": (0, 0), "level0-resident+256MB-LRU": (1, 256 << 20)}
 
@@ -162,7 +162,7 @@ def run(banks: dict[str, Path], schemes: list[str], max_bytes: int, repeats: int
     rss = serving_rss(banks, paths)
     by_policy = {row["policy"]: {} for row in rss}
     for row in rss:
-        by_policy[row["policy"]][row["bank"]] = row["peak_rss_mb"]
+        by_policy[row["policy"]][row["bank"]] = row["peak_rss_mib"]
     return {
         "bank": str(banks["big"]),
         "bank_scheme": index.scheme,
@@ -191,11 +191,11 @@ def print_tables(result: dict[str, Any]) -> None:
             f"| {row['scheme']} | {row['level']} ({row['width']}) | {row['payload_bytes']} | {row['ms']} | "
             f"{row['out_gb_per_s']} | {row['in_gb_per_s']} |"
         )
-    print("\n| policy | bank | bank GB | peak RSS MB | resident MB | LRU MB |\n|---|---|---:|---:|---:|---:|")
+    print("\n| policy | bank | bank GB | peak RSS MiB | resident MiB | LRU MiB |\n|---|---|---:|---:|---:|---:|")
     for row in result["serving_rss"]:
         print(
-            f"| {row['policy']} | {row['bank']} | {row['bank_gb']} | {row['peak_rss_mb']} | {row['resident_mb']} | "
-            f"{row['lru_mb']} |"
+            f"| {row['policy']} | {row['bank']} | {row['bank_gb']} | {row['peak_rss_mib']} | {row['resident_mib']} | "
+            f"{row['lru_mib']} |"
         )
     print(f"\npeak RSS big / small: {result['rss_big_over_small']}")
 

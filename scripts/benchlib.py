@@ -148,8 +148,8 @@ def _tree_memory_kib(pid: int) -> tuple[int, int]:
 @dataclass
 class Measured:
     result: Any
-    peak_tree_pss_mb: float  # all processes together
-    peak_process_rss_mb: float  # the largest single process
+    peak_tree_pss_mib: float  # all processes together
+    peak_process_rss_mib: float  # the largest single process
     seconds: float
 
 

@@ -65,8 +65,8 @@ def quantize_measured(
         "seconds": report["seconds"],
         "source_gb": round(report["source_bytes"] / 1e9, 3),
         "input_gb_per_s": report["source_gb_per_s"],
-        "peak_pss_mb": measured.peak_tree_pss_mb,
-        "peak_process_rss_mb": measured.peak_process_rss_mb,
+        "peak_pss_mib": measured.peak_tree_pss_mib,
+        "peak_process_rss_mib": measured.peak_process_rss_mib,
         "bank_bytes": report["bank_bytes"],
     }
 
@@ -145,7 +145,7 @@ def run(
             "bytes": source_bytes,
             "write_seconds": round(time.perf_counter() - start, 1),
         },
-        "quantize_baseline_pss_mb": run_measured(IMPORTS_ONLY).peak_tree_pss_mb,
+        "quantize_baseline_pss_mib": run_measured(IMPORTS_ONLY).peak_tree_pss_mib,
         "quantize": [],
         "fetch": [],
     }
@@ -177,16 +177,16 @@ def print_tables(result: dict) -> None:
     config = result["config"]
     print(f"bank: {config['bank_params'] / 1e9:.2f}B params, nodes {config['nodes']}, widths {config['widths']}")
     print(f"bf16 source: {result['source']['bytes'] / 1e9:.2f} GB written in {result['source']['write_seconds']} s")
-    print(f"quantizer process after imports (python, numpy, torch): {result['quantize_baseline_pss_mb']} MB PSS")
+    print(f"quantizer process after imports (python, numpy, torch): {result['quantize_baseline_pss_mib']} MiB PSS")
     print(
-        "\n| scheme | layout | source cache | input GB/s | seconds | peak PSS MB, all processes "
-        "| peak RSS MB, largest process | bank GB | bits/param |"
+        "\n| scheme | layout | source cache | input GB/s | seconds | peak PSS MiB, all processes "
+        "| peak RSS MiB, largest process | bank GB | bits/param |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for q in result["quantize"]:
         print(
             f"| {q['scheme']} | {q['layout']} | {q['source_cache']} | {q['input_gb_per_s']:.3f} | {q['seconds']:.1f} | "
-            f"{q['peak_pss_mb']:.0f} | {q['peak_process_rss_mb']:.0f} | {q['bank_bytes'] / 1e9:.3f} | "
+            f"{q['peak_pss_mib']:.0f} | {q['peak_process_rss_mib']:.0f} | {q['bank_bytes'] / 1e9:.3f} | "
             f"{q['bits_per_param']} |"
         )
     print(

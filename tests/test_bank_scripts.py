@@ -39,7 +39,7 @@ def test_paper_scale_script_at_tiny_scale(tmp_path: Path) -> None:
         ("int8", "per-block"), ("int4-g32", "per-block"), ("int8", "per-level"), ("int4-g32", "per-level"),
     ]  # fmt: skip
     for q in out["quantize"]:
-        assert q["input_gb_per_s"] > 0 and q["peak_pss_mb"] > 0 and q["bank_bytes"] > 0
+        assert q["input_gb_per_s"] > 0 and q["peak_pss_mib"] > 0 and q["bank_bytes"] > 0
     for fetch in out["fetch"]:
         assert set(fetch["warm"]["per_level"]) == {"level0", "level1", "level2"}
         assert ("cold" in fetch) == (fetch["layout"] == "per-block")
