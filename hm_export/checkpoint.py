@@ -24,10 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from hm_export.architectures import MemoryModel, build_model
 from hm_export.atomic import atomic_directory
 from hm_export.config import ConfigError, ModelConfig
 from hm_export.formats import read_format_json
-from hm_export.model import MemoryLM
 from hm_export.router import MINILM_DIM, CentroidTree
 
 FORMAT_NAME = "hm-export-checkpoint"
@@ -52,7 +52,7 @@ class Checkpoint:
 
     path: Path
     config: ModelConfig
-    model: MemoryLM
+    model: MemoryModel
     tree: CentroidTree
     tokenizer: Tokenizer
     storage_dtype: str
@@ -64,16 +64,23 @@ def expected_bank_shapes(cfg: ModelConfig, level: int) -> dict[str, tuple[int, .
     return {"gate": (nodes, layers, d, r), "up": (nodes, layers, d, r), "down": (nodes, layers, r, d)}
 
 
+def anchor_state(model: MemoryModel) -> dict[str, torch.Tensor]:
+    """The stored anchor tensors: parameters and persistent buffers outside the bank, each once (a tied
+    output head is the embedding, stored under the embedding's name only)."""
+    stored = set(model.state_dict(keep_vars=True))
+    named = [*model.named_parameters(), *model.named_buffers()]  # both skip tied duplicates
+    return {name: t for name, t in named if name in stored and not name.startswith("bank.")}
+
+
 def expected_anchor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):  # shapes only, no allocation
-        reference = MemoryLM(cfg)
-    bank_names = {name for name, _ in reference.named_parameters() if name.startswith("bank.")}
-    return {n: tuple(p.shape) for n, p in reference.state_dict().items() if n not in bank_names}
+        reference = build_model(cfg)
+    return {name: tuple(t.shape) for name, t in anchor_state(reference).items()}
 
 
 def save_checkpoint(
     directory: Path,
-    model: MemoryLM,
+    model: MemoryModel,
     tree: CentroidTree,
     tokenizer: Tokenizer,
     storage_dtype: str = "float32",
@@ -85,9 +92,7 @@ def save_checkpoint(
     dtype = STORAGE_DTYPES[storage_dtype]
     with atomic_directory(Path(directory), overwrite=True) as tmp:
         cfg = model.cfg
-        anchor = {
-            n: t.detach().to(dtype).contiguous() for n, t in model.state_dict().items() if not n.startswith("bank.")
-        }
+        anchor = {n: t.detach().to(dtype).contiguous() for n, t in anchor_state(model).items()}
         save_file(anchor, str(tmp / ANCHOR_FILE))
         for level in range(cfg.memory.num_levels):
             tensors = {
@@ -159,9 +164,10 @@ def load_checkpoint(directory: Path | str) -> Checkpoint:
     raw = read_config(directory)
     try:
         cfg = ModelConfig.from_dict(raw["model"])
+        anchor_shapes = expected_anchor_shapes(cfg)
     except (ConfigError, ValueError, TypeError, KeyError) as exc:  # also int("x"), dict(non-object), ...
         raise CheckpointError(f"{directory / 'config.json'}: invalid model config: {exc}") from exc
-    state = _read_tensors(directory / ANCHOR_FILE, expected_anchor_shapes(cfg))
+    state = _read_tensors(directory / ANCHOR_FILE, anchor_shapes)
     for level in range(cfg.memory.num_levels):
         tensors = _read_tensors(directory / bank_file(level), expected_bank_shapes(cfg, level))
         state.update({f"bank.{name}.{level}": t for name, t in tensors.items()})
@@ -178,8 +184,9 @@ def load_checkpoint(directory: Path | str) -> Checkpoint:
         raise CheckpointError(
             f"{tokenizer_path}: vocabulary {tokenizer.get_vocab_size()} exceeds model vocab_size {cfg.vocab_size}"
         )
-    model = MemoryLM(cfg)
-    model.load_state_dict(state)  # rope/mask buffers are derived (non-persistent), not stored
+    model = build_model(cfg)
+    # strict=False: tied aliases (a host's lm_head) are not stored; every stored tensor was checked above
+    model.load_state_dict(state, strict=False)  # rope/mask buffers are derived (non-persistent), not stored
     model.eval()
     tree = CentroidTree(cfg.memory, [router[f"level{lv}"].numpy() for lv in range(cfg.memory.num_levels)])
     return Checkpoint(directory, cfg, model, tree, tokenizer, raw["storage_dtype"], raw.get("metadata", {}))

@@ -10,9 +10,9 @@ from the tokenizer, see :func:`derive_contexts`) and writes into ``checks/``:
   largest logits of every position with their token ids, every position's logsumexp, and the whole logits
   row of the last position.
 
-The expected values come from :class:`~hm_export.model.MemoryLM` run eagerly with the slot filled from the
-bundle's own bank, so they are what a correct runtime computes for this bundle (with a quantized bank
-scheme, the quantized memory; ``hm-export verify`` measures the distance to the float checkpoint).
+The expected values come from the eager model (:func:`~hm_export.architectures.build_model`) run with the
+slot filled from the bundle's own bank, so they are what a correct runtime computes for this bundle (with a
+quantized bank scheme, the quantized memory; ``hm-export verify`` measures the distance to the float checkpoint).
 
 :func:`run_checks` replays them on any machine: bundle integrity (every listed file's size and sha256),
 the router (each context routes to its recorded path), then per target and per program (full window,
@@ -36,8 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from hm_export.architectures import MemoryModel
 from hm_export.bundle import BundleError, file_problems, read_manifest
-from hm_export.model import MemoryLM
 from hm_export.router import CentroidTree, Embedder
 from hm_export.runtime_stubs.block_cache import SlotFiller
 from hm_export.targets import TARGETS, HostUnsupported
@@ -104,7 +104,7 @@ def logits_digest(logits: torch.Tensor, top_k: int = TOP_K) -> dict[str, torch.T
 
 @torch.no_grad()
 def record_checks(
-    model: MemoryLM,
+    model: MemoryModel,
     tree: CentroidTree,
     embedder: Embedder,
     filler: SlotFiller,
@@ -144,7 +144,7 @@ def record_checks(
     body = {
         "format": CHECKS_FORMAT,
         "version": CHECKS_VERSION,
-        "source": "eager hm_export.model.MemoryLM with the slot filled from this bundle's bank",
+        "source": "the eager model (hm_export.architectures.build_model) with the slot filled from this bundle's bank",
         "bank_scheme": bank_scheme,
         "tolerance": TOLERANCE,
         "top_k": TOP_K,

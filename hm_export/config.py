@@ -15,6 +15,9 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
+ANCHOR_ARCHITECTURE = "hm-anchor"
+HOST_ARCHITECTURE_PREFIX = "hf-"
+
 
 class ConfigError(ValueError):
     """A configuration is inconsistent or does not describe this model family."""
@@ -77,7 +80,14 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Anchor transformer (pre-norm RMSNorm, RoPE, SwiGLU, tied embeddings) plus memory."""
+    """The anchor transformer plus its memory.
+
+    ``architecture`` ``"hm-anchor"`` is :class:`~hm_export.model.MemoryLM` (pre-norm RMSNorm, RoPE, SwiGLU,
+    tied embeddings).  ``"hf-<family>"`` is a Hugging Face ``transformers`` host model with memories attached
+    to its MLPs (:mod:`hm_export.hf`): ``host`` holds the host's ``transformers`` config and the other fields
+    summarise it (the slot, the bank and the KV cache only need these), ``attention_head_dim`` where the
+    host's head size is not ``d_model // n_heads``.
+    """
 
     vocab_size: int
     d_model: int
@@ -89,33 +99,47 @@ class ModelConfig:
     memory: MemoryConfig
     rope_theta: float = 100000.0
     norm_eps: float = 1e-5
-    architecture: str = field(default="hm-anchor")
+    architecture: str = field(default=ANCHOR_ARCHITECTURE)
+    host: dict[str, Any] | None = None
+    attention_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.architecture == ANCHOR_ARCHITECTURE:
+            if self.host is not None or self.attention_head_dim is not None:
+                raise ConfigError(f"architecture {ANCHOR_ARCHITECTURE!r} takes no host config or attention_head_dim")
+            if self.d_model % self.n_heads:
+                raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        elif not self.architecture.startswith(HOST_ARCHITECTURE_PREFIX):
+            raise ConfigError(
+                f"architecture {self.architecture!r} is neither {ANCHOR_ARCHITECTURE!r} "
+                f"nor a Hugging Face host ('{HOST_ARCHITECTURE_PREFIX}<family>')"
+            )
+        elif not isinstance(self.host, dict):
+            raise ConfigError(f"architecture {self.architecture!r} needs the host's transformers config in 'host'")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-        if (self.d_model // self.n_heads) % 2:
+        if self.head_dim % 2:
             raise ConfigError("head dimension must be even for RoPE")
         if self.memory.layers[-1] >= self.n_layers:
             raise ConfigError(f"memory.layers {self.memory.layers} exceed n_layers {self.n_layers}")
-        if self.architecture != "hm-anchor":
-            raise ConfigError(f"architecture {self.architecture!r} is not 'hm-anchor'")
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attention_head_dim or self.d_model // self.n_heads
 
     def block_params(self, level: int) -> int:
         """Parameters of one bank block: G, U (r x d) and D (d x r) for every memory layer."""
         return 3 * self.memory.widths[level] * self.d_model * len(self.memory.layers)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        body = asdict(self)
+        for optional in ("host", "attention_head_dim"):  # only Hugging Face hosts carry them
+            if body[optional] is None:
+                del body[optional]
+        return body
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

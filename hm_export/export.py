@@ -12,6 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from hm_export import __version__
+from hm_export.architectures import MemoryModel
 from hm_export.atomic import atomic_directory
 from hm_export.bank import BankReader, check_preset, write_bank
 from hm_export.bundle import (
@@ -26,7 +27,6 @@ from hm_export.bundle import (
 from hm_export.checkpoint import ROUTER_FILE, TOKENIZER_FILE, load_checkpoint
 from hm_export.checks import check_contexts, check_lengths, record_checks
 from hm_export.decode import CacheSpec, trace_decode_program
-from hm_export.model import MemoryLM
 from hm_export.passes.pipeline import PIPELINES
 from hm_export.router import Embedder, MiniLMEmbedder
 from hm_export.runtime_stubs.block_cache import SlotFiller
@@ -81,7 +81,7 @@ class ExportReport:
 def _emit_decode(
     target: Target,
     support: DecodeSupport,
-    model: MemoryLM,
+    model: MemoryModel,
     contract: SlotContract,
     out_dir: Path,
     options: EmitOptions,
@@ -146,10 +146,12 @@ def export_bundle(
             emitted = target.emit(program, tmp / target.directory, recipe.options)
             emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
             emitted["pipeline"] = {"name": target.pipeline, "passes": [asdict(r) for r in program.pass_records]}
-            if recipe.decode and target.decode is not None:
+            if recipe.decode and target.decode is not None and ckpt.model.supports_decode:
                 emitted["decode"] = _emit_decode(
                     target, target.decode, ckpt.model, contract, tmp, recipe.options, decode_programs
                 )
+            elif recipe.decode and target.decode is not None:
+                emitted["decode_skipped"] = f"no KV-cache decode program for {ckpt.config.architecture} models yet"
             targets[name] = emitted
             step(name, start)
 

@@ -20,7 +20,7 @@ transposes the slot: per level ``gate = G^T`` and ``up = U^T`` as ``[nodes, laye
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,12 +114,28 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def memory_ffn(x: Tensor, memory: LayerMemory) -> Tensor:
-    """``D_m(silu(G_m x) * U_m x)`` with the slot as batched-matmul operands (no transposes)."""
+def memory_ffn(x: Tensor, memory: LayerMemory, activation: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
+    """``D_m(act(G_m x) * U_m x)`` with the slot as batched-matmul operands (no transposes).
+
+    ``activation`` is the host FFN's (SiLU for the anchor; a Hugging Face host's own, e.g. tanh-GELU for Gemma).
+    """
     gate_up, down = memory
     width = down.shape[-2]
     hidden = torch.bmm(x, gate_up)
-    return torch.bmm(F.silu(hidden[..., :width]) * hidden[..., width:], down)
+    return torch.bmm(activation(hidden[..., :width]) * hidden[..., width:], down)
+
+
+def check_forward_inputs(cfg: ModelConfig, tokens: Tensor, memory: Sequence[LayerMemory] | None) -> None:
+    """The window fits ``max_seq_len`` and ``memory`` has one entry per memory layer."""
+    if tokens.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len {cfg.max_seq_len}")
+    if memory is not None and len(memory) != len(cfg.memory.layers):
+        raise ValueError(f"memory has {len(memory)} layers, the model declares {len(cfg.memory.layers)}")
+
+
+def expand_paths(tokens: Tensor, paths: Tensor) -> Tensor:
+    """``paths`` as ``[B, levels]``: a single ``[levels]`` path is shared by the batch."""
+    return paths.unsqueeze(0).expand(tokens.shape[0], -1) if paths.dim() == 1 else paths
 
 
 class Block(nn.Module):
@@ -172,6 +188,8 @@ class MemoryBank(nn.Module):
 class MemoryLM(nn.Module):
     """Anchor transformer plus hierarchical FFN memory."""
 
+    supports_decode = True  # hm_export.decode traces a KV-cache program from its blocks
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -188,11 +206,8 @@ class MemoryLM(nn.Module):
 
     def forward(self, tokens: Tensor, memory: Sequence[LayerMemory] | None = None) -> Tensor:
         """Logits ``[B, T, vocab]`` given an already assembled memory (one entry per memory layer)."""
+        check_forward_inputs(self.cfg, tokens, memory)
         seq = tokens.shape[1]
-        if seq > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {seq} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        if memory is not None and len(memory) != len(self.cfg.memory.layers):
-            raise ValueError(f"memory has {len(memory)} layers, the model declares {len(self.cfg.memory.layers)}")
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         mask = self.causal_mask[:seq, :seq]
         layer_memory = dict(zip(self.cfg.memory.layers, memory)) if memory is not None else {}
@@ -203,16 +218,20 @@ class MemoryLM(nn.Module):
 
     def forward_path(self, tokens: Tensor, paths: Tensor) -> Tensor:
         """Logits with the memory of ``paths`` (``[B, levels]`` or ``[levels]`` node ids)."""
-        if paths.dim() == 1:
-            paths = paths.unsqueeze(0).expand(tokens.shape[0], -1)
-        return self(tokens, self.bank.assemble(paths))
+        return self(tokens, self.bank.assemble(expand_paths(tokens, paths)))
 
     def anchor_parameters(self) -> list[nn.Parameter]:
         bank_ids = {id(p) for p in self.bank.parameters()}
         return [p for p in self.parameters() if id(p) not in bank_ids]
 
+    def slot_module(self, memory: Sequence[LayerMemory]) -> nn.Module:
+        """The anchor with ``memory`` held as parameters: what the export passes lift into the slot."""
+        from hm_export.slot import SlotModule  # slot.py builds on this module
 
-def assemble_path(model: MemoryLM, path: Sequence[int]) -> list[LayerMemory]:
+        return SlotModule(self, memory)
+
+
+def assemble_path(model: nn.Module, path: Sequence[int]) -> list[LayerMemory]:
     """The assembled memory of one path, batch 1, detached: what the exported slot receives."""
     path = model.cfg.memory.validate_path(path)
     with torch.no_grad():

@@ -146,12 +146,36 @@ def slot_tensors(memory: Sequence[LayerMemory]) -> list[Tensor]:
     return [t for pair in memory for t in pair]
 
 
-class SlotModule(MemoryLM):
-    """The anchor of a MemoryLM plus the assembled memory of one path held as *parameters*.
+class SlotParameters(nn.Module):
+    """Holds the assembled memory of one path as *parameters* ``slot.mem{j}_gate_up`` / ``slot.mem{j}_down``.
 
-    Exporting this module gives a program where the memory is constant; the slot passes lift exactly
-    the parameters named by :meth:`memory_parameter_names` into graph inputs.  The bank itself is not
-    a submodule, so no bank weight can reach the program.
+    Exporting a module built on this gives a program where the memory is constant; the slot passes lift
+    exactly the parameters named by :meth:`memory_parameter_names` into graph inputs.
+    """
+
+    cfg: ModelConfig
+
+    def hold_memory(self, memory: Sequence[LayerMemory]) -> None:
+        self.slot = nn.ParameterDict()
+        for layer, (gate_up, down) in zip(self.cfg.memory.layers, memory):
+            self.slot[f"mem{layer}_gate_up"] = nn.Parameter(gate_up.detach().clone(), requires_grad=False)
+            self.slot[f"mem{layer}_down"] = nn.Parameter(down.detach().clone(), requires_grad=False)
+
+    def slot_memory(self) -> list[LayerMemory]:
+        return [(self.slot[f"mem{j}_gate_up"], self.slot[f"mem{j}_down"]) for j in self.cfg.memory.layers]
+
+    def memory_parameter_names(self) -> list[str]:
+        """Fully qualified names of the memory parameters, in slot-input order."""
+        return [f"slot.{name}" for name in self.slot]
+
+    def anchor_parameter_names(self) -> list[str]:
+        return [name for name, _ in self.named_parameters() if not name.startswith("slot.")]
+
+
+class SlotModule(MemoryLM, SlotParameters):
+    """The anchor of a MemoryLM plus the memory of one path as parameters (:class:`SlotParameters`).
+
+    The bank itself is not a submodule, so no bank weight can reach the program.
     """
 
     def __init__(self, model: MemoryLM, memory: Sequence[LayerMemory]) -> None:
@@ -161,18 +185,7 @@ class SlotModule(MemoryLM):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.register_buffer("causal_mask", model.causal_mask, persistent=False)
-        self.slot = nn.ParameterDict()
-        for layer, (gate_up, down) in zip(self.cfg.memory.layers, memory):
-            self.slot[f"mem{layer}_gate_up"] = nn.Parameter(gate_up.detach().clone(), requires_grad=False)
-            self.slot[f"mem{layer}_down"] = nn.Parameter(down.detach().clone(), requires_grad=False)
-
-    def memory_parameter_names(self) -> list[str]:
-        """Fully qualified names of the memory parameters, in slot-input order."""
-        return [f"slot.{name}" for name in self.slot]
-
-    def anchor_parameter_names(self) -> list[str]:
-        return [name for name, _ in self.named_parameters() if not name.startswith("slot.")]
+        self.hold_memory(memory)
 
     def forward(self, tokens: Tensor) -> Tensor:  # type: ignore[override]
-        memory = [(self.slot[f"mem{j}_gate_up"], self.slot[f"mem{j}_down"]) for j in self.cfg.memory.layers]
-        return super().forward(tokens, memory)
+        return super().forward(tokens, self.slot_memory())

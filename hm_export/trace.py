@@ -8,11 +8,12 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 
+from hm_export.architectures import MemoryModel
 from hm_export.config import MemoryConfig
-from hm_export.model import MemoryLM, assemble_path
+from hm_export.model import assemble_path
 from hm_export.passes.base import SlotPassContext
 from hm_export.passes.pipeline import PassPipeline, PassRecord
-from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract, SlotModule
+from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract, SlotParameters
 
 WINDOW_STEM = "model"  # file name stem of the full-window program (model.pte, model.onnx, ...)
 
@@ -84,13 +85,13 @@ def slot_io(contract: SlotContract) -> tuple[TensorIO, ...]:
 
 
 def export_slot_module(
-    module: SlotModule,
+    module: SlotParameters,
     args: tuple[Any, ...],
     contract: SlotContract,
     pipeline: PassPipeline,
     **description: Any,
 ) -> SlotProgram:
-    """``torch.export`` a :class:`SlotModule` (or subclass) with ``args`` and run ``pipeline`` on it.
+    """``torch.export`` a slot module (:class:`SlotParameters`) with ``args`` and run ``pipeline`` on it.
 
     ``description`` holds the :class:`SlotProgram` fields that describe the interface (``stem``, ``inputs``,
     ``outputs``, ...); ``dynamic_shapes`` there is the flat per-input form, and ``export_dynamic_shapes``
@@ -105,12 +106,12 @@ def export_slot_module(
     return SlotProgram(program, contract, (*args, *slot), records, ctx.notes, **description)
 
 
-def trace_slot_program(model: MemoryLM, contract: SlotContract, pipeline: PassPipeline) -> SlotProgram:
+def trace_slot_program(model: MemoryModel, contract: SlotContract, pipeline: PassPipeline) -> SlotProgram:
     """Export the full-window anchor with the memory of :func:`example_path` as parameters, then run ``pipeline``.
 
     The path only provides example values: after the lift, the slot is an input and any path can be fed.
     """
-    module = SlotModule(model, assemble_path(model, example_path(model.cfg.memory))).eval()
+    module = model.slot_module(assemble_path(model, example_path(model.cfg.memory))).eval()
     tokens = torch.zeros(1, contract.seq_len, dtype=torch.long)
     return export_slot_module(
         module,

@@ -10,6 +10,7 @@ from torch.export import ExportedProgram
 
 from hm_export.passes.base import SlotPassContext
 from hm_export.passes.check_slot_access import check_slot_access
+from hm_export.passes.expand_tanh_gelu import expand_tanh_gelu
 from hm_export.passes.fold_constant_subgraphs import fold_constant_subgraphs
 from hm_export.passes.lift_memory_to_slot import lift_memory_to_slot
 from hm_export.passes.reduce_norm_means_to_4d import reduce_norm_means_to_4d
@@ -43,13 +44,21 @@ class PassPipeline:
 
 
 # Split anchor and slot; then precompute constants (mask, RoPE) and check the slot is read in place;
-# XNNPACK additionally wants RMSNorm means in the 4-D form it can delegate.
+# XNNPACK additionally wants RMSNorm means in the 4-D form it can delegate, and tanh-GELU spelled out
+# (its GELU is the erf form whatever ``approximate`` says).
 SLOT_SPLIT = PassPipeline("slot_split", (lift_memory_to_slot, verify_slot_split))
 FOLDED_SLOT = PassPipeline(
     "folded_slot", (lift_memory_to_slot, verify_slot_split, fold_constant_subgraphs, check_slot_access)
 )
 XNNPACK_SLOT = PassPipeline(
     "xnnpack_slot",
-    (lift_memory_to_slot, verify_slot_split, fold_constant_subgraphs, reduce_norm_means_to_4d, check_slot_access),
+    (
+        lift_memory_to_slot,
+        verify_slot_split,
+        fold_constant_subgraphs,
+        reduce_norm_means_to_4d,
+        expand_tanh_gelu,
+        check_slot_access,
+    ),
 )
 PIPELINES = {p.name: p for p in (SLOT_SPLIT, FOLDED_SLOT, XNNPACK_SLOT)}

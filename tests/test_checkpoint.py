@@ -224,7 +224,12 @@ CASES = {
     "wrong architecture": (
         set_model("architecture", "llama"),
         "config.json",
-        r"invalid model config: architecture 'llama' is not 'hm-anchor'",
+        r"invalid model config: architecture 'llama' is neither 'hm-anchor' nor a Hugging Face host",
+    ),
+    "unknown Hugging Face family": (
+        set_model("architecture", "hf-mamba"),
+        "config.json",
+        r"invalid model config: architecture 'hf-mamba' needs the host's transformers config",
     ),
     "unknown model field": (
         set_model("n_experts", 8),

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hm_export.architectures import MemoryModel
 from hm_export.bank.quantize import quantize_bank
 from hm_export.bank.reader import BankReader
 from hm_export.checkpoint import load_checkpoint
-from hm_export.model import MemoryLM
 from hm_export.router import Embedder
 
 MATRICES = ("gate", "up", "down")
@@ -30,7 +30,7 @@ MATRICES = ("gate", "up", "down")
 
 @torch.no_grad()
 def _compare(
-    model: MemoryLM, reference: MemoryLM, tokens: torch.Tensor, paths: torch.Tensor, split: int, batch: int
+    model: MemoryModel, reference: MemoryModel, tokens: torch.Tensor, paths: torch.Tensor, split: int, batch: int
 ) -> dict[str, Any]:
     """``model`` against ``reference`` batch by batch (no logits kept): per-window mean NLL of ``model`` on the
     positions after the context, top-1 agreement and max |logit difference| there."""
@@ -52,7 +52,7 @@ def _relative_rmse(values: Sequence[torch.Tensor], references: Sequence[torch.Te
     return math.sqrt(error / sum((r**2).sum().item() for r in references))
 
 
-def load_dequantized_bank(model: MemoryLM, reader: BankReader) -> None:
+def load_dequantized_bank(model: MemoryModel, reader: BankReader) -> None:
     """Overwrite ``model``'s bank with every block of ``reader``'s bank, dequantized to float32."""
     with torch.no_grad():
         for entry in reader.index.blocks:
