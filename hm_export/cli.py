@@ -379,3 +379,72 @@ def bank_check(bank_dir: Path, as_json: bool) -> None:
     lines += [f"  {failure['error']}" for failure in report.failures]
     _emit(report.to_dict(), as_json, "\n".join(lines))
     sys.exit(0 if report.ok else 1)
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in value.split(",") if v.strip())
+
+
+@main.group()
+def hf() -> None:
+    """Post-hoc memories for Hugging Face transformers models (Llama, Qwen2, Gemma 3, Phi-3)."""
+
+
+@hf.command("families")
+@click.option("--json", "as_json", is_flag=True)
+def hf_families(as_json: bool) -> None:
+    """List the supported host families and their MLP forms."""
+    from hm_export.hf import FAMILIES
+
+    rows = [
+        {"architecture": f.architecture, "model_type": f.model_type, "class": f.causal_lm, "mlp": f.mlp}
+        for f in FAMILIES.values()
+    ]
+    _emit({"families": rows}, as_json, "\n".join(f"{r['architecture']:12s} {r['class']:20s} {r['mlp']}" for r in rows))
+
+
+@hf.command("attach")
+@click.argument("host_dir", metavar="HOST", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Checkpoint to write.")
+@click.option("--branching", default="4,4", show_default=True, help="Children per level (comma-separated).")
+@click.option("--widths", default="64,32", show_default=True, help="Block width per level (comma-separated).")
+@click.option("--layers", default="all", show_default=True, help="Memory layers (comma-separated) or 'all'.")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Training window = exported window.")
+@click.option("--steps", type=int, default=300, show_default=True, help="Memory training steps (0: D = 0).")
+@click.option("--lr", type=float, default=5e-3, show_default=True)
+@click.option("--batch", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def hf_attach(
+    host_dir: Path,
+    corpus: Path,
+    out: Path,
+    branching: str,
+    widths: str,
+    layers: str,
+    seq_len: int,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Attach memories to the transformers model in HOST, train them on CORPUS (JSON lines with 'text' and
+    optional 'context'), host frozen, and write an hm-export checkpoint to --out."""
+    from hm_export.hf.recipe import MemoryRecipe, train_memories_from_pretrained
+
+    recipe = MemoryRecipe(
+        _ints(branching), _ints(widths), None if layers == "all" else _ints(layers), seq_len, steps, lr, batch, seed
+    )
+    try:
+        report = train_memories_from_pretrained(host_dir, corpus, out, recipe)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    nll = report.validation_nll
+    _emit(
+        report.to_dict(),
+        as_json,
+        f"wrote {out} ({report.architecture}, {report.bank_params / 1e6:.2f} M bank "
+        f"params): validation NLL host {nll['host']:.4f} -> with memory {nll['host_with_memory']:.4f}",
+    )

@@ -10,6 +10,7 @@ from torch.export import ExportedProgram
 
 from hm_export.passes.base import SlotPassContext
 from hm_export.passes.check_slot_access import check_slot_access
+from hm_export.passes.drop_aliases import drop_aliases
 from hm_export.passes.expand_tanh_gelu import expand_tanh_gelu
 from hm_export.passes.fold_constant_subgraphs import fold_constant_subgraphs
 from hm_export.passes.lift_memory_to_slot import lift_memory_to_slot
@@ -43,12 +44,13 @@ class PassPipeline:
         return ep, records
 
 
-# Split anchor and slot; then precompute constants (mask, RoPE) and check the slot is read in place;
+# Split anchor and slot; then precompute constants (mask, RoPE), drop aliases (Hugging Face graphs) and
+# check the slot is read in place;
 # XNNPACK additionally wants RMSNorm means in the 4-D form it can delegate, and tanh-GELU spelled out
 # (its GELU is the erf form whatever ``approximate`` says).
 SLOT_SPLIT = PassPipeline("slot_split", (lift_memory_to_slot, verify_slot_split))
 FOLDED_SLOT = PassPipeline(
-    "folded_slot", (lift_memory_to_slot, verify_slot_split, fold_constant_subgraphs, check_slot_access)
+    "folded_slot", (lift_memory_to_slot, verify_slot_split, fold_constant_subgraphs, drop_aliases, check_slot_access)
 )
 XNNPACK_SLOT = PassPipeline(
     "xnnpack_slot",
@@ -56,6 +58,7 @@ XNNPACK_SLOT = PassPipeline(
         lift_memory_to_slot,
         verify_slot_split,
         fold_constant_subgraphs,
+        drop_aliases,
         reduce_norm_means_to_4d,
         expand_tanh_gelu,
         check_slot_access,

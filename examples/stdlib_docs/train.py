@@ -30,22 +30,20 @@ import os
 import sysconfig
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from hm_export.checkpoint import load_checkpoint, save_checkpoint
 from hm_export.config import MemoryConfig, ModelConfig
 from hm_export.model import MemoryLM
 from hm_export.router import CentroidTree, MiniLMEmbedder, build_tree
+from hm_export.training import document_windows, mean_nll, train
 
 HERE = Path(__file__).resolve().parent
 HELDOUT_PERCENT = 6
-EVAL_EVERY = 100
 CONTEXT_CHARS = 1200
 VALIDATION_STRIDE = 5
 SHIPPED_HELDOUT = 256  # held-out windows written to heldout.jsonl for verify / checks
@@ -93,14 +91,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def windows(tokenizer: Tokenizer, docs: list[str], seq_len: int) -> list[list[list[int]]]:
-    """Per document, its non-overlapping ``seq_len`` windows (a tail shorter than that is dropped)."""
-    return [
-        [enc.ids[i : i + seq_len] for i in range(0, len(enc.ids) - seq_len + 1, seq_len)]
-        for enc in tokenizer.encode_batch(docs)
-    ]
-
-
 def split_windows(per_doc: list[list[list[int]]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Window-level split inside the training documents: every 10th window (offset 5) is held-out test
     text, every 10th (offset 2) is validation for early stopping, the rest is training text.
@@ -112,58 +102,6 @@ def split_windows(per_doc: list[list[list[int]]]) -> dict[str, tuple[np.ndarray,
             rows.append(window)
             owners.append(doc_index)
     return {name: (np.array(rows, dtype=np.int64), np.array(owners)) for name, (rows, owners) in parts.items()}
-
-
-def train(
-    model: MemoryLM,
-    params: list[torch.nn.Parameter],
-    data: torch.Tensor,
-    paths: torch.Tensor | None,
-    steps: int,
-    lr: float,
-    batch: int,
-    seed: int,
-    label: str,
-    validate: Callable[[], float] | None = None,
-) -> list[float]:
-    """AdamW with warmup + cosine decay; ``paths`` given means every window uses its memory path.
-
-    With ``validate`` (a held-out NLL), it is measured every ``EVAL_EVERY`` steps and the parameters
-    come back as they were at the best measurement (early stopping).
-    """
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1 if paths is None else 0.0)
-    gen = torch.Generator().manual_seed(seed)
-    warmup, losses, start = max(1, steps // 20), [], time.time()
-    best = (validate(), 0, [p.detach().clone() for p in params]) if validate else None
-    for step in range(steps):
-        scale = (
-            (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
-        )
-        for group in opt.param_groups:
-            group["lr"] = lr * (0.1 + 0.9 * scale)
-        idx = torch.randint(len(data), (batch,), generator=gen)
-        tokens = data[idx]
-        logits = model(tokens[:, :-1]) if paths is None else model.forward_path(tokens[:, :-1], paths[idx])
-        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            recent = sum(losses[-50:]) / len(losses[-50:])
-            print(f"[{label}] step {step:5d}/{steps} loss {recent:.3f} ({time.time() - start:.0f}s)", flush=True)
-        if best is not None and validate is not None and ((step + 1) % EVAL_EVERY == 0 or step == steps - 1):
-            value = validate()
-            print(f"[{label}] step {step + 1:5d} validation nll {value:.4f} (best {best[0]:.4f})", flush=True)
-            if value < best[0]:
-                best = (value, step + 1, [p.detach().clone() for p in params])
-    if best is not None:
-        with torch.no_grad():
-            for param, kept in zip(params, best[2]):
-                param.copy_(kept)
-        print(f"[{label}] kept the parameters of step {best[1]} (validation nll {best[0]:.4f})", flush=True)
-    return losses
 
 
 def farthest_path(tree: CentroidTree, embedding: np.ndarray) -> list[int]:
@@ -191,18 +129,10 @@ def heldout_items(tokenizer: Tokenizer, rows: np.ndarray, contexts: list[str], c
     ]
 
 
-@torch.no_grad()
 def second_half_nll(model: MemoryLM, items: list[dict], paths: np.ndarray | None) -> float:
     """Mean NLL of each window's tokens after its routing context (the router never sees them)."""
     tokens = torch.tensor([item["tokens"] for item in items])
-    split = items[0]["context_tokens"]
-    per_window = []
-    for i in range(0, len(tokens), 64):
-        inputs, targets = tokens[i : i + 64, :-1], tokens[i : i + 64, 1:]
-        logits = model(inputs) if paths is None else model.forward_path(inputs, torch.from_numpy(paths[i : i + 64]))
-        losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        per_window.append(losses[:, split - 1 :].mean(1))
-    return torch.cat(per_window).mean().item()
+    return mean_nll(model, tokens, paths, skip=items[0]["context_tokens"] - 1)
 
 
 def evaluate_set(model: MemoryLM, tree: CentroidTree, items: list[dict], embedder: MiniLMEmbedder) -> dict:
@@ -258,8 +188,8 @@ def main() -> None:
     print(f"{len(docs)} documents, {sum(map(len, docs.values())) / 1e6:.2f} M chars; {len(unseen_docs)} held out")
     tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
     seq = cfg.max_seq_len + 1  # windows carry one extra token for the shifted targets
-    split = split_windows(windows(tokenizer, train_docs, seq))
-    unseen_per_doc = windows(tokenizer, unseen_docs, seq)
+    split = split_windows(document_windows(tokenizer, train_docs, seq))
+    unseen_per_doc = document_windows(tokenizer, unseen_docs, seq)
     unseen = np.array([w for doc in unseen_per_doc for w in doc], dtype=np.int64)
     unseen_contexts = [document_context(unseen_docs[d]) for d, doc in enumerate(unseen_per_doc) for _ in doc]
     print({name: len(rows) for name, (rows, _) in split.items()}, f"unseen-document windows: {len(unseen)}")

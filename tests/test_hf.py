@@ -1,0 +1,283 @@
+"""Post-hoc memories on Hugging Face hosts: Llama, Qwen2, Gemma 3, Phi-3 (tiny configs, random weights)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TINY_WORDS, tiny_tokenizer, tiny_tree
+
+transformers = pytest.importorskip("transformers")
+
+from hm_export.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from hm_export.checks import run_checks  # noqa: E402
+from hm_export.cli import main  # noqa: E402
+from hm_export.config import ConfigError, MemoryConfig  # noqa: E402
+from hm_export.export import ExportRecipe, export_bundle  # noqa: E402
+from hm_export.hf import FAMILIES, HostMemoryLM, host_model_config  # noqa: E402
+from hm_export.model import assemble_path  # noqa: E402
+from hm_export.passes.base import SlotPassContext  # noqa: E402
+from hm_export.passes.expand_tanh_gelu import expand_tanh_gelu  # noqa: E402
+from hm_export.verify import verify_bundle  # noqa: E402
+
+MEMORY = MemoryConfig(branching=(2, 3), widths=(8, 4), layers=(0, 1))
+SEQ = 32
+COMMON = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+HOSTS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),  # attention bias
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, {"head_dim": 16, "sliding_window": 16}),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {}),  # fused qkv and gate_up
+}
+
+
+def tiny_host(family: str, seed: int = 0) -> torch.nn.Module:
+    """A host with eager attention, as hm-export runs and exports every host (sdpa differs in rounding)."""
+    config_class, model_class, extra = HOSTS[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config_class(**COMMON, **extra, attn_implementation="eager")).eval()
+
+
+def memory_model(family: str, seed: int = 0) -> HostMemoryLM:
+    """A tiny host with memories whose ``D`` is random (so the memory changes the logits)."""
+    host = tiny_host(family, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        model = HostMemoryLM.attach(host, host_model_config(host.config, MEMORY, SEQ)).eval()
+        with torch.no_grad():
+            for down in model.bank.down:
+                down.normal_(0.0, 0.3)
+    return model
+
+
+def test_every_family_is_tested() -> None:
+    assert set(HOSTS) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(HOSTS))
+def test_zero_memory_leaves_the_host_logits_unchanged(family: str) -> None:
+    host = tiny_host(family)
+    model = HostMemoryLM.attach(host, host_model_config(host.config, MEMORY, SEQ)).eval()
+    tokens = torch.randint(0, 64, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = host(input_ids=tokens, use_cache=False).logits
+        for path in ([0, 0], [1, 5]):
+            assert torch.equal(model.forward_path(tokens, torch.tensor(path)), want)  # bit for bit
+        for down in model.bank.down:
+            down.normal_()
+        assert (model.forward_path(tokens, torch.tensor([1, 5])) - want).abs().max() > 1e-2
+
+
+def widened_host(model: HostMemoryLM, family: str, path: list[int]) -> torch.nn.Module:
+    """The host with the path's blocks appended to every memory layer's MLP as extra hidden units."""
+    config_class, model_class, extra = HOSTS[family]
+    width = MEMORY.total_width
+    wide = model_class(config_class(**{**COMMON, "intermediate_size": COMMON["intermediate_size"] + width}, **extra))
+    state = model.host.state_dict()
+    memory = dict(zip(MEMORY.layers, assemble_path(model, path)))
+    for name, tensor in wide.state_dict().items():
+        if tensor.shape == state[name].shape:
+            continue
+        layer = int(name.split(".")[2])
+        gate_up, down = (m[0] for m in memory[layer])
+        gate, up = gate_up[:, :width].T, gate_up[:, width:].T  # [R, d]
+        if name.endswith("gate_up_proj.weight"):  # Phi-3: [gate; up] stacked
+            host_gate, host_up = state[name].chunk(2)
+            state[name] = torch.cat([host_gate, gate, host_up, up])
+        elif name.endswith("gate_proj.weight"):
+            state[name] = torch.cat([state[name], gate])
+        elif name.endswith("up_proj.weight"):
+            state[name] = torch.cat([state[name], up])
+        else:  # down_proj [d, F]
+            state[name] = torch.cat([state[name], down.T], dim=1)
+    wide.load_state_dict(state)
+    return wide.eval()
+
+
+@pytest.mark.parametrize("family", sorted(HOSTS))
+def test_memory_is_the_host_mlp_with_extra_hidden_units(family: str) -> None:
+    """FFN(h) = D_a(act(G_a h) * U_a h) + D_m(act(G_m h) * U_m h), with the host's own activation."""
+    model = memory_model(family)
+    tokens = torch.randint(0, 64, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    path = [1, 4]
+    with torch.no_grad():
+        got = model.forward_path(tokens, torch.tensor(path))
+        want = widened_host(model, family, path)(input_ids=tokens, use_cache=False).logits
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_training_moves_only_the_bank() -> None:
+    model = memory_model("qwen2").train()
+    host_before = {n: p.clone() for n, p in model.host.named_parameters()}
+    tokens = torch.randint(0, 64, (2, 17))
+    loss = model.forward_path(tokens[:, :-1], torch.tensor([0, 1])).logsumexp(-1).mean()
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert all(p.grad is None for p in model.host.parameters())
+    assert all(torch.equal(p, host_before[n]) for n, p in model.host.named_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.bank.parameters())
+
+
+@pytest.mark.parametrize("family", sorted(HOSTS))
+def test_checkpoint_round_trip_is_exact(family: str, tmp_path: Path) -> None:
+    model = memory_model(family)
+    path = save_checkpoint(tmp_path / "ckpt", model, tiny_tree(MEMORY), tiny_tokenizer())
+    stored = json.loads((path / "config.json").read_text())["model"]
+    assert stored["architecture"] == f"hf-{family}" and stored["host"]["model_type"] == model.host.config.model_type
+    loaded = load_checkpoint(path)
+    tokens = torch.randint(0, 64, (2, SEQ))
+    with torch.no_grad():
+        for p in ([0, 0], [1, 5]):
+            assert torch.equal(
+                loaded.model.forward_path(tokens, torch.tensor(p)), model.forward_path(tokens, torch.tensor(p))
+            )
+
+
+def test_a_host_config_of_another_family_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "ckpt", memory_model("llama"), tiny_tree(MEMORY), tiny_tokenizer())
+    config = json.loads((path / "config.json").read_text())
+    config["model"]["architecture"] = "hf-qwen2"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match=r"config\.json: invalid model config: host config has model_type 'llama'"
+    ):
+        load_checkpoint(path)
+    config["model"]["architecture"] = "hf-mamba"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"'hf-mamba' is not a supported Hugging Face host \(hf-llama, hf-qwen2"):
+        load_checkpoint(path)
+
+
+def test_unsupported_transformers_model_is_named() -> None:
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ConfigError, match="model_type 'gpt2' has no hm-export host family"):
+        host_model_config(gpt2.config, MEMORY, SEQ)
+
+
+def test_tanh_gelu_is_expanded_and_exact_gelu_kept() -> None:
+    class Activations(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.gelu(x, approximate="tanh") + torch.nn.functional.gelu(x)
+
+    x = torch.linspace(-6, 6, 97).reshape(1, 97)
+    ep = torch.export.export(Activations(), (x,))
+    ctx = SlotPassContext([], [], [])
+    ep = expand_tanh_gelu(ep, ctx)
+    gelus = [n.args[1:] + tuple(n.kwargs.values()) for n in ep.graph.nodes if n.target == torch.ops.aten.gelu.default]
+    assert ctx.notes["tanh_gelus_expanded"] == 1 and gelus == [()]  # only the exact (erf) GELU is left
+    assert (ep.module()(x) - Activations()(x)).abs().max() < 1e-6
+
+
+def contexts_file(directory: Path, count: int = 32) -> Path:
+    rng = random.Random(0)
+    words = TINY_WORDS[1:]
+    lines = [
+        {
+            "text": " ".join(rng.choice(words) for _ in range(rng.randint(4, 40))),
+            "context": " ".join(rng.sample(words, 3)),
+        }
+        for _ in range(count)
+    ]
+    path = directory / "contexts.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module", params=sorted(HOSTS))
+def hf_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    family = request.param
+    workdir = tmp_path_factory.mktemp(f"hf_{family}")
+    checkpoint = save_checkpoint(workdir / "ckpt", memory_model(family), tiny_tree(MEMORY), tiny_tokenizer())
+    targets = ("executorch", "onnx", "coreml") if family == "gemma3" else ("executorch", "onnx")
+    export_bundle(checkpoint, workdir / "bundle", ExportRecipe(targets=targets, checks=4))
+    return family, checkpoint, workdir / "bundle"
+
+
+@pytest.mark.parametrize("target", ["executorch", "onnx"])
+def test_bundle_matches_the_eager_host_with_memory(hf_bundle, target: str, tmp_path: Path) -> None:
+    family, checkpoint, bundle = hf_bundle
+    report = verify_bundle(bundle, checkpoint, contexts_file(tmp_path), target=target)
+    assert report.contexts == 32 and report.distinct_paths >= 2
+    assert report.max_abs_diff <= 1e-4, (family, target, report.max_abs_diff)
+    assert report.top1_agreement == 1.0 and report.passed
+
+
+def test_bundle_golden_checks_and_manifest(hf_bundle) -> None:
+    family, _, bundle = hf_bundle
+    report = run_checks(bundle)
+    assert report.passed, report.to_dict()
+    summary = report.summary()
+    assert summary["executorch/window"]["pass"] == 4 and summary["onnx/window"]["pass"] == 4
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == f"hf-{family}"
+    executorch = manifest["targets"]["executorch"]
+    assert executorch["delegation"]["slot_inputs_delegated"]
+    assert "aten_alias_copy_default" not in executorch["delegation"]["non_delegated_ops"]
+    assert "decode" not in executorch and "hf-" in executorch["decode_skipped"]
+    if family == "gemma3":
+        assert summary["coreml/structure"]["pass"] >= 1
+
+
+def write_host_dir(directory: Path, family: str) -> Path:
+    tiny_host(family).save_pretrained(directory)
+    tiny_tokenizer().save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def corpus_file(directory: Path) -> Path:
+    """Eight 'documents', each repeating its own word pattern (so a routed memory can learn it)."""
+    rng = random.Random(1)
+    words = list(TINY_WORDS[1:])
+    lines = []
+    for index in range(8):
+        pattern = rng.sample(words, 5)
+        lines.append({"text": " ".join(pattern * 40), "context": f"document {index}: {' '.join(pattern)}"})
+    path = directory / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_attach_recipe_trains_memories_that_lower_the_loss(tmp_path: Path) -> None:
+    host_dir = write_host_dir(tmp_path / "host", "llama")
+    args = ["hf", "attach", str(host_dir), str(corpus_file(tmp_path)), "--branching", "2,2", "--widths", "8,4"]
+    args += ["--seq-len", "32", "--batch", "4", "--json"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "trained"), "--steps", "60"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    nll = report["validation_nll"]
+    assert nll["host_with_memory"] < nll["host"] - 0.1, nll
+    assert report["architecture"] == "hf-llama" and report["train_windows"] > report["validation_windows"] > 0
+
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "untrained"), "--steps", "0"])
+    assert result.exit_code == 0, result.output
+    untrained = load_checkpoint(tmp_path / "untrained")
+    host = transformers.AutoModelForCausalLM.from_pretrained(str(host_dir), attn_implementation="eager").eval()
+    tokens = torch.randint(3, 12, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(untrained.model.forward_path(tokens, torch.tensor([1, 3])), host(input_ids=tokens).logits)
+
+
+def test_attach_refuses_a_bad_corpus(tmp_path: Path) -> None:
+    host_dir = write_host_dir(tmp_path / "host", "qwen2")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "the cat"}\n{"title": "no text"}\n')
+    result = CliRunner().invoke(main, ["hf", "attach", str(host_dir), str(corpus), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and f"{corpus}:2: a document needs a string 'text'" in result.output
+    assert not (tmp_path / "o").exists()
