@@ -20,7 +20,6 @@ class MemoryModel(Protocol):
 
     cfg: ModelConfig
     bank: MemoryBank
-    supports_decode: bool
 
     def __call__(self, tokens: Tensor, memory: Sequence[LayerMemory] | None = None) -> Tensor: ...
 
@@ -29,6 +28,8 @@ class MemoryModel(Protocol):
     def anchor_parameters(self) -> list[nn.Parameter]: ...
 
     def slot_module(self, memory: Sequence[LayerMemory]) -> nn.Module: ...
+
+    def decode_module(self, memory: Sequence[LayerMemory], cache: str = "state") -> nn.Module: ...
 
 
 def build_model(cfg: ModelConfig) -> MemoryModel:

@@ -27,8 +27,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from hm_export.architectures import MemoryModel
 from hm_export.config import ModelConfig
 from hm_export.model import LayerMemory, MemoryLM, assemble_path
 from hm_export.passes.pipeline import PassPipeline
@@ -85,7 +86,47 @@ class CacheSpec:
         return cls(data["layers"], n_kv_heads, max_seq_len, head_dim, data["dtype"])
 
 
-class DecodeModule(SlotModule):
+class StaticKVCache(nn.Module):
+    """A static KV cache of ``max_seq_len`` positions per layer, in either form (see the module docstring).
+
+    Shared by :class:`DecodeModule` and the Hugging Face hosts' decode module (:mod:`hm_export.hf.decode`).
+    """
+
+    cache_form: CacheForm
+    cache_spec: CacheSpec
+
+    def init_cache(self, cfg: ModelConfig, cache: CacheForm) -> None:
+        if cache not in ("state", "io"):
+            raise ValueError(f"cache must be 'state' or 'io', not {cache!r}")
+        self.cache_form = cache
+        self.cache_spec = CacheSpec.for_model(cfg)
+        if cache == "state":
+            for name, tensor in zip(self.cache_spec.names("state"), self.cache_spec.empty()):
+                self.register_buffer(name, tensor, persistent=False)
+
+    def reset_cache(self) -> None:
+        """Zero the state cache (eager use; a program's cache is reset by prefilling from position 0)."""
+        for name in self.cache_spec.names("state"):
+            getattr(self, name).zero_()
+
+    def cache_tensors(self, past: Sequence[Tensor]) -> list[Tensor]:
+        """The cache tensors of this call: the ``past`` inputs (``io``) or the state buffers."""
+        caches = list(past) if self.cache_form == "io" else [getattr(self, n) for n in self.cache_spec.names("state")]
+        if len(caches) != 2 * self.cache_spec.n_layers:
+            raise ValueError(f"expected {2 * self.cache_spec.n_layers} past cache tensors, got {len(caches)}")
+        return caches
+
+    def write_cache(self, cache: Tensor, positions: Tensor, values: Tensor) -> Tensor:
+        """``cache`` with ``values`` ``[n_kv, n, head_dim]`` written at ``positions`` (in place for ``state``)."""
+        write = torch.ops.aten.index_put_ if self.cache_form == "state" else torch.ops.aten.index_put
+        # Explicit (head, position) index pairs rather than ``[None, positions]``: Core ML reads a ``None``
+        # index as a single-position slice; explicit pairs become one scatter on every backend.
+        seq = positions.shape[0]
+        heads = torch.arange(self.cache_spec.n_kv_heads).unsqueeze(1).expand(-1, seq)
+        return write(cache, [heads, positions.unsqueeze(0).expand(self.cache_spec.n_kv_heads, -1)], values)
+
+
+class DecodeModule(SlotModule, StaticKVCache):
     """The anchor, one path's memory as ``slot.*`` parameters (or none), and a static KV cache.
 
     ``memory=()`` gives the same program without a memory FFN (the baseline of the memory-cost benchmark).
@@ -95,18 +136,7 @@ class DecodeModule(SlotModule):
 
     def __init__(self, model: MemoryLM, memory: Sequence[LayerMemory], cache: CacheForm = "state") -> None:
         super().__init__(model, memory)
-        if cache not in ("state", "io"):
-            raise ValueError(f"cache must be 'state' or 'io', not {cache!r}")
-        self.cache_form = cache
-        self.cache_spec = CacheSpec.for_model(model.cfg)
-        if cache == "state":
-            for name, tensor in zip(self.cache_spec.names("state"), self.cache_spec.empty()):
-                self.register_buffer(name, tensor, persistent=False)
-
-    def reset_cache(self) -> None:
-        """Zero the state cache (eager use; a program's cache is reset by prefilling from position 0)."""
-        for name in self.cache_spec.names("state"):
-            getattr(self, name).zero_()
+        self.init_cache(model.cfg, cache)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, *past: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
         seq = tokens.shape[1]
@@ -117,20 +147,13 @@ class DecodeModule(SlotModule):
         mask = self.causal_mask.index_select(0, positions.repeat(first.group))  # [group*n, max_seq_len]
         layers = self.cfg.memory.layers if len(self.slot) else ()
         memory = {j: (self.slot[f"mem{j}_gate_up"], self.slot[f"mem{j}_down"]) for j in layers}
-        caches = list(past) if self.cache_form == "io" else [getattr(self, n) for n in self.cache_spec.names("state")]
-        if len(caches) != 2 * self.cfg.n_layers:
-            raise ValueError(f"expected {2 * self.cfg.n_layers} past cache tensors, got {len(caches)}")
-        write = torch.ops.aten.index_put_ if self.cache_form == "state" else torch.ops.aten.index_put
-        # Explicit (head, position) index pairs rather than ``[None, positions]``: Core ML reads a ``None``
-        # index as a single-position slice; explicit pairs become one scatter on every backend.
-        heads = torch.arange(self.cache_spec.n_kv_heads).unsqueeze(1).expand(-1, seq)
-        where = [heads, positions.unsqueeze(0).expand(self.cache_spec.n_kv_heads, -1)]
+        caches = self.cache_tensors(past)
         present = []
         x = self.embed(tokens)
         for index, block in enumerate(self.blocks):
             q, k, v = block.attn.project(block.attn_norm(x), cos, sin)
-            keys = write(caches[2 * index], where, k)
-            values = write(caches[2 * index + 1], where, v)
+            keys = self.write_cache(caches[2 * index], positions, k)
+            values = self.write_cache(caches[2 * index + 1], positions, v)
             present += [keys, values]
             x = block.feed_forward(x + block.attn.attend(q, keys, values, mask, 1, seq), memory.get(index))
         logits = F.linear(self.norm(x), self.embed.weight)
@@ -142,7 +165,7 @@ TOKENS_AXIS = "n"  # the dynamic number of tokens per call
 
 
 def trace_decode_program(
-    model: MemoryLM, contract: SlotContract, pipeline: PassPipeline, cache: CacheForm, memory: bool = True
+    model: MemoryModel, contract: SlotContract, pipeline: PassPipeline, cache: CacheForm, memory: bool = True
 ) -> SlotProgram:
     """Export the :class:`DecodeModule` of ``model`` (cache form ``cache``) and run the slot ``pipeline`` on it.
 
@@ -153,7 +176,7 @@ def trace_decode_program(
     """
     cfg = model.cfg
     layers = assemble_path(model, example_path(cfg.memory)) if memory else ()
-    module = DecodeModule(model, layers, cache).eval()
+    module = model.decode_module(layers, cache).eval()
     contract = contract if memory else replace(contract, tensors=())
     spec = module.cache_spec
     n = torch.export.Dim(TOKENS_AXIS, min=1, max=cfg.max_seq_len)

@@ -146,12 +146,10 @@ def export_bundle(
             emitted = target.emit(program, tmp / target.directory, recipe.options)
             emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
             emitted["pipeline"] = {"name": target.pipeline, "passes": [asdict(r) for r in program.pass_records]}
-            if recipe.decode and target.decode is not None and ckpt.model.supports_decode:
+            if recipe.decode and target.decode is not None:
                 emitted["decode"] = _emit_decode(
                     target, target.decode, ckpt.model, contract, tmp, recipe.options, decode_programs
                 )
-            elif recipe.decode and target.decode is not None:
-                emitted["decode_skipped"] = f"no KV-cache decode program for {ckpt.config.architecture} models yet"
             targets[name] = emitted
             step(name, start)
 

@@ -188,7 +188,6 @@ class MemoryBank(nn.Module):
 class MemoryLM(nn.Module):
     """Anchor transformer plus hierarchical FFN memory."""
 
-    supports_decode = True  # hm_export.decode traces a KV-cache program from its blocks
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -229,6 +228,12 @@ class MemoryLM(nn.Module):
         from hm_export.slot import SlotModule  # slot.py builds on this module
 
         return SlotModule(self, memory)
+
+    def decode_module(self, memory: Sequence[LayerMemory], cache: str = "state") -> nn.Module:
+        """The KV-cache decode module (:mod:`hm_export.decode`) with ``memory`` (``()``: none)."""
+        from hm_export.decode import DecodeModule
+
+        return DecodeModule(self, memory, cache)  # type: ignore[arg-type]
 
 
 def assemble_path(model: nn.Module, path: Sequence[int]) -> list[LayerMemory]:

@@ -150,6 +150,41 @@ def test_checkpoint_round_trip_is_exact(family: str, tmp_path: Path) -> None:
             )
 
 
+@pytest.mark.parametrize("family", sorted(HOSTS))
+@pytest.mark.parametrize("cache", ["state", "io"])
+def test_decode_module_matches_the_full_window(family: str, cache: str) -> None:
+    """A prompt fed in pieces through the KV-cache module gives the full-window logits."""
+    model = memory_model(family)
+    tokens = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(2))
+    path = [1, 4]
+    with torch.no_grad():
+        want = model.forward_path(tokens, torch.tensor(path))
+        decoder = model.decode_module(assemble_path(model, path), cache).eval()
+        past = decoder.cache_spec.empty() if cache == "io" else []
+        pieces = []
+        for start, stop in ((0, 7), (7, 8), (8, 15), (15, 20)):
+            out = decoder(tokens[:, start:stop], torch.tensor([start]), *past)
+            if cache == "io":
+                out, *past = out
+            pieces.append(out)
+    assert (torch.cat(pieces, 1) - want).abs().max() < 1e-5
+
+
+def test_sliding_window_layers_mask_beyond_the_window() -> None:
+    """Gemma 3 with a window shorter than the sequence: the decode module still equals the window program."""
+    host = tiny_host("gemma3")
+    host.config.sliding_window = 6
+    host = transformers.Gemma3ForCausalLM(host.config).eval()
+    model = HostMemoryLM.attach(host, host_model_config(host.config, MEMORY, SEQ)).eval()
+    tokens = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(tokens)
+        decoder = model.decode_module((), "state").eval()
+        got = torch.cat([decoder(tokens[:, i : i + 1], torch.tensor([i])) for i in range(24)], 1)
+    assert set(host.config.layer_types) == {"sliding_attention"}  # every layer windowed at 6 < 24 positions
+    assert (got - want).abs().max() < 1e-5
+
+
 def test_a_host_config_of_another_family_is_refused(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "ckpt", memory_model("llama"), tiny_tree(MEMORY), tiny_tokenizer())
     config = json.loads((path / "config.json").read_text())
@@ -224,13 +259,16 @@ def test_bundle_golden_checks_and_manifest(hf_bundle) -> None:
     report = run_checks(bundle)
     assert report.passed, report.to_dict()
     summary = report.summary()
-    assert summary["executorch/window"]["pass"] == 4 and summary["onnx/window"]["pass"] == 4
+    for program in ("executorch/window", "executorch/decode", "onnx/window", "onnx/decode"):
+        assert summary[program]["pass"] == 4, (program, summary)
+    greedy = [r for r in report.results if r.program == "decode"]
+    assert all(r.tokens_matched and r.tokens_matched >= 8 for r in greedy), [r.detail for r in greedy]
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["model"]["architecture"] == f"hf-{family}"
     executorch = manifest["targets"]["executorch"]
     assert executorch["delegation"]["slot_inputs_delegated"]
     assert "aten_alias_copy_default" not in executorch["delegation"]["non_delegated_ops"]
-    assert "decode" not in executorch and "hf-" in executorch["decode_skipped"]
+    assert executorch["decode"]["cache"]["shape"] == [2, SEQ, 8 if family != "gemma3" else 16]
     if family == "gemma3":
         assert summary["coreml/structure"]["pass"] >= 1
 

@@ -25,7 +25,8 @@ class HostFamily:
     model_type: str  # the transformers config's ``model_type``
     causal_lm: str  # the transformers class that builds the host
     activation_field: str  # config field naming the MLP activation (a key of transformers' ACT2FN)
-    mlp: str  # what the host MLP computes, for the docs and ``hm-export inspect``
+    mlp: str  # what the host MLP computes, for the docs and ``hm-export hf families``
+    mask_by_layer_type: bool = False  # the model takes {"full_attention": mask, "sliding_attention": mask}
 
     @property
     def architecture(self) -> str:
@@ -57,13 +58,14 @@ FAMILIES: dict[str, HostFamily] = {
     family.name: family
     for family in (
         HostFamily("llama", "llama", "LlamaForCausalLM", "hidden_act", "SwiGLU: down(act(gate(x)) * up(x))"),
-        HostFamily("qwen2", "qwen2", "Qwen2ForCausalLM", "hidden_act", "SwiGLU: down(act(gate(x)) * up(x))"),
+        HostFamily("qwen2", "qwen2", "Qwen2ForCausalLM", "hidden_act", "SwiGLU: down(act(gate(x)) * up(x))", True),
         HostFamily(
             "gemma3",
             "gemma3_text",
             "Gemma3ForCausalLM",
             "hidden_activation",
             "GeGLU (tanh gelu): down(act(gate(x)) * up(x))",
+            True,
         ),
         HostFamily(
             "phi3",

@@ -73,8 +73,6 @@ def run_host(host: nn.Module, active: ActiveMemory, cfg: ModelConfig, tokens: Te
 class HostMemoryLM(nn.Module):
     """A frozen ``transformers`` host plus hierarchical FFN memory (the interface of ``MemoryLM``)."""
 
-    supports_decode = False  # the KV-cache decode program is traced from hm-anchor blocks only
-
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -100,6 +98,12 @@ class HostMemoryLM(nn.Module):
 
     def slot_module(self, memory: Sequence[LayerMemory]) -> nn.Module:
         return HostSlotModule(self, memory)
+
+    def decode_module(self, memory: Sequence[LayerMemory], cache: str = "state") -> nn.Module:
+        """The KV-cache decode module (:mod:`hm_export.hf.decode`) with ``memory`` (``()``: none)."""
+        from hm_export.hf.decode import HostDecodeModule
+
+        return HostDecodeModule(self, memory, cache)  # type: ignore[arg-type]
 
     @classmethod
     def attach(cls, host: nn.Module, cfg: ModelConfig) -> HostMemoryLM:

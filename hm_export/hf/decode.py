@@ -1,0 +1,87 @@
+"""KV-cache decode program for Hugging Face hosts: the host's own layers over hm-export's static cache.
+
+:class:`HostDecodeModule` is to :class:`~hm_export.hf.model.HostMemoryLM` what
+:class:`~hm_export.decode.DecodeModule` is to the reference model: same call signature
+(``tokens [1, n]``, ``input_pos [1]``, the ``io`` cache's past tensors), same cache layout
+(``[n_kv, max_seq_len, head_dim]`` per layer and tensor, keys after RoPE), same two cache forms, so
+every target's decode emitter, runner, golden checks and ``bench`` take it unchanged.
+
+The host runs its own attention code.  It receives the cache as an object with the one method its
+attention layers call, ``update(keys, values, layer_idx)``, which writes this call's positions into the
+static tensors and returns them whole; and it receives explicit ``position_ids`` and a 4-D additive mask
+gathered from tables computed at export (causal, and for sliding-window layers also windowed), so no mask
+is built per call and stale cache positions never contribute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hm_export.decode import CacheForm, StaticKVCache
+from hm_export.hf.families import family_of
+from hm_export.hf.model import HostMemoryLM
+from hm_export.model import LayerMemory
+from hm_export.slot import SlotParameters
+
+
+def mask_table(length: int, window: int | None = None) -> Tensor:
+    """Additive mask ``[length, length]``: row ``q`` lets keys ``k <= q`` (and ``q - k < window``) through.
+
+    The most negative float rather than -inf, as the hosts' own eager masks: ``exp`` still gives exactly 0.
+    """
+    query, key = torch.arange(length).unsqueeze(1), torch.arange(length).unsqueeze(0)
+    allowed = key <= query
+    if window is not None:
+        allowed &= query - key < window
+    return torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+class _CacheWriter:
+    """What a host's attention layers see as their cache: ``update`` writes, and returns the whole cache."""
+
+    def __init__(self, owner: StaticKVCache, caches: list[Tensor], positions: Tensor) -> None:
+        self.owner, self.caches, self.positions = owner, caches, positions
+        self.present: list[Tensor] = [torch.empty(0)] * len(caches)
+
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, **_: Any) -> tuple[Tensor, Tensor]:
+        for offset, tensor in enumerate((keys, values)):
+            slot = 2 * layer_idx + offset
+            self.present[slot] = self.owner.write_cache(self.caches[slot], self.positions, tensor[0])
+        return self.present[2 * layer_idx].unsqueeze(0), self.present[2 * layer_idx + 1].unsqueeze(0)
+
+
+class HostDecodeModule(SlotParameters, StaticKVCache):
+    """A host, one path's memory as ``slot.*`` parameters (or none), and a static KV cache."""
+
+    def __init__(self, model: HostMemoryLM, memory: Sequence[LayerMemory], cache: CacheForm = "state") -> None:
+        super().__init__()
+        self.cfg = model.cfg
+        self.host = model.host
+        self.active = model.active
+        self.hold_memory(memory)
+        self.init_cache(model.cfg, cache)
+        self.per_layer_type = family_of(model.cfg.architecture).mask_by_layer_type
+        window = getattr(self.host.config, "sliding_window", None)
+        self.register_buffer("full_mask", mask_table(self.cfg.max_seq_len), persistent=False)
+        self.register_buffer("sliding_mask", mask_table(self.cfg.max_seq_len, window), persistent=False)
+        self.uses_sliding = window is not None and not self.per_layer_type  # the whole model is windowed (Phi-3)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, *past: Tensor) -> Tensor | tuple[Tensor, ...]:
+        positions = input_pos + torch.arange(tokens.shape[1], dtype=input_pos.dtype)
+        full = self.full_mask.index_select(0, positions)[None, None]
+        sliding = self.sliding_mask.index_select(0, positions)[None, None]
+        if self.per_layer_type:
+            mask: Tensor | dict[str, Tensor] = {"full_attention": full, "sliding_attention": sliding}
+        else:
+            mask = sliding if self.uses_sliding else full
+        writer = _CacheWriter(self, self.cache_tensors(past), positions)
+        memory = self.slot_memory() if len(self.slot) else None
+        with self.active.use(self.cfg.memory.layers, memory):
+            logits = self.host(
+                input_ids=tokens, position_ids=positions.unsqueeze(0), attention_mask=mask, cache=writer
+            ).logits
+        return (logits, *writer.present) if self.cache_form == "io" else logits
