@@ -279,8 +279,10 @@ std::string replay_checks(hm::Runtime& runtime, const Checks& checks, const std:
 std::string update_json(const hm::SlotUpdate& update) {
   std::string sources = "[";
   for (size_t i = 0; i < update.sources.size(); ++i) sources += (i ? ", " : "") + quote(update.sources[i]);
+  std::vector<double> level_ms;
+  for (double s : update.level_seconds) level_ms.push_back(1e3 * s);
   return "{\"path\": " + list(update.path) + ", \"levels_changed\": " + list(update.levels_changed) +
-         ", \"sources\": " + sources + "], \"level_ms\": " + list(update.level_seconds) +
+         ", \"sources\": " + sources + "], \"level_ms\": " + list(level_ms) +
          ", \"storage_bytes\": " + std::to_string(update.storage_bytes) + "}";
 }
 
