@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hm_export import runtime_stubs
 from hm_export.bundle import BundleError, read_manifest
 from hm_export.router import Embedder, MiniLMEmbedder
 
-NATIVE_SOURCE = Path(__file__).resolve().parent.parent / "runtime_stubs" / "cpp"
+NATIVE_SOURCE = Path(runtime_stubs.__file__).resolve().parent / "cpp"  # shipped as package data
 RUNNER = "hm_runner"
 
 
@@ -119,3 +120,21 @@ def run_native_runner(
         errors = [line for line in done.stderr.splitlines() if not line.startswith("I ")]  # drop ExecuTorch info logs
         raise NativeError("\n".join(errors) or f"{runner} exited with {done.returncode}")
     return json.loads(done.stdout)
+
+
+def run_native(
+    bundle: Path,
+    build_dir: Path,
+    checks: bool = True,
+    embed: bool = False,
+    bench: dict[str, Any] | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Build the runner into ``build_dir`` (incremental) and run it on ``bundle``; with ``embed``, the checks'
+    contexts are embedded here and routed natively (see :func:`run_native_runner` for the rest)."""
+    import tempfile
+
+    runner = build_native_runner(build_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        embeddings = write_check_embeddings(bundle, Path(scratch) / "embeddings.safetensors") if embed else None
+        return run_native_runner(runner, bundle, checks=checks, embeddings=embeddings, bench=bench, threads=threads)
