@@ -286,6 +286,21 @@ std::string update_json(const hm::SlotUpdate& update) {
          ", \"storage_bytes\": " + std::to_string(update.storage_bytes) + "}";
 }
 
+// This process's peak RSS. Linux: VmHWM, because ru_maxrss survives execve and would report the parent's
+// (e.g. a Python process that spawned the runner).
+double peak_rss_mb() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  struct rusage usage {};
+  getrusage(RUSAGE_SELF, &usage);
+#ifdef __APPLE__
+  return usage.ru_maxrss / (1024.0 * 1024.0);  // bytes on macOS
+#else
+  return usage.ru_maxrss / 1024.0;  // KiB elsewhere
+#endif
+}
+
 std::vector<int> leaf_path(const hm::Runtime& runtime, const std::vector<int>& branching, int leaf) {
   std::vector<int> path(runtime.num_levels());
   for (int level = runtime.num_levels() - 1; level >= 0; --level) {
@@ -359,8 +374,6 @@ std::string bench(const Args& args, const Checks& checks, const std::vector<std:
   for (int p = 0; p < 4; ++p)
     breakdown += std::string(p ? ", " : "") + quote(names[p]) + ": " +
                  number(1e3 * std::accumulate(parts[p].begin(), parts[p].end(), 0.0) / parts[p].size());
-  struct rusage usage {};
-  getrusage(RUSAGE_SELF, &usage);
   return "{\"bundle\": " + quote(args.bundle) + ", \"target\": \"executorch\", \"program\": \"decode\", \"runtime\": \"native\"" +
          ", \"threads\": " + std::to_string(args.threads) + ", \"runs\": " + std::to_string(args.runs) +
          ", \"contexts\": " + std::to_string(count) + ", \"distinct_paths\": " + std::to_string(paths.size()) +
@@ -369,7 +382,7 @@ std::string bench(const Args& args, const Checks& checks, const std::vector<std:
          ", \"route_ms\": " + latency(route) + ", \"fetch_fill_ms\": " + fetch_json + "}" +
          ", \"ttft_after_switch_ms\": " + latency(ttft) + ", \"ttft_breakdown_ms\": " + breakdown + "}" +
          ", \"prefill_tokens_per_s\": " + throughput(prefill_rates) + ", \"decode_tokens_per_s\": " + throughput(decode_rates) +
-         ", \"decode_step_ms\": " + latency(steps) + ", \"peak_rss_mb\": " + number(usage.ru_maxrss / 1024.0) + "}";
+         ", \"decode_step_ms\": " + latency(steps) + ", \"peak_rss_mb\": " + number(peak_rss_mb()) + "}";
 }
 
 // Embeddings [n, dim] of the checks' contexts, computed off device (the router's embedder is not exported yet).
