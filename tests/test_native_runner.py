@@ -3,9 +3,10 @@
 Bundles with an int8 and an int4-g32 bank (ExecuTorch target, golden checks on ``DECODE_CONTEXTS``):
 ``hm_runner`` replays their golden checks (prefill logits against the digest, greedy tokens equal to the
 recorded continuations, routing from precomputed embeddings), fills the slot bit-identically to the Python
-``SlotFiller`` (only changed levels), runs the benchmark, and refuses corrupt blocks, truncated blocks,
-modified files and a slot contract that does not match the model, naming the file and the problem.  The C
-API (what Swift and JNI call) is driven through ctypes in a separate process.
+``SlotFiller`` (only changed levels; per-block files and level packs), runs the benchmark, and refuses
+corrupt blocks, truncated blocks, modified files and a slot contract that does not match the model, naming
+the file and the problem.  The C API (what Swift and JNI call) is driven through ctypes in a separate
+process; ``hm-export native run`` once.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import DECODE_CONTEXTS, tiny_checkpoint
 
 from hm_export.bench import leaf_path
+from hm_export.cli import main
 from hm_export.native import NativeError, build_native_runner, run_native_runner, write_check_embeddings
 from hm_export.runtime_stubs.block_cache import CachePolicy
 from hm_export.runtime_stubs.loader import BundleLoader
@@ -35,12 +38,16 @@ def runner() -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("native_ckpt"), name="ckpt", seed=3)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict[str, Path]:
     """One tiny bundle per bank scheme, exported like the decode fixture (about 30 s each)."""
     from hm_export.export import ExportRecipe, export_bundle
 
     work = tmp_path_factory.mktemp("native")
-    checkpoint = tiny_checkpoint(work, name="ckpt", seed=3)
     contexts = work / "contexts.jsonl"
     contexts.write_text("".join(json.dumps(item) + "\n" for item in DECODE_CONTEXTS))
     out = {}
@@ -59,6 +66,14 @@ def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(bundle, tmp_path / bundle.name))
 
 
+def python_slot(bundle: Path, *paths: list[int]) -> np.ndarray:
+    """The Python loader's slot after setting ``paths`` in order, flattened in contract order."""
+    loader = BundleLoader(bundle, target=None, cache=CachePolicy(resident_levels=0, cache_bytes=0))
+    for path in paths:
+        loader.set_path(path)
+    return np.concatenate([tensor.numpy().ravel() for tensor in loader.slot])
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_golden_checks_pass_natively(runner, bundles, scheme, tmp_path):
     bundle = bundles[scheme]
@@ -75,24 +90,39 @@ def test_golden_checks_pass_natively(runner, bundles, scheme, tmp_path):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_slot_fill_is_bit_identical_to_the_python_loader(runner, bundles, scheme, tmp_path):
     bundle = bundles[scheme]
-    loader = BundleLoader(bundle, target=None, cache=CachePolicy(resident_levels=0, cache_bytes=0))
+    loader = BundleLoader(bundle, target=None)
     memory = loader.config.memory
     first, sibling = leaf_path(memory, 1), leaf_path(memory, 2)  # same level-0 node, another leaf
     report = run_native_runner(runner, bundle, fills=[first, sibling], dump_slot=tmp_path / "slot.bin")
     assert [fill["levels_changed"] for fill in report["fills"]] == [[0, 1], [1]]
     assert report["fills"][1]["storage_bytes"] == loader.bank.block_size(1)
-    loader.set_path(first)
-    loader.set_path(sibling)
-    expected = np.concatenate([tensor.numpy().ravel() for tensor in loader.slot])
+    expected = python_slot(bundle, first, sibling)
     native = np.fromfile(tmp_path / "slot.bin", dtype=np.float32)
     assert native.shape == expected.shape and np.any(expected != 0)
     assert native.view(np.uint32).tolist() == expected.view(np.uint32).tolist()
 
 
+def test_level_packs_give_the_same_slot_and_checks(runner, bundles, checkpoint, tmp_path):
+    """A bank re-quantized as one pack per level (kept open, blocks at a stride) reads like per-block files."""
+    from hm_export.bank import quantize_bank
+
+    bundle = copy_bundle(bundles["int4-g32"], tmp_path)
+    shutil.rmtree(bundle / "bank")
+    quantize_bank(bundle / "bank", checkpoint, "int4-g32", layout="per-level", workers=1)
+    assert sorted(p.name for p in (bundle / "bank").iterdir()) == ["index.json", "level0.hmp", "level1.hmp"]
+    slot = tmp_path / "slot.bin"
+    # the new index.json differs from the manifest's sha256: open as trusted storage
+    report = run_native_runner(runner, bundle, checks=True, fills=[[1, 5]], dump_slot=slot, verify_files=False)
+    assert report["checks"]["passed"]
+    expected = python_slot(bundles["int4-g32"], [1, 5])
+    assert np.fromfile(slot, np.float32).view(np.uint32).tolist() == expected.view(np.uint32).tolist()
+
+
 def test_benchmark_reports_the_bench_fields(runner, bundles):
     settings = {"runs": 2, "contexts": 3, "prompt_tokens": 8, "new_tokens": 5, "cache": "stream"}
-    report = run_native_runner(runner, bundles["int8"], bench=settings)["bench"]
+    report = run_native_runner(runner, bundles["int8"], bench=settings, threads=1)["bench"]
     assert (report["runs"], report["contexts"], report["prompt_tokens"], report["new_tokens"]) == (2, 3, 8, 5)
+    assert report["threads"] == 1 and report["cache_policy"] == "stream" and 0 < report["peak_rss_mb"] < 200
     assert report["decode_step_ms"]["n"] == 2 * 3 * 4  # the first new token comes from the prefill
     assert report["ttft_after_switch_ms"]["n"] == 6 and report["route_ms"] == {"n": 0}  # no embeddings given
     assert set(report["fetch_fill_ms"]) <= {"level0", "level1"} and report["fetch_fill_ms"]
@@ -140,6 +170,13 @@ def test_modified_file_is_refused_unless_storage_is_trusted(runner, bundles, tmp
     with pytest.raises(NativeError, match=rf"files do not match the manifest:\s+{tokenizer}: sha256 differs"):
         run_native_runner(runner, bundle)
     assert run_native_runner(runner, bundle, verify_files=False)["bundle"] == str(bundle)
+
+
+def test_cli_native_run_replays_the_checks(runner, bundles):
+    result = CliRunner().invoke(main, ["native", "run", str(bundles["int8"]), "--build-dir", str(BUILD_DIR), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["checks"]["passed"] and "bench" not in report
 
 
 C_API_SCRIPT = """
