@@ -152,14 +152,29 @@ def test_truncated_block_is_refused_naming_the_file(runner, bundles, tmp_path):
         run_native_runner(runner, bundle, fills=[[1, 3]])
 
 
-def test_mismatching_slot_contract_is_refused(runner, bundles, tmp_path):
+def swap_levels(slot: dict) -> str:
+    ranges = slot["tensors"][1]["level_ranges"]
+    ranges[0], ranges[1] = ranges[1], ranges[0]  # mem0_down's levels swapped
+    return r"slot.tensors\[1\].level_ranges\[0\]"
+
+
+def swap_sources(slot: dict) -> str:
+    slot["tensors"][0]["sources"] = ["up", "gate"]
+    return r"slot.tensors\[0\].sources"
+
+
+def other_widths(slot: dict) -> str:
+    slot["widths"] = [4, 8]
+    return "widths"
+
+
+@pytest.mark.parametrize("edit", [swap_levels, swap_sources, other_widths])
+def test_mismatching_slot_contract_is_refused(runner, bundles, tmp_path, edit):
     bundle = copy_bundle(bundles["int8"], tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    ranges = manifest["slot"]["tensors"][1]["level_ranges"]
-    ranges[0], ranges[1] = ranges[1], ranges[0]  # levels swapped in mem0_down
+    field = edit(manifest["slot"])
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    pattern = r"manifest.json: slot contract does not match the model config \(slot.tensors\[1\].level_ranges\[0\]\)"
-    with pytest.raises(NativeError, match=pattern):
+    with pytest.raises(NativeError, match=rf"manifest.json: slot contract does not match the model config \({field}\)"):
         run_native_runner(runner, bundle)
 
 

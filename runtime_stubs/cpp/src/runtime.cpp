@@ -136,6 +136,12 @@ void Runtime::Impl::check_slot_contract() {
     if (tensor.at("role", where).as_string(where + ".role") != (gate_up ? "gate_up" : "down")) mismatch(where + ".role");
     if (to_ints(tensor.at("shape", where), where + ".shape") != shape) mismatch(where + ".shape");
     if (tensor.at("hidden_axis", where).as_int(where) != (gate_up ? 2 : 1)) mismatch(where + ".hidden_axis");
+    if (tensor.at("dtype", where).as_string(where + ".dtype") != "float32") mismatch(where + ".dtype");
+    std::vector<std::string> sources;
+    for (const json::Value& source : tensor.at("sources", where).as_array(where + ".sources"))
+      sources.push_back(source.as_string(where + ".sources[]"));
+    if (sources != (gate_up ? std::vector<std::string>{"gate", "up"} : std::vector<std::string>{"down"}))
+      mismatch(where + ".sources");
     const auto& ranges = tensor.at("level_ranges", where).as_array(where + ".level_ranges");
     if (ranges.size() != static_cast<size_t>(dims.num_levels())) mismatch(where + ".level_ranges");
     SlotBuffer buffer;

@@ -251,9 +251,11 @@ std::string replay_checks(hm::Runtime& runtime, const Checks& checks, const std:
     std::string detail = "all greedy tokens equal";
     for (; matched < check.greedy.size(); ++matched) {
       if (matched >= generation.tokens.size() || generation.tokens[matched] != check.greedy[matched]) {
-        greedy_ok = matched < generation.tokens.size() && check.margins[matched] <= 2 * checks.tolerance;
-        detail = greedy_ok ? "near-tie at step " + std::to_string(matched) + ": not compared further"
-                           : "greedy token " + std::to_string(matched) + " differs";
+        const bool stopped = matched >= generation.tokens.size();
+        greedy_ok = !stopped && check.margins[matched] <= 2 * checks.tolerance;
+        detail = stopped     ? "stopped after " + std::to_string(matched) + " greedy tokens"
+                 : greedy_ok ? "near-tie at step " + std::to_string(matched) + ": not compared further"
+                             : "greedy token " + std::to_string(matched) + " differs";
         break;
       }
     }
