@@ -4,7 +4,6 @@
 #include <executorch/extension/tensor/tensor.h>
 
 #include <chrono>
-#include <cstring>
 #include <limits>
 
 #include "bank.hpp"
