@@ -1,4 +1,4 @@
-// A tiny JSON reader (RFC 8259 subset this project writes: no \u surrogate pairs beyond the BMP needed).
+// A tiny JSON reader (RFC 8259; numbers as double, exact for integers up to 2^53).
 // Enough for manifest.json, index.json, checks.json and safetensors headers; not a general library.
 #pragma once
 
