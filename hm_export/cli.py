@@ -448,3 +448,64 @@ def hf_attach(
         f"wrote {out} ({report.architecture}, {report.bank_params / 1e6:.2f} M bank "
         f"params): validation NLL host {nll['host']:.4f} -> with memory {nll['host_with_memory']:.4f}",
     )
+
+
+@main.group()
+def native() -> None:
+    """Build and run the native (C++) runtime of runtime_stubs/cpp against the executorch wheel."""
+
+
+@native.command("build")
+@click.option("--build-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("build/native"))
+def native_build(build_dir: Path) -> None:
+    """Configure and build the library and hm_runner; print the runner's path."""
+    from hm_export.native import build_native_runner
+
+    try:
+        click.echo(build_native_runner(build_dir))
+    except (RuntimeError, OSError) as exc:
+        _fail(exc)
+
+
+@native.command("run")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--build-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("build/native"))
+@click.option("--embed", is_flag=True, help="Embed the checks' contexts here (MiniLM) and route them natively.")
+@click.option("--bench", "run_bench", is_flag=True, help="Also run the benchmark (hm-export bench fields).")
+@click.option("--runs", "-r", type=int, default=3, show_default=True)
+@click.option("-n", "count", type=int, default=8, show_default=True, help="Contexts per run.")
+@click.option("--prompt-tokens", type=int, default=64, show_default=True)
+@click.option("--new-tokens", type=int, default=32, show_default=True)
+@click.option("--cache", type=click.Choice(["stream", "default"]), default="stream", show_default=True)
+@click.option("--threads", type=int, default=None, help="XNNPACK threads (default: ExecuTorch's).")
+@click.option("--json", "as_json", is_flag=True)
+def native_run(
+    bundle: Path,
+    build_dir: Path,
+    embed: bool,
+    run_bench: bool,
+    runs: int,
+    count: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    cache: str,
+    threads: int | None,
+    as_json: bool,
+) -> None:
+    """Replay BUNDLE's golden checks with the native runtime (and benchmark it); exit 1 if a check fails."""
+    from hm_export.native import run_native
+
+    settings: dict[str, Any] = {"runs": runs, "contexts": count, "prompt_tokens": prompt_tokens}
+    settings.update(new_tokens=new_tokens, cache=cache)
+    try:
+        report = run_native(bundle, build_dir, True, embed, settings if run_bench else None, threads)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    checks = report["checks"]
+    lines = [f"{'PASS' if checks['passed'] else 'FAIL'}: {checks['pass']} of {len(checks['results'])} golden checks"]
+    for r in checks["results"]:
+        lines.append(f"  {r['check']}: {r['status']} (max |diff| {r['max_abs_diff']:.3g}, {r['detail']})")
+    if "bench" in report:
+        lines.append(json.dumps(report["bench"], indent=2))
+    _emit(report, as_json, "\n".join(lines))
+    sys.exit(0 if checks["passed"] else 1)

@@ -1,0 +1,140 @@
+"""Build and drive the native (C++) runtime in ``runtime_stubs/cpp`` from Python.
+
+:func:`build_native_runner` configures and builds the library and the ``hm_runner`` CLI with CMake against
+the ExecuTorch runtime that the installed ``executorch`` wheel ships (headers, ``libexecutorch.so``, the
+XNNPACK delegate and the CMake package under ``executorch/share/cmake``).  :func:`run_native_runner` runs
+``hm_runner --json`` on a bundle and returns its report; :func:`write_check_embeddings` computes the
+context embeddings of a bundle's golden checks, which the runner routes with (on device the app embeds the
+context; see docs/native-runtime.md).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hm_export import runtime_stubs
+from hm_export.bundle import BundleError, read_manifest
+from hm_export.router import Embedder, MiniLMEmbedder
+
+NATIVE_SOURCE = Path(runtime_stubs.__file__).resolve().parent / "cpp"  # shipped as package data
+RUNNER = "hm_runner"
+
+
+class NativeError(RuntimeError):
+    """The native build failed, or ``hm_runner`` refused its input (the message is its error)."""
+
+
+def executorch_prefix() -> Path:
+    """The installed executorch package directory: its ``share/cmake`` holds ``executorch-config.cmake``."""
+    import executorch
+
+    prefix = Path(next(iter(executorch.__path__)))
+    if not (prefix / "share" / "cmake" / "executorch-config.cmake").is_file():
+        raise NativeError(f"{prefix}: this executorch install ships no CMake package (need the executorch wheel)")
+    return prefix
+
+
+def _tool(name: str) -> str:
+    """A build tool from this environment's bin (pip's cmake/ninja) or else from PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.is_file() else shutil.which(name)
+    if found is None:
+        raise NativeError(f"{name} not found: pip install cmake ninja (or install them with the system)")
+    return found
+
+
+def build_native_runner(build_dir: Path, source_dir: Path = NATIVE_SOURCE, jobs: int = 2) -> Path:
+    """Configure (once) and build the native runtime into ``build_dir``; returns the ``hm_runner`` path."""
+    build_dir = Path(build_dir)
+    cmake = _tool("cmake")
+    if not (build_dir / "CMakeCache.txt").is_file():
+        configure = [cmake, "-S", str(source_dir), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={executorch_prefix()}"]
+        if shutil.which("ninja") or (Path(sys.executable).parent / "ninja").is_file():
+            configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}"]
+        _check_call(configure, "configure")
+    _check_call([cmake, "--build", str(build_dir), "-j", str(jobs)], "build")
+    return build_dir / RUNNER
+
+
+def _check_call(command: list[str], step: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise NativeError(f"native {step} failed ({' '.join(command)}):\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
+
+
+def write_check_embeddings(bundle: Path, out: Path, embedder: Embedder | None = None) -> Path:
+    """Embed the contexts of ``bundle``'s golden checks (the router's embedder) into ``out`` (safetensors
+    ``embeddings`` ``float32 [checks, dim]``), for ``hm_runner --embeddings``."""
+    from safetensors.numpy import save_file
+
+    manifest = read_manifest(Path(bundle))
+    if "checks" not in manifest:
+        raise BundleError(f"{Path(bundle) / 'manifest.json'}: the bundle has no golden checks")
+    body = json.loads((Path(bundle) / manifest["checks"]["file"]).read_text())
+    contexts = [check["context"] for check in body["checks"]]
+    vectors = (embedder or MiniLMEmbedder()).embed(contexts).astype("float32")
+    save_file({"embeddings": vectors}, str(out))
+    return Path(out)
+
+
+def run_native_runner(
+    runner: Path,
+    bundle: Path,
+    checks: bool = False,
+    fills: Sequence[Sequence[int]] = (),
+    dump_slot: Path | None = None,
+    embeddings: Path | None = None,
+    bench: dict[str, Any] | None = None,
+    verify_files: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run ``hm_runner --json`` on ``bundle`` and return its report.
+
+    ``checks``: replay the golden checks; ``fills``: paths to set in order (each report says which levels
+    changed); ``dump_slot``: write the slot (float32, contract order) there afterwards; ``embeddings``: route
+    the checks' contexts with them; ``bench``: run the benchmark with these ``hm-export bench`` settings
+    (``runs``, ``contexts``, ``prompt_tokens``, ``new_tokens``, ``cache``).  Raises NativeError with the
+    runner's message when it refuses the bundle (exit code 2); a failed check is in the report, not raised.
+    """
+    command = [str(runner), str(bundle), "--json"]
+    command += ["--checks"] if checks else []
+    for path in fills:
+        command += ["--fill", ",".join(str(node) for node in path)]
+    command += ["--dump-slot", str(dump_slot)] if dump_slot else []
+    command += ["--embeddings", str(embeddings)] if embeddings else []
+    command += [] if verify_files else ["--no-verify-files"]
+    command += ["--threads", str(threads)] if threads else []
+    flags = {"runs": "--runs", "contexts": "-n", "prompt_tokens": "--prompt-tokens", "new_tokens": "--new-tokens"}
+    if bench is not None:
+        command.append("--bench")
+        for key, value in bench.items():
+            command += [flags[key], str(value)] if key in flags else ["--cache", str(value)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode == 2 or not done.stdout.strip():
+        errors = [line for line in done.stderr.splitlines() if not line.startswith("I ")]  # drop ExecuTorch info logs
+        raise NativeError("\n".join(errors) or f"{runner} exited with {done.returncode}")
+    return json.loads(done.stdout)
+
+
+def run_native(
+    bundle: Path,
+    build_dir: Path,
+    checks: bool = True,
+    embed: bool = False,
+    bench: dict[str, Any] | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Build the runner into ``build_dir`` (incremental) and run it on ``bundle``; with ``embed``, the checks'
+    contexts are embedded here and routed natively (see :func:`run_native_runner` for the rest)."""
+    import tempfile
+
+    runner = build_native_runner(build_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        embeddings = write_check_embeddings(bundle, Path(scratch) / "embeddings.safetensors") if embed else None
+        return run_native_runner(runner, bundle, checks=checks, embeddings=embeddings, bench=bench, threads=threads)

@@ -1,0 +1,81 @@
+// hm-export native runtime, C++ API: open a bundle, fill the memory slot level by level, run decode.pte.
+//
+// One Runtime per bundle; not thread-safe (one consumer thread, like executorch::extension::Module).
+// Every failure throws hm::Error whose message names the file and the problem.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace hm {
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Which blocks stay in RAM (still encoded: an int4 block costs its int4 bytes), as the Python CachePolicy.
+struct CachePolicy {
+  int resident_levels = 1;           // levels 0 .. resident_levels-1: a block read once is kept
+  uint64_t cache_bytes = 256ull << 20;  // LRU cap for deeper levels (header pages included); 0 = stream
+  bool verify = true;                // CRC-32 of every block read from storage
+};
+
+struct Options {
+  bool verify_files = true;  // size + sha256 of every file listed in the manifest, at open
+  CachePolicy cache;
+  int threads = 0;  // XNNPACK threadpool size; 0 = leave ExecuTorch's default
+};
+
+// What one set_path cost, per changed level (seconds of fetch + dequantize, and of the fetch alone).
+struct SlotUpdate {
+  std::vector<int> path;
+  std::vector<int> levels_changed;
+  std::vector<std::string> sources;  // "resident", "cache" or "storage" per changed level
+  std::vector<double> level_seconds;
+  std::vector<double> fetch_seconds;
+  uint64_t storage_bytes = 0;  // bytes read from storage (header pages included)
+};
+
+class Runtime {
+ public:
+  // Opens and validates the bundle (manifest, slot contract, bank index) and loads the decode program.
+  explicit Runtime(const std::string& bundle_dir, const Options& options = Options());
+  ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  int num_levels() const;
+  int nodes_at(int level) const;
+  int vocab_size() const;
+  int max_seq_len() const;  // KV-cache positions of the decode program
+  int embedding_dim() const;  // router centroid width (all-MiniLM-L6-v2: 384)
+
+  // Greedy L2 descent of the router tree for a context embedding computed by the app (see docs/native-runtime.md).
+  std::vector<int> route(const float* embedding, size_t dim) const;
+  // Makes the slot hold `path`'s memory; fetches and dequantizes only the levels whose node changed.
+  SlotUpdate set_path(const std::vector<int>& path);
+  const std::vector<int>& path() const;  // -1 per level not loaded yet
+
+  // Starts a new sequence: logits [n, vocab] of `tokens` fed from position 0 in one call.
+  std::vector<float> prefill(const std::vector<int64_t>& tokens);
+  // Feeds one token at the next position; returns its logits [vocab].
+  std::vector<float> decode(int64_t token);
+  int position() const;  // tokens in the KV cache
+
+  // The slot buffers (float32, contract order), e.g. to compare against another loader.
+  size_t slot_count() const;
+  const std::string& slot_name(size_t index) const;
+  const float* slot_data(size_t index) const;
+  size_t slot_numel(size_t index) const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace hm

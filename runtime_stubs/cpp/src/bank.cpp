@@ -1,0 +1,351 @@
+#include "bank.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "files.hpp"
+#include "json.hpp"
+
+namespace hm {
+namespace {
+
+constexpr uint16_t kBlockVersion = 2;
+constexpr uint16_t kHeaderLength = 52;
+constexpr uint64_t kSectionAlignment = 16;
+
+uint64_t pad16(uint64_t n) { return (n + kSectionAlignment - 1) / kSectionAlignment * kSectionAlignment; }
+
+// Little-endian loads: the format is little-endian whatever the host is.
+uint16_t load_u16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | p[1] << 8); }
+uint32_t load_u32(const uint8_t* p) { return load_u16(p) | static_cast<uint32_t>(load_u16(p + 2)) << 16; }
+uint64_t load_u64(const uint8_t* p) { return load_u32(p) | static_cast<uint64_t>(load_u32(p + 4)) << 32; }
+
+// (scheme name) -> (id, group size); every other name or pair is refused.
+bool known_scheme(const std::string& name, int id, int group) {
+  static const std::map<std::string, std::pair<int, int>> schemes = {
+      {"float32", {1, 0}}, {"float16", {2, 0}}, {"bfloat16", {3, 0}}, {"int8", {4, 0}},
+      {"int4-g32", {5, 32}}, {"int4-g64", {5, 64}}, {"int4-g128", {5, 128}}};
+  auto it = schemes.find(name);
+  return it != schemes.end() && it->second == std::make_pair(id, group);
+}
+
+}  // namespace
+
+int MemoryDims::nodes_at(int level) const {
+  int nodes = 1;
+  for (int l = 0; l <= level; ++l) nodes *= branching[l];
+  return nodes;
+}
+
+int MemoryDims::offset(int level) const {
+  int offset = 0;
+  for (int l = 0; l < level; ++l) offset += widths[l];
+  return offset;
+}
+
+AlignedBuffer::AlignedBuffer(size_t size) : size_(size) {
+  void* memory = nullptr;
+  if (posix_memalign(&memory, kPageSize, size == 0 ? kPageSize : size) != 0) throw Error("out of memory");
+  std::memset(memory, 0, size);
+  data_.reset(static_cast<uint8_t*>(memory));
+}
+
+void AlignedBuffer::Free::operator()(uint8_t* p) const { std::free(p); }
+
+uint32_t crc32(const uint8_t* data, size_t size) {
+  static const std::array<uint32_t, 256> table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  uint32_t crc = 0xFFFFFFFFu;
+  for (size_t i = 0; i < size; ++i) crc = table[(crc ^ data[i]) & 0xFF] ^ (crc >> 8);
+  return crc ^ 0xFFFFFFFFu;
+}
+
+float half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  uint32_t bits;
+  if (exponent == 0x1F) {
+    bits = sign | 0x7F800000u | mantissa << 13;
+  } else if (exponent != 0) {
+    bits = sign | (exponent + 112) << 23 | mantissa << 13;
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalize into a float32 exponent
+    exponent = 113;
+    while (!(mantissa & 0x400)) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    bits = sign | exponent << 23 | (mantissa & 0x3FF) << 13;
+  }
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+Bank::Bank(const std::string& dir, const MemoryDims& dims, const std::string& expected_schema_hash)
+    : dir_(dir), dims_(dims) {
+  const std::string index_path = dir + "/index.json";
+  json::Value index = read_json(index_path);
+  try {
+    if (index.at("format", "format").as_string("format") != "hm-export-bank" ||
+        index.at("format_version", "format_version").as_int("format_version") != 2)
+      throw Error("not an hm-export-bank version 2 index");
+    const json::Value& model = index.at("model", "model");
+    MemoryDims bank_dims;
+    bank_dims.d_model = static_cast<int>(model.at("d_model", "model.d_model").as_int("model.d_model"));
+    auto ints = [&](const char* key) {
+      std::vector<int> out;
+      for (int64_t v : model.at(key, key).as_int_list(key)) out.push_back(static_cast<int>(v));
+      return out;
+    };
+    bank_dims.branching = ints("branching");
+    bank_dims.widths = ints("widths");
+    bank_dims.layers = ints("memory_layers");
+    if (bank_dims.d_model != dims.d_model || bank_dims.branching != dims.branching ||
+        bank_dims.widths != dims.widths || bank_dims.layers != dims.layers)
+      throw Error("bank dimensions (d_model, branching, widths, memory_layers) do not match the slot contract");
+    const std::string& hash = index.at("schema_hash", "schema_hash").as_string("schema_hash");
+    if (hash != expected_schema_hash)
+      throw Error("bank schema hash " + hash + " does not match the manifest's " + expected_schema_hash +
+                  " (bank written for another model or scheme)");
+    const std::string& layout = index.at("layout", "layout").as_string("layout");
+    if (layout != "per-block" && layout != "per-level") throw Error("unknown layout '" + layout + "'");
+    packed_ = layout == "per-level";
+    const auto& levels = index.at("levels", "levels").as_array("levels");
+    if (static_cast<int>(levels.size()) != dims.num_levels()) throw Error("levels: one entry per tree level expected");
+    for (const json::Value& level : levels) {
+      Level out;
+      out.scheme = level.at("scheme", "levels[].scheme").as_string("levels[].scheme");
+      out.scheme_id = static_cast<int>(level.at("scheme_id", "levels[]").as_int("levels[].scheme_id"));
+      out.group_size = static_cast<int>(level.at("group_size", "levels[]").as_int("levels[].group_size"));
+      if (!known_scheme(out.scheme, out.scheme_id, out.group_size))
+        throw Error("unknown scheme '" + out.scheme + "' (id " + std::to_string(out.scheme_id) + ", group " +
+                    std::to_string(out.group_size) + ")");
+      levels_.push_back(out);
+    }
+    for (int level = 0; level < dims.num_levels(); ++level) {
+      int d = dims.d_model, r = dims.widths[level];
+      levels_[level].payload_length =
+          dims.layers.size() * (2 * section_bytes(level, d, r) + section_bytes(level, r, d));
+    }
+    const auto& blocks = index.at("blocks", "blocks").as_array("blocks");
+    size_t position = 0;
+    entries_.resize(dims.num_levels());
+    for (int level = 0; level < dims.num_levels(); ++level) {
+      for (int node = 0; node < dims.nodes_at(level); ++node, ++position) {
+        std::string where = "blocks[" + std::to_string(position) + "]";
+        if (position >= blocks.size()) throw Error(where + ": missing (every (level, node) is listed once)");
+        const json::Value& block = blocks[position];
+        if (block.at("level", where).as_int(where) != level || block.at("node", where).as_int(where) != node)
+          throw Error(where + ": expected level " + std::to_string(level) + " node " + std::to_string(node));
+        Entry entry;
+        entry.file = safe_join(dir, block.at("file", where).as_string(where + ".file"), index_path);
+        entry.offset = static_cast<uint64_t>(block.at("offset", where).as_int(where + ".offset"));
+        entry.crc32 = static_cast<uint32_t>(block.at("crc32", where).as_int(where + ".crc32"));
+        uint64_t length = static_cast<uint64_t>(block.at("length", where).as_int(where + ".length"));
+        if (entry.offset < kPageSize || entry.offset % kPageSize != 0)
+          throw Error(where + ": offset " + std::to_string(entry.offset) + " is not a positive multiple of 4096");
+        if (length != levels_[level].payload_length)
+          throw Error(where + ": length " + std::to_string(length) + ", the level's scheme and dims give " +
+                      std::to_string(levels_[level].payload_length));
+        if (block.at("scheme", where).as_string(where) != levels_[level].scheme)
+          throw Error(where + ": scheme differs from levels[" + std::to_string(level) + "]");
+        entries_[level].push_back(entry);
+      }
+    }
+    if (position != blocks.size()) throw Error("blocks: more entries than the tree has nodes");
+  } catch (const std::runtime_error& e) {
+    throw Error(index_path + ": " + e.what());
+  }
+  if (packed_)
+    for (int level = 0; level < dims.num_levels(); ++level) {
+      const std::string& pack = entries_[level].front().file;
+      levels_[level].pack_fd = ::open(pack.c_str(), O_RDONLY | O_CLOEXEC);
+      if (levels_[level].pack_fd < 0) throw Error(pack + ": cannot open: " + std::strerror(errno));
+    }
+}
+
+Bank::~Bank() {
+  for (const Level& level : levels_)
+    if (level.pack_fd >= 0) ::close(level.pack_fd);
+}
+
+uint64_t Bank::section_bytes(int level, int rows, int cols) const {
+  const Level& scheme = levels_[level];
+  uint64_t count = static_cast<uint64_t>(rows) * cols;
+  switch (scheme.scheme_id) {
+    case 1: return pad16(count * 4);
+    case 2: case 3: return pad16(count * 2);
+    case 4: return pad16(count) + pad16(static_cast<uint64_t>(cols) * 2);
+    default: {  // int4 groupwise
+      int group = std::min(scheme.group_size, rows), groups = (rows + group - 1) / group;
+      return pad16((count + 1) / 2) + pad16(static_cast<uint64_t>(groups) * cols * 2);
+    }
+  }
+}
+
+const Bank::Entry& Bank::entry(int level, int node) const {
+  if (level < 0 || level >= dims_.num_levels() || node < 0 || node >= dims_.nodes_at(level))
+    throw Error(dir_ + ": no block (level " + std::to_string(level) + ", node " + std::to_string(node) + ")");
+  return entries_[level][node];
+}
+
+void Bank::read(int level, int node, uint8_t* buffer, bool verify) const {
+  const Entry& e = entry(level, node);
+  const Level& scheme = levels_[level];
+  const std::string block = "block (level " + std::to_string(level) + ", node " + std::to_string(node) + ")";
+  int fd = scheme.pack_fd;
+  if (fd < 0) {
+    fd = ::open(e.file.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw Error(e.file + ": cannot open " + block + ": " + std::strerror(errno));
+  }
+  const uint64_t size = block_size(level), start = e.offset - kPageSize;
+  uint64_t done = 0;
+  int read_errno = 0;
+  while (done < size) {  // one pread; the loop only resumes a read the kernel split
+    ssize_t got = ::pread(fd, buffer + done, size - done, static_cast<off_t>(start + done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      read_errno = got < 0 ? errno : 0;
+      break;
+    }
+    done += static_cast<uint64_t>(got);
+  }
+  struct stat info {};
+  ::fstat(fd, &info);
+  if (scheme.pack_fd < 0) ::close(fd);
+  if (read_errno) throw Error(e.file + ": cannot read " + block + ": " + std::strerror(read_errno));
+  if (done < size)
+    throw Error(e.file + ": truncated: " + block + " needs bytes [" + std::to_string(start) + ", " +
+                std::to_string(start + size) + "), the file has " + std::to_string(info.st_size));
+  auto mismatch = [&](const char* field, uint64_t got, uint64_t want) {
+    if (got != want)
+      throw Error(e.file + ": " + block + " header " + field + " is " + std::to_string(got) + ", the index says " +
+                  std::to_string(want));
+  };
+  if (std::memcmp(buffer, "HMBK", 4) != 0) throw Error(e.file + ": " + block + ": bad magic (not an HMBK block)");
+  mismatch("version", load_u16(buffer + 4), kBlockVersion);
+  mismatch("header_length", load_u16(buffer + 6), kHeaderLength);
+  mismatch("scheme_id", load_u16(buffer + 8), scheme.scheme_id);
+  mismatch("level", load_u16(buffer + 10), level);
+  mismatch("node", load_u32(buffer + 12), node);
+  mismatch("layers", load_u16(buffer + 16), dims_.layers.size());
+  mismatch("group_size", load_u16(buffer + 18), scheme.group_size);
+  mismatch("d_model", load_u32(buffer + 20), dims_.d_model);
+  mismatch("width", load_u32(buffer + 24), dims_.widths[level]);
+  mismatch("payload_offset", load_u64(buffer + 32), e.offset);
+  mismatch("payload_length", load_u64(buffer + 40), scheme.payload_length);
+  mismatch("crc32", load_u32(buffer + 48), e.crc32);
+  if (verify) {
+    uint32_t crc = crc32(buffer + kPageSize, scheme.payload_length);
+    if (crc != e.crc32)
+      throw Error(e.file + ": " + block + ": checksum mismatch (payload CRC-32 " + std::to_string(crc) +
+                  ", expected " + std::to_string(e.crc32) + "): the block is corrupt");
+  }
+}
+
+void Bank::decode_section(int level, const uint8_t* section, int rows, int cols, MatrixView out) const {
+  const Level& scheme = levels_[level];
+  const size_t count = static_cast<size_t>(rows) * cols;
+  if (scheme.scheme_id <= 3) {  // float schemes
+    for (int i = 0; i < rows; ++i) {
+      float* row = out.base + i * out.row_stride;
+      const uint8_t* in = section + static_cast<size_t>(i) * cols * (scheme.scheme_id == 1 ? 4 : 2);
+      if (scheme.scheme_id == 1) {
+        std::memcpy(row, in, static_cast<size_t>(cols) * 4);  // little-endian host assumed (all targets are)
+      } else {
+        for (int c = 0; c < cols; ++c) {
+          uint16_t half = load_u16(in + c * 2);
+          uint32_t bits = static_cast<uint32_t>(half) << 16;  // bfloat16: the upper half of a float32
+          if (scheme.scheme_id == 2) row[c] = half_to_float(half);
+          else std::memcpy(&row[c], &bits, sizeof bits);
+        }
+      }
+    }
+    return;
+  }
+  // int8 (one scale per column) and int4 (one per group of rows and column): float(code) * float(scale),
+  // the same single multiply as the Python reference, so the slot is bit-identical.
+  const bool int8 = scheme.scheme_id == 4;
+  const int group = int8 ? rows : std::min(scheme.group_size, rows), groups = (rows + group - 1) / group;
+  const uint8_t* scale_bytes = section + (int8 ? pad16(count) : pad16((count + 1) / 2));
+  std::vector<float> scales(static_cast<size_t>(groups) * cols);
+  for (size_t k = 0; k < scales.size(); ++k) scales[k] = half_to_float(load_u16(scale_bytes + k * 2));
+  for (int i = 0; i < rows; ++i) {
+    float* row = out.base + i * out.row_stride;
+    const float* scale = scales.data() + static_cast<size_t>(i / group) * cols;
+    const size_t first = static_cast<size_t>(i) * cols;
+    if (int8) {
+      const int8_t* codes = reinterpret_cast<const int8_t*>(section) + first;
+      for (int c = 0; c < cols; ++c) row[c] = static_cast<float>(codes[c]) * scale[c];
+    } else {  // element e in the low (e even) or high (e odd) nibble of byte e / 2, stored as q + 8
+      for (int c = 0; c < cols; ++c) {
+        size_t e = first + c;
+        row[c] = static_cast<float>(((section[e / 2] >> (4 * (e % 2))) & 15) - 8) * scale[c];
+      }
+    }
+  }
+}
+
+void Bank::decode(int level, const uint8_t* payload, const LevelViews& views) const {
+  const int d = dims_.d_model, r = dims_.widths[level];
+  const uint64_t wide = section_bytes(level, d, r), tall = section_bytes(level, r, d);
+  for (size_t j = 0; j < dims_.layers.size(); ++j) {
+    const uint8_t* layer = payload + j * (2 * wide + tall);
+    decode_section(level, layer, d, r, views[j * 3 + kGate]);
+    decode_section(level, layer + wide, d, r, views[j * 3 + kUp]);
+    decode_section(level, layer + 2 * wide, r, d, views[j * 3 + kDown]);
+  }
+}
+
+BlockCache::BlockCache(const Bank& bank, int levels, const CachePolicy& policy) : bank_(bank), policy_(policy) {
+  for (int level = 0; level < levels; ++level) scratch_.emplace_back(bank.block_size(level));
+}
+
+BlockCache::Fetched BlockCache::get(int level, int node) {
+  const Key key{level, node};
+  if (auto it = resident_.find(key); it != resident_.end()) return {it->second.data() + kPageSize, "resident", 0};
+  if (auto it = lru_index_.find(key); it != lru_index_.end()) {
+    lru_.splice(lru_.begin(), lru_, it->second);  // most recently used first
+    return {it->second->second.data() + kPageSize, "cache", 0};
+  }
+  const uint64_t size = bank_.block_size(level);
+  const bool resident = level < policy_.resident_levels;
+  if (!resident && size > policy_.cache_bytes) {  // stream: into the level's scratch buffer, kept by no one
+    bank_.read(level, node, scratch_[level].data(), policy_.verify);
+    return {scratch_[level].data() + kPageSize, "storage", size};
+  }
+  AlignedBuffer buffer(size);
+  bank_.read(level, node, buffer.data(), policy_.verify);
+  const uint8_t* payload = buffer.data() + kPageSize;
+  if (resident) {
+    resident_.emplace(key, std::move(buffer));
+  } else {
+    lru_.emplace_front(key, std::move(buffer));
+    lru_index_[key] = lru_.begin();
+    lru_bytes_ += size;
+    while (lru_bytes_ > policy_.cache_bytes) {  // never evicts the block just read: it fits the cap alone
+      lru_bytes_ -= lru_.back().second.size();
+      lru_index_.erase(lru_.back().first);
+      lru_.pop_back();
+    }
+  }
+  return {payload, "storage", size};
+}
+
+}  // namespace hm

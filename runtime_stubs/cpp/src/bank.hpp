@@ -1,0 +1,118 @@
+// The bank of memory blocks (docs/bank-format.md): index validation, one aligned read per block, CRC-32,
+// dequantization straight into the slot, and the level-aware block cache.
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "hm_runtime.hpp"
+
+namespace hm {
+
+constexpr uint64_t kPageSize = 4096;  // header page; payload offsets are multiples of it
+
+// The memory layout both the slot contract and the bank must agree on.
+struct MemoryDims {
+  int d_model = 0;
+  std::vector<int> branching, widths, layers;
+
+  int num_levels() const { return static_cast<int>(widths.size()); }
+  int nodes_at(int level) const;
+  int offset(int level) const;  // first hidden unit of the level in the slot
+  int total_width() const { return offset(num_levels()); }
+};
+
+// A 4 KiB-aligned byte buffer (posix_memalign), as the format asks for block reads.
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  explicit AlignedBuffer(size_t size);
+  uint8_t* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const;
+  };
+  std::unique_ptr<uint8_t, Free> data_;
+  size_t size_ = 0;
+};
+
+// Where one block matrix lands in the slot: element (i, c) at base[i * row_stride + c].
+struct MatrixView {
+  float* base = nullptr;
+  size_t row_stride = 0;
+};
+enum Matrix { kGate = 0, kUp = 1, kDown = 2 };
+using LevelViews = std::vector<MatrixView>;  // [memory layer * 3 + Matrix]
+
+uint32_t crc32(const uint8_t* data, size_t size);
+float half_to_float(uint16_t bits);
+
+class Bank {
+ public:
+  // Parses and checks `dir`/index.json against the model dims and the manifest's bank schema hash.
+  Bank(const std::string& dir, const MemoryDims& dims, const std::string& expected_schema_hash);
+  ~Bank();
+  Bank(const Bank&) = delete;
+  Bank& operator=(const Bank&) = delete;
+
+  uint64_t block_size(int level) const { return kPageSize + levels_[level].payload_length; }
+  // One read of the block's header page + payload into `buffer` (block_size bytes); checks the header
+  // against the index and, with `verify`, the payload's CRC-32. Throws hm::Error naming the file.
+  void read(int level, int node, uint8_t* buffer, bool verify) const;
+  // Dequantizes a payload of `level` into the slot views of that level.
+  void decode(int level, const uint8_t* payload, const LevelViews& views) const;
+
+ private:
+  struct Level {
+    std::string scheme;
+    int scheme_id = 0, group_size = 0;
+    uint64_t payload_length = 0;
+    int pack_fd = -1;  // layout per-level: the level's pack, kept open
+  };
+  struct Entry {
+    std::string file;
+    uint64_t offset = 0;
+    uint32_t crc32 = 0;
+  };
+  uint64_t section_bytes(int level, int rows, int cols) const;
+  void decode_section(int level, const uint8_t* section, int rows, int cols, MatrixView out) const;
+  const Entry& entry(int level, int node) const;
+
+  std::string dir_;
+  MemoryDims dims_;
+  bool packed_ = false;
+  std::vector<Level> levels_;
+  std::vector<std::vector<Entry>> entries_;  // [level][node]
+};
+
+// Block payloads by (level, node): resident levels kept once read, an LRU for deeper levels, or streamed
+// into one scratch buffer per level (cache_bytes 0), as runtime_stubs/block_cache.py.
+class BlockCache {
+ public:
+  BlockCache(const Bank& bank, int levels, const CachePolicy& policy);
+  struct Fetched {
+    const uint8_t* payload;
+    const char* source;
+    uint64_t bytes_read;
+  };
+  Fetched get(int level, int node);
+
+ private:
+  using Key = std::pair<int, int>;
+  const Bank& bank_;
+  CachePolicy policy_;
+  std::vector<AlignedBuffer> scratch_;
+  std::map<Key, AlignedBuffer> resident_;
+  std::list<std::pair<Key, AlignedBuffer>> lru_;  // most recent first
+  std::map<Key, std::list<std::pair<Key, AlignedBuffer>>::iterator> lru_index_;
+  uint64_t lru_bytes_ = 0;
+};
+
+}  // namespace hm

@@ -1,0 +1,340 @@
+// hm::Runtime: bundle validation (manifest, files, slot contract), slot filling, decode.pte through
+// executorch::extension::Module with the XNNPACK delegate.
+#include <executorch/extension/module/module.h>
+#include <executorch/extension/tensor/tensor.h>
+
+#include <chrono>
+#include <limits>
+
+#include "bank.hpp"
+#include "files.hpp"
+#include "hm_runtime.hpp"
+
+// The wheel ships libexecutorch_threadpool.so but not threadpool.h; these two symbols are all we call.
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+
+namespace hm {
+namespace {
+
+using executorch::extension::TensorPtr;
+using executorch::extension::module::Module;
+using executorch::runtime::EValue;
+using Clock = std::chrono::steady_clock;
+
+constexpr size_t kInputPadding = 16;  // XNNPACK may read up to 16 bytes past an input (XNN_EXTRA_BYTES)
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+std::vector<int> to_ints(const json::Value& value, const std::string& what) {
+  std::vector<int> out;
+  for (int64_t v : value.as_int_list(what)) out.push_back(static_cast<int>(v));
+  return out;
+}
+
+}  // namespace
+
+struct SlotBuffer {
+  std::string name;
+  std::vector<int> shape;
+  std::vector<float> data;  // numel + padding floats
+  size_t numel = 0;
+  TensorPtr tensor;
+};
+
+struct Runtime::Impl {
+  std::string root, manifest_path;
+  json::Value manifest;
+  MemoryDims dims;
+  int vocab = 0, max_seq_len = 0, embed_dim = 0;
+  std::vector<SlotBuffer> slot;
+  std::vector<LevelViews> views;  // per level: where its block's matrices land in `slot`
+  std::unique_ptr<Bank> bank;
+  std::unique_ptr<BlockCache> cache;
+  std::vector<int> path;
+  std::vector<std::vector<float>> centroids;  // per level [n_l, embed_dim]
+  std::unique_ptr<Module> module;
+  int position = 0;
+
+  [[noreturn]] void refuse(const std::string& why) const { throw Error(manifest_path + ": " + why); }
+  void verify_files() const;
+  void read_model();
+  void check_slot_contract();
+  void open_program(const Options& options);
+  void read_router();
+  std::vector<float> run(const std::vector<int64_t>& tokens, int64_t input_pos);
+};
+
+void Runtime::Impl::verify_files() const {
+  std::string problems;
+  for (const auto& [relative, entry] : manifest.at("files", "files").object) {
+    std::string path = safe_join(root, relative, manifest_path + ": files");
+    uint64_t size = 0;
+    std::string digest;
+    try {
+      digest = sha256_file(path, &size);
+    } catch (const Error& e) {
+      problems += std::string("\n  ") + e.what();
+      continue;
+    }
+    if (static_cast<int64_t>(size) != entry.at("bytes", relative).as_int(relative + ".bytes"))
+      problems += "\n  " + path + ": " + std::to_string(size) + " bytes, the manifest records " +
+                  std::to_string(entry.at("bytes", relative).as_int(relative));
+    else if (digest != entry.at("sha256", relative).as_string(relative + ".sha256"))
+      problems += "\n  " + path + ": sha256 differs from the manifest's (file modified)";
+  }
+  if (!problems.empty()) refuse("files do not match the manifest:" + problems);
+}
+
+void Runtime::Impl::read_model() {
+  const json::Value& model = manifest.at("model", "model");
+  dims.d_model = static_cast<int>(model.at("d_model", "model").as_int("model.d_model"));
+  vocab = static_cast<int>(model.at("vocab_size", "model").as_int("model.vocab_size"));
+  max_seq_len = static_cast<int>(model.at("max_seq_len", "model").as_int("model.max_seq_len"));
+  const json::Value& memory = model.at("memory", "model.memory");
+  dims.branching = to_ints(memory.at("branching", "model.memory"), "model.memory.branching");
+  dims.widths = to_ints(memory.at("widths", "model.memory"), "model.memory.widths");
+  dims.layers = to_ints(memory.at("layers", "model.memory"), "model.memory.layers");
+  if (dims.branching.size() != dims.widths.size() || dims.widths.empty()) refuse("model.memory: bad tree");
+}
+
+// The slot contract must be exactly what SlotContract.for_model gives for the model config: the program's
+// inputs were traced from it, so any other layout would silently compute with the wrong memory.
+void Runtime::Impl::check_slot_contract() {
+  const json::Value& contract = manifest.at("slot", "slot");
+  auto mismatch = [&](const std::string& field) {
+    refuse("slot contract does not match the model config (" + field + ")");
+  };
+  if (contract.at("d_model", "slot").as_int("slot.d_model") != dims.d_model) mismatch("d_model");
+  if (to_ints(contract.at("branching", "slot"), "slot.branching") != dims.branching) mismatch("branching");
+  if (to_ints(contract.at("widths", "slot"), "slot.widths") != dims.widths) mismatch("widths");
+  if (to_ints(contract.at("memory_layers", "slot"), "slot.memory_layers") != dims.layers) mismatch("memory_layers");
+  if (contract.at("dtype", "slot").as_string("slot.dtype") != "float32")
+    refuse("slot dtype is not float32: the native runtime dequantizes into float32 slots only");
+  const auto& tensors = contract.at("tensors", "slot").as_array("slot.tensors");
+  const int d = dims.d_model, width = dims.total_width();
+  if (tensors.size() != 2 * dims.layers.size()) mismatch("number of tensors");
+  views.assign(dims.num_levels(), LevelViews(3 * dims.layers.size()));
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const json::Value& tensor = tensors[t];
+    const std::string where = "slot.tensors[" + std::to_string(t) + "]";
+    const size_t index = t / 2;
+    const bool gate_up = t % 2 == 0;
+    const std::string name = "mem" + std::to_string(dims.layers[index]) + (gate_up ? "_gate_up" : "_down");
+    const std::vector<int> shape = gate_up ? std::vector<int>{1, d, 2 * width} : std::vector<int>{1, width, d};
+    if (tensor.at("name", where).as_string(where + ".name") != name) mismatch(where + ".name");
+    if (tensor.at("layer", where).as_int(where) != dims.layers[index]) mismatch(where + ".layer");
+    if (tensor.at("memory_index", where).as_int(where) != static_cast<int64_t>(index)) mismatch(where + ".memory_index");
+    if (tensor.at("role", where).as_string(where + ".role") != (gate_up ? "gate_up" : "down")) mismatch(where + ".role");
+    if (to_ints(tensor.at("shape", where), where + ".shape") != shape) mismatch(where + ".shape");
+    if (tensor.at("hidden_axis", where).as_int(where) != (gate_up ? 2 : 1)) mismatch(where + ".hidden_axis");
+    if (tensor.at("dtype", where).as_string(where + ".dtype") != "float32") mismatch(where + ".dtype");
+    std::vector<std::string> sources;
+    for (const json::Value& source : tensor.at("sources", where).as_array(where + ".sources"))
+      sources.push_back(source.as_string(where + ".sources[]"));
+    if (sources != (gate_up ? std::vector<std::string>{"gate", "up"} : std::vector<std::string>{"down"}))
+      mismatch(where + ".sources");
+    const auto& ranges = tensor.at("level_ranges", where).as_array(where + ".level_ranges");
+    if (ranges.size() != static_cast<size_t>(dims.num_levels())) mismatch(where + ".level_ranges");
+    SlotBuffer buffer;
+    buffer.name = name;
+    buffer.shape = shape;
+    buffer.numel = static_cast<size_t>(shape[1]) * shape[2];
+    buffer.data.assign(buffer.numel + kInputPadding, 0.0f);
+    for (int level = 0; level < dims.num_levels(); ++level) {
+      const int lo = dims.offset(level), hi = lo + dims.widths[level];
+      std::vector<int64_t> want = gate_up ? std::vector<int64_t>{lo, hi, lo + width, hi + width}
+                                          : std::vector<int64_t>{lo, hi};
+      std::vector<int64_t> got;
+      for (const json::Value& span : ranges[level].as_array(where))
+        for (int64_t v : span.as_int_list(where)) got.push_back(v);
+      if (got != want) mismatch(where + ".level_ranges[" + std::to_string(level) + "]");
+      // gate -> columns [lo, hi) of [d, 2R], up -> columns [R + lo, ...); down -> rows [lo, hi) of [R, d]
+      float* base = buffer.data.data();
+      if (gate_up) {
+        views[level][index * 3 + kGate] = {base + lo, static_cast<size_t>(2 * width)};
+        views[level][index * 3 + kUp] = {base + width + lo, static_cast<size_t>(2 * width)};
+      } else {
+        views[level][index * 3 + kDown] = {base + static_cast<size_t>(lo) * d, static_cast<size_t>(d)};
+      }
+    }
+    slot.push_back(std::move(buffer));
+  }
+}
+
+void Runtime::Impl::open_program(const Options& options) {
+  const json::Value* target = manifest.at("targets", "targets").find("executorch");
+  if (target == nullptr || target->find("decode") == nullptr)
+    refuse("no executorch decode program (export with --target executorch and without --no-decode)");
+  const json::Value& decode = target->at("decode", "targets.executorch.decode");
+  const json::Value& files = decode.at("files", "targets.executorch.decode.files");
+  // The decode program's inputs: tokens, input_pos, then the slot in contract order.
+  std::vector<std::string> inputs;
+  for (const json::Value& input : decode.at("io", "decode").at("inputs", "decode.io").as_array("decode.io.inputs"))
+    inputs.push_back(input.at("name", "decode.io.inputs[]").as_string("decode.io.inputs[].name"));
+  std::vector<std::string> expected = {"tokens", "input_pos"};
+  for (const SlotBuffer& buffer : slot) expected.push_back(buffer.name);
+  if (inputs != expected) refuse("decode program inputs differ from tokens, input_pos and the slot contract");
+  const std::string program =
+      safe_join(root, files.at("program", "decode.files").as_string("decode.files.program"), manifest_path);
+  if (const json::Value* data = files.find("data"))
+    module = std::make_unique<Module>(program, safe_join(root, data->as_string("data"), manifest_path),
+                                      Module::LoadMode::Mmap);
+  else
+    module = std::make_unique<Module>(program, Module::LoadMode::Mmap);
+  if (options.threads > 0) executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(options.threads);
+  if (module->load_method("forward") != executorch::runtime::Error::Ok)
+    throw Error(program + ": ExecuTorch cannot load method 'forward' (corrupt program or a missing kernel/backend)");
+  for (SlotBuffer& buffer : slot)  // bound once: filling the slot writes into these buffers
+    buffer.tensor = executorch::extension::from_blob(buffer.data.data(), {buffer.shape[0], buffer.shape[1], buffer.shape[2]});
+}
+
+void Runtime::Impl::read_router() {
+  const json::Value& router = manifest.at("router", "router");
+  const std::string file = safe_join(root, router.at("file", "router").as_string("router.file"), manifest_path);
+  embed_dim = static_cast<int>(router.at("dim", "router").as_int("router.dim"));
+  auto tensors = read_safetensors(file);
+  for (int level = 0; level < dims.num_levels(); ++level) {
+    auto it = tensors.find("level" + std::to_string(level));
+    if (it == tensors.end() || it->second.shape != std::vector<int64_t>{dims.nodes_at(level), embed_dim})
+      throw Error(file + ": level" + std::to_string(level) + " centroids missing or not [" +
+                  std::to_string(dims.nodes_at(level)) + ", " + std::to_string(embed_dim) + "]");
+    centroids.push_back(std::move(it->second.f32));
+  }
+}
+
+std::vector<float> Runtime::Impl::run(const std::vector<int64_t>& tokens, int64_t input_pos) {
+  const int n = static_cast<int>(tokens.size());
+  auto token_tensor = executorch::extension::make_tensor_ptr({1, n}, std::vector<int64_t>(tokens));
+  auto pos_tensor = executorch::extension::make_tensor_ptr({1}, std::vector<int64_t>{input_pos});
+  std::vector<EValue> inputs = {EValue(*token_tensor), EValue(*pos_tensor)};
+  for (const SlotBuffer& buffer : slot) inputs.emplace_back(*buffer.tensor);
+  auto result = module->forward(inputs);
+  if (!result.ok())
+    throw Error("decode program failed (ExecuTorch error " + std::to_string(static_cast<int>(result.error())) + ")");
+  const auto& logits = result->at(0).toTensor();
+  const float* data = logits.const_data_ptr<float>();
+  return std::vector<float>(data, data + logits.numel());
+}
+
+Runtime::Runtime(const std::string& bundle_dir, const Options& options) : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.root = bundle_dir;
+  m.manifest_path = bundle_dir + "/manifest.json";
+  m.manifest = read_json(m.manifest_path);
+  try {
+    const json::Value* format = m.manifest.find("format");
+    const json::Value* version = m.manifest.find("format_version");
+    if (!format || format->as_string("format") != "hm-export-bundle" || !version || version->as_int("version") != 1)
+      m.refuse("not an hm-export-bundle format_version 1 manifest");
+    for (const char* section : {"model", "slot", "bank", "router", "targets", "files"})
+      if (!m.manifest.find(section)) m.refuse(std::string("malformed manifest, missing '") + section + "'");
+    if (options.verify_files) m.verify_files();
+    m.read_model();
+    m.check_slot_contract();
+    const json::Value& bank = m.manifest.at("bank", "bank");
+    m.bank = std::make_unique<Bank>(safe_join(m.root, bank.at("dir", "bank").as_string("bank.dir"), m.manifest_path),
+                                    m.dims, bank.at("schema_hash", "bank").as_string("bank.schema_hash"));
+    m.cache = std::make_unique<BlockCache>(*m.bank, m.dims.num_levels(), options.cache);
+    m.path.assign(m.dims.num_levels(), -1);
+    m.read_router();
+    m.open_program(options);
+  } catch (const Error&) {
+    throw;
+  } catch (const std::runtime_error& e) {  // a JSON field of the wrong type or missing
+    m.refuse(e.what());
+  }
+}
+
+Runtime::~Runtime() = default;
+
+int Runtime::num_levels() const { return impl_->dims.num_levels(); }
+int Runtime::nodes_at(int level) const { return impl_->dims.nodes_at(level); }
+int Runtime::vocab_size() const { return impl_->vocab; }
+int Runtime::max_seq_len() const { return impl_->max_seq_len; }
+int Runtime::embedding_dim() const { return impl_->embed_dim; }
+const std::vector<int>& Runtime::path() const { return impl_->path; }
+int Runtime::position() const { return impl_->position; }
+size_t Runtime::slot_count() const { return impl_->slot.size(); }
+const std::string& Runtime::slot_name(size_t index) const { return impl_->slot.at(index).name; }
+const float* Runtime::slot_data(size_t index) const { return impl_->slot.at(index).data.data(); }
+size_t Runtime::slot_numel(size_t index) const { return impl_->slot.at(index).numel; }
+
+std::vector<int> Runtime::route(const float* embedding, size_t dim) const {
+  const Impl& m = *impl_;
+  if (dim != static_cast<size_t>(m.embed_dim))
+    throw Error("embedding has " + std::to_string(dim) + " values, the router expects " + std::to_string(m.embed_dim));
+  std::vector<int> path;
+  int parent = 0;
+  for (int level = 0; level < m.dims.num_levels(); ++level) {  // greedy: nearest (L2) child of the current node
+    const int k = m.dims.branching[level];
+    int best = -1;
+    float best_distance = std::numeric_limits<float>::infinity();
+    for (int child = parent * k; child < parent * k + k; ++child) {
+      const float* centroid = m.centroids[level].data() + static_cast<size_t>(child) * dim;
+      float distance = 0;
+      for (size_t i = 0; i < dim; ++i) distance += (centroid[i] - embedding[i]) * (centroid[i] - embedding[i]);
+      if (distance < best_distance) best = child, best_distance = distance;
+    }
+    path.push_back(parent = best);
+  }
+  return path;
+}
+
+SlotUpdate Runtime::set_path(const std::vector<int>& path) {
+  Impl& m = *impl_;
+  if (path.size() != static_cast<size_t>(m.dims.num_levels()))
+    throw Error("path has " + std::to_string(path.size()) + " levels, the tree has " + std::to_string(m.dims.num_levels()));
+  for (int level = 0; level < m.dims.num_levels(); ++level) {
+    const int parent = level ? path[level - 1] : 0;
+    if (path[level] < parent * m.dims.branching[level] || path[level] >= (parent + 1) * m.dims.branching[level])
+      throw Error("path: node " + std::to_string(path[level]) + " of level " + std::to_string(level) +
+                  " is not a child of the node above it");
+  }
+  SlotUpdate update;
+  update.path = path;
+  for (int level = 0; level < m.dims.num_levels(); ++level) {
+    if (m.path[level] == path[level]) continue;
+    auto start = Clock::now();
+    m.path[level] = -1;  // a failure below leaves this level marked as not loaded
+    BlockCache::Fetched fetched = m.cache->get(level, path[level]);
+    update.fetch_seconds.push_back(seconds_since(start));
+    m.bank->decode(level, fetched.payload, m.views[level]);
+    m.path[level] = path[level];
+    update.levels_changed.push_back(level);
+    update.sources.emplace_back(fetched.source);
+    update.level_seconds.push_back(seconds_since(start));
+    update.storage_bytes += fetched.bytes_read;
+  }
+  return update;
+}
+
+std::vector<float> Runtime::prefill(const std::vector<int64_t>& tokens) {
+  Impl& m = *impl_;
+  for (int node : m.path)
+    if (node < 0) throw Error("no memory path set: call set_path() first");
+  if (tokens.empty() || tokens.size() > static_cast<size_t>(m.max_seq_len))
+    throw Error("prompt of " + std::to_string(tokens.size()) + " tokens: need 1 to " + std::to_string(m.max_seq_len));
+  // A new sequence needs no cache reset: positions after the last written one are masked (docs/decode.md).
+  std::vector<float> logits = m.run(tokens, 0);
+  m.position = static_cast<int>(tokens.size());
+  return logits;
+}
+
+std::vector<float> Runtime::decode(int64_t token) {
+  Impl& m = *impl_;
+  if (m.position == 0) throw Error("decode() before prefill()");
+  if (m.position >= m.max_seq_len) throw Error("the KV cache is full (" + std::to_string(m.max_seq_len) + " positions)");
+  std::vector<float> logits = m.run({token}, m.position);
+  ++m.position;
+  return logits;
+}
+
+}  // namespace hm

@@ -1,0 +1,453 @@
+// hm_runner: replay a bundle's golden checks, fill paths, and benchmark like `hm-export bench`, natively.
+//
+//   hm_runner BUNDLE [--checks] [--fill 0,1 ...] [--dump-slot FILE] [--bench] [--json] [options]
+//
+// Exit code: 0 all good, 1 a check failed, 2 bad input or a runtime error (message on stderr).
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <numeric>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "files.hpp"
+#include "hm_runtime.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+struct Args {
+  std::string bundle, embeddings, dump_slot, cache = "stream";
+  bool checks = false, bench = false, json = false, verify_files = true;
+  std::vector<std::vector<int>> fills;
+  int runs = 3, contexts = 8, prompt_tokens = 64, new_tokens = 32, threads = 0;
+};
+
+const char* kUsage =
+    "usage: hm_runner BUNDLE [--checks] [--embeddings FILE] [--fill L0,L1,... (repeat)] [--dump-slot FILE]\n"
+    "       [--bench [--runs 3] [-n 8] [--prompt-tokens 64] [--new-tokens 32] [--cache stream|default]]\n"
+    "       [--threads N] [--no-verify-files] [--json]\n";
+
+std::vector<int> parse_path(const std::string& text) {
+  std::vector<int> path;
+  std::stringstream in(text);
+  for (std::string part; std::getline(in, part, ',');) path.push_back(std::stoi(part));
+  return path;
+}
+
+Args parse_args(int argc, char** argv) {
+  Args args;
+  auto value = [&](int& i) -> std::string {
+    if (i + 1 >= argc) throw hm::Error(std::string(argv[i]) + " needs a value\n" + kUsage);
+    return argv[++i];
+  };
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "--checks") args.checks = true;
+    else if (arg == "--bench") args.bench = true;
+    else if (arg == "--json") args.json = true;
+    else if (arg == "--no-verify-files") args.verify_files = false;
+    else if (arg == "--embeddings") args.embeddings = value(i);
+    else if (arg == "--fill") args.fills.push_back(parse_path(value(i)));
+    else if (arg == "--dump-slot") args.dump_slot = value(i);
+    else if (arg == "--cache") args.cache = value(i);
+    else if (arg == "--runs") args.runs = std::stoi(value(i));
+    else if (arg == "-n") args.contexts = std::stoi(value(i));
+    else if (arg == "--prompt-tokens") args.prompt_tokens = std::stoi(value(i));
+    else if (arg == "--new-tokens") args.new_tokens = std::stoi(value(i));
+    else if (arg == "--threads") args.threads = std::stoi(value(i));
+    else if (!arg.empty() && arg[0] != '-' && args.bundle.empty()) args.bundle = arg;
+    else throw hm::Error("unknown argument '" + arg + "'\n" + kUsage);
+  }
+  if (args.bundle.empty()) throw hm::Error(std::string("no bundle given\n") + kUsage);
+  if (args.cache != "stream" && args.cache != "default") throw hm::Error("--cache must be stream or default");
+  if (args.runs < 1 || args.contexts < 1 || args.prompt_tokens < 1 || args.new_tokens < 1)
+    throw hm::Error("--runs, -n, --prompt-tokens and --new-tokens must be positive");
+  return args;
+}
+
+// ---- JSON output -------------------------------------------------------------------------------------------
+
+std::string quote(const std::string& text) {
+  std::string out = "\"";
+  for (char c : text) {
+    if (c == '"' || c == '\\') out += '\\', out += c;
+    else if (c == '\n') out += "\\n";
+    else if (static_cast<unsigned char>(c) < 0x20) out += ' ';
+    else out += c;
+  }
+  return out + "\"";
+}
+
+std::string number(double value) {
+  if (!std::isfinite(value)) return "null";
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%.6g", value);
+  return buffer;
+}
+
+template <typename T>
+std::string list(const std::vector<T>& values) {
+  std::string out = "[";
+  for (size_t i = 0; i < values.size(); ++i) out += (i ? ", " : "") + number(static_cast<double>(values[i]));
+  return out + "]";
+}
+
+// n, p50, p99, mean, sd in milliseconds (percentiles interpolated like numpy's default).
+std::string latency(std::vector<double> seconds) {
+  if (seconds.empty()) return "{\"n\": 0}";
+  std::sort(seconds.begin(), seconds.end());
+  auto percentile = [&](double p) {
+    double rank = p / 100 * (seconds.size() - 1);
+    size_t lo = static_cast<size_t>(rank), hi = std::min(lo + 1, seconds.size() - 1);
+    return 1e3 * (seconds[lo] + (seconds[hi] - seconds[lo]) * (rank - lo));
+  };
+  double mean = std::accumulate(seconds.begin(), seconds.end(), 0.0) / seconds.size(), var = 0;
+  for (double s : seconds) var += (s - mean) * (s - mean);
+  double sd = seconds.size() > 1 ? std::sqrt(var / (seconds.size() - 1)) : 0;
+  return "{\"n\": " + std::to_string(seconds.size()) + ", \"p50\": " + number(percentile(50)) +
+         ", \"p99\": " + number(percentile(99)) + ", \"mean\": " + number(1e3 * mean) + ", \"sd\": " + number(1e3 * sd) + "}";
+}
+
+std::string throughput(const std::vector<double>& per_run) {
+  double mean = std::accumulate(per_run.begin(), per_run.end(), 0.0) / per_run.size(), var = 0;
+  for (double v : per_run) var += (v - mean) * (v - mean);
+  double sd = per_run.size() > 1 ? std::sqrt(var / (per_run.size() - 1)) : 0;
+  return "{\"mean\": " + number(mean) + ", \"sd\": " + number(sd) + ", \"runs\": " + list(per_run) + "}";
+}
+
+// ---- golden checks -----------------------------------------------------------------------------------------
+
+struct Check {
+  std::string name;
+  std::vector<int> path;
+  std::vector<int64_t> prompt, greedy;
+  std::vector<double> margins;
+};
+
+struct Checks {
+  std::vector<Check> checks;
+  double tolerance = 0;
+  std::map<std::string, hm::Tensor> expected;
+};
+
+Checks load_checks(const std::string& bundle) {
+  hm::json::Value manifest = hm::read_json(bundle + "/manifest.json");
+  const hm::json::Value* entry = manifest.find("checks");
+  if (entry == nullptr) throw hm::Error(bundle + "/manifest.json: the bundle has no golden checks (--checks 0)");
+  std::string file = hm::safe_join(bundle, entry->at("file", "checks").as_string("checks.file"), "checks");
+  hm::json::Value body = hm::read_json(file);
+  Checks out;
+  try {
+    if (body.at("format", "format").as_string("format") != "hm-export-checks" ||
+        body.at("version", "version").as_int("version") != 1)
+      throw hm::Error("not hm-export-checks version 1");
+    out.tolerance = body.at("tolerance", "tolerance").at("float32", "tolerance").as_number("tolerance.float32");
+    for (const hm::json::Value& item : body.at("checks", "checks").as_array("checks")) {
+      Check check;
+      check.name = item.at("name", "checks[]").as_string("checks[].name");
+      for (int64_t node : item.at("path", check.name).as_int_list(check.name + ".path")) check.path.push_back(node);
+      check.prompt = item.at("prompt", check.name).as_int_list(check.name + ".prompt");
+      check.greedy = item.at("greedy", check.name).as_int_list(check.name + ".greedy");
+      for (const auto& m : item.at("margins", check.name).as_array(check.name)) check.margins.push_back(m.as_number("margin"));
+      out.checks.push_back(std::move(check));
+    }
+  } catch (const std::runtime_error& e) {
+    throw hm::Error(file + ": " + e.what());
+  }
+  out.expected = hm::read_safetensors(
+      hm::safe_join(bundle, entry->at("expected", "checks").as_string("checks.expected"), "checks"));
+  return out;
+}
+
+const hm::Tensor& expected_tensor(const Checks& checks, const std::string& name) {
+  auto it = checks.expected.find(name);
+  if (it == checks.expected.end()) throw hm::Error("checks/expected.safetensors: missing tensor " + name);
+  return it->second;
+}
+
+// Max |diff| of prefill logits [n, vocab] against the digest (top-k logits, logsumexp, last row), as checks.py.
+double logits_diff(const Checks& checks, const std::string& name, const std::vector<float>& logits, int vocab) {
+  const hm::Tensor& ids = expected_tensor(checks, name + ".topk_ids");
+  const hm::Tensor& values = expected_tensor(checks, name + ".topk_values");
+  const hm::Tensor& lse = expected_tensor(checks, name + ".logsumexp");
+  const hm::Tensor& last = expected_tensor(checks, name + ".last_logits");
+  const size_t rows = logits.size() / vocab;
+  if (lse.f32.size() != rows) return INFINITY;
+  double worst = 0;
+  const size_t k = ids.shape.at(1);
+  for (size_t row = 0; row < rows; ++row) {
+    const float* line = logits.data() + row * vocab;
+    for (size_t j = 0; j < k; ++j) worst = std::max(worst, std::fabs(double(line[ids.i64[row * k + j]]) - values.f32[row * k + j]));
+    double top = *std::max_element(line, line + vocab), sum = 0;
+    for (int v = 0; v < vocab; ++v) sum += std::exp(double(line[v]) - top);
+    worst = std::max(worst, std::fabs(top + std::log(sum) - lse.f32[row]));
+  }
+  for (int v = 0; v < vocab; ++v) worst = std::max(worst, std::fabs(double(logits[(rows - 1) * vocab + v]) - last.f32[v]));
+  return worst;
+}
+
+int64_t argmax(const float* logits, int vocab) { return std::max_element(logits, logits + vocab) - logits; }
+
+struct Generation {
+  std::vector<int64_t> tokens;
+  double prefill_seconds = 0, first_token_seconds = 0;
+  std::vector<double> steps;
+};
+
+// Greedy continuation with the KV cache, timed like runtime_stubs/generate.py.
+Generation generate(hm::Runtime& runtime, const std::vector<int64_t>& prompt, int new_tokens,
+                    std::vector<float>* prefill_logits = nullptr) {
+  Generation out;
+  const int vocab = runtime.vocab_size();
+  auto start = Clock::now();
+  std::vector<float> logits = runtime.prefill(prompt);
+  out.prefill_seconds = since(start);
+  if (prefill_logits) *prefill_logits = logits;
+  const float* last = logits.data() + logits.size() - vocab;
+  while (static_cast<int>(out.tokens.size()) < new_tokens) {
+    int64_t token = argmax(last, vocab);
+    if (out.tokens.empty()) out.first_token_seconds = since(start);
+    out.tokens.push_back(token);
+    if (static_cast<int>(out.tokens.size()) == new_tokens || runtime.position() >= runtime.max_seq_len()) break;
+    auto step = Clock::now();
+    logits = runtime.decode(token);
+    out.steps.push_back(since(step));
+    last = logits.data();
+  }
+  return out;
+}
+
+std::string replay_checks(hm::Runtime& runtime, const Checks& checks, const std::vector<std::vector<float>>& embeddings,
+                          bool* passed, std::string* human) {
+  std::string results;
+  int pass = 0, fail = 0;
+  for (size_t i = 0; i < checks.checks.size(); ++i) {
+    const Check& check = checks.checks[i];
+    std::string route = "null";
+    bool route_ok = true;
+    if (!embeddings.empty()) {
+      std::vector<int> routed = runtime.route(embeddings.at(i).data(), embeddings[i].size());
+      route = list(routed);
+      route_ok = routed == check.path;
+    }
+    runtime.set_path(check.path);  // replays use the recorded path, so a router failure hides no numerics
+    std::vector<float> logits;
+    Generation generation = generate(runtime, check.prompt, static_cast<int>(check.greedy.size()), &logits);
+    const double diff = logits_diff(checks, check.name, logits, runtime.vocab_size());
+    size_t matched = 0;
+    bool greedy_ok = true;
+    std::string detail = "all greedy tokens equal";
+    for (; matched < check.greedy.size(); ++matched) {
+      if (matched >= generation.tokens.size() || generation.tokens[matched] != check.greedy[matched]) {
+        const bool stopped = matched >= generation.tokens.size();
+        greedy_ok = !stopped && check.margins[matched] <= 2 * checks.tolerance;
+        detail = stopped     ? "stopped after " + std::to_string(matched) + " greedy tokens"
+                 : greedy_ok ? "near-tie at step " + std::to_string(matched) + ": not compared further"
+                             : "greedy token " + std::to_string(matched) + " differs";
+        break;
+      }
+    }
+    const bool ok = route_ok && diff <= checks.tolerance && greedy_ok;
+    (ok ? pass : fail) += 1;
+    results += std::string(results.empty() ? "" : ", ") + "{\"check\": " + quote(check.name) +
+               ", \"status\": " + quote(ok ? "pass" : "fail") + ", \"max_abs_diff\": " + number(diff) +
+               ", \"tokens_matched\": " + std::to_string(matched) + ", \"tokens\": " + list(generation.tokens) +
+               ", \"route\": " + route + ", \"route_ok\": " + (route_ok ? "true" : "false") +
+               ", \"detail\": " + quote(detail) + "}";
+    *human += check.name + ": " + (ok ? "pass" : "FAIL") + "  max |logit diff| " + number(diff) + ", " +
+              std::to_string(matched) + "/" + std::to_string(check.greedy.size()) + " greedy tokens" +
+              (embeddings.empty() ? "" : route_ok ? ", routes to its path" : ", ROUTES ELSEWHERE") + "\n";
+  }
+  *passed = fail == 0 && pass > 0;
+  return "{\"passed\": " + std::string(*passed ? "true" : "false") + ", \"pass\": " + std::to_string(pass) +
+         ", \"fail\": " + std::to_string(fail) + ", \"tolerance\": " + number(checks.tolerance) +
+         ", \"results\": [" + results + "]}";
+}
+
+// ---- fills and benchmark -----------------------------------------------------------------------------------
+
+std::string update_json(const hm::SlotUpdate& update) {
+  std::string sources = "[";
+  for (size_t i = 0; i < update.sources.size(); ++i) sources += (i ? ", " : "") + quote(update.sources[i]);
+  std::vector<double> level_ms;
+  for (double s : update.level_seconds) level_ms.push_back(1e3 * s);
+  return "{\"path\": " + list(update.path) + ", \"levels_changed\": " + list(update.levels_changed) +
+         ", \"sources\": " + sources + "], \"level_ms\": " + list(level_ms) +
+         ", \"storage_bytes\": " + std::to_string(update.storage_bytes) + "}";
+}
+
+// This process's peak RSS. Linux: VmHWM, because ru_maxrss survives execve and would report the parent's
+// (e.g. a Python process that spawned the runner).
+double peak_rss_mb() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  struct rusage usage {};
+  getrusage(RUSAGE_SELF, &usage);
+#ifdef __APPLE__
+  return usage.ru_maxrss / (1024.0 * 1024.0);  // bytes on macOS
+#else
+  return usage.ru_maxrss / 1024.0;  // KiB elsewhere
+#endif
+}
+
+std::vector<int> leaf_path(const hm::Runtime& runtime, const std::vector<int>& branching, int leaf) {
+  std::vector<int> path(runtime.num_levels());
+  for (int level = runtime.num_levels() - 1; level >= 0; --level) {
+    path[level] = leaf;
+    leaf /= branching[level];
+  }
+  return path;
+}
+
+std::string bench(const Args& args, const Checks& checks, const std::vector<std::vector<float>>& embeddings) {
+  hm::Options options;
+  options.verify_files = false;
+  options.threads = args.threads;
+  if (args.cache == "stream") options.cache = {0, 0, true};
+  hm::Runtime runtime(args.bundle, options);
+  std::vector<int> branching;
+  for (int level = 0; level < runtime.num_levels(); ++level)
+    branching.push_back(runtime.nodes_at(level) / (level ? runtime.nodes_at(level - 1) : 1));
+  const int capacity = runtime.max_seq_len(), new_tokens = std::min(args.new_tokens, capacity / 2);
+  const size_t prompt_tokens = std::min(args.prompt_tokens, capacity - new_tokens);
+  const size_t count = std::min<size_t>(args.contexts, checks.checks.size());
+  if (count == 0) throw hm::Error(args.bundle + ": no benchmark contexts (the bundle has no checks)");
+  auto prompt_of = [&](size_t i) {
+    const auto& prompt = checks.checks[i].prompt;
+    return std::vector<int64_t>(prompt.begin(), prompt.begin() + std::min(prompt_tokens, prompt.size()));
+  };
+  runtime.set_path(checks.checks[0].path);
+  generate(runtime, prompt_of(0), new_tokens);  // warm-up
+  std::mt19937_64 rng(0);
+  std::uniform_int_distribution<int> leaves(0, runtime.nodes_at(runtime.num_levels() - 1) - 1);
+  std::vector<double> route, ttft, steps, prefill_rates, decode_rates;
+  std::vector<double> parts[4];  // route, fetch_fill, prefill, first_sample
+  std::vector<std::vector<double>> fetch(runtime.num_levels());
+  std::set<std::vector<int>> paths;
+  double mean_prompt = 0;
+  for (int run = 0; run < args.runs; ++run) {
+    double prefill_tokens = 0, prefill_seconds = 0, decoded = 0, decode_seconds = 0;
+    for (size_t i = 0; i < count; ++i) {
+      runtime.set_path(leaf_path(runtime, branching, leaves(rng)));  // the context we switch away from
+      auto start = Clock::now();
+      std::vector<int> path = checks.checks[i].path;
+      if (!embeddings.empty()) path = runtime.route(embeddings[i].data(), embeddings[i].size());
+      const double routed = embeddings.empty() ? 0 : since(start);
+      hm::SlotUpdate update = runtime.set_path(path);
+      double fill = std::accumulate(update.level_seconds.begin(), update.level_seconds.end(), 0.0);
+      std::vector<int64_t> prompt = prompt_of(i);
+      Generation result = generate(runtime, prompt, new_tokens);
+      if (!embeddings.empty()) route.push_back(routed);
+      ttft.push_back(routed + fill + result.first_token_seconds);
+      for (int p = 0; p < 4; ++p)
+        parts[p].push_back(p == 0 ? routed : p == 1 ? fill : p == 2 ? result.prefill_seconds
+                                                                  : result.first_token_seconds - result.prefill_seconds);
+      for (size_t c = 0; c < update.levels_changed.size(); ++c) fetch[update.levels_changed[c]].push_back(update.level_seconds[c]);
+      paths.insert(path);
+      prefill_tokens += prompt.size();
+      prefill_seconds += result.prefill_seconds;
+      decoded += result.steps.size();
+      decode_seconds += std::accumulate(result.steps.begin(), result.steps.end(), 0.0);
+      steps.insert(steps.end(), result.steps.begin(), result.steps.end());
+      mean_prompt += prompt.size();
+    }
+    prefill_rates.push_back(prefill_tokens / prefill_seconds);
+    decode_rates.push_back(decode_seconds > 0 ? decoded / decode_seconds : 0.0);
+  }
+  std::string fetch_json = "{";
+  for (int level = 0; level < runtime.num_levels(); ++level)
+    if (!fetch[level].empty())
+      fetch_json += std::string(fetch_json.size() > 1 ? ", " : "") + "\"level" + std::to_string(level) + "\": " + latency(fetch[level]);
+  const char* names[4] = {"route", "fetch_fill", "prefill", "first_sample"};
+  std::string breakdown = "{";
+  for (int p = 0; p < 4; ++p)
+    breakdown += std::string(p ? ", " : "") + quote(names[p]) + ": " +
+                 number(1e3 * std::accumulate(parts[p].begin(), parts[p].end(), 0.0) / parts[p].size());
+  return "{\"bundle\": " + quote(args.bundle) + ", \"target\": \"executorch\", \"program\": \"decode\", \"runtime\": \"native\"" +
+         ", \"threads\": " + std::to_string(args.threads) + ", \"runs\": " + std::to_string(args.runs) +
+         ", \"contexts\": " + std::to_string(count) + ", \"distinct_paths\": " + std::to_string(paths.size()) +
+         ", \"prompt_tokens\": " + number(std::round(mean_prompt / (args.runs * count))) +
+         ", \"new_tokens\": " + std::to_string(new_tokens) + ", \"cache_policy\": " + quote(args.cache) +
+         ", \"route_ms\": " + latency(route) + ", \"fetch_fill_ms\": " + fetch_json + "}" +
+         ", \"ttft_after_switch_ms\": " + latency(ttft) + ", \"ttft_breakdown_ms\": " + breakdown + "}" +
+         ", \"prefill_tokens_per_s\": " + throughput(prefill_rates) + ", \"decode_tokens_per_s\": " + throughput(decode_rates) +
+         ", \"decode_step_ms\": " + latency(steps) + ", \"peak_rss_mb\": " + number(peak_rss_mb()) + "}";
+}
+
+// Embeddings [n, dim] of the checks' contexts, computed off device (the router's embedder is not exported yet).
+std::vector<std::vector<float>> load_embeddings(const std::string& file, size_t count) {
+  if (file.empty()) return {};
+  auto tensors = hm::read_safetensors(file);
+  auto it = tensors.find("embeddings");
+  if (it == tensors.end() || it->second.shape.size() != 2 || static_cast<size_t>(it->second.shape[0]) < count)
+    throw hm::Error(file + ": expected a float32 tensor 'embeddings' [contexts, dim] with a row per check");
+  std::vector<std::vector<float>> rows;
+  const size_t dim = it->second.shape[1];
+  for (size_t i = 0; i < count; ++i)
+    rows.emplace_back(it->second.f32.begin() + i * dim, it->second.f32.begin() + (i + 1) * dim);
+  return rows;
+}
+
+int run(const Args& args) {
+  hm::Options options;
+  options.verify_files = args.verify_files;
+  options.threads = args.threads;
+  auto open_start = Clock::now();
+  hm::Runtime runtime(args.bundle, options);
+  const double open_seconds = since(open_start);
+  std::string json = "{\"bundle\": " + quote(args.bundle) + ", \"open_ms\": " + number(1e3 * open_seconds);
+  std::string human = "opened " + args.bundle + " in " + number(1e3 * open_seconds) + " ms\n";
+  bool passed = true;
+  Checks checks;
+  std::vector<std::vector<float>> embeddings;
+  if (args.checks || args.bench) {
+    checks = load_checks(args.bundle);
+    embeddings = load_embeddings(args.embeddings, checks.checks.size());
+  }
+  if (args.checks) json += ", \"checks\": " + replay_checks(runtime, checks, embeddings, &passed, &human);
+  if (!args.fills.empty()) {
+    json += ", \"fills\": [";
+    for (size_t i = 0; i < args.fills.size(); ++i) {
+      hm::SlotUpdate update = runtime.set_path(args.fills[i]);
+      json += (i ? ", " : "") + update_json(update);
+      human += "fill " + list(update.path) + ": levels " + list(update.levels_changed) + " changed\n";
+    }
+    json += "]";
+  }
+  if (!args.dump_slot.empty()) {
+    std::ofstream out(args.dump_slot, std::ios::binary);
+    for (size_t i = 0; i < runtime.slot_count(); ++i)
+      out.write(reinterpret_cast<const char*>(runtime.slot_data(i)), runtime.slot_numel(i) * sizeof(float));
+    if (!out) throw hm::Error(args.dump_slot + ": cannot write the slot");
+  }
+  if (args.bench) {
+    std::string report = bench(args, checks, embeddings);
+    json += ", \"bench\": " + report;
+    human += "bench: " + report + "\n";
+  }
+  std::cout << (args.json ? json + "}\n" : human);
+  return passed ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse_args(argc, argv));
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 2;
+  }
+}

@@ -1,0 +1,243 @@
+"""The native (C++) runtime in runtime_stubs/cpp, built once per session against the executorch wheel.
+
+Bundles with an int8 and an int4-g32 bank (ExecuTorch target, golden checks on ``DECODE_CONTEXTS``):
+``hm_runner`` replays their golden checks (prefill logits against the digest, greedy tokens equal to the
+recorded continuations, routing from precomputed embeddings), fills the slot bit-identically to the Python
+``SlotFiller`` (only changed levels; per-block files and level packs), runs the benchmark, and refuses
+corrupt blocks, truncated blocks, modified files and a slot contract that does not match the model, naming
+the file and the problem.  The C API (what Swift and JNI call) is driven through ctypes in a separate
+process; ``hm-export native run`` once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import DECODE_CONTEXTS, tiny_checkpoint
+
+from hm_export.bench import leaf_path
+from hm_export.cli import main
+from hm_export.native import NativeError, build_native_runner, run_native_runner, write_check_embeddings
+from hm_export.runtime_stubs.block_cache import CachePolicy
+from hm_export.runtime_stubs.loader import BundleLoader
+
+BUILD_DIR = Path(__file__).resolve().parent.parent / "build" / "native"  # gitignored; reused across sessions
+SCHEMES = ("int8", "int4-g32")
+
+
+@pytest.fixture(scope="session")
+def runner() -> Path:
+    return build_native_runner(BUILD_DIR)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("native_ckpt"), name="ckpt", seed=3)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict[str, Path]:
+    """One tiny bundle per bank scheme, exported like the decode fixture (about 30 s each)."""
+    from hm_export.export import ExportRecipe, export_bundle
+
+    work = tmp_path_factory.mktemp("native")
+    contexts = work / "contexts.jsonl"
+    contexts.write_text("".join(json.dumps(item) + "\n" for item in DECODE_CONTEXTS))
+    out = {}
+    for scheme in SCHEMES:
+        recipe = ExportRecipe(bank_scheme=scheme, check_contexts=contexts, check_new_tokens=12)
+        export_bundle(checkpoint, work / scheme, recipe)
+        out[scheme] = work / scheme
+    return out
+
+
+def checks_of(bundle: Path) -> list[dict]:
+    return json.loads((bundle / "checks" / "checks.json").read_text())["checks"]
+
+
+def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / bundle.name))
+
+
+def python_slot(bundle: Path, *paths: list[int]) -> np.ndarray:
+    """The Python loader's slot after setting ``paths`` in order, flattened in contract order."""
+    loader = BundleLoader(bundle, target=None, cache=CachePolicy(resident_levels=0, cache_bytes=0))
+    for path in paths:
+        loader.set_path(path)
+    return np.concatenate([tensor.numpy().ravel() for tensor in loader.slot])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_golden_checks_pass_natively(runner, bundles, scheme, tmp_path):
+    bundle = bundles[scheme]
+    embeddings = write_check_embeddings(bundle, tmp_path / "embeddings.safetensors")
+    report = run_native_runner(runner, bundle, checks=True, embeddings=embeddings)
+    recorded = checks_of(bundle)
+    assert report["checks"]["passed"] and report["checks"]["pass"] == len(recorded) == 4
+    for result, check in zip(report["checks"]["results"], recorded):
+        assert result["tokens"] == check["greedy"]  # every greedy token, no near-tie excuse
+        assert result["route"] == check["path"]
+        assert result["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_slot_fill_is_bit_identical_to_the_python_loader(runner, bundles, scheme, tmp_path):
+    bundle = bundles[scheme]
+    loader = BundleLoader(bundle, target=None)
+    memory = loader.config.memory
+    first, sibling = leaf_path(memory, 1), leaf_path(memory, 2)  # same level-0 node, another leaf
+    report = run_native_runner(runner, bundle, fills=[first, sibling], dump_slot=tmp_path / "slot.bin")
+    assert [fill["levels_changed"] for fill in report["fills"]] == [[0, 1], [1]]
+    assert report["fills"][1]["storage_bytes"] == loader.bank.block_size(1)
+    expected = python_slot(bundle, first, sibling)
+    native = np.fromfile(tmp_path / "slot.bin", dtype=np.float32)
+    assert native.shape == expected.shape and np.any(expected != 0)
+    assert native.view(np.uint32).tolist() == expected.view(np.uint32).tolist()
+
+
+def test_level_packs_give_the_same_slot_and_checks(runner, bundles, checkpoint, tmp_path):
+    """A bank re-quantized as one pack per level (kept open, blocks at a stride) reads like per-block files."""
+    from hm_export.bank import quantize_bank
+
+    bundle = copy_bundle(bundles["int4-g32"], tmp_path)
+    shutil.rmtree(bundle / "bank")
+    quantize_bank(bundle / "bank", checkpoint, "int4-g32", layout="per-level", workers=1)
+    assert sorted(p.name for p in (bundle / "bank").iterdir()) == ["index.json", "level0.hmp", "level1.hmp"]
+    slot = tmp_path / "slot.bin"
+    # the new index.json differs from the manifest's sha256: open as trusted storage
+    report = run_native_runner(runner, bundle, checks=True, fills=[[1, 5]], dump_slot=slot, verify_files=False)
+    assert report["checks"]["passed"]
+    expected = python_slot(bundles["int4-g32"], [1, 5])
+    assert np.fromfile(slot, np.float32).view(np.uint32).tolist() == expected.view(np.uint32).tolist()
+
+
+def test_benchmark_reports_the_bench_fields(runner, bundles):
+    settings = {"runs": 2, "contexts": 3, "prompt_tokens": 8, "new_tokens": 5, "cache": "stream"}
+    report = run_native_runner(runner, bundles["int8"], bench=settings, threads=1)["bench"]
+    assert (report["runs"], report["contexts"], report["prompt_tokens"], report["new_tokens"]) == (2, 3, 8, 5)
+    assert report["threads"] == 1 and report["cache_policy"] == "stream" and 0 < report["peak_rss_mb"] < 200
+    assert report["decode_step_ms"]["n"] == 2 * 3 * 4  # the first new token comes from the prefill
+    assert report["ttft_after_switch_ms"]["n"] == 6 and report["route_ms"] == {"n": 0}  # no embeddings given
+    assert set(report["fetch_fill_ms"]) <= {"level0", "level1"} and report["fetch_fill_ms"]
+    assert all(stats["p50"] > 0 for stats in report["fetch_fill_ms"].values())
+    for rate in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        assert len(report[rate]["runs"]) == 2 and report[rate]["mean"] > 0
+    assert report["distinct_paths"] == len({tuple(c["path"]) for c in checks_of(bundles["int8"])[:3]})
+
+
+def test_corrupt_block_is_refused_naming_the_file(runner, bundles, tmp_path):
+    bundle = copy_bundle(bundles["int8"], tmp_path)
+    block = bundle / "bank" / "level1" / "node000002.hmb"
+    data = bytearray(block.read_bytes())
+    data[4096 + 10] ^= 0xFF  # a payload byte: header intact, CRC-32 wrong
+    block.write_bytes(bytes(data))
+    run_native_runner(runner, bundle, fills=[[0, 1]])  # other blocks still load
+    with pytest.raises(NativeError, match=rf"{block}: block \(level 1, node 2\): checksum mismatch"):
+        run_native_runner(runner, bundle, fills=[[0, 2]])
+
+
+def test_truncated_block_is_refused_naming_the_file(runner, bundles, tmp_path):
+    bundle = copy_bundle(bundles["int4-g32"], tmp_path)
+    block = bundle / "bank" / "level0" / "node000001.hmb"
+    size = block.stat().st_size
+    block.write_bytes(block.read_bytes()[: size - 100])
+    with pytest.raises(NativeError, match=rf"{block}: truncated: block \(level 0, node 1\).*file has {size - 100}"):
+        run_native_runner(runner, bundle, fills=[[1, 3]])
+
+
+def swap_levels(slot: dict) -> str:
+    ranges = slot["tensors"][1]["level_ranges"]
+    ranges[0], ranges[1] = ranges[1], ranges[0]  # mem0_down's levels swapped
+    return r"slot.tensors\[1\].level_ranges\[0\]"
+
+
+def swap_sources(slot: dict) -> str:
+    slot["tensors"][0]["sources"] = ["up", "gate"]
+    return r"slot.tensors\[0\].sources"
+
+
+def other_widths(slot: dict) -> str:
+    slot["widths"] = [4, 8]
+    return "widths"
+
+
+@pytest.mark.parametrize("edit", [swap_levels, swap_sources, other_widths])
+def test_mismatching_slot_contract_is_refused(runner, bundles, tmp_path, edit):
+    bundle = copy_bundle(bundles["int8"], tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    field = edit(manifest["slot"])
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NativeError, match=rf"manifest.json: slot contract does not match the model config \({field}\)"):
+        run_native_runner(runner, bundle)
+
+
+def test_modified_file_is_refused_unless_storage_is_trusted(runner, bundles, tmp_path):
+    bundle = copy_bundle(bundles["int8"], tmp_path)
+    tokenizer = bundle / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace("memory", "memorx"))
+    with pytest.raises(NativeError, match=rf"files do not match the manifest:\s+{tokenizer}: sha256 differs"):
+        run_native_runner(runner, bundle)
+    assert run_native_runner(runner, bundle, verify_files=False)["bundle"] == str(bundle)
+
+
+def test_cli_native_run_replays_the_checks(runner, bundles):
+    result = CliRunner().invoke(main, ["native", "run", str(bundles["int8"]), "--build-dir", str(BUILD_DIR), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["checks"]["passed"] and "bench" not in report
+
+
+C_API_SCRIPT = """
+import ctypes, json, sys
+lib = ctypes.CDLL(sys.argv[1])
+class Options(ctypes.Structure):
+    _fields_ = [("verify_files", ctypes.c_int), ("verify_blocks", ctypes.c_int), ("resident_levels", ctypes.c_int),
+                ("cache_bytes", ctypes.c_uint64), ("threads", ctypes.c_int)]
+lib.hm_default_options.restype = Options
+lib.hm_last_error.restype = ctypes.c_char_p
+options = lib.hm_default_options()
+runtime = ctypes.c_void_p()
+if lib.hm_open(sys.argv[2].encode(), ctypes.byref(options), ctypes.byref(runtime)) != 0:
+    sys.exit(lib.hm_last_error().decode())
+vocab, levels = lib.hm_vocab_size(runtime), lib.hm_num_levels(runtime)
+logits = (ctypes.c_float * vocab)()
+out = []
+for check in json.loads(sys.argv[3]):
+    path = (ctypes.c_int32 * levels)(*check["path"])
+    assert lib.hm_set_path(runtime, path, levels, None) == 0
+    prompt = (ctypes.c_int64 * len(check["prompt"]))(*check["prompt"])
+    assert lib.hm_prefill(runtime, prompt, len(check["prompt"]), logits) == 0
+    tokens = []
+    while len(tokens) < len(check["greedy"]):
+        tokens.append(max(range(vocab), key=logits.__getitem__))
+        if len(tokens) < len(check["greedy"]):
+            assert lib.hm_decode(runtime, tokens[-1], logits) == 0
+    out.append(tokens)
+bad = (ctypes.c_int32 * levels)(*([99] * levels))
+assert lib.hm_set_path(runtime, bad, levels, None) == -1
+out.append(lib.hm_last_error().decode())
+lib.hm_close(runtime)
+print(json.dumps(out))
+"""
+
+
+def test_c_api_generates_the_recorded_continuations(runner, bundles):
+    bundle = bundles["int4-g32"]
+    checks = checks_of(bundle)
+    library = runner.parent / "libhm_runtime.so"
+    done = subprocess.run(
+        [sys.executable, "-c", C_API_SCRIPT, str(library), str(bundle), json.dumps(checks)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    *tokens, error = json.loads(done.stdout)
+    assert tokens == [check["greedy"] for check in checks]
+    assert "node 99 of level 0 is not a child" in error
