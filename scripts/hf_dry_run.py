@@ -6,7 +6,8 @@ against the eager model on a few contexts.  Checkpoint writing and export each r
 peak memory is sampled.  Reported: wall seconds and peak RSS per stage, program and bank sizes, verify.
 
 Usage: ``python scripts/hf_dry_run.py [--shape qwen2.5-0.5b|llama-3.2-1b|gemma-3-270m] [--targets executorch]
-[--seq-len 128] [--dir /tmp/hm-hf-dry-run] [--json]``.  Everything under ``--dir`` is deleted unless ``--keep``.
+[--seq-len 128] [--decode] [--dir /tmp/hm-hf-dry-run] [--json]``.
+Everything under ``--dir`` is deleted unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ print(json.dumps({"anchor_params": anchor, "bank_params": bank, "build_seconds":
 EXPORT = """
 import json, sys
 from hm_export.export import ExportRecipe, export_bundle
-recipe = ExportRecipe(targets=tuple(sys.argv[3].split(",")), checks=0)
+recipe = ExportRecipe(targets=tuple(sys.argv[3].split(",")), checks=0, decode=sys.argv[4] == "1")
 report = export_bundle(sys.argv[1], sys.argv[2], recipe, overwrite=True)
 print(json.dumps(report.seconds))
 """
@@ -97,12 +98,14 @@ def main() -> None:
     parser.add_argument("--targets", default="executorch")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/hm-hf-dry-run"))
+    parser.add_argument("--decode", action="store_true", help="Also export the KV-cache decode programs.")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     checkpoint, bundle = args.dir / "checkpoint", args.dir / "bundle"
     args.dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"shape": args.shape, "host": SHAPES[args.shape], "seq_len": args.seq_len}
+    report["decode_programs"] = args.decode
     try:
         built = run_measured(BUILD, json.dumps(SHAPES[args.shape]), str(checkpoint), str(args.seq_len))
         report["checkpoint"] = {
@@ -111,7 +114,7 @@ def main() -> None:
             "peak_rss_mib": built.peak_process_rss_mib,
             "mb_on_disk": megabytes(files_under(checkpoint)),
         }
-        exported = run_measured(EXPORT, str(checkpoint), str(bundle), args.targets)
+        exported = run_measured(EXPORT, str(checkpoint), str(bundle), args.targets, "1" if args.decode else "0")
         report["export"] = {
             "seconds": round(exported.seconds, 1),
             "stage_seconds": exported.result,
