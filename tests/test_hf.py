@@ -13,6 +13,7 @@ from conftest import TINY_WORDS, tiny_tokenizer, tiny_tree
 
 transformers = pytest.importorskip("transformers")
 
+from hm_export.bench import bench_bundle  # noqa: E402
 from hm_export.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from hm_export.checks import run_checks  # noqa: E402
 from hm_export.cli import main  # noqa: E402
@@ -261,7 +262,7 @@ def test_bundle_golden_checks_and_manifest(hf_bundle) -> None:
     summary = report.summary()
     for program in ("executorch/window", "executorch/decode", "onnx/window", "onnx/decode"):
         assert summary[program]["pass"] == 4, (program, summary)
-    greedy = [r for r in report.results if r.program == "decode"]
+    greedy = [r for r in report.results if r.program == "decode" and r.target in ("executorch", "onnx")]
     assert all(r.tokens_matched and r.tokens_matched >= 8 for r in greedy), [r.detail for r in greedy]
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["model"]["architecture"] == f"hf-{family}"
@@ -319,3 +320,13 @@ def test_attach_refuses_a_bad_corpus(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["hf", "attach", str(host_dir), str(corpus), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and f"{corpus}:2: a document needs a string 'text'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_runs_the_decode_program(hf_bundle) -> None:
+    family, _, bundle = hf_bundle
+    if family != "phi3":  # one family is enough: bench only talks to the runtime and the loader
+        pytest.skip("benched on phi3 only")
+    report = bench_bundle(bundle, "executorch", runs=1, contexts=2, prompt_tokens=8, new_tokens=4, threads=1)
+    assert report.program == "decode" and report.distinct_paths >= 1
+    assert report.decode_tokens_per_s["mean"] > 0 and report.prefill_tokens_per_s["mean"] > 0
+    assert report.fetch_fill_ms and set(report.fetch_fill_ms) <= {"level0", "level1"}
