@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +27,21 @@ def read_format_json(
             f"{path}: {version_key} {data.get(version_key)!r} is not supported (this hm-export reads {version})"
         )
     return data
+
+
+def read_json_lines(path: Path, accept: Callable[[Any], bool], requirement: str, what: str) -> list[dict[str, Any]]:
+    """The non-blank JSON lines of ``path``; a line that fails ``accept`` is ``{path}:{line}: {requirement}``."""
+    items = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
+        if not accept(item):
+            raise ValueError(f"{path}:{number}: {requirement}")
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no {what}")
+    return items

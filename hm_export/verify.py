@@ -7,7 +7,6 @@ perplexity.  Fails when any context exceeds the tolerance.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from hm_export.bank.accuracy import load_dequantized_bank
 from hm_export.checkpoint import load_checkpoint
+from hm_export.formats import read_json_lines
 from hm_export.runtime_stubs.loader import BundleLoader, target_files
 from hm_export.targets import TARGETS, HostUnsupported
 
@@ -57,20 +57,12 @@ class VerifyReport:
 
 def read_contexts(path: Path) -> list[dict[str, Any]]:
     """JSON lines with ``text`` (or ``tokens``) and optionally ``context`` (the routing text, default: text)."""
-    items = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
-        if not isinstance(item, dict) or not ("text" in item or "tokens" in item):
-            raise ValueError(f"{path}:{number}: each line needs a 'text' or 'tokens' field")
-        items.append(item)
-    if not items:
-        raise ValueError(f"{path}: no contexts")
-    return items
+    return read_json_lines(
+        path,
+        lambda item: isinstance(item, dict) and ("text" in item or "tokens" in item),
+        "each line needs a 'text' or 'tokens' field",
+        "contexts",
+    )
 
 
 def _perplexity(logits: torch.Tensor, tokens: torch.Tensor) -> float:

@@ -9,7 +9,6 @@ hm-export checkpoint, so ``hm-export export`` / ``verify`` / ``check`` / ``bench
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from hm_export.checkpoint import save_checkpoint
 from hm_export.config import ConfigError, MemoryConfig
+from hm_export.formats import read_json_lines
 from hm_export.hf.families import family_for_model_type, host_model_config
 from hm_export.hf.model import HostMemoryLM
 from hm_export.router import Embedder, MiniLMEmbedder, build_tree
@@ -74,20 +74,12 @@ def attach_memories(host: nn.Module, recipe: MemoryRecipe) -> HostMemoryLM:
 
 def read_corpus(path: Path) -> list[dict[str, str]]:
     """JSON lines, one document per line: ``text`` and optionally ``context`` (the text routing it)."""
-    documents = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from exc
-        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
-            raise ValueError(f"{path}:{number}: a document needs a string 'text'")
-        documents.append(item)
-    if not documents:
-        raise ValueError(f"{path}: no documents")
-    return documents
+    return read_json_lines(
+        path,
+        lambda item: isinstance(item, dict) and isinstance(item.get("text"), str),
+        "a document needs a string 'text'",
+        "documents",
+    )
 
 
 def train_memories(
