@@ -23,7 +23,6 @@ import json
 import os
 import struct
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -47,6 +46,7 @@ from hm_export.bank.format import (
     header_page,
     make_header,
     pack_file,
+    payload_crc32,
 )
 from hm_export.bank.schemes import SCHEMES, BlockArrays, resolve_preset
 from hm_export.checkpoint import CheckpointError, bank_file, expected_bank_shapes, read_config
@@ -156,7 +156,7 @@ def _existing_crc(job: _Job) -> int | None:
         return None
     if len(data) != size:
         return None
-    crc = zlib.crc32(memoryview(data)[PAYLOAD_ALIGNMENT:])
+    crc = payload_crc32(memoryview(data)[PAYLOAD_ALIGNMENT:])
     expected = make_header(
         scheme, job.level, job.node, job.layers, job.d_model, job.width, job.offset, size - PAYLOAD_ALIGNMENT, crc
     )
@@ -185,7 +185,7 @@ def _quantize(job: _Job) -> tuple[int, bool, int]:
         payload = scheme.encode_block(BlockArrays(*arrays))
     except BankError as exc:
         raise BankError(f"{job.source}: node {job.node}: {exc}") from exc
-    crc = zlib.crc32(payload)
+    crc = payload_crc32(payload)
     header = make_header(scheme, job.level, job.node, job.layers, job.d_model, job.width, job.offset, len(payload), crc)
     if job.packed:
         fd = os.open(job.target, os.O_WRONLY)

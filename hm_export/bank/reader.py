@@ -11,13 +11,12 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from hm_export.bank.errors import BankError
-from hm_export.bank.format import INDEX_FILE, PAYLOAD_ALIGNMENT, BankIndex, BlockEntry, check_header
+from hm_export.bank.format import INDEX_FILE, PAYLOAD_ALIGNMENT, BankIndex, BlockEntry, check_header, payload_crc32
 from hm_export.bank.schemes import BlockArrays, Destination
 
 READ_MODES = ("pread", "readinto", "mmap")
@@ -118,7 +117,7 @@ class BankReader:
             raise BankError(f"{path}: {what} for block (level {level}, node {node}), expected {size} bytes, got {got}")
         check_header(view, self.index.expected_header(entry), path)
         payload = view[PAYLOAD_ALIGNMENT:]
-        if verify and (crc := zlib.crc32(payload)) != entry.crc32:
+        if verify and (crc := payload_crc32(payload)) != entry.crc32:
             raise BankError(
                 f"{self._where(entry)}: checksum mismatch (payload crc32 {crc:#010x}, index {entry.crc32:#010x})"
             )
