@@ -159,7 +159,9 @@ def test_manifest_describes_the_bundle(bundle, manifest, exported):
         "lift_memory_to_slot",
         "verify_slot_split",
         "fold_constant_subgraphs",
+        "drop_aliases",
         "reduce_norm_means_to_4d",
+        "expand_tanh_gelu",
         "check_slot_access",
     ]
     assert report.slot_schema_hash == manifest["slot"]["schema_hash"]

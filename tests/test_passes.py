@@ -307,7 +307,9 @@ def test_xnnpack_pipeline_records_every_pass(model, tokens, exported):
             "lift_memory_to_slot",
             "verify_slot_split",
             "fold_constant_subgraphs",
+            "drop_aliases",
             "reduce_norm_means_to_4d",
+            "expand_tanh_gelu",
             "check_slot_access",
         ]
     )
