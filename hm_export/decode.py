@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from hm_export.model import LayerMemory, MemoryLM, assemble_path
 from hm_export.passes.pipeline import PassPipeline
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract, SlotModule
 from hm_export.trace import SlotProgram, TensorIO, example_path, export_slot_module, slot_io
+
+if TYPE_CHECKING:
+    from hm_export.kernels.strategies import SlotLayout
 
 POSITION_INPUT = "input_pos"
 CacheForm = Literal["state", "io"]
@@ -93,8 +96,14 @@ class DecodeModule(SlotModule):
     logits equal the full-window forward's logits at those positions (up to float summation order).
     """
 
-    def __init__(self, model: MemoryLM, memory: Sequence[LayerMemory], cache: CacheForm = "state") -> None:
-        super().__init__(model, memory)
+    def __init__(
+        self,
+        model: MemoryLM,
+        memory: Sequence[LayerMemory],
+        cache: CacheForm = "state",
+        layout: SlotLayout | None = None,
+    ) -> None:
+        super().__init__(model, memory, layout)
         if cache not in ("state", "io"):
             raise ValueError(f"cache must be 'state' or 'io', not {cache!r}")
         self.cache_form = cache
@@ -116,7 +125,7 @@ class DecodeModule(SlotModule):
         first = self.blocks[0].attn
         mask = self.causal_mask.index_select(0, positions.repeat(first.group))  # [group*n, max_seq_len]
         layers = self.cfg.memory.layers if len(self.slot) else ()
-        memory = {j: (self.slot[f"mem{j}_gate_up"], self.slot[f"mem{j}_down"]) for j in layers}
+        memory = {j: self.layer_memory(j) for j in layers}
         caches = list(past) if self.cache_form == "io" else [getattr(self, n) for n in self.cache_spec.names("state")]
         if len(caches) != 2 * self.cfg.n_layers:
             raise ValueError(f"expected {2 * self.cfg.n_layers} past cache tensors, got {len(caches)}")
@@ -142,7 +151,12 @@ TOKENS_AXIS = "n"  # the dynamic number of tokens per call
 
 
 def trace_decode_program(
-    model: MemoryLM, contract: SlotContract, pipeline: PassPipeline, cache: CacheForm, memory: bool = True
+    model: MemoryLM,
+    contract: SlotContract,
+    pipeline: PassPipeline,
+    cache: CacheForm,
+    memory: bool = True,
+    layout: SlotLayout | None = None,
 ) -> SlotProgram:
     """Export the :class:`DecodeModule` of ``model`` (cache form ``cache``) and run the slot ``pipeline`` on it.
 
@@ -153,7 +167,7 @@ def trace_decode_program(
     """
     cfg = model.cfg
     layers = assemble_path(model, example_path(cfg.memory)) if memory else ()
-    module = DecodeModule(model, layers, cache).eval()
+    module = DecodeModule(model, layers, cache, layout).eval()
     contract = contract if memory else replace(contract, tensors=())
     spec = module.cache_spec
     n = torch.export.Dim(TOKENS_AXIS, min=1, max=cfg.max_seq_len)

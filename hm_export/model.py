@@ -20,7 +20,7 @@ transposes the slot: per level ``gate = G^T`` and ``up = U^T`` as ``[nodes, laye
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,8 +114,13 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def memory_ffn(x: Tensor, memory: LayerMemory) -> Tensor:
-    """``D_m(silu(G_m x) * U_m x)`` with the slot as batched-matmul operands (no transposes)."""
+def memory_ffn(x: Tensor, memory: LayerMemory | Callable[[Tensor], Tensor]) -> Tensor:
+    """``D_m(silu(G_m x) * U_m x)`` with the slot as batched-matmul operands (no transposes).
+
+    A callable ``memory`` computes it itself (a quantized slot's fused kernel, :mod:`hm_export.kernels`).
+    """
+    if callable(memory):
+        return memory(x)
     gate_up, down = memory
     width = down.shape[-2]
     hidden = torch.bmm(x, gate_up)
