@@ -172,35 +172,40 @@ def build_kernel_library(build_dir: Path | None = None, jobs: int = 2) -> Path:
     return library
 
 
-_loaded: dict[str, ctypes.CDLL] = {}
+_loaded: list[tuple[Path, ctypes.CDLL]] = []
 
 
-def load_kernel_library(library: Path | None = None) -> Path:
-    """Register the C++ kernels with the ExecuTorch runtime of this process (once per library path).
+def load_kernel_library(library: Path | None = None) -> Path | None:
+    """Register the C++ kernels with the ExecuTorch runtime of this process, once; return the library loaded
+    (None when the kernels were already registered by a library this module did not load).
 
-    Loads the Python bindings first so that the library binds to the same ``libexecutorch.so`` (one operator
-    registry); ``RTLD_GLOBAL`` so the runtime resolves the kernels' symbols.  ``library`` defaults to
-    ``HM_EXPORT_KERNELS_LIB`` or a build in :func:`default_build_dir` (built on first use).
+    Loads the Python bindings first so that the library binds to their ``libexecutorch.so`` (one operator
+    registry; registering an operator twice aborts the process, hence the once).  ``RTLD_GLOBAL`` so the
+    runtime resolves the kernels' symbols.  ``library`` defaults to ``HM_EXPORT_KERNELS_LIB`` or a build in
+    :func:`default_build_dir` (built on first use).
     """
-    from executorch.extension.pybindings import portable_lib  # noqa: F401  (loads libexecutorch.so)
-
+    if _loaded:
+        return _loaded[0][0]
+    if registered_in_runtime():
+        return None
     if library is None:
         override = os.environ.get("HM_EXPORT_KERNELS_LIB")
         library = Path(override) if override else build_kernel_library()
     library = Path(library).resolve()
-    if str(library) not in _loaded:
-        if not library.is_file():
-            raise KernelBuildError(f"{library}: kernel library not found")
-        try:
-            _loaded[str(library)] = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
-        except OSError as exc:
-            raise KernelBuildError(f"{library}: cannot load: {exc}") from exc
+    if not library.is_file():
+        raise KernelBuildError(f"{library}: kernel library not found")
+    try:
+        _loaded.append((library, ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)))
+    except OSError as exc:
+        raise KernelBuildError(f"{library}: cannot load: {exc}") from exc
+    if not registered_in_runtime():
+        raise KernelBuildError(f"{library}: loaded, but the ExecuTorch runtime has no hm_export::memory_swiglu.out")
     return library
 
 
 def registered_in_runtime(operator: str = f"{NAMESPACE}::memory_swiglu.out") -> bool:
     """Whether the ExecuTorch runtime of this process has a kernel for ``operator``."""
-    from executorch.extension.pybindings import portable_lib
+    from executorch.extension.pybindings import portable_lib  # also loads libexecutorch.so, the registry
 
     return operator in portable_lib._get_operator_names()
 

@@ -16,6 +16,7 @@
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -37,33 +38,38 @@ struct QuantMatrix {
   int64_t group;
   bool int4;
 
-  // Row `i` as floats: code * scale of the row's group.
-  void dequantize_row(int64_t i, float* row) const {
-    const Half* scale = scales + (i / group) * cols;
+  // The float scales of row group `g` (converted once per group, not once per element).
+  void group_scales(int64_t g, float* scale) const {
+    const Half* half = scales + g * cols;
+    for (int64_t c = 0; c < cols; ++c) scale[c] = static_cast<float>(half[c]);
+  }
+
+  // Row `i` as floats: code * scale.
+  void dequantize_row(int64_t i, const float* scale, float* row) const {
     if (int4) {
       const uint8_t* bytes = static_cast<const uint8_t*>(codes) + i * (cols / 2);
       for (int64_t b = 0; b < cols / 2; ++b) {
-        row[2 * b] = static_cast<float>(static_cast<int>(bytes[b] & 15) - 8) * static_cast<float>(scale[2 * b]);
-        row[2 * b + 1] = static_cast<float>(static_cast<int>(bytes[b] >> 4) - 8) * static_cast<float>(scale[2 * b + 1]);
+        row[2 * b] = static_cast<float>(static_cast<int>(bytes[b] & 15) - 8) * scale[2 * b];
+        row[2 * b + 1] = static_cast<float>(static_cast<int>(bytes[b] >> 4) - 8) * scale[2 * b + 1];
       }
     } else {
       const int8_t* values = static_cast<const int8_t*>(codes) + i * cols;
-      for (int64_t c = 0; c < cols; ++c) {
-        row[c] = static_cast<float>(values[c]) * static_cast<float>(scale[c]);
-      }
+      for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<float>(values[c]) * scale[c];
     }
   }
 
-  // out[t, :] += in[t, :] @ W for `tokens` rows of `in` (stride `rows`) and `out` (stride `cols`).
-  void accumulate(const float* in, float* out, int64_t tokens, float* row) const {
+  // out[t, :] += in[t * in_stride + i] * W[i, :] over all rows i, for `tokens` tokens (out stride `cols`).
+  // `scratch` holds 2 * cols floats: the group's scales and one dequantized row.
+  void accumulate(const float* in, int64_t in_stride, float* out, int64_t tokens, float* scratch) const {
+    float* scale = scratch;
+    float* row = scratch + cols;
     for (int64_t i = 0; i < rows; ++i) {
-      dequantize_row(i, row);
+      if (i % group == 0) group_scales(i / group, scale);
+      dequantize_row(i, scale, row);
       for (int64_t t = 0; t < tokens; ++t) {
-        const float a = in[t * rows + i];
+        const float a = in[t * in_stride + i];
         float* o = out + t * cols;
-        for (int64_t c = 0; c < cols; ++c) {
-          o[c] += a * row[c];
-        }
+        for (int64_t c = 0; c < cols; ++c) o[c] += a * row[c];
       }
     }
   }
@@ -107,11 +113,11 @@ Tensor& memory_swiglu_out(
   ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok, InvalidArgument, out);
 
   const int64_t tokens = x.size(0) * x.size(1);
-  // Per-thread scratch reused across calls: hidden [T, 2R] and one dequantized row.
-  thread_local std::vector<float> hidden, row;
+  // Per-thread scratch reused across calls: hidden [T, 2R], and scales + one row of the wider matrix.
+  thread_local std::vector<float> hidden, scratch;
   hidden.assign(tokens * 2 * width, 0.0f);
-  row.resize(2 * width > d ? 2 * width : d);
-  gu.accumulate(x.const_data_ptr<float>(), hidden.data(), tokens, row.data());
+  scratch.resize(2 * (2 * width > d ? 2 * width : d));
+  gu.accumulate(x.const_data_ptr<float>(), d, hidden.data(), tokens, scratch.data());
   for (int64_t t = 0; t < tokens; ++t) {  // h = silu(gate) * up, written over the gate half
     float* hid = hidden.data() + t * 2 * width;
     for (int64_t r = 0; r < width; ++r) {
@@ -121,17 +127,7 @@ Tensor& memory_swiglu_out(
   }
   float* result = out.mutable_data_ptr<float>();
   std::fill(result, result + tokens * d, 0.0f);
-  // down rows read h at stride 2R (the gate half of `hidden`).
-  for (int64_t r = 0; r < width; ++r) {
-    dn.dequantize_row(r, row.data());
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float a = hidden[t * 2 * width + r];
-      float* o = result + t * d;
-      for (int64_t c = 0; c < d; ++c) {
-        o[c] += a * row[c];
-      }
-    }
-  }
+  dn.accumulate(hidden.data(), 2 * width, result, tokens, scratch.data());  // reads h at stride 2R
   return out;
 }
 

@@ -180,11 +180,16 @@ class SlotLayout:
         return [(dequantize(gu, gus), dequantize(dn, dns)) for gu, gus, dn, dns in per_layer]
 
 
-def _scaled(ranges: tuple[tuple[tuple[int, int], ...], ...], divisor: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+LevelRanges = tuple[tuple[tuple[int, int], ...], ...]  # SlotTensor.level_ranges
+
+
+def _scaled(ranges: LevelRanges, divisor: int) -> LevelRanges:
     return tuple(tuple((lo // divisor, hi // divisor) for lo, hi in level) for level in ranges)
 
 
-def _replace(tensor: SlotTensor, name: str, role: str, shape: tuple[int, ...], dtype: str, ranges) -> SlotTensor:
+def _replace(
+    tensor: SlotTensor, name: str, role: str, shape: tuple[int, ...], dtype: str, ranges: LevelRanges
+) -> SlotTensor:
     return SlotTensor(
         name, tensor.layer, tensor.memory_index, role, shape, dtype, tensor.hidden_axis, tensor.sources, ranges
     )
