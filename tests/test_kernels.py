@@ -228,3 +228,42 @@ def test_recipe_refuses_a_strategy_its_targets_or_bank_cannot_take(tmp_path):
     with pytest.raises(ValueError, match="needs every bank level in int4"):
         recipe = ExportRecipe(bank_scheme="int8", options=EmitOptions(slot_strategy="fused-int4"), checks=0)
         export_bundle(tiny_checkpoint(tmp_path), tmp_path / "bundle", recipe)
+
+
+# --- partitioning ----------------------------------------------------------------------------------------
+
+
+class LinearMemory(torch.nn.Module):
+    """An anchor linear (constant weight) followed by a memory linear whose weight is a slot input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Linear(16, 16, bias=False)
+
+    def forward(self, x, memory):
+        h = self.anchor(x)
+        return h + torch.nn.functional.linear(h, memory)
+
+
+def delegate_inputs_and_leftovers(partitioner) -> tuple[set[str], set[str]]:
+    from executorch.exir import to_edge_transform_and_lower
+
+    program = torch.export.export(LinearMemory(), (torch.randn(1, 4, 16), torch.randn(16, 16)), strict=False)
+    graph = to_edge_transform_and_lower(program, partitioner=[partitioner]).exported_program().graph
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    inputs = {a.name for n in calls if "call_delegate" in str(n.target) for a in n.args[1:]}
+    leftovers = {n.name for n in calls if "call_delegate" not in str(n.target) and "getitem" not in str(n.target)}
+    return inputs, leftovers
+
+
+def test_slot_weight_rule_delegates_slot_matmuls_and_keeps_anchor_weights_static():
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    from hm_export.kernels.partition import slot_weight_partitioner
+
+    inputs, leftovers = delegate_inputs_and_leftovers(slot_weight_partitioner(["memory"]))
+    assert inputs == {"x", "memory"} and not leftovers  # anchor weight packed inside the delegate
+    inputs, leftovers = delegate_inputs_and_leftovers(XnnpackPartitioner(force_non_static_weights_for_f32_linear=True))
+    assert "p_anchor_weight" in inputs  # the global flag feeds the anchor weight per call (re-packed)
+    _, leftovers = delegate_inputs_and_leftovers(XnnpackPartitioner())
+    assert leftovers  # by default the slot matmul falls back to portable kernels

@@ -2,8 +2,11 @@
 
 The slot matmuls are ``bmm`` nodes, which XNNPACK delegates without
 ``force_non_static_weights_for_f32_linear``; the anchor's weights therefore stay static (pre-packed
-once at load).  After lowering we check that every slot input is consumed by a delegate, so a slot
-matmul silently falling back to portable kernels fails the export instead of shipping slow.
+once at load).  The partitioner applies that flag per node, only to matmuls fed by the slot
+(:mod:`hm_export.kernels.partition`), never globally.  After lowering we check that every slot input
+of a float32 slot is consumed by a delegate, so a slot matmul silently falling back to portable kernels
+fails the export instead of shipping slow (the quantized slot strategies read it outside XNNPACK by
+design: the kernels or in-graph dequantization, recorded in the delegation summary).
 The runtime binds the caller's input buffers (``alloc_graph_input=False``): a block swap overwrites
 those buffers and the next call sees it without any copy.
 """
@@ -91,14 +94,17 @@ def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: 
     ``decode.ptd``); the decode program's KV cache becomes mutable buffers that live in the method's
     planned memory across calls.
     """
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
+
+    from hm_export.kernels.partition import slot_weight_partitioner
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     program = _tag_constants_for_data_file(slot_program) if separate_weights else slot_program.program
-    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    # Only slot-fed matmuls may take XNNPACK's non-static-weight path: the anchor's weights stay pre-packed.
+    partitioner = slot_weight_partitioner(slot_program.contract.input_names)
+    edge = to_edge_transform_and_lower(program, partitioner=[partitioner])
     seconds["lower"] = time.perf_counter() - start
     slot_reader = str(slot_program.notes.get("slot_reader", "bmm"))
     delegation = _delegation_summary(edge.exported_program(), slot_program.contract.input_names, slot_reader)
