@@ -19,6 +19,11 @@ from torch.export import ExportedProgram
 from hm_export.passes.base import SlotPassContext, SlotPassError
 
 aten = torch.ops.aten
+EXPECTED_READER = {
+    "bmm": "as a bmm weight",
+    "memory_swiglu": "by hm_export::memory_swiglu",
+    "convert": "by a dtype conversion",
+}
 
 
 def _reads_correctly(reader: str, user: torch.fx.Node, node: torch.fx.Node) -> bool:
@@ -28,7 +33,7 @@ def _reads_correctly(reader: str, user: torch.fx.Node, node: torch.fx.Node) -> b
         return str(user.target).startswith("hm_export.memory_swiglu")
     if reader == "convert":  # export adds a metadata assertion (no compute) in front of each conversion
         return user.target in (aten.to.dtype, aten._to_copy.default, aten._assert_tensor_metadata.default)
-    raise SlotPassError(f"unknown slot reader {reader!r}")
+    raise SlotPassError(f"unknown slot reader {reader!r}, expected one of {sorted(EXPECTED_READER)}")
 
 
 def check_slot_access(ep: ExportedProgram, ctx: SlotPassContext) -> ExportedProgram:
@@ -43,7 +48,8 @@ def check_slot_access(ep: ExportedProgram, ctx: SlotPassContext) -> ExportedProg
             problems.append(f"slot input {name!r} is unused")
         for user in node.users:
             if not _reads_correctly(ctx.slot_reader, user, node):
-                problems.append(f"slot input {name!r} is read by {user.target} ({user.name}), not by {ctx.slot_reader}")
+                expected = EXPECTED_READER[ctx.slot_reader]
+                problems.append(f"slot input {name!r} is read by {user.target} ({user.name}), not {expected}")
     if problems:
         raise SlotPassError("slot would be copied or reshaped per call: " + "; ".join(problems))
     ctx.notes["slot_reader"] = ctx.slot_reader
