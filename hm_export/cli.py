@@ -54,10 +54,11 @@ def main() -> None:
 )
 @click.option(
     "--slot-strategy",
-    type=click.Choice(["host-fp32", "host-fp16", "graph-int8", "graph-int4", "fused-int8", "fused-int4"]),
-    default="host-fp32",
+    type=click.Choice(["auto", "host-fp32", "host-fp16", "graph-int8", "graph-int4", "fused-int8", "fused-int4"]),
+    default="auto",
     show_default=True,
-    help="Form of the memory slot (docs/kernels.md); quantized forms need a bank of that scheme.",
+    help="Form of the memory slot (docs/kernels.md). auto: ExecuTorch alone with an int4/int8 bank uses the "
+    "fused kernel, otherwise a float32 slot; quantized forms need a bank of that scheme.",
 )
 @click.option("--no-decode", is_flag=True, help="Skip the KV-cache decode programs (full-window programs only).")
 @click.option("--checks", type=int, default=4, show_default=True, help="Golden checks recorded into checks/ (0: none).")

@@ -26,7 +26,7 @@ from hm_export.bundle import (
 from hm_export.checkpoint import ROUTER_FILE, TOKENIZER_FILE, load_checkpoint
 from hm_export.checks import check_contexts, check_lengths, record_checks
 from hm_export.decode import CacheSpec, trace_decode_program
-from hm_export.kernels.strategies import SlotLayout, check_strategy, layout_record
+from hm_export.kernels.strategies import SlotLayout, check_strategy, layout_record, resolve_layout
 from hm_export.model import MemoryLM
 from hm_export.passes.pipeline import PIPELINES
 from hm_export.router import Embedder, MiniLMEmbedder
@@ -131,7 +131,7 @@ def export_bundle(
     if not 1 <= seq_len <= ckpt.config.max_seq_len:
         raise ValueError(f"seq_len {seq_len} must be in [1, {ckpt.config.max_seq_len}]")
     levels = resolve_preset(recipe.bank_scheme, ckpt.config.memory.num_levels)
-    layout = SlotLayout.for_bank(recipe.options.slot_strategy, ckpt.config, levels)
+    layout = resolve_layout(recipe.options.slot_strategy, recipe.targets, ckpt.config, levels)
     contract = layout.contract(ckpt.config, seq_len)
     if recipe.checks:  # read the check contexts now: a bad file fails before minutes of lowering
         prompt_tokens, new_tokens = check_lengths(seq_len, ckpt.config.max_seq_len, recipe.check_new_tokens)

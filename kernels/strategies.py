@@ -62,7 +62,13 @@ STRATEGIES: dict[str, SlotStrategy] = {
         SlotStrategy("fused-int4", "int4", "memory_swiglu", ("executorch",)),
     )
 }
-DEFAULT_STRATEGY = "host-fp32"
+DEFAULT_STRATEGY = "host-fp32"  # a bundle without a recorded strategy has this slot
+AUTO = "auto"
+# What ``auto`` picks per target, best first (measured in docs/kernels.md): ExecuTorch reads an int4/int8 bank's
+# codes with the fused kernel (decode 0.92-0.97x of the float32-slot program, slot 1/7); ONNX Runtime keeps
+# the float32 slot (every quantized form decodes slower there).  The first candidate that every target of the
+# recipe can emit and the bank can fill wins.
+PREFERENCE: dict[str, tuple[str, ...]] = {"executorch": ("fused-int4", "fused-int8", DEFAULT_STRATEGY)}
 
 
 def get_strategy(name: str) -> SlotStrategy:
@@ -71,13 +77,29 @@ def get_strategy(name: str) -> SlotStrategy:
     return STRATEGIES[name]
 
 
-def check_strategy(name: str, targets: Sequence[str]) -> SlotStrategy:
-    """The strategy ``name``, or ValueError when one of ``targets`` cannot emit it."""
+def check_strategy(name: str, targets: Sequence[str]) -> None:
+    """ValueError when ``name`` is neither ``auto`` nor a strategy every one of ``targets`` can emit."""
+    if name == AUTO:
+        return
     strategy = get_strategy(name)
     unsupported = [t for t in targets if t not in strategy.targets]
     if unsupported:
         raise ValueError(f"slot strategy {name!r} is not available for targets {unsupported} (only {strategy.targets})")
-    return strategy
+
+
+def resolve_layout(name: str, targets: Sequence[str], cfg: ModelConfig, level_schemes: Sequence[str]) -> SlotLayout:
+    """The layout of strategy ``name`` for a recipe's targets and bank; ``auto`` picks by :data:`PREFERENCE`."""
+    check_strategy(name, targets)
+    if name != AUTO:
+        return SlotLayout.for_bank(name, cfg, level_schemes)
+    candidates = PREFERENCE.get(targets[0], (DEFAULT_STRATEGY,))
+    for candidate in candidates:
+        if all(t in STRATEGIES[candidate].targets for t in targets):
+            try:
+                return SlotLayout.for_bank(candidate, cfg, level_schemes)
+            except ValueError:  # the bank cannot fill it (other scheme, odd widths): next candidate
+                continue
+    return SlotLayout(STRATEGIES[DEFAULT_STRATEGY])
 
 
 @dataclass(frozen=True)

@@ -267,3 +267,19 @@ def test_slot_weight_rule_delegates_slot_matmuls_and_keeps_anchor_weights_static
     assert "p_anchor_weight" in inputs  # the global flag feeds the anchor weight per call (re-packed)
     _, leftovers = delegate_inputs_and_leftovers(XnnpackPartitioner())
     assert leftovers  # by default the slot matmul falls back to portable kernels
+
+
+def test_auto_picks_the_measured_default_per_target_and_bank():
+    from hm_export.kernels.strategies import resolve_layout
+
+    cfg = tiny_config()
+
+    def pick(targets: tuple[str, ...], schemes: list[str]) -> str:
+        return resolve_layout("auto", targets, cfg, schemes).strategy.name
+
+    assert pick(("executorch",), ["int4-g32"] * 2) == "fused-int4"
+    assert pick(("executorch",), ["int8"] * 2) == "fused-int8"
+    assert pick(("executorch",), ["int8", "int4-g32"]) == "host-fp32"  # mixed bank: no single code width
+    assert pick(("executorch", "onnx"), ["int4-g32"] * 2) == "host-fp32"  # ONNX Runtime has no fused kernel
+    assert pick(("onnx",), ["int8"] * 2) == "host-fp32"
+    assert pick(("executorch",), ["float32"] * 2) == "host-fp32"

@@ -40,7 +40,7 @@ class EmitOptions:
     coreml_precision: str = "float16"
     coreml_target: str = "iOS18"
     coreml_anchor_compression: str = "none"
-    slot_strategy: str = "host-fp32"  # hm_export.kernels.strategies: the form of the slot (docs/kernels.md)
+    slot_strategy: str = "auto"  # hm_export.kernels.strategies: the form of the slot (docs/kernels.md)
 
 
 @dataclass(frozen=True)
