@@ -197,7 +197,11 @@ def test_quantized_filler_holds_the_bank_memory_exactly(tmp_path, strategy, sche
 
 @pytest.mark.parametrize(
     ("strategy", "scheme", "targets"),
-    [("fused-int4", "int4-g32", ("executorch",)), ("graph-int4", "int4-g32", ("onnx",))],
+    [
+        ("fused-int4", "int4-g32", ("executorch",)),
+        ("graph-int4", "int4-g32", ("onnx",)),
+        ("host-fp16", "float32", ("onnx",)),
+    ],
 )
 def test_bundle_with_a_slot_strategy_matches_eager(kernel_library, tmp_path, strategy, scheme, targets):
     checkpoint = tiny_checkpoint(tmp_path)
