@@ -23,10 +23,10 @@ order: agreement is to float32 rounding (``rtol=1e-5, atol=1e-5`` relative to th
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -126,9 +126,13 @@ class KernelBuildError(RuntimeError):
 
 
 def default_build_dir() -> Path:
-    """Where :func:`build_kernel_library` builds by default (``HM_EXPORT_KERNELS_BUILD`` overrides)."""
+    """Where :func:`build_kernel_library` builds by default (``HM_EXPORT_KERNELS_BUILD`` overrides): one build per
+    executorch installation, since the library must link the very ``libexecutorch.so`` the process loads."""
     override = os.environ.get("HM_EXPORT_KERNELS_BUILD")
-    return Path(override) if override else Path.home() / ".cache" / "hm-export" / "kernels-build"
+    if override:
+        return Path(override)
+    installation = hashlib.sha256(str(executorch_cmake_dir()).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "hm-export" / f"kernels-build-{installation}"
 
 
 def executorch_cmake_dir() -> Path:
@@ -142,7 +146,10 @@ def executorch_cmake_dir() -> Path:
 
 
 def build_kernel_library(build_dir: Path | None = None, jobs: int = 2) -> Path:
-    """Configure and build ``libhm_export_kernels.so`` from :data:`SOURCE_DIR` (incremental); return its path."""
+    """Configure and build ``libhm_export_kernels.so`` from :data:`SOURCE_DIR` (incremental); return its path.
+
+    Linux (the library is loaded with ``RTLD_GLOBAL`` next to the wheel's shared runtime); needs cmake >= 3.19
+    and a C++17 compiler."""
     build_dir = Path(build_dir) if build_dir else default_build_dir()
     cmake = shutil.which("cmake")
     if cmake is None:
@@ -220,6 +227,3 @@ __all__ = [
     "registered_in_runtime",
     "unpack_int4",
 ]
-
-if sys.platform != "linux":  # the build recipe (RTLD_GLOBAL .so against the wheel's runtime) is Linux-only
-    __all__.remove("build_kernel_library")
