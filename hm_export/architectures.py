@@ -7,12 +7,15 @@ the reference :class:`~hm_export.model.MemoryLM` or a Hugging Face host (:class:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from torch import Tensor, nn
 
 from hm_export.config import ANCHOR_ARCHITECTURE, ModelConfig
 from hm_export.model import LayerMemory, MemoryBank, MemoryLM
+
+if TYPE_CHECKING:
+    from hm_export.kernels.strategies import SlotLayout
 
 
 class MemoryModel(Protocol):
@@ -27,9 +30,11 @@ class MemoryModel(Protocol):
 
     def anchor_parameters(self) -> list[nn.Parameter]: ...
 
-    def slot_module(self, memory: Sequence[LayerMemory]) -> nn.Module: ...
+    def slot_module(self, memory: Sequence[LayerMemory], layout: SlotLayout | None = None) -> nn.Module: ...
 
-    def decode_module(self, memory: Sequence[LayerMemory], cache: str = "state") -> nn.Module: ...
+    def decode_module(
+        self, memory: Sequence[LayerMemory], cache: str = "state", layout: SlotLayout | None = None
+    ) -> nn.Module: ...
 
 
 def build_model(cfg: ModelConfig) -> MemoryModel:

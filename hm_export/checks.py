@@ -122,7 +122,7 @@ def record_checks(
     checks, tensors = [], {}
     for index, ((context, prompt), path) in enumerate(zip(pairs, paths)):
         filler.set_path(path)
-        memory = list(zip(filler.slot[0::2], filler.slot[1::2]))
+        memory = filler.float_memory()
         logits = model(torch.tensor([prompt]), memory)[0]
         for key, value in logits_digest(logits).items():
             tensors[f"check{index}.{key}"] = value

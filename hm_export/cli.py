@@ -52,6 +52,14 @@ def main() -> None:
     show_default=True,
     help="Compress the anchor's constant weights with coremltools.optimize (the slot stays fp16).",
 )
+@click.option(
+    "--slot-strategy",
+    type=click.Choice(["auto", "host-fp32", "host-fp16", "graph-int8", "graph-int4", "fused-int8", "fused-int4"]),
+    default="auto",
+    show_default=True,
+    help="Form of the memory slot (docs/kernels.md). auto: ExecuTorch alone with an int4/int8 bank uses the "
+    "fused kernel, otherwise a float32 slot; quantized forms need a bank of that scheme.",
+)
 @click.option("--no-decode", is_flag=True, help="Skip the KV-cache decode programs (full-window programs only).")
 @click.option("--checks", type=int, default=4, show_default=True, help="Golden checks recorded into checks/ (0: none).")
 @click.option("--check-new-tokens", type=int, default=16, show_default=True, help="Greedy tokens per check.")
@@ -73,6 +81,7 @@ def export(
     coreml_precision: str,
     coreml_target: str,
     coreml_compress_anchor: str,
+    slot_strategy: str,
     no_decode: bool,
     checks: int,
     check_new_tokens: int,
@@ -85,7 +94,7 @@ def export(
     from hm_export.targets import EmitOptions
 
     try:
-        options = EmitOptions(separate_weights, coreml_precision, coreml_target, coreml_compress_anchor)
+        options = EmitOptions(separate_weights, coreml_precision, coreml_target, coreml_compress_anchor, slot_strategy)
         recipe = ExportRecipe(
             tuple(target.split(",")),
             seq_len,

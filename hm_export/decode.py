@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from hm_export.model import LayerMemory, MemoryLM, assemble_path
 from hm_export.passes.pipeline import PassPipeline
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract, SlotModule
 from hm_export.trace import SlotProgram, TensorIO, example_path, export_slot_module, slot_io
+
+if TYPE_CHECKING:
+    from hm_export.kernels.strategies import SlotLayout
 
 POSITION_INPUT = "input_pos"
 CacheForm = Literal["state", "io"]
@@ -134,8 +137,14 @@ class DecodeModule(SlotModule, StaticKVCache):
     logits equal the full-window forward's logits at those positions (up to float summation order).
     """
 
-    def __init__(self, model: MemoryLM, memory: Sequence[LayerMemory], cache: CacheForm = "state") -> None:
-        super().__init__(model, memory)
+    def __init__(
+        self,
+        model: MemoryLM,
+        memory: Sequence[LayerMemory],
+        cache: CacheForm = "state",
+        layout: SlotLayout | None = None,
+    ) -> None:
+        super().__init__(model, memory, layout)
         self.init_cache(model.cfg, cache)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, *past: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
@@ -146,7 +155,7 @@ class DecodeModule(SlotModule, StaticKVCache):
         first = self.blocks[0].attn
         mask = self.causal_mask.index_select(0, positions.repeat(first.group))  # [group*n, max_seq_len]
         layers = self.cfg.memory.layers if len(self.slot) else ()
-        memory = {j: (self.slot[f"mem{j}_gate_up"], self.slot[f"mem{j}_down"]) for j in layers}
+        memory = {j: self.layer_memory(j) for j in layers}
         caches = self.cache_tensors(past)
         present = []
         x = self.embed(tokens)
@@ -165,7 +174,12 @@ TOKENS_AXIS = "n"  # the dynamic number of tokens per call
 
 
 def trace_decode_program(
-    model: MemoryModel, contract: SlotContract, pipeline: PassPipeline, cache: CacheForm, memory: bool = True
+    model: MemoryModel,
+    contract: SlotContract,
+    pipeline: PassPipeline,
+    cache: CacheForm,
+    memory: bool = True,
+    layout: SlotLayout | None = None,
 ) -> SlotProgram:
     """Export the :class:`DecodeModule` of ``model`` (cache form ``cache``) and run the slot ``pipeline`` on it.
 
@@ -176,7 +190,7 @@ def trace_decode_program(
     """
     cfg = model.cfg
     layers = assemble_path(model, example_path(cfg.memory)) if memory else ()
-    module = model.decode_module(layers, cache).eval()
+    module = model.decode_module(layers, cache, layout).eval()
     contract = contract if memory else replace(contract, tensors=())
     spec = module.cache_spec
     n = torch.export.Dim(TOKENS_AXIS, min=1, max=cfg.max_seq_len)

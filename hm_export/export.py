@@ -14,7 +14,7 @@ from tqdm import tqdm
 from hm_export import __version__
 from hm_export.architectures import MemoryModel
 from hm_export.atomic import atomic_directory
-from hm_export.bank import BankReader, check_preset, write_bank
+from hm_export.bank import BankReader, check_preset, resolve_preset, write_bank
 from hm_export.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
@@ -27,6 +27,7 @@ from hm_export.bundle import (
 from hm_export.checkpoint import ROUTER_FILE, TOKENIZER_FILE, load_checkpoint
 from hm_export.checks import check_contexts, check_lengths, record_checks
 from hm_export.decode import CacheSpec, trace_decode_program
+from hm_export.kernels.strategies import SlotLayout, check_strategy, layout_record, resolve_layout
 from hm_export.passes.pipeline import PIPELINES
 from hm_export.router import Embedder, MiniLMEmbedder
 from hm_export.runtime_stubs.block_cache import SlotFiller
@@ -62,6 +63,7 @@ class ExportRecipe:
         if unknown or not self.targets:
             raise ValueError(f"unknown targets {unknown or self.targets}; available: {sorted(TARGETS)}")
         check_preset(self.bank_scheme)
+        check_strategy(self.options.slot_strategy, self.targets)
         if self.checks < 0 or self.check_new_tokens < 1:
             raise ValueError(f"checks ({self.checks}) must be >= 0 and check_new_tokens ({self.check_new_tokens}) >= 1")
 
@@ -82,6 +84,7 @@ def _emit_decode(
     target: Target,
     support: DecodeSupport,
     model: MemoryModel,
+    layout: SlotLayout,
     contract: SlotContract,
     out_dir: Path,
     options: EmitOptions,
@@ -90,7 +93,7 @@ def _emit_decode(
     """Trace (once per pipeline and cache form, cached in ``traced``) and emit ``target``'s decode program."""
     key = (target.pipeline, support.cache)
     if key not in traced:
-        traced[key] = trace_decode_program(model, contract, PIPELINES[target.pipeline], support.cache)
+        traced[key] = trace_decode_program(model, contract, PIPELINES[target.pipeline], support.cache, layout=layout)
     program = traced[key]
     emitted = support.emit(program, out_dir / target.directory, options)
     emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
@@ -127,7 +130,9 @@ def export_bundle(
     seq_len = ckpt.config.max_seq_len if recipe.seq_len is None else recipe.seq_len
     if not 1 <= seq_len <= ckpt.config.max_seq_len:
         raise ValueError(f"seq_len {seq_len} must be in [1, {ckpt.config.max_seq_len}]")
-    contract = SlotContract.for_model(ckpt.config, seq_len)
+    levels = resolve_preset(recipe.bank_scheme, ckpt.config.memory.num_levels)
+    layout = resolve_layout(recipe.options.slot_strategy, recipe.targets, ckpt.config, levels)
+    contract = layout.contract(ckpt.config, seq_len)
     if recipe.checks:  # read the check contexts now: a bad file fails before minutes of lowering
         prompt_tokens, new_tokens = check_lengths(seq_len, ckpt.config.max_seq_len, recipe.check_new_tokens)
         pairs = check_contexts(recipe.check_contexts, ckpt.tokenizer, recipe.checks, prompt_tokens)
@@ -141,14 +146,14 @@ def export_bundle(
             target = TARGETS[name]
             start = time.perf_counter()
             if target.pipeline not in programs:
-                programs[target.pipeline] = trace_slot_program(ckpt.model, contract, PIPELINES[target.pipeline])
+                programs[target.pipeline] = trace_slot_program(ckpt.model, contract, PIPELINES[target.pipeline], layout)
             program = programs[target.pipeline]
             emitted = target.emit(program, tmp / target.directory, recipe.options)
             emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
             emitted["pipeline"] = {"name": target.pipeline, "passes": [asdict(r) for r in program.pass_records]}
             if recipe.decode and target.decode is not None:
                 emitted["decode"] = _emit_decode(
-                    target, target.decode, ckpt.model, contract, tmp, recipe.options, decode_programs
+                    target, target.decode, ckpt.model, layout, contract, tmp, recipe.options, decode_programs
                 )
             targets[name] = emitted
             step(name, start)
@@ -161,7 +166,7 @@ def export_bundle(
         listed = [TOKENIZER_FILE, ROUTER_FILE, f"{BANK_DIR}/index.json"]
         checks = None
         if recipe.checks:
-            filler = SlotFiller(contract, BankReader(tmp / BANK_DIR))
+            filler = SlotFiller(contract, BankReader(tmp / BANK_DIR), layout=layout)
             try:
                 embedder = embedder or MiniLMEmbedder()
                 scheme = recipe.bank_scheme
@@ -190,7 +195,7 @@ def export_bundle(
                 "normalize": True,
                 "descent": "greedy-l2",
             },
-            "slot": contract.to_dict(),
+            "slot": {**contract.to_dict(), **layout_record(layout)},
             "io": {"inputs": [TOKENS_INPUT, *contract.input_names], "outputs": [LOGITS_OUTPUT]},
             "bank": {
                 "dir": BANK_DIR,

@@ -21,12 +21,16 @@ transposes the slot: per level ``gate = G^T`` and ``up = U^T`` as ``[nodes, laye
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hm_export.config import ModelConfig
+
+if TYPE_CHECKING:
+    from hm_export.kernels.strategies import SlotLayout
 
 # One memory layer's assembled memory: (gate_up [B, d, 2R], down [B, R, d]).
 LayerMemory = tuple[Tensor, Tensor]
@@ -114,11 +118,16 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def memory_ffn(x: Tensor, memory: LayerMemory, activation: Callable[[Tensor], Tensor] = F.silu) -> Tensor:
+def memory_ffn(
+    x: Tensor, memory: LayerMemory | Callable[[Tensor], Tensor], activation: Callable[[Tensor], Tensor] = F.silu
+) -> Tensor:
     """``D_m(act(G_m x) * U_m x)`` with the slot as batched-matmul operands (no transposes).
 
     ``activation`` is the host FFN's (SiLU for the anchor; a Hugging Face host's own, e.g. tanh-GELU for Gemma).
+    A callable ``memory`` computes the SiLU form itself (a quantized slot's fused kernel, :mod:`hm_export.kernels`).
     """
+    if callable(memory):
+        return memory(x)
     gate_up, down = memory
     width = down.shape[-2]
     hidden = torch.bmm(x, gate_up)
@@ -188,7 +197,6 @@ class MemoryBank(nn.Module):
 class MemoryLM(nn.Module):
     """Anchor transformer plus hierarchical FFN memory."""
 
-
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -223,17 +231,20 @@ class MemoryLM(nn.Module):
         bank_ids = {id(p) for p in self.bank.parameters()}
         return [p for p in self.parameters() if id(p) not in bank_ids]
 
-    def slot_module(self, memory: Sequence[LayerMemory]) -> nn.Module:
-        """The anchor with ``memory`` held as parameters: what the export passes lift into the slot."""
+    def slot_module(self, memory: Sequence[LayerMemory], layout: SlotLayout | None = None) -> nn.Module:
+        """The anchor with ``memory`` held as parameters (in ``layout``'s slot strategy): what the export
+        passes lift into the slot."""
         from hm_export.slot import SlotModule  # slot.py builds on this module
 
-        return SlotModule(self, memory)
+        return SlotModule(self, memory, layout)
 
-    def decode_module(self, memory: Sequence[LayerMemory], cache: str = "state") -> nn.Module:
+    def decode_module(
+        self, memory: Sequence[LayerMemory], cache: str = "state", layout: SlotLayout | None = None
+    ) -> nn.Module:
         """The KV-cache decode module (:mod:`hm_export.decode`) with ``memory`` (``()``: none)."""
         from hm_export.decode import DecodeModule
 
-        return DecodeModule(self, memory, cache)  # type: ignore[arg-type]
+        return DecodeModule(self, memory, cache, layout)  # type: ignore[arg-type]
 
 
 def assemble_path(model: nn.Module, path: Sequence[int]) -> list[LayerMemory]:

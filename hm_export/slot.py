@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from hm_export.config import ModelConfig
 from hm_export.model import LayerMemory, MemoryLM
+
+if TYPE_CHECKING:
+    from hm_export.kernels.strategies import SlotLayout
 
 SLOT_SCHEMA_VERSION = 1
 TOKENS_INPUT = "tokens"
@@ -147,22 +150,42 @@ def slot_tensors(memory: Sequence[LayerMemory]) -> list[Tensor]:
 
 
 class SlotParameters(nn.Module):
-    """Holds the assembled memory of one path as *parameters* ``slot.mem{j}_gate_up`` / ``slot.mem{j}_down``.
+    """Holds the memory of one path as *parameters* ``slot.mem{j}_gate_up`` / ``slot.mem{j}_down`` (plus the
+    ``_scales`` of a quantized slot strategy, :mod:`hm_export.kernels.strategies`).
 
     Exporting a module built on this gives a program where the memory is constant; the slot passes lift
     exactly the parameters named by :meth:`memory_parameter_names` into graph inputs.
     """
 
     cfg: ModelConfig
+    layout: SlotLayout | None
 
-    def hold_memory(self, memory: Sequence[LayerMemory]) -> None:
+    def hold_memory(self, memory: Sequence[LayerMemory], layout: SlotLayout | None = None) -> None:
+        """``layout``: the slot strategy; None: a float32 slot read by ``bmm``."""
+        self.layout = layout
+        if layout is None:
+            tensors = {}
+            for layer, (gate_up, down) in zip(self.cfg.memory.layers, memory):
+                tensors[f"mem{layer}_gate_up"], tensors[f"mem{layer}_down"] = gate_up.detach(), down.detach()
+        else:
+            tensors = layout.slot_tensors(memory, self.cfg.memory.layers)
         self.slot = nn.ParameterDict()
-        for layer, (gate_up, down) in zip(self.cfg.memory.layers, memory):
-            self.slot[f"mem{layer}_gate_up"] = nn.Parameter(gate_up.detach().clone(), requires_grad=False)
-            self.slot[f"mem{layer}_down"] = nn.Parameter(down.detach().clone(), requires_grad=False)
+        for name, tensor in tensors.items():
+            self.slot[name] = nn.Parameter(tensor.clone(), requires_grad=False)
 
-    def slot_memory(self) -> list[LayerMemory]:
-        return [(self.slot[f"mem{j}_gate_up"], self.slot[f"mem{j}_down"]) for j in self.cfg.memory.layers]
+    @property
+    def slot_reader(self) -> str:
+        """How the program reads the slot (``bmm``, ``convert`` or ``memory_swiglu``; see check_slot_access)."""
+        return "bmm" if self.layout is None else self.layout.strategy.reader
+
+    def layer_memory(self, layer: int) -> LayerMemory | Callable[[Tensor], Tensor]:
+        """What :func:`~hm_export.model.memory_ffn` computes memory layer ``layer``'s FFN from."""
+        if self.layout is None:
+            return self.slot[f"mem{layer}_gate_up"], self.slot[f"mem{layer}_down"]
+        return self.layout.layer_memory(self.slot, layer)
+
+    def slot_memory(self) -> list[LayerMemory | Callable[[Tensor], Tensor]]:
+        return [self.layer_memory(j) for j in self.cfg.memory.layers]
 
     def memory_parameter_names(self) -> list[str]:
         """Fully qualified names of the memory parameters, in slot-input order."""
@@ -178,14 +201,14 @@ class SlotModule(MemoryLM, SlotParameters):
     The bank itself is not a submodule, so no bank weight can reach the program.
     """
 
-    def __init__(self, model: MemoryLM, memory: Sequence[LayerMemory]) -> None:
+    def __init__(self, model: MemoryLM, memory: Sequence[LayerMemory], layout: SlotLayout | None = None) -> None:
         nn.Module.__init__(self)  # share the anchor's modules; deliberately no bank
         self.cfg = model.cfg
         self.embed, self.blocks, self.norm = model.embed, model.blocks, model.norm
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.register_buffer("causal_mask", model.causal_mask, persistent=False)
-        self.hold_memory(memory)
+        self.hold_memory(memory, layout)
 
     def forward(self, tokens: Tensor) -> Tensor:  # type: ignore[override]
         return super().forward(tokens, self.slot_memory())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.export import ExportedProgram
@@ -14,6 +14,9 @@ from hm_export.model import assemble_path
 from hm_export.passes.base import SlotPassContext
 from hm_export.passes.pipeline import PassPipeline, PassRecord
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract, SlotParameters
+
+if TYPE_CHECKING:
+    from hm_export.kernels.strategies import SlotLayout
 
 WINDOW_STEM = "model"  # file name stem of the full-window program (model.pte, model.onnx, ...)
 
@@ -98,7 +101,9 @@ def export_slot_module(
     (popped) the form matching ``module.forward``'s signature, when it differs.
     """
     export_dynamic = description.pop("export_dynamic_shapes", description.get("dynamic_shapes"))
-    ctx = SlotPassContext(module.memory_parameter_names(), module.anchor_parameter_names(), contract.input_names)
+    ctx = SlotPassContext(
+        module.memory_parameter_names(), module.anchor_parameter_names(), contract.input_names, module.slot_reader
+    )
     with torch.no_grad():
         program = torch.export.export(module, args, dynamic_shapes=export_dynamic, strict=False)
     program, records = pipeline.run(program, ctx)
@@ -106,12 +111,14 @@ def export_slot_module(
     return SlotProgram(program, contract, (*args, *slot), records, ctx.notes, **description)
 
 
-def trace_slot_program(model: MemoryModel, contract: SlotContract, pipeline: PassPipeline) -> SlotProgram:
+def trace_slot_program(
+    model: MemoryModel, contract: SlotContract, pipeline: PassPipeline, layout: SlotLayout | None = None
+) -> SlotProgram:
     """Export the full-window anchor with the memory of :func:`example_path` as parameters, then run ``pipeline``.
 
     The path only provides example values: after the lift, the slot is an input and any path can be fed.
     """
-    module = model.slot_module(assemble_path(model, example_path(model.cfg.memory))).eval()
+    module = model.slot_module(assemble_path(model, example_path(model.cfg.memory)), layout).eval()
     tokens = torch.zeros(1, contract.seq_len, dtype=torch.long)
     return export_slot_module(
         module,

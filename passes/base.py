@@ -16,4 +16,5 @@ class SlotPassContext:
     memory_parameters: list[str]
     anchor_parameters: list[str]
     slot_input_names: list[str]
+    slot_reader: str = "bmm"  # how the program reads the slot: "bmm", "convert" or "memory_swiglu"
     notes: dict[str, object] = field(default_factory=dict)

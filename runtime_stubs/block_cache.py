@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,6 +32,8 @@ import torch
 
 from hm_export.bank import PAYLOAD_ALIGNMENT, BankError, BankReader, aligned_buffer
 from hm_export.bank.schemes import Destination
+from hm_export.kernels.strategies import DEFAULT_STRATEGY, QuantizedLevelWriter, SlotLayout, get_strategy
+from hm_export.model import LayerMemory
 from hm_export.slot import SlotContract
 
 BlockKey = tuple[int, int]  # (level, node)
@@ -262,20 +264,43 @@ def slot_destination(contract: SlotContract, slot: Sequence[torch.Tensor], level
 
 
 class SlotFiller:
-    """Slot buffers for a contract, filled level by level from a bank through a :class:`BlockCache`."""
+    """Slot buffers for a contract, filled level by level from a bank through a :class:`BlockCache`.
 
-    def __init__(self, contract: SlotContract, reader: BankReader, policy: CachePolicy | None = None) -> None:
+    ``layout`` is the slot strategy the contract was made for (default: float32 slot): a float slot gets each
+    block dequantized into it, a quantized one (:mod:`hm_export.kernels.strategies`) the block's codes and scales.
+    """
+
+    def __init__(
+        self,
+        contract: SlotContract,
+        reader: BankReader,
+        policy: CachePolicy | None = None,
+        layout: SlotLayout | None = None,
+    ) -> None:
         index = reader.index
-        layout = (index.d_model, index.memory.widths, index.memory.branching, index.memory.layers)
-        if layout != (contract.d_model, contract.widths, contract.branching, contract.memory_layers):
+        shape = (index.d_model, index.memory.widths, index.memory.branching, index.memory.layers)
+        if shape != (contract.d_model, contract.widths, contract.branching, contract.memory_layers):
             raise BankError(f"{reader.bank_dir}: bank layout does not match the slot contract")
-        if contract.dtype != "float32":
-            raise BankError(f"slot dtype {contract.dtype!r}: the reference filler dequantizes into float32 only")
+        self.layout = layout or SlotLayout(get_strategy(DEFAULT_STRATEGY))
+        if contract.dtype != self.layout.name:
+            raise BankError(f"slot dtype {contract.dtype!r} does not match slot strategy {self.layout.strategy.name!r}")
         self.contract, self.memory = contract, index.memory
         self.slot = contract.empty_slot()
         self.blocks = BlockCache(reader, policy)
-        self._destinations = [slot_destination(contract, self.slot, lv) for lv in range(self.memory.num_levels)]
+        if self.layout.strategy.quantized:
+            self._fill_level: Callable[[int, memoryview], None] = QuantizedLevelWriter(
+                contract, self.layout, reader, self.slot
+            )
+        else:
+            if contract.dtype == "float16" and any(s.name == "bfloat16" for s in reader.schemes):
+                raise BankError(f"{reader.bank_dir}: a bfloat16 bank cannot fill a float16 slot (re-export the bank)")
+            destinations = [slot_destination(contract, self.slot, lv) for lv in range(self.memory.num_levels)]
+            self._fill_level = lambda level, payload: reader.decode_into(level, payload, destinations[level])
         self.path: list[int | None] = [None] * self.memory.num_levels
+
+    def float_memory(self) -> list[LayerMemory]:
+        """The slot's memory as float32 ``(gate_up, down)`` per memory layer: what the program computes with."""
+        return self.layout.float_memory(self.slot)
 
     def set_path(self, path: Sequence[int]) -> SlotUpdate:
         """Make the slot hold ``path``'s memory, fetching and dequantizing only the levels whose node changed."""
@@ -289,7 +314,7 @@ class SlotFiller:
             self.path[level] = None  # a failure below leaves this level marked as not loaded
             fetched = self.blocks.get(level, node)
             fetch_seconds.append(time.perf_counter() - level_start)
-            self.blocks.reader.decode_into(level, fetched.payload, self._destinations[level])
+            self._fill_level(level, fetched.payload)
             self.path[level] = node
             changed.append(level)
             sources.append(fetched.source)

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from hm_export.bank import BankReader
 from hm_export.bundle import BundleError, read_manifest, safe_relative, verify_files
 from hm_export.config import ModelConfig
+from hm_export.kernels.strategies import layout_from_record
 from hm_export.router import CentroidTree, Embedder, MiniLMEmbedder
 from hm_export.runtime_stubs.block_cache import CachePolicy, SlotFiller, SlotUpdate
 from hm_export.slot import SlotContract
@@ -84,9 +85,16 @@ class BundleLoader:
             self.contract = SlotContract.from_dict(self.manifest["slot"])
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{self.root / 'manifest.json'}: bad slot contract: {exc}") from exc
-        expected = SlotContract.for_model(self.config, self.contract.seq_len, self.contract.dtype)
+        try:
+            self.layout = layout_from_record(self.manifest["slot"])
+        except ValueError as exc:
+            raise BundleError(f"{self.root / 'manifest.json'}: {exc}") from exc
+        expected = self.layout.contract(self.config, self.contract.seq_len)
         if expected.schema_hash != self.contract.schema_hash:
-            raise BundleError(f"{self.root / 'manifest.json'}: slot contract does not match the model config")
+            raise BundleError(
+                f"{self.root / 'manifest.json'}: slot contract does not match the model config and slot strategy "
+                f"{self.layout.strategy.name!r}"
+            )
         self.bank = BankReader(safe_relative(self.root, self.manifest["bank"]["dir"], "bank"), read_mode)
         if self.bank.schema_hash != self.manifest["bank"]["schema_hash"]:
             raise BundleError(
@@ -95,7 +103,7 @@ class BundleLoader:
             )
         policy = replace(cache or CachePolicy(), verify=verify_blocks)
         try:
-            self.filler = SlotFiller(self.contract, self.bank, policy)
+            self.filler = SlotFiller(self.contract, self.bank, policy, self.layout)
         except ValueError as exc:
             raise BundleError(str(exc)) from exc
         self.tokenizer = Tokenizer.from_file(

@@ -238,17 +238,23 @@ class IntScheme(Scheme):
             packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
         return _padded(packed, scale.reshape(layers, -1).astype("<f2"))
 
+    def split(self, section: memoryview, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of a section's stored codes and float16 scales ``[groups, cols]`` (no decoding): int8 codes
+        ``[rows, cols]``, int4 the packed bytes ``[ceil(rows * cols / 2)]`` (what a quantized slot copies)."""
+        count, groups = rows * cols, -(-rows // self.group(rows))
+        scales = np.frombuffer(section, "<f2", groups * cols, pad(self._code_bytes(count), SECTION_ALIGNMENT))
+        if self.bits == 8:
+            return np.frombuffer(section, np.int8, count).reshape(rows, cols), scales.reshape(groups, cols)
+        return np.frombuffer(section, np.uint8, self._code_bytes(count)), scales.reshape(groups, cols)
+
     def decode_into(self, section: memoryview, out: np.ndarray) -> None:
         rows, cols = out.shape
         group, count = self.group(rows), rows * cols
         groups = -(-rows // group)
-        offset = pad(self._code_bytes(count), SECTION_ALIGNMENT)
-        scale = np.frombuffer(section, "<f2", groups * cols, offset).astype(np.float32).reshape(groups, cols)
-        if self.bits == 8:
-            codes = np.frombuffer(section, np.int8, count).reshape(rows, cols)
-        else:
-            codes = np.take(self._lut, np.frombuffer(section, np.uint8, self._code_bytes(count)), axis=0)
-            codes = codes.reshape(-1)[:count].reshape(rows, cols)
+        codes, scale = self.split(section, rows, cols)
+        scale = scale.astype(np.float32)
+        if self.bits == 4:
+            codes = np.take(self._lut, codes, axis=0).reshape(-1)[:count].reshape(rows, cols)
         full = rows // group  # groups of exactly ``group`` rows; a shorter last one is handled after
         if full:  # splitting the row axis of any strided view is a view: no copy, the slot itself is written
             target = out[: full * group].reshape((full, group, cols), copy=False)

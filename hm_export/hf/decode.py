@@ -16,7 +16,7 @@ is built per call and stale cache positions never contribute.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -26,6 +26,9 @@ from hm_export.hf.families import family_of
 from hm_export.hf.model import HostMemoryLM
 from hm_export.model import LayerMemory
 from hm_export.slot import SlotParameters
+
+if TYPE_CHECKING:
+    from hm_export.kernels.strategies import SlotLayout
 
 
 def mask_table(length: int, window: int | None = None) -> Tensor:
@@ -57,12 +60,18 @@ class _CacheWriter:
 class HostDecodeModule(SlotParameters, StaticKVCache):
     """A host, one path's memory as ``slot.*`` parameters (or none), and a static KV cache."""
 
-    def __init__(self, model: HostMemoryLM, memory: Sequence[LayerMemory], cache: CacheForm = "state") -> None:
+    def __init__(
+        self,
+        model: HostMemoryLM,
+        memory: Sequence[LayerMemory],
+        cache: CacheForm = "state",
+        layout: SlotLayout | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = model.cfg
         self.host = model.host
         self.active = model.active
-        self.hold_memory(memory)
+        self.hold_memory(memory, layout)
         self.init_cache(model.cfg, cache)
         self.per_layer_type = family_of(model.cfg.architecture).mask_by_layer_type
         window = getattr(self.host.config, "sliding_window", None)

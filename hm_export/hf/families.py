@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from hm_export.config import HOST_ARCHITECTURE_PREFIX, ConfigError, MemoryConfig, ModelConfig
+from hm_export.config import ANCHOR_ARCHITECTURE, HOST_ARCHITECTURE_PREFIX, ConfigError, MemoryConfig, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,14 @@ def family_of(architecture: str) -> HostFamily:
         known = ", ".join(f.architecture for f in FAMILIES.values())
         raise ConfigError(f"architecture {architecture!r} is not a supported Hugging Face host ({known})")
     return FAMILIES[name]
+
+
+def memory_activation(cfg: ModelConfig) -> str:
+    """The name (``ACT2FN`` key) of the activation ``cfg``'s memory FFN uses: the host MLP's, SiLU for the anchor."""
+    if cfg.architecture == ANCHOR_ARCHITECTURE:
+        return "silu"
+    family = family_of(cfg.architecture)
+    return str((cfg.host or {}).get(family.activation_field))
 
 
 def family_for_model_type(model_type: str) -> HostFamily:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -24,6 +24,9 @@ from hm_export.config import ModelConfig
 from hm_export.hf.families import family_of
 from hm_export.model import LayerMemory, MemoryBank, check_forward_inputs, expand_paths, memory_ffn
 from hm_export.slot import SlotParameters
+
+if TYPE_CHECKING:
+    from hm_export.kernels.strategies import SlotLayout
 
 # Plain attention: exact against eager, exports with torch.export, and lowers on every target.
 ATTENTION_IMPLEMENTATION = "eager"
@@ -96,14 +99,16 @@ class HostMemoryLM(nn.Module):
     def anchor_parameters(self) -> list[nn.Parameter]:
         return list(self.host.parameters())
 
-    def slot_module(self, memory: Sequence[LayerMemory]) -> nn.Module:
-        return HostSlotModule(self, memory)
+    def slot_module(self, memory: Sequence[LayerMemory], layout: SlotLayout | None = None) -> nn.Module:
+        return HostSlotModule(self, memory, layout)
 
-    def decode_module(self, memory: Sequence[LayerMemory], cache: str = "state") -> nn.Module:
+    def decode_module(
+        self, memory: Sequence[LayerMemory], cache: str = "state", layout: SlotLayout | None = None
+    ) -> nn.Module:
         """The KV-cache decode module (:mod:`hm_export.hf.decode`) with ``memory`` (``()``: none)."""
         from hm_export.hf.decode import HostDecodeModule
 
-        return HostDecodeModule(self, memory, cache)  # type: ignore[arg-type]
+        return HostDecodeModule(self, memory, cache, layout)  # type: ignore[arg-type]
 
     @classmethod
     def attach(cls, host: nn.Module, cfg: ModelConfig) -> HostMemoryLM:
@@ -119,12 +124,12 @@ class HostMemoryLM(nn.Module):
 class HostSlotModule(SlotParameters):
     """The host of a :class:`HostMemoryLM` plus one path's memory as parameters; no bank."""
 
-    def __init__(self, model: HostMemoryLM, memory: Sequence[LayerMemory]) -> None:
+    def __init__(self, model: HostMemoryLM, memory: Sequence[LayerMemory], layout: SlotLayout | None = None) -> None:
         super().__init__()
         self.cfg = model.cfg
         self.host = model.host
         self.active = model.active  # the host's hooks read the memory from here
-        self.hold_memory(memory)
+        self.hold_memory(memory, layout)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return run_host(self.host, self.active, self.cfg, tokens, self.slot_memory())

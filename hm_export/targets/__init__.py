@@ -40,6 +40,7 @@ class EmitOptions:
     coreml_precision: str = "float16"
     coreml_target: str = "iOS18"
     coreml_anchor_compression: str = "none"
+    slot_strategy: str = "auto"  # hm_export.kernels.strategies: the form of the slot (docs/kernels.md)
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,13 @@ def _emit_executorch(program: SlotProgram, out_dir: Path, options: EmitOptions) 
 def _run_executorch(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Runner:
     from hm_export.targets.executorch import ExecuTorchRunner
 
-    return ExecuTorchRunner(files["program"], files.get("data"))
+    return ExecuTorchRunner(files["program"], files.get("data"), entry.get("custom_ops"))
 
 
 def _decode_executorch(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Decoder:
     from hm_export.targets.executorch import ExecuTorchDecoder
 
-    return ExecuTorchDecoder(files["program"], files.get("data"))
+    return ExecuTorchDecoder(files["program"], files.get("data"), entry.get("custom_ops"))
 
 
 def _emit_onnx(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dict[str, Any]:

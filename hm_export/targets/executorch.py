@@ -2,8 +2,11 @@
 
 The slot matmuls are ``bmm`` nodes, which XNNPACK delegates without
 ``force_non_static_weights_for_f32_linear``; the anchor's weights therefore stay static (pre-packed
-once at load).  After lowering we check that every slot input is consumed by a delegate, so a slot
-matmul silently falling back to portable kernels fails the export instead of shipping slow.
+once at load).  The partitioner applies that flag per node, only to matmuls fed by the slot
+(:mod:`hm_export.kernels.partition`), never globally.  After lowering we check that every slot input
+of a float32 slot is consumed by a delegate, so a slot matmul silently falling back to portable kernels
+fails the export instead of shipping slow (the quantized slot strategies read it outside XNNPACK by
+design: the kernels or in-graph dequantization, recorded in the delegation summary).
 The runtime binds the caller's input buffers (``alloc_graph_input=False``): a block swap overwrites
 those buffers and the next call sees it without any copy.
 """
@@ -41,18 +44,22 @@ def _tag_constants_for_data_file(slot_program: SlotProgram) -> torch.export.Expo
         )
 
 
-def _delegation_summary(edge_program: torch.export.ExportedProgram, slot_names: list[str]) -> dict[str, Any]:
+def _delegation_summary(
+    edge_program: torch.export.ExportedProgram, slot_names: list[str], slot_reader: str
+) -> dict[str, Any]:
+    """XNNPACK's share of the program.  A float32 slot (``slot_reader`` ``bmm``) must be read only by delegates;
+    other slot strategies read it with portable conversions or the hm_export kernels, recorded per input."""
     from executorch.devtools.backend_debug import get_delegation_info
 
     graph_module = edge_program.graph_module
     info = get_delegation_info(graph_module)
     placeholders = {n.name: n for n in graph_module.graph.nodes if n.op == "placeholder"}
     not_delegated = {
-        name: sorted({str(u.target) for u in placeholders[name].users if "call_delegate" not in str(u.target)})
+        name: sorted({_op_name(u.target) for u in placeholders[name].users if "call_delegate" not in str(u.target)})
         for name in slot_names
     }
     not_delegated = {k: v for k, v in not_delegated.items() if v}
-    if not_delegated:
+    if not_delegated and slot_reader == "bmm":
         raise SlotPassError(f"slot inputs read outside XNNPACK (portable fallback): {not_delegated}")
     return {
         "backend": "xnnpack",
@@ -64,8 +71,20 @@ def _delegation_summary(edge_program: torch.export.ExportedProgram, slot_names: 
             for op, b in sorted(info.delegation_by_operator.items())
             if b.non_delegated and op != "getitem"
         },
-        "slot_inputs_delegated": True,
+        "slot_inputs_delegated": not not_delegated,
+        **({"slot_read_outside_xnnpack": not_delegated} if not_delegated else {}),
     }
+
+
+def _op_name(target: Any) -> str:
+    """``namespace::op`` of an (edge) operator, else its string form."""
+    return target.name() if callable(getattr(target, "name", None)) else str(target)
+
+
+def _custom_ops(edge_program: torch.export.ExportedProgram) -> list[str]:
+    """The hm_export operators the program calls (their kernels must be loaded before it runs)."""
+    names = {_op_name(n.target) for n in edge_program.graph.nodes if n.op == "call_function"}
+    return sorted(name for name in names if name.startswith("hm_export::"))
 
 
 def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: bool = False) -> dict[str, Any]:
@@ -75,16 +94,21 @@ def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: 
     ``decode.ptd``); the decode program's KV cache becomes mutable buffers that live in the method's
     planned memory across calls.
     """
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
+
+    from hm_export.kernels.partition import slot_weight_partitioner
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     program = _tag_constants_for_data_file(slot_program) if separate_weights else slot_program.program
-    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    # Only slot-fed matmuls may take XNNPACK's non-static-weight path: the anchor's weights stay pre-packed.
+    partitioner = slot_weight_partitioner(slot_program.contract.input_names)
+    edge = to_edge_transform_and_lower(program, partitioner=[partitioner])
     seconds["lower"] = time.perf_counter() - start
-    delegation = _delegation_summary(edge.exported_program(), slot_program.contract.input_names)
+    slot_reader = str(slot_program.notes.get("slot_reader", "bmm"))
+    delegation = _delegation_summary(edge.exported_program(), slot_program.contract.input_names, slot_reader)
+    custom_ops = _custom_ops(edge.exported_program())
 
     start = time.perf_counter()
     tag = _data_tag(slot_program)
@@ -107,12 +131,19 @@ def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: 
         "backend": "xnnpack",
         "files": files,
         "delegation": delegation,
+        **({"custom_ops": custom_ops} if custom_ops else {}),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
 
 
-def _load_method(program: Path, data: Path | None) -> Any:
+def _load_method(program: Path, data: Path | None, custom_ops: list[str] | None = None) -> Any:
+    """Load ``forward``; ``custom_ops`` (the manifest's list) makes the hm_export kernel library load first."""
     from executorch.runtime import Runtime
+
+    if custom_ops:
+        from hm_export.kernels import load_kernel_library
+
+        load_kernel_library()
 
     runtime = Runtime.get()
     loaded = runtime.load_program(str(program), data_path=str(data)) if data else runtime.load_program(str(program))
@@ -122,8 +153,8 @@ def _load_method(program: Path, data: Path | None) -> Any:
 class ExecuTorchRunner:
     """Runs a bundle's ``.pte`` with the slot tensors bound as inputs."""
 
-    def __init__(self, program: Path, data: Path | None = None) -> None:
-        self.method = _load_method(program, data)
+    def __init__(self, program: Path, data: Path | None = None, custom_ops: list[str] | None = None) -> None:
+        self.method = _load_method(program, data, custom_ops)
 
     def __call__(self, tokens: torch.Tensor, slot: list[torch.Tensor]) -> torch.Tensor:
         return self.method.execute([tokens, *slot])[0]
@@ -136,8 +167,8 @@ class ExecuTorchDecoder:
     masked, so starting a new sequence is just prefilling from position 0 (:meth:`reset` has nothing to do).
     """
 
-    def __init__(self, program: Path, data: Path | None = None) -> None:
-        self.method = _load_method(program, data)
+    def __init__(self, program: Path, data: Path | None = None, custom_ops: list[str] | None = None) -> None:
+        self.method = _load_method(program, data, custom_ops)
 
     def reset(self) -> None:
         """Nothing to clear: see the class docstring."""

@@ -22,6 +22,14 @@ from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT
 from hm_export.trace import SlotProgram
 
 OPSET = 20
+# Tensors the runners bind: tokens and positions, logits and caches, and every slot strategy's storage.
+_NUMPY_DTYPES = {
+    torch.int64: np.int64,
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+}
 
 
 def emit_onnx(slot_program: SlotProgram, out_dir: Path) -> dict[str, Any]:
@@ -77,14 +85,14 @@ class _BoundSession:
 
     def _bind_slot(self, slot: list[torch.Tensor]) -> None:
         for name, tensor in zip(self.slot_names, slot):
-            if not tensor.is_contiguous() or tensor.dtype != torch.float32:
-                raise ValueError(f"slot input {name} must be a contiguous float32 tensor")
+            if not tensor.is_contiguous() or tensor.dtype not in _NUMPY_DTYPES:
+                raise ValueError(f"slot input {name} must be a contiguous tensor of {sorted(map(str, _NUMPY_DTYPES))}")
             self._bind(name, tensor)
         self._bound = [t.data_ptr() for t in slot]
 
     def _bind(self, name: str, tensor: torch.Tensor, output: bool = False) -> None:
         """Bind a contiguous CPU tensor's memory (it must stay alive until the run)."""
-        dtype = np.int64 if tensor.dtype == torch.int64 else np.float32
+        dtype = _NUMPY_DTYPES[tensor.dtype]
         bind = self.binding.bind_output if output else self.binding.bind_input
         bind(name, "cpu", 0, dtype, list(tensor.shape), tensor.data_ptr())
 
