@@ -41,6 +41,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 BUILD = """
 import json, sys, time
+import hm_export  # first: from a checkout it hides the repository's kernels/ folder from transformers
 import numpy as np, torch, transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from hm_export.checkpoint import save_checkpoint
