@@ -330,3 +330,15 @@ def test_bench_runs_the_decode_program(hf_bundle) -> None:
     assert report.program == "decode" and report.distinct_paths >= 1
     assert report.decode_tokens_per_s["mean"] > 0 and report.prefill_tokens_per_s["mean"] > 0
     assert report.fetch_fill_ms and set(report.fetch_fill_ms) <= {"level0", "level1"}
+
+
+def test_fused_silu_kernel_is_refused_for_a_gelu_host() -> None:
+    from hm_export.kernels.strategies import SlotLayout, resolve_layout
+
+    gemma, llama = (host_model_config(tiny_host(f).config, MEMORY, SEQ) for f in ("gemma3", "llama"))
+    int4 = ["int4-g32", "int4-g32"]
+    with pytest.raises(ValueError, match="runs the SiLU memory kernel; this model's memory uses 'gelu_pytorch_tanh'"):
+        SlotLayout.for_bank("fused-int4", gemma, int4)
+    assert SlotLayout.for_bank("fused-int4", llama, int4).strategy.reader == "memory_swiglu"
+    assert resolve_layout("auto", ["executorch"], llama, int4).strategy.name == "fused-int4"
+    assert resolve_layout("auto", ["executorch"], gemma, int4).strategy.reader != "memory_swiglu"
