@@ -10,18 +10,14 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from hm_export.passes.base import SlotPassContext
+from hm_export.passes.base import SlotPassContext, replace_matching_nodes
 
 
 def drop_aliases(ep: ExportedProgram, ctx: SlotPassContext) -> ExportedProgram:
-    graph = ep.graph
-    dropped = 0
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target == torch.ops.aten.alias.default:
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-            dropped += 1
-    graph.lint()
-    ep.graph_module.recompile()
-    ctx.notes["aliases_dropped"] = dropped
-    return ep
+    return replace_matching_nodes(
+        ep,
+        ctx,
+        "aliases_dropped",
+        lambda node: node.op == "call_function" and node.target == torch.ops.aten.alias.default,
+        lambda graph, node: node.args[0],
+    )

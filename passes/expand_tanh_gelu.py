@@ -15,7 +15,7 @@ import math
 import torch
 from torch.export import ExportedProgram
 
-from hm_export.passes.base import SlotPassContext
+from hm_export.passes.base import SlotPassContext, replace_matching_nodes
 
 aten = torch.ops.aten
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -30,29 +30,19 @@ def _is_tanh_gelu(node: torch.fx.Node) -> bool:
     )
 
 
+def _expanded(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    x = node.args[0]
+
+    def emit(target: torch._ops.OpOverload, *args: object) -> torch.fx.Node:
+        out = graph.call_function(target, args)
+        out.meta["val"] = target(*(a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args))
+        return out
+
+    cube = emit(aten.mul.Tensor, emit(aten.mul.Tensor, x, x), x)
+    inner = emit(aten.add.Tensor, x, emit(aten.mul.Tensor, cube, CUBIC))
+    gate = emit(aten.add.Tensor, emit(aten.tanh.default, emit(aten.mul.Tensor, inner, SQRT_2_OVER_PI)), 1.0)
+    return emit(aten.mul.Tensor, emit(aten.mul.Tensor, x, 0.5), gate)
+
+
 def expand_tanh_gelu(ep: ExportedProgram, ctx: SlotPassContext) -> ExportedProgram:
-    graph = ep.graph
-    expanded = 0
-    for node in list(graph.nodes):
-        if not _is_tanh_gelu(node):
-            continue
-        x = node.args[0]
-
-        def emit(target: torch._ops.OpOverload, *args: object) -> torch.fx.Node:
-            out = graph.call_function(target, args)
-            values = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
-            out.meta["val"] = target(*values)
-            return out
-
-        with graph.inserting_before(node):
-            cube = emit(aten.mul.Tensor, emit(aten.mul.Tensor, x, x), x)
-            inner = emit(aten.add.Tensor, x, emit(aten.mul.Tensor, cube, CUBIC))
-            gate = emit(aten.add.Tensor, emit(aten.tanh.default, emit(aten.mul.Tensor, inner, SQRT_2_OVER_PI)), 1.0)
-            result = emit(aten.mul.Tensor, emit(aten.mul.Tensor, x, 0.5), gate)
-        node.replace_all_uses_with(result)
-        graph.erase_node(node)
-        expanded += 1
-    graph.lint()
-    ep.graph_module.recompile()
-    ctx.notes["tanh_gelus_expanded"] = expanded
-    return ep
+    return replace_matching_nodes(ep, ctx, "tanh_gelus_expanded", _is_tanh_gelu, _expanded)

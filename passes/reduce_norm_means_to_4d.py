@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from hm_export.passes.base import SlotPassContext
+from hm_export.passes.base import SlotPassContext, replace_matching_nodes
 
 aten = torch.ops.aten
 
@@ -33,28 +33,20 @@ def _is_rank3_last_axis_mean(node: torch.fx.Node) -> bool:
     )
 
 
+def _as_4d_mean(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node | None:
+    source = node.args[0]
+    batch, seq, width = source.meta["val"].shape
+    if not isinstance(batch, int) or not isinstance(width, int):
+        return None  # only a dynamic sequence axis can be left to the view (as -1)
+    rows = seq if isinstance(seq, int) else -1
+    as_4d = graph.call_function(aten.view.default, (source, [batch, rows, width, 1]))
+    as_4d.meta["val"] = source.meta["val"].view(batch, seq, width, 1)
+    mean = graph.call_function(aten.mean.dim, (as_4d, [2, 3], True))
+    mean.meta["val"] = as_4d.meta["val"].mean(dim=(2, 3), keepdim=True)
+    back = graph.call_function(aten.view.default, (mean, [batch, rows, 1]))
+    back.meta["val"] = node.meta["val"]
+    return back
+
+
 def reduce_norm_means_to_4d(ep: ExportedProgram, ctx: SlotPassContext) -> ExportedProgram:
-    graph = ep.graph
-    rewritten = 0
-    for node in list(graph.nodes):
-        if not _is_rank3_last_axis_mean(node):
-            continue
-        source = node.args[0]
-        batch, seq, width = source.meta["val"].shape
-        if not isinstance(batch, int) or not isinstance(width, int):
-            continue  # only a dynamic sequence axis can be left to the view (as -1)
-        rows = seq if isinstance(seq, int) else -1
-        with graph.inserting_before(node):
-            as_4d = graph.call_function(aten.view.default, (source, [batch, rows, width, 1]))
-            as_4d.meta["val"] = source.meta["val"].view(batch, seq, width, 1)
-            mean = graph.call_function(aten.mean.dim, (as_4d, [2, 3], True))
-            mean.meta["val"] = as_4d.meta["val"].mean(dim=(2, 3), keepdim=True)
-            back = graph.call_function(aten.view.default, (mean, [batch, rows, 1]))
-            back.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(back)
-        graph.erase_node(node)
-        rewritten += 1
-    graph.lint()
-    ep.graph_module.recompile()
-    ctx.notes["norm_means_rewritten"] = rewritten
-    return ep
+    return replace_matching_nodes(ep, ctx, "norm_means_rewritten", _is_rank3_last_axis_mean, _as_4d_mean)
