@@ -18,11 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hm_export import runtime_stubs
+from hm_export import kernels, runtime_stubs
 from hm_export.bundle import BundleError, read_manifest
 from hm_export.router import Embedder, MiniLMEmbedder
 
 NATIVE_SOURCE = Path(runtime_stubs.__file__).resolve().parent / "cpp"  # shipped as package data
+KERNELS_SOURCE = Path(kernels.__file__).resolve().parent  # the fused kernel's C++ source (package data too)
 RUNNER = "hm_runner"
 
 
@@ -55,6 +56,7 @@ def build_native_runner(build_dir: Path, source_dir: Path = NATIVE_SOURCE, jobs:
     cmake = _tool("cmake")
     if not (build_dir / "CMakeCache.txt").is_file():
         configure = [cmake, "-S", str(source_dir), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={executorch_prefix()}"]
+        configure.append(f"-DHM_KERNELS_DIR={KERNELS_SOURCE}")  # memory_swiglu.cpp, built into the library
         if shutil.which("ninja") or (Path(sys.executable).parent / "ninja").is_file():
             configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}"]
         _check_call(configure, "configure")
