@@ -99,7 +99,7 @@ def run_native_runner(
     """Run ``hm_runner --json`` on ``bundle`` and return its report.
 
     ``checks``: replay the golden checks; ``fills``: paths to set in order (each report says which levels
-    changed); ``dump_slot``: write the slot (float32, contract order) there afterwards; ``embeddings``: route
+    changed); ``dump_slot``: write the slot's raw bytes (contract order) there afterwards; ``embeddings``: route
     the checks' contexts with them; ``bench``: run the benchmark with these ``hm-export bench`` settings
     (``runs``, ``contexts``, ``prompt_tokens``, ``new_tokens``, ``cache``).  Raises NativeError with the
     runner's message when it refuses the bundle (exit code 2); a failed check is in the report, not raised.
