@@ -336,6 +336,20 @@ def test_mismatching_quantized_slot_contract_is_refused(runner, fused_bundles, t
         run_native_runner(runner, bundle)
 
 
+def test_bank_that_cannot_fill_the_quantized_slot_is_refused(runner, fused_bundles, checkpoint, tmp_path):
+    """A fused-int8 slot copies int8 codes: an int4 bank (schema hash updated in the manifest) is refused."""
+    from hm_export.bank import quantize_bank
+
+    bundle = copy_bundle(fused_bundles["fused-int8"], tmp_path)
+    shutil.rmtree(bundle / "bank")
+    quantize_bank(bundle / "bank", checkpoint, "int4-g32", workers=1)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["bank"]["schema_hash"] = json.loads((bundle / "bank" / "index.json").read_text())["schema_hash"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NativeError, match=r"index.json: level 0 \(int4-g32\) cannot fill an int8 slot"):
+        run_native_runner(runner, bundle, verify_files=False)
+
+
 def test_fused_kernel_is_compiled_into_the_library_only(runner):
     """The op registers from libhm_runtime.so's static initializer; hm_runner must not carry a second copy."""
     assert b"memory_swiglu.out" in (runner.parent / "libhm_runtime.so").read_bytes()
