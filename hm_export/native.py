@@ -18,11 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hm_export import runtime_stubs
+from hm_export import kernels, runtime_stubs
 from hm_export.bundle import BundleError, read_manifest
 from hm_export.router import Embedder, MiniLMEmbedder
 
 NATIVE_SOURCE = Path(runtime_stubs.__file__).resolve().parent / "cpp"  # shipped as package data
+KERNELS_SOURCE = Path(kernels.__file__).resolve().parent  # the fused kernel's C++ source (package data too)
 RUNNER = "hm_runner"
 
 
@@ -55,6 +56,7 @@ def build_native_runner(build_dir: Path, source_dir: Path = NATIVE_SOURCE, jobs:
     cmake = _tool("cmake")
     if not (build_dir / "CMakeCache.txt").is_file():
         configure = [cmake, "-S", str(source_dir), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={executorch_prefix()}"]
+        configure.append(f"-DHM_KERNELS_DIR={KERNELS_SOURCE}")  # memory_swiglu.cpp, built into the library
         if shutil.which("ninja") or (Path(sys.executable).parent / "ninja").is_file():
             configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}"]
         _check_call(configure, "configure")
@@ -97,7 +99,7 @@ def run_native_runner(
     """Run ``hm_runner --json`` on ``bundle`` and return its report.
 
     ``checks``: replay the golden checks; ``fills``: paths to set in order (each report says which levels
-    changed); ``dump_slot``: write the slot (float32, contract order) there afterwards; ``embeddings``: route
+    changed); ``dump_slot``: write the slot's raw bytes (contract order) there afterwards; ``embeddings``: route
     the checks' contexts with them; ``bench``: run the benchmark with these ``hm-export bench`` settings
     (``runs``, ``contexts``, ``prompt_tokens``, ``new_tokens``, ``cache``).  Raises NativeError with the
     runner's message when it refuses the bundle (exit code 2); a failed check is in the report, not raised.

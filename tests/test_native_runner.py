@@ -7,6 +7,11 @@ recorded continuations, routing from precomputed embeddings), fills the slot bit
 corrupt blocks, truncated blocks, modified files and a slot contract that does not match the model, naming
 the file and the problem.  The C API (what Swift and JNI call) is driven through ctypes in a separate
 process; ``hm-export native run`` once.
+
+Quantized slots (``--slot-strategy fused-int4`` with an int4-g32 bank, ``fused-int8`` with an int8 bank): the
+runner runs ``hm_export::memory_swiglu`` (compiled into libhm_runtime.so), replays the golden checks, fills
+the slot's codes and float16 scales byte for byte like the Python ``SlotFiller``, and refuses the strategies
+it does not run (``graph-*``, ``host-fp16``) and a quantized contract that does not match, naming the field.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from hm_export.runtime_stubs.loader import BundleLoader
 
 BUILD_DIR = Path(__file__).resolve().parent.parent / "build" / "native"  # gitignored; reused across sessions
 SCHEMES = ("int8", "int4-g32")
+FUSED = {"fused-int4": "int4-g32", "fused-int8": "int8"}  # strategy -> bank scheme
 
 
 @pytest.fixture(scope="session")
@@ -42,20 +48,34 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_checkpoint(tmp_path_factory.mktemp("native_ckpt"), name="ckpt", seed=3)
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict[str, Path]:
-    """One tiny bundle per bank scheme, exported like the decode fixture (about 30 s each)."""
+def export_checked(checkpoint: Path, work: Path, name: str, scheme: str, strategy: str = "host-fp32") -> Path:
+    """A tiny ExecuTorch bundle with golden checks on ``DECODE_CONTEXTS`` (about 30 s)."""
     from hm_export.export import ExportRecipe, export_bundle
+    from hm_export.targets import EmitOptions
 
-    work = tmp_path_factory.mktemp("native")
     contexts = work / "contexts.jsonl"
     contexts.write_text("".join(json.dumps(item) + "\n" for item in DECODE_CONTEXTS))
-    out = {}
-    for scheme in SCHEMES:
-        recipe = ExportRecipe(bank_scheme=scheme, check_contexts=contexts, check_new_tokens=12)
-        export_bundle(checkpoint, work / scheme, recipe)
-        out[scheme] = work / scheme
-    return out
+    options = EmitOptions(slot_strategy=strategy)
+    recipe = ExportRecipe(bank_scheme=scheme, check_contexts=contexts, check_new_tokens=12, options=options)
+    export_bundle(checkpoint, work / name, recipe)
+    return work / name
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict[str, Path]:
+    """One tiny bundle per bank scheme, exported like the decode fixture."""
+    work = tmp_path_factory.mktemp("native")
+    return {scheme: export_checked(checkpoint, work, scheme, scheme) for scheme in SCHEMES}
+
+
+@pytest.fixture(scope="module")
+def fused_bundles(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict[str, Path]:
+    """One tiny bundle per fused strategy; the eager export checks run the op through the kernel library."""
+    from hm_export.kernels import build_kernel_library, load_kernel_library
+
+    load_kernel_library(build_kernel_library(tmp_path_factory.mktemp("kernels-build")))
+    work = tmp_path_factory.mktemp("native-fused")
+    return {name: export_checked(checkpoint, work, name, scheme, name) for name, scheme in FUSED.items()}
 
 
 def checks_of(bundle: Path) -> list[dict]:
@@ -67,16 +87,23 @@ def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
 
 
 def python_slot(bundle: Path, *paths: list[int]) -> np.ndarray:
-    """The Python loader's slot after setting ``paths`` in order, flattened in contract order."""
+    """The bytes of the Python loader's slot (its SlotFiller, in the manifest's layout) after setting ``paths``
+    in order, tensors in contract order: what ``hm_runner --dump-slot`` writes."""
     loader = BundleLoader(bundle, target=None, cache=CachePolicy(resident_levels=0, cache_bytes=0))
     for path in paths:
         loader.set_path(path)
-    return np.concatenate([tensor.numpy().ravel() for tensor in loader.slot])
+    return np.concatenate([tensor.numpy().view(np.uint8).ravel() for tensor in loader.slot])
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_golden_checks_pass_natively(runner, bundles, scheme, tmp_path):
-    bundle = bundles[scheme]
+def assert_same_bytes(dump: Path, expected: np.ndarray) -> None:
+    native = np.fromfile(dump, dtype=np.uint8)
+    assert native.shape == expected.shape and np.any(expected != 0)
+    assert np.array_equal(native, expected)
+
+
+def assert_checks_pass(runner: Path, bundle: Path, tmp_path: Path) -> None:
+    embeddings = write_check_embeddings(bundle, tmp_path / "embeddings.safetensors")
+    report = run_native_runner(runner, bundle, checks=True, embeddings=embeddings)
     embeddings = write_check_embeddings(bundle, tmp_path / "embeddings.safetensors")
     report = run_native_runner(runner, bundle, checks=True, embeddings=embeddings)
     recorded = checks_of(bundle)
@@ -88,6 +115,11 @@ def test_golden_checks_pass_natively(runner, bundles, scheme, tmp_path):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+def test_golden_checks_pass_natively(runner, bundles, scheme, tmp_path):
+    assert_checks_pass(runner, bundles[scheme], tmp_path)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_slot_fill_is_bit_identical_to_the_python_loader(runner, bundles, scheme, tmp_path):
     bundle = bundles[scheme]
     loader = BundleLoader(bundle, target=None)
@@ -96,10 +128,7 @@ def test_slot_fill_is_bit_identical_to_the_python_loader(runner, bundles, scheme
     report = run_native_runner(runner, bundle, fills=[first, sibling], dump_slot=tmp_path / "slot.bin")
     assert [fill["levels_changed"] for fill in report["fills"]] == [[0, 1], [1]]
     assert report["fills"][1]["storage_bytes"] == loader.bank.block_size(1)
-    expected = python_slot(bundle, first, sibling)
-    native = np.fromfile(tmp_path / "slot.bin", dtype=np.float32)
-    assert native.shape == expected.shape and np.any(expected != 0)
-    assert native.view(np.uint32).tolist() == expected.view(np.uint32).tolist()
+    assert_same_bytes(tmp_path / "slot.bin", python_slot(bundle, first, sibling))
 
 
 def test_level_packs_give_the_same_slot_and_checks(runner, bundles, checkpoint, tmp_path):
@@ -114,8 +143,7 @@ def test_level_packs_give_the_same_slot_and_checks(runner, bundles, checkpoint, 
     # the new index.json differs from the manifest's sha256: open as trusted storage
     report = run_native_runner(runner, bundle, checks=True, fills=[[1, 5]], dump_slot=slot, verify_files=False)
     assert report["checks"]["passed"]
-    expected = python_slot(bundles["int4-g32"], [1, 5])
-    assert np.fromfile(slot, np.float32).view(np.uint32).tolist() == expected.view(np.uint32).tolist()
+    assert_same_bytes(slot, python_slot(bundles["int4-g32"], [1, 5]))
 
 
 def test_benchmark_reports_the_bench_fields(runner, bundles):
@@ -241,3 +269,88 @@ def test_c_api_generates_the_recorded_continuations(runner, bundles):
     *tokens, error = json.loads(done.stdout)
     assert tokens == [check["greedy"] for check in checks]
     assert "node 99 of level 0 is not a child" in error
+
+
+# --- quantized slots: the fused memory kernel ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+def test_fused_bundle_golden_checks_pass_natively(runner, fused_bundles, strategy, tmp_path):
+    bundle = fused_bundles[strategy]
+    assert json.loads((bundle / "manifest.json").read_text())["slot"]["strategy"] == strategy
+    assert_checks_pass(runner, bundle, tmp_path)
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+def test_fused_slot_fill_is_bit_identical_to_the_python_slot_filler(runner, fused_bundles, strategy, tmp_path):
+    bundle = fused_bundles[strategy]
+    loader = BundleLoader(bundle, target=None)
+    assert loader.filler.layout.strategy.name == strategy
+    memory = loader.config.memory
+    first, sibling = leaf_path(memory, 1), leaf_path(memory, 4)  # another level-0 node too
+    report = run_native_runner(runner, bundle, fills=[first, sibling], dump_slot=tmp_path / "slot.bin")
+    assert report["slot_strategy"] == strategy
+    assert report["slot_bytes"] == sum(t.numel() * t.element_size() for t in loader.slot)
+    assert [fill["levels_changed"] for fill in report["fills"]] == [[0, 1], [0, 1]]
+    assert_same_bytes(tmp_path / "slot.bin", python_slot(bundle, first, sibling))
+
+
+@pytest.mark.parametrize("strategy", ["graph-int4", "graph-int8", "host-fp16"])
+def test_unsupported_slot_strategy_is_refused_naming_it(runner, fused_bundles, tmp_path, strategy):
+    bundle = copy_bundle(fused_bundles["fused-int4"], tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["slot"]["strategy"] = strategy
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NativeError, match=rf"slot.strategy: slot strategy '{strategy}' is not supported by the native"):
+        run_native_runner(runner, bundle)
+
+
+def finer_gate_up_grid(slot: dict) -> str:
+    slot["gate_up_group"] = 16
+    return r"dtype: 'int4-gu32-d4', slot strategy fused-int4 gives 'int4-gu16-d4'"
+
+
+def float32_scales(slot: dict) -> str:
+    slot["tensors"][1]["dtype"] = "float32"
+    return r"slot.tensors\[1\].dtype: 'float32', expected 'float16'"
+
+
+def unpacked_codes(slot: dict) -> str:
+    slot["tensors"][0]["shape"][2] *= 2
+    return r"slot.tensors\[0\].shape"
+
+
+def shifted_down_scales(slot: dict) -> str:
+    ranges = slot["tensors"][3]["level_ranges"]
+    ranges[0], ranges[1] = ranges[1], ranges[0]
+    return r"slot.tensors\[3\].level_ranges\[0\]"
+
+
+@pytest.mark.parametrize("edit", [finer_gate_up_grid, float32_scales, unpacked_codes, shifted_down_scales])
+def test_mismatching_quantized_slot_contract_is_refused(runner, fused_bundles, tmp_path, edit):
+    bundle = copy_bundle(fused_bundles["fused-int4"], tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    field = edit(manifest["slot"])
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NativeError, match=rf"manifest.json: slot contract does not match the model config \({field}"):
+        run_native_runner(runner, bundle)
+
+
+def test_bank_that_cannot_fill_the_quantized_slot_is_refused(runner, fused_bundles, checkpoint, tmp_path):
+    """A fused-int8 slot copies int8 codes: an int4 bank (schema hash updated in the manifest) is refused."""
+    from hm_export.bank import quantize_bank
+
+    bundle = copy_bundle(fused_bundles["fused-int8"], tmp_path)
+    shutil.rmtree(bundle / "bank")
+    quantize_bank(bundle / "bank", checkpoint, "int4-g32", workers=1)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["bank"]["schema_hash"] = json.loads((bundle / "bank" / "index.json").read_text())["schema_hash"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NativeError, match=r"index.json: level 0 \(int4-g32\) cannot fill an int8 slot"):
+        run_native_runner(runner, bundle, verify_files=False)
+
+
+def test_fused_kernel_is_compiled_into_the_library_only(runner):
+    """The op registers from libhm_runtime.so's static initializer; hm_runner must not carry a second copy."""
+    assert b"memory_swiglu.out" in (runner.parent / "libhm_runtime.so").read_bytes()
+    assert b"memory_swiglu.out" not in runner.read_bytes()

@@ -66,11 +66,14 @@ class Runtime {
   std::vector<float> decode(int64_t token);
   int position() const;  // tokens in the KV cache
 
-  // The slot buffers (float32, contract order), e.g. to compare against another loader.
+  // The slot buffers in contract order, e.g. to compare against another loader: float32 for host-fp32;
+  // int8 / uint8 (packed int4) codes and float16 scales for fused-int8 / fused-int4.
+  const std::string& slot_strategy() const;  // the manifest's slot.strategy (host-fp32 when none recorded)
   size_t slot_count() const;
   const std::string& slot_name(size_t index) const;
-  const float* slot_data(size_t index) const;
-  size_t slot_numel(size_t index) const;
+  const std::string& slot_dtype(size_t index) const;  // float32, float16, int8 or uint8
+  const void* slot_data(size_t index) const;
+  size_t slot_nbytes(size_t index) const;
 
   struct Impl;
 

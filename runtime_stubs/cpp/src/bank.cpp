@@ -264,7 +264,7 @@ void Bank::decode_section(int level, const uint8_t* section, int rows, int cols,
   const size_t count = static_cast<size_t>(rows) * cols;
   if (scheme.scheme_id <= 3) {  // float schemes
     for (int i = 0; i < rows; ++i) {
-      float* row = out.base + i * out.row_stride;
+      float* row = reinterpret_cast<float*>(out.base + i * out.row_stride);
       const uint8_t* in = section + static_cast<size_t>(i) * cols * (scheme.scheme_id == 1 ? 4 : 2);
       if (scheme.scheme_id == 1) {
         std::memcpy(row, in, static_cast<size_t>(cols) * 4);  // little-endian host assumed (all targets are)
@@ -282,12 +282,12 @@ void Bank::decode_section(int level, const uint8_t* section, int rows, int cols,
   // int8 (one scale per column) and int4 (one per group of rows and column): float(code) * float(scale),
   // the same single multiply as the Python reference, so the slot is bit-identical.
   const bool int8 = scheme.scheme_id == 4;
-  const int group = int8 ? rows : std::min(scheme.group_size, rows), groups = (rows + group - 1) / group;
+  const int group = block_group(level, rows), groups = (rows + group - 1) / group;
   const uint8_t* scale_bytes = section + (int8 ? pad16(count) : pad16((count + 1) / 2));
   std::vector<float> scales(static_cast<size_t>(groups) * cols);
   for (size_t k = 0; k < scales.size(); ++k) scales[k] = half_to_float(load_u16(scale_bytes + k * 2));
   for (int i = 0; i < rows; ++i) {
-    float* row = out.base + i * out.row_stride;
+    float* row = reinterpret_cast<float*>(out.base + i * out.row_stride);
     const float* scale = scales.data() + static_cast<size_t>(i / group) * cols;
     const size_t first = static_cast<size_t>(i) * cols;
     if (int8) {
@@ -302,14 +302,51 @@ void Bank::decode_section(int level, const uint8_t* section, int rows, int cols,
   }
 }
 
+int Bank::block_group(int level, int rows) const {
+  return levels_[level].scheme_id == 4 ? rows : std::min(levels_[level].group_size, rows);
+}
+
+// A quantized slot holds the block's own bytes: each row's codes (int8, or int4 pairs in the bank's nibble
+// order: the slot packs the same column pairs), then each slot scale row gets the block scale row covering it.
+void Bank::copy_section(int level, const uint8_t* section, int rows, int cols, MatrixView out) const {
+  const bool int8 = levels_[level].scheme_id == 4;
+  const size_t row_bytes = int8 ? cols : cols / 2, codes = row_bytes * rows;
+  for (int i = 0; i < rows; ++i) std::memcpy(out.base + i * out.row_stride, section + i * row_bytes, row_bytes);
+  const uint8_t* scales = section + pad16(codes);
+  const size_t scale_row = static_cast<size_t>(cols) * 2;
+  const int group = block_group(level, rows);
+  for (int k = 0; k < rows / out.scale_group; ++k)
+    std::memcpy(out.scales + k * out.scale_stride, scales + static_cast<size_t>(k) * out.scale_group / group * scale_row,
+                scale_row);
+}
+
 void Bank::decode(int level, const uint8_t* payload, const LevelViews& views) const {
   const int d = dims_.d_model, r = dims_.widths[level];
   const uint64_t wide = section_bytes(level, d, r), tall = section_bytes(level, r, d);
+  auto write = [&](const uint8_t* section, int rows, int cols, const MatrixView& view) {
+    if (view.scales) copy_section(level, section, rows, cols, view);
+    else decode_section(level, section, rows, cols, view);
+  };
   for (size_t j = 0; j < dims_.layers.size(); ++j) {
     const uint8_t* layer = payload + j * (2 * wide + tall);
-    decode_section(level, layer, d, r, views[j * 3 + kGate]);
-    decode_section(level, layer + wide, d, r, views[j * 3 + kUp]);
-    decode_section(level, layer + 2 * wide, r, d, views[j * 3 + kDown]);
+    write(layer, d, r, views[j * 3 + kGate]);
+    write(layer + wide, d, r, views[j * 3 + kUp]);
+    write(layer + 2 * wide, r, d, views[j * 3 + kDown]);
+  }
+}
+
+void Bank::check_quantized_slot(const std::string& storage, int gate_up_group, int down_group) const {
+  const int want = storage == "int8" ? 4 : 5;
+  for (int level = 0; level < dims_.num_levels(); ++level) {
+    const std::string where = dir_ + "/index.json: level " + std::to_string(level) + " (" + levels_[level].scheme + ")";
+    if (levels_[level].scheme_id != want)
+      throw Error(where + " cannot fill an " + storage + " slot: the slot copies the bank's codes, every level must "
+                  "be " + (storage == "int8" ? "int8" : "int4-g*"));
+    const int gate_up = block_group(level, dims_.d_model), down = block_group(level, dims_.widths[level]);
+    if (gate_up % gate_up_group != 0 || down % down_group != 0)
+      throw Error(where + ": block groups (" + std::to_string(gate_up) + ", " + std::to_string(down) +
+                  " rows) are not multiples of the slot's gate_up_group " + std::to_string(gate_up_group) +
+                  " and down_group " + std::to_string(down_group));
   }
 }
 

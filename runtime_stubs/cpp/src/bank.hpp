@@ -43,10 +43,15 @@ class AlignedBuffer {
   size_t size_ = 0;
 };
 
-// Where one block matrix lands in the slot: element (i, c) at base[i * row_stride + c].
+// Where one block matrix lands in the slot: row i at base + i * row_stride (bytes). A float slot gets
+// float32 values; a quantized slot the block's codes there and its float16 scales repeated onto the slot's
+// scale grid: slot scale row k (at scales + k * scale_stride bytes) covers rows [k * scale_group, ...).
 struct MatrixView {
-  float* base = nullptr;
+  uint8_t* base = nullptr;
   size_t row_stride = 0;
+  uint8_t* scales = nullptr;  // null: float slot
+  size_t scale_stride = 0;
+  int scale_group = 0;
 };
 enum Matrix { kGate = 0, kUp = 1, kDown = 2 };
 using LevelViews = std::vector<MatrixView>;  // [memory layer * 3 + Matrix]
@@ -66,8 +71,12 @@ class Bank {
   // One read of the block's header page + payload into `buffer` (block_size bytes); checks the header
   // against the index and, with `verify`, the payload's CRC-32. Throws hm::Error naming the file.
   void read(int level, int node, uint8_t* buffer, bool verify) const;
-  // Dequantizes a payload of `level` into the slot views of that level.
+  // Writes a payload of `level` into the slot views of that level: dequantized into a float slot, codes
+  // and scales copied into a quantized one (bit-identical to QuantizedLevelWriter in kernels/strategies.py).
   void decode(int level, const uint8_t* payload, const LevelViews& views) const;
+  // Throws Error naming the index and level when a level cannot fill a quantized slot of `storage` ("int8"
+  // or "int4") with that scale grid: other bits, or block groups the slot's groups do not divide.
+  void check_quantized_slot(const std::string& storage, int gate_up_group, int down_group) const;
 
  private:
   struct Level {
@@ -83,6 +92,8 @@ class Bank {
   };
   uint64_t section_bytes(int level, int rows, int cols) const;
   void decode_section(int level, const uint8_t* section, int rows, int cols, MatrixView out) const;
+  void copy_section(int level, const uint8_t* section, int rows, int cols, MatrixView out) const;
+  int block_group(int level, int rows) const;  // rows per block scale (int8: all rows)
   const Entry& entry(int level, int node) const;
 
   std::string dir_;

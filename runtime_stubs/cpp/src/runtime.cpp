@@ -8,6 +8,7 @@
 
 #include "bank.hpp"
 #include "files.hpp"
+#include "slot.hpp"
 #include "hm_runtime.hpp"
 
 // The wheel ships libexecutorch_threadpool.so but not threadpool.h; these two symbols are all we call.
@@ -33,6 +34,14 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+executorch::aten::ScalarType scalar_type(const std::string& dtype) {
+  using executorch::aten::ScalarType;
+  if (dtype == "float16") return ScalarType::Half;
+  if (dtype == "int8") return ScalarType::Char;
+  if (dtype == "uint8") return ScalarType::Byte;
+  return ScalarType::Float;
+}
+
 std::vector<int> to_ints(const json::Value& value, const std::string& what) {
   std::vector<int> out;
   for (int64_t v : value.as_int_list(what)) out.push_back(static_cast<int>(v));
@@ -42,10 +51,8 @@ std::vector<int> to_ints(const json::Value& value, const std::string& what) {
 }  // namespace
 
 struct SlotBuffer {
-  std::string name;
-  std::vector<int> shape;
-  std::vector<float> data;  // numel + padding floats
-  size_t numel = 0;
+  TensorSpec spec;
+  AlignedBuffer data;  // spec.nbytes() + padding bytes
   TensorPtr tensor;
 };
 
@@ -53,6 +60,7 @@ struct Runtime::Impl {
   std::string root, manifest_path;
   json::Value manifest;
   MemoryDims dims;
+  SlotLayout layout;
   int vocab = 0, max_seq_len = 0, embed_dim = 0;
   std::vector<SlotBuffer> slot;
   std::vector<LevelViews> views;  // per level: where its block's matrices land in `slot`
@@ -67,6 +75,8 @@ struct Runtime::Impl {
   void verify_files() const;
   void read_model();
   void check_slot_contract();
+  void check_tensor(const json::Value& tensor, const TensorSpec& want, const std::string& where) const;
+  void bind_views(const SlotBuffer& codes, const SlotBuffer* scales);
   void open_program(const Options& options);
   void read_router();
   std::vector<float> run(const std::vector<int64_t>& tokens, int64_t input_pos);
@@ -105,8 +115,9 @@ void Runtime::Impl::read_model() {
   if (dims.branching.size() != dims.widths.size() || dims.widths.empty()) refuse("model.memory: bad tree");
 }
 
-// The slot contract must be exactly what SlotContract.for_model gives for the model config: the program's
-// inputs were traced from it, so any other layout would silently compute with the wrong memory.
+// The slot contract must be exactly what SlotLayout.contract (SlotContract.for_model for a float32 slot) gives
+// for the model config and the recorded strategy: the program's inputs were traced from it, so any other
+// layout would silently compute with the wrong memory.
 void Runtime::Impl::check_slot_contract() {
   const json::Value& contract = manifest.at("slot", "slot");
   auto mismatch = [&](const std::string& field) {
@@ -116,56 +127,73 @@ void Runtime::Impl::check_slot_contract() {
   if (to_ints(contract.at("branching", "slot"), "slot.branching") != dims.branching) mismatch("branching");
   if (to_ints(contract.at("widths", "slot"), "slot.widths") != dims.widths) mismatch("widths");
   if (to_ints(contract.at("memory_layers", "slot"), "slot.memory_layers") != dims.layers) mismatch("memory_layers");
-  if (contract.at("dtype", "slot").as_string("slot.dtype") != "float32")
-    refuse("slot dtype is not float32: the native runtime dequantizes into float32 slots only");
+  try {
+    layout = parse_layout(contract, dims);
+  } catch (const Error& e) {
+    refuse(e.what());
+  }
+  const std::string& dtype = contract.at("dtype", "slot").as_string("slot.dtype");
+  if (dtype != layout.name())
+    mismatch("dtype: '" + dtype + "', slot strategy " + layout.strategy + " gives '" + layout.name() + "'");
+  const std::vector<TensorSpec> specs = expected_tensors(dims, layout);
   const auto& tensors = contract.at("tensors", "slot").as_array("slot.tensors");
-  const int d = dims.d_model, width = dims.total_width();
-  if (tensors.size() != 2 * dims.layers.size()) mismatch("number of tensors");
-  views.assign(dims.num_levels(), LevelViews(3 * dims.layers.size()));
-  for (size_t t = 0; t < tensors.size(); ++t) {
-    const json::Value& tensor = tensors[t];
-    const std::string where = "slot.tensors[" + std::to_string(t) + "]";
-    const size_t index = t / 2;
-    const bool gate_up = t % 2 == 0;
-    const std::string name = "mem" + std::to_string(dims.layers[index]) + (gate_up ? "_gate_up" : "_down");
-    const std::vector<int> shape = gate_up ? std::vector<int>{1, d, 2 * width} : std::vector<int>{1, width, d};
-    if (tensor.at("name", where).as_string(where + ".name") != name) mismatch(where + ".name");
-    if (tensor.at("layer", where).as_int(where) != dims.layers[index]) mismatch(where + ".layer");
-    if (tensor.at("memory_index", where).as_int(where) != static_cast<int64_t>(index)) mismatch(where + ".memory_index");
-    if (tensor.at("role", where).as_string(where + ".role") != (gate_up ? "gate_up" : "down")) mismatch(where + ".role");
-    if (to_ints(tensor.at("shape", where), where + ".shape") != shape) mismatch(where + ".shape");
-    if (tensor.at("hidden_axis", where).as_int(where) != (gate_up ? 2 : 1)) mismatch(where + ".hidden_axis");
-    if (tensor.at("dtype", where).as_string(where + ".dtype") != "float32") mismatch(where + ".dtype");
-    std::vector<std::string> sources;
-    for (const json::Value& source : tensor.at("sources", where).as_array(where + ".sources"))
-      sources.push_back(source.as_string(where + ".sources[]"));
-    if (sources != (gate_up ? std::vector<std::string>{"gate", "up"} : std::vector<std::string>{"down"}))
-      mismatch(where + ".sources");
-    const auto& ranges = tensor.at("level_ranges", where).as_array(where + ".level_ranges");
-    if (ranges.size() != static_cast<size_t>(dims.num_levels())) mismatch(where + ".level_ranges");
+  if (tensors.size() != specs.size()) mismatch("number of tensors");
+  for (size_t t = 0; t < specs.size(); ++t) {
+    check_tensor(tensors[t], specs[t], "slot.tensors[" + std::to_string(t) + "]");
     SlotBuffer buffer;
-    buffer.name = name;
-    buffer.shape = shape;
-    buffer.numel = static_cast<size_t>(shape[1]) * shape[2];
-    buffer.data.assign(buffer.numel + kInputPadding, 0.0f);
-    for (int level = 0; level < dims.num_levels(); ++level) {
-      const int lo = dims.offset(level), hi = lo + dims.widths[level];
-      std::vector<int64_t> want = gate_up ? std::vector<int64_t>{lo, hi, lo + width, hi + width}
-                                          : std::vector<int64_t>{lo, hi};
-      std::vector<int64_t> got;
-      for (const json::Value& span : ranges[level].as_array(where))
-        for (int64_t v : span.as_int_list(where)) got.push_back(v);
-      if (got != want) mismatch(where + ".level_ranges[" + std::to_string(level) + "]");
-      // gate -> columns [lo, hi) of [d, 2R], up -> columns [R + lo, ...); down -> rows [lo, hi) of [R, d]
-      float* base = buffer.data.data();
-      if (gate_up) {
-        views[level][index * 3 + kGate] = {base + lo, static_cast<size_t>(2 * width)};
-        views[level][index * 3 + kUp] = {base + width + lo, static_cast<size_t>(2 * width)};
-      } else {
-        views[level][index * 3 + kDown] = {base + static_cast<size_t>(lo) * d, static_cast<size_t>(d)};
-      }
-    }
+    buffer.spec = specs[t];
+    buffer.data = AlignedBuffer(specs[t].nbytes() + kInputPadding);
     slot.push_back(std::move(buffer));
+  }
+  views.assign(dims.num_levels(), LevelViews(3 * dims.layers.size()));
+  const size_t step = layout.quantized() ? 2 : 1;  // a quantized slot: codes, then their scales
+  for (size_t t = 0; t < slot.size(); t += step) bind_views(slot[t], layout.quantized() ? &slot[t + 1] : nullptr);
+}
+
+void Runtime::Impl::check_tensor(const json::Value& tensor, const TensorSpec& want, const std::string& where) const {
+  auto mismatch = [&](const std::string& field) {
+    refuse("slot contract does not match the model config (" + where + "." + field + ")");
+  };
+  if (tensor.at("name", where).as_string(where + ".name") != want.name) mismatch("name");
+  if (tensor.at("layer", where).as_int(where) != want.layer) mismatch("layer");
+  if (tensor.at("memory_index", where).as_int(where) != want.memory_index) mismatch("memory_index");
+  if (tensor.at("role", where).as_string(where + ".role") != want.role) mismatch("role");
+  if (to_ints(tensor.at("shape", where), where + ".shape") != want.shape) mismatch("shape");
+  if (tensor.at("hidden_axis", where).as_int(where) != want.hidden_axis) mismatch("hidden_axis");
+  const std::string& dtype = tensor.at("dtype", where).as_string(where + ".dtype");
+  if (dtype != want.dtype) mismatch("dtype: '" + dtype + "', expected '" + want.dtype + "'");
+  std::vector<std::string> sources;
+  for (const json::Value& source : tensor.at("sources", where).as_array(where + ".sources"))
+    sources.push_back(source.as_string(where + ".sources[]"));
+  if (sources != want.sources) mismatch("sources");
+  const auto& ranges = tensor.at("level_ranges", where).as_array(where + ".level_ranges");
+  if (ranges.size() != want.level_ranges.size()) mismatch("level_ranges");
+  for (size_t level = 0; level < ranges.size(); ++level) {
+    std::vector<int64_t> got, expected;
+    for (const json::Value& span : ranges[level].as_array(where))
+      for (int64_t v : span.as_int_list(where)) got.push_back(v);
+    for (const auto& [lo, hi] : want.level_ranges[level]) expected.insert(expected.end(), {lo, hi});
+    if (got != expected) mismatch("level_ranges[" + std::to_string(level) + "]");
+  }
+}
+
+// Where each level's block matrices land: gate and up in columns of gate_up, down in rows of down; for a
+// quantized slot also the matching ranges of the scale tensor (scale_group rows per slot scale row).
+void Runtime::Impl::bind_views(const SlotBuffer& codes, const SlotBuffer* scales) {
+  const TensorSpec& spec = codes.spec;
+  const size_t index = static_cast<size_t>(spec.memory_index);
+  const bool gate_up = spec.role == "gate_up";
+  for (int level = 0; level < dims.num_levels(); ++level) {
+    for (size_t s = 0; s < spec.sources.size(); ++s) {
+      MatrixView view{codes.data.data() + spec.byte_offset(spec.level_ranges[level][s].first), spec.row_bytes()};
+      if (scales != nullptr) {
+        const TensorSpec& grid = scales->spec;
+        view.scales = scales->data.data() + grid.byte_offset(grid.level_ranges[level][s].first);
+        view.scale_stride = grid.row_bytes();
+        view.scale_group = gate_up ? layout.gate_up_group : layout.down_group;
+      }
+      views[level][index * 3 + (gate_up ? (s == 0 ? kGate : kUp) : kDown)] = view;
+    }
   }
 }
 
@@ -180,7 +208,7 @@ void Runtime::Impl::open_program(const Options& options) {
   for (const json::Value& input : decode.at("io", "decode").at("inputs", "decode.io").as_array("decode.io.inputs"))
     inputs.push_back(input.at("name", "decode.io.inputs[]").as_string("decode.io.inputs[].name"));
   std::vector<std::string> expected = {"tokens", "input_pos"};
-  for (const SlotBuffer& buffer : slot) expected.push_back(buffer.name);
+  for (const SlotBuffer& buffer : slot) expected.push_back(buffer.spec.name);
   if (inputs != expected) refuse("decode program inputs differ from tokens, input_pos and the slot contract");
   const std::string program =
       safe_join(root, files.at("program", "decode.files").as_string("decode.files.program"), manifest_path);
@@ -193,7 +221,9 @@ void Runtime::Impl::open_program(const Options& options) {
   if (module->load_method("forward") != executorch::runtime::Error::Ok)
     throw Error(program + ": ExecuTorch cannot load method 'forward' (corrupt program or a missing kernel/backend)");
   for (SlotBuffer& buffer : slot)  // bound once: filling the slot writes into these buffers
-    buffer.tensor = executorch::extension::from_blob(buffer.data.data(), {buffer.shape[0], buffer.shape[1], buffer.shape[2]});
+    buffer.tensor = executorch::extension::from_blob(
+        buffer.data.data(), {buffer.spec.shape[0], buffer.spec.shape[1], buffer.spec.shape[2]},
+        scalar_type(buffer.spec.dtype));
 }
 
 void Runtime::Impl::read_router() {
@@ -242,6 +272,7 @@ Runtime::Runtime(const std::string& bundle_dir, const Options& options) : impl_(
     const json::Value& bank = m.manifest.at("bank", "bank");
     m.bank = std::make_unique<Bank>(safe_join(m.root, bank.at("dir", "bank").as_string("bank.dir"), m.manifest_path),
                                     m.dims, bank.at("schema_hash", "bank").as_string("bank.schema_hash"));
+    if (m.layout.quantized()) m.bank->check_quantized_slot(m.layout.storage, m.layout.gate_up_group, m.layout.down_group);
     m.cache = std::make_unique<BlockCache>(*m.bank, m.dims.num_levels(), options.cache);
     m.path.assign(m.dims.num_levels(), -1);
     m.read_router();
@@ -263,9 +294,11 @@ int Runtime::embedding_dim() const { return impl_->embed_dim; }
 const std::vector<int>& Runtime::path() const { return impl_->path; }
 int Runtime::position() const { return impl_->position; }
 size_t Runtime::slot_count() const { return impl_->slot.size(); }
-const std::string& Runtime::slot_name(size_t index) const { return impl_->slot.at(index).name; }
-const float* Runtime::slot_data(size_t index) const { return impl_->slot.at(index).data.data(); }
-size_t Runtime::slot_numel(size_t index) const { return impl_->slot.at(index).numel; }
+const std::string& Runtime::slot_name(size_t index) const { return impl_->slot.at(index).spec.name; }
+const std::string& Runtime::slot_dtype(size_t index) const { return impl_->slot.at(index).spec.dtype; }
+const void* Runtime::slot_data(size_t index) const { return impl_->slot.at(index).data.data(); }
+size_t Runtime::slot_nbytes(size_t index) const { return impl_->slot.at(index).spec.nbytes(); }
+const std::string& Runtime::slot_strategy() const { return impl_->layout.strategy; }
 
 std::vector<int> Runtime::route(const float* embedding, size_t dim) const {
   const Impl& m = *impl_;

@@ -311,6 +311,12 @@ std::vector<int> leaf_path(const hm::Runtime& runtime, const std::vector<int>& b
   return path;
 }
 
+uint64_t slot_bytes(const hm::Runtime& runtime) {
+  uint64_t total = 0;
+  for (size_t i = 0; i < runtime.slot_count(); ++i) total += runtime.slot_nbytes(i);
+  return total;
+}
+
 std::string bench(const Args& args, const Checks& checks, const std::vector<std::vector<float>>& embeddings) {
   hm::Options options;
   options.verify_files = false;
@@ -376,6 +382,7 @@ std::string bench(const Args& args, const Checks& checks, const std::vector<std:
     breakdown += std::string(p ? ", " : "") + quote(names[p]) + ": " +
                  number(1e3 * std::accumulate(parts[p].begin(), parts[p].end(), 0.0) / parts[p].size());
   return "{\"bundle\": " + quote(args.bundle) + ", \"target\": \"executorch\", \"program\": \"decode\", \"runtime\": \"native\"" +
+         ", \"slot_strategy\": " + quote(runtime.slot_strategy()) + ", \"slot_bytes\": " + std::to_string(slot_bytes(runtime)) +
          ", \"threads\": " + std::to_string(args.threads) + ", \"runs\": " + std::to_string(args.runs) +
          ", \"contexts\": " + std::to_string(count) + ", \"distinct_paths\": " + std::to_string(paths.size()) +
          ", \"prompt_tokens\": " + number(std::round(mean_prompt / (args.runs * count))) +
@@ -407,7 +414,9 @@ int run(const Args& args) {
   auto open_start = Clock::now();
   hm::Runtime runtime(args.bundle, options);
   const double open_seconds = since(open_start);
-  std::string json = "{\"bundle\": " + quote(args.bundle) + ", \"open_ms\": " + number(1e3 * open_seconds);
+  std::string json = "{\"bundle\": " + quote(args.bundle) + ", \"open_ms\": " + number(1e3 * open_seconds) +
+                     ", \"slot_strategy\": " + quote(runtime.slot_strategy()) +
+                     ", \"slot_bytes\": " + std::to_string(slot_bytes(runtime));
   std::string human = "opened " + args.bundle + " in " + number(1e3 * open_seconds) + " ms\n";
   bool passed = true;
   Checks checks;
@@ -429,7 +438,7 @@ int run(const Args& args) {
   if (!args.dump_slot.empty()) {
     std::ofstream out(args.dump_slot, std::ios::binary);
     for (size_t i = 0; i < runtime.slot_count(); ++i)
-      out.write(reinterpret_cast<const char*>(runtime.slot_data(i)), runtime.slot_numel(i) * sizeof(float));
+      out.write(static_cast<const char*>(runtime.slot_data(i)), runtime.slot_nbytes(i));
     if (!out) throw hm::Error(args.dump_slot + ": cannot write the slot");
   }
   if (args.bench) {
