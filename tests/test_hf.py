@@ -322,10 +322,9 @@ def test_attach_refuses_a_bad_corpus(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("hf_bundle", ["phi3"], indirect=True)  # bench only talks to the runtime and loader
 def test_bench_runs_the_decode_program(hf_bundle) -> None:
-    family, _, bundle = hf_bundle
-    if family != "phi3":  # one family is enough: bench only talks to the runtime and the loader
-        pytest.skip("benched on phi3 only")
+    _, _, bundle = hf_bundle
     report = bench_bundle(bundle, "executorch", runs=1, contexts=2, prompt_tokens=8, new_tokens=4, threads=1)
     assert report.program == "decode" and report.distinct_paths >= 1
     assert report.decode_tokens_per_s["mean"] > 0 and report.prefill_tokens_per_s["mean"] > 0
