@@ -252,11 +252,16 @@ def compare_greedy(got: list[int], check: dict[str, Any], tolerance: float) -> t
     return True, f"{len(expected)} greedy tokens equal", len(expected)
 
 
+def _skipped(target: str, program: str, body: dict, reason: Exception) -> list[CheckResult]:
+    """Every check of ``body`` skipped on ``program``: its runtime does not run on this host."""
+    return [CheckResult(target, program, c["name"], "skipped", str(reason)) for c in body["checks"]]
+
+
 def _replay_window(loader: Any, target: str, body: dict, expected: dict, tolerance: float) -> list[CheckResult]:
     try:
         loader.use_target(target)
     except HostUnsupported as exc:
-        return [CheckResult(target, "window", c["name"], "skipped", str(exc)) for c in body["checks"]]
+        return _skipped(target, "window", body, exc)
     results = []
     for index, check in enumerate(body["checks"]):
         loader.set_path(check["path"])
@@ -271,7 +276,7 @@ def _replay_decode(loader: Any, target: str, body: dict, expected: dict, toleran
     try:
         generator = Generator(loader, target)
     except HostUnsupported as exc:
-        return [CheckResult(target, "decode", c["name"], "skipped", str(exc)) for c in body["checks"]]
+        return _skipped(target, "decode", body, exc)
     results = []
     for index, check in enumerate(body["checks"]):
         loader.set_path(check["path"])

@@ -86,6 +86,15 @@ def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(bundle, tmp_path / bundle.name))
 
 
+def with_edited_slot(bundle: Path, tmp_path: Path, edit) -> tuple[Path, str]:
+    """A copy of ``bundle`` whose manifest slot section ``edit`` changed; also what ``edit`` says it changed."""
+    bundle = copy_bundle(bundle, tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    field = edit(manifest["slot"])
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return bundle, field
+
+
 def python_slot(bundle: Path, *paths: list[int]) -> np.ndarray:
     """The bytes of the Python loader's slot (its SlotFiller, in the manifest's layout) after setting ``paths``
     in order, tensors in contract order: what ``hm_runner --dump-slot`` writes."""
@@ -198,10 +207,7 @@ def other_widths(slot: dict) -> str:
 
 @pytest.mark.parametrize("edit", [swap_levels, swap_sources, other_widths])
 def test_mismatching_slot_contract_is_refused(runner, bundles, tmp_path, edit):
-    bundle = copy_bundle(bundles["int8"], tmp_path)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    field = edit(manifest["slot"])
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    bundle, field = with_edited_slot(bundles["int8"], tmp_path, edit)
     with pytest.raises(NativeError, match=rf"manifest.json: slot contract does not match the model config \({field}\)"):
         run_native_runner(runner, bundle)
 
@@ -328,10 +334,7 @@ def shifted_down_scales(slot: dict) -> str:
 
 @pytest.mark.parametrize("edit", [finer_gate_up_grid, float32_scales, unpacked_codes, shifted_down_scales])
 def test_mismatching_quantized_slot_contract_is_refused(runner, fused_bundles, tmp_path, edit):
-    bundle = copy_bundle(fused_bundles["fused-int4"], tmp_path)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    field = edit(manifest["slot"])
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    bundle, field = with_edited_slot(fused_bundles["fused-int4"], tmp_path, edit)
     with pytest.raises(NativeError, match=rf"manifest.json: slot contract does not match the model config \({field}"):
         run_native_runner(runner, bundle)
 

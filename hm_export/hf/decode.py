@@ -23,9 +23,8 @@ from torch import Tensor
 
 from hm_export.decode import CacheForm, StaticKVCache
 from hm_export.hf.families import family_of
-from hm_export.hf.model import HostMemoryLM
+from hm_export.hf.model import HostMemoryLM, HostSlotModule
 from hm_export.model import LayerMemory
-from hm_export.slot import SlotParameters
 
 if TYPE_CHECKING:
     from hm_export.kernels.strategies import SlotLayout
@@ -57,7 +56,7 @@ class _CacheWriter:
         return self.present[2 * layer_idx].unsqueeze(0), self.present[2 * layer_idx + 1].unsqueeze(0)
 
 
-class HostDecodeModule(SlotParameters, StaticKVCache):
+class HostDecodeModule(HostSlotModule, StaticKVCache):
     """A host, one path's memory as ``slot.*`` parameters (or none), and a static KV cache."""
 
     def __init__(
@@ -67,26 +66,23 @@ class HostDecodeModule(SlotParameters, StaticKVCache):
         cache: CacheForm = "state",
         layout: SlotLayout | None = None,
     ) -> None:
-        super().__init__()
-        self.cfg = model.cfg
-        self.host = model.host
-        self.active = model.active
-        self.hold_memory(memory, layout)
+        super().__init__(model, memory, layout)
         self.init_cache(model.cfg, cache)
         self.per_layer_type = family_of(model.cfg.architecture).mask_by_layer_type
         window = getattr(self.host.config, "sliding_window", None)
-        self.register_buffer("full_mask", mask_table(self.cfg.max_seq_len), persistent=False)
-        self.register_buffer("sliding_mask", mask_table(self.cfg.max_seq_len, window), persistent=False)
-        self.uses_sliding = window is not None and not self.per_layer_type  # the whole model is windowed (Phi-3)
-
-    def forward(self, tokens: Tensor, input_pos: Tensor, *past: Tensor) -> Tensor | tuple[Tensor, ...]:
-        positions = input_pos + torch.arange(tokens.shape[1], dtype=input_pos.dtype)
-        full = self.full_mask.index_select(0, positions)[None, None]
-        sliding = self.sliding_mask.index_select(0, positions)[None, None]
+        length = self.cfg.max_seq_len
         if self.per_layer_type:
-            mask: Tensor | dict[str, Tensor] = {"full_attention": full, "sliding_attention": sliding}
-        else:
-            mask = sliding if self.uses_sliding else full
+            tables = {"full_attention": mask_table(length), "sliding_attention": mask_table(length, window)}
+        else:  # one mask for every layer, windowed when the whole model is (Phi-3)
+            tables = {"all_layers": mask_table(length, window)}
+        for kind, table in tables.items():
+            self.register_buffer(f"mask_{kind}", table, persistent=False)
+        self.mask_kinds = tuple(tables)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, *past: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
+        positions = input_pos + torch.arange(tokens.shape[1], dtype=input_pos.dtype)
+        masks = {kind: getattr(self, f"mask_{kind}").index_select(0, positions)[None, None] for kind in self.mask_kinds}
+        mask: Tensor | dict[str, Tensor] = masks if self.per_layer_type else masks["all_layers"]
         writer = _CacheWriter(self, self.cache_tensors(past), positions)
         memory = self.slot_memory() if len(self.slot) else None
         with self.active.use(self.cfg.memory.layers, memory):

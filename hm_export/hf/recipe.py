@@ -22,7 +22,7 @@ from torch import nn
 from hm_export.checkpoint import save_checkpoint
 from hm_export.config import ConfigError, MemoryConfig
 from hm_export.formats import read_json_lines
-from hm_export.hf.families import family_for_model_type, host_model_config
+from hm_export.hf.families import host_model_config  # refuses an unsupported family by name
 from hm_export.hf.model import HostMemoryLM
 from hm_export.router import Embedder, MiniLMEmbedder, build_tree
 from hm_export.training import document_windows, mean_nll, train
@@ -65,7 +65,6 @@ class RecipeReport:
 def attach_memories(host: nn.Module, recipe: MemoryRecipe) -> HostMemoryLM:
     """A :class:`HostMemoryLM` holding a copy of ``host``'s weights (frozen) and a fresh bank (``D`` = 0:
     until trained, its logits are exactly the host's)."""
-    family_for_model_type(host.config.model_type)  # an unsupported family fails here, by name
     layers = recipe.layers if recipe.layers is not None else tuple(range(host.config.num_hidden_layers))
     memory = MemoryConfig(branching=recipe.branching, widths=recipe.widths, layers=layers)
     torch.manual_seed(recipe.seed)
