@@ -1,9 +1,11 @@
-"""Custom operators for a quantized memory slot, and the loader of their ExecuTorch kernels.
+"""Custom operators of hm-export programs, their reference implementations, and the loader of their kernels.
 
 ``hm_export::memory_swiglu(x, gate_up, gate_up_scales, down, down_scales) -> Tensor`` computes one memory
-layer's SwiGLU ``(silu(x @ Wg) * (x @ Wu)) @ Wd`` from quantized slot tensors, dequantizing inside the
+layer's SwiGLU ``(silu(x @ Wg) * (x @ Wu)) @ Wd`` from quantized slot tensors, reading the codes inside the
 matmul.  The weights are graph inputs (the slot), so no backend's constant-weight quantized kernel applies;
-this op reads the codes directly instead of having the program or the host hold a float copy.
+this op reads the codes directly instead of having the program or the host hold a float copy.  Like the
+anchor's ``8da4w`` linears, activations are quantized per token to int8 (symmetric, scale ``max|x| / 127``)
+before each of its two products, and each product sums a scale group exactly in integers.
 
 Layouts (``R`` = memory width, ``d`` = model width, rows are the reduction axis of each matrix):
 
@@ -15,9 +17,21 @@ Layouts (``R`` = memory width, ``d`` = model width, rows are the reduction axis 
   channel: ``g = rows`` for ``gate_up``; ``down``'s rows span the levels, each with its own scale, so there
   ``g`` divides every level's width).
 
-The reference implementation dequantizes then multiplies in float32; the C++ kernel
-(``kernels/memory_swiglu.cpp``, out variant ``memory_swiglu.out``) computes the same sums in a different
-order: agreement is to float32 rounding (``rtol=1e-5, atol=1e-5`` relative to the output scale in tests).
+``hm_export::attend_cache(q, k, v, k_cache, v_cache, input_pos, scale, window) -> Tensor`` is one attention
+layer of the KV-cache decode program: it writes ``k``/``v`` (``[1, Hkv, S, D]``) into the caches
+(``[Hkv, L, D]``, mutated in place) at positions ``input_pos ..``, then attends each query of ``q``
+(``[1, Hq, S, D]``) over the filled positions it may see (causal; ``window > 0``: the last ``window`` ones),
+query head ``h`` reading KV head ``h // (Hq / Hkv)``; returns ``[1, S, Hq, D]``.  Nothing past the last
+written position is read, no mask tensor exists and grouped KV heads are never repeated.
+
+``hm_export::tied_head(h, weight) -> Tensor`` is the output head of a float32 model whose head is tied to its
+token embedding: ``h @ weight^T`` read from the embedding's own table ``[V, d]``, so a program stores that table
+once (an XNNPACK linear keeps its own packed copy of its weight).
+
+The C++ kernels (``kernels/*.cpp``, out variants ``*.out``, built into ``libhm_export_kernels.so`` here and into
+the native runtime) compute what the reference implementations below compute: ``memory_swiglu`` with the same
+integer sums and the same float operations per group (the paths of ``qmatmul.h`` agree bit for bit; the SiLU's
+``exp`` may differ in the last bit, which can move one int8 code of ``h``), ``attend_cache`` to float32 rounding.
 """
 
 from __future__ import annotations
@@ -36,12 +50,23 @@ from torch import Tensor
 NAMESPACE = "hm_export"
 LIBRARY_NAME = "libhm_export_kernels.so"
 SOURCE_DIR = Path(__file__).resolve().parent  # the C++ sources ship with the package (kernels/ in the repo)
+OPERATORS = ("memory_swiglu.out", "attend_cache.out", "tied_head.out")  # the ExecuTorch kernels of the library
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define("memory_swiglu(Tensor x, Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales) -> Tensor")
 _lib.define(
     "memory_swiglu.out(Tensor x, Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales, *, "
     "Tensor(a!) out) -> Tensor(a!)"
+)
+_lib.define(
+    "attend_cache(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos, "
+    "float scale, int window) -> Tensor"
+)
+_lib.define("tied_head(Tensor h, Tensor weight) -> Tensor")
+_lib.define("tied_head.out(Tensor h, Tensor weight, *, Tensor(a!) out) -> Tensor(a!)")
+_lib.define(
+    "attend_cache.out(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos, "
+    "float scale, int window, *, Tensor(c!) out) -> Tensor(c!)"
 )
 
 
@@ -62,15 +87,41 @@ def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
     return values * scales.to(torch.float32).repeat_interleave(group, dim=1)
 
 
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8 quantization of float32 ``[..., n]``: (codes as float32 in -127..127, scales
+    ``[..., 1]`` = ``max|x| / 127``, 0 for an all-zero row); codes = round-half-even(x * (127 / max|x|))."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    safe = torch.where(amax == 0, torch.ones_like(amax), amax)
+    codes = torch.where(amax == 0, torch.zeros_like(x), torch.round(x * (127.0 / safe)))
+    return codes, amax / 127.0
+
+
+def qmatmul_reference(xq: Tensor, xs: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+    """``[T, cols]`` = int8 rows ``xq [T, rows]`` (float32 codes, scales ``xs [T, 1]``) times a quantized matrix
+    (``codes [1, rows, cols or cols / 2]``, float16 ``scales [1, rows / g, cols]``), as the kernels compute it:
+    each group's sum exact, then ``out = out + float(sum) * (scale * xs)`` group after group in float32."""
+    values = unpack_int4(codes[0]) if codes.dtype == torch.uint8 else codes[0].to(torch.float32)
+    groups = scales.shape[1]
+    rows, cols = values.shape
+    sums = torch.einsum(
+        "tgi,gic->tgc", xq.double().view(-1, groups, rows // groups), values.double().view(groups, -1, cols)
+    ).float()  # exact: |sum| < 2^24
+    out = torch.zeros(xq.shape[0], cols)
+    for group in range(groups):
+        out = out + sums[:, group] * (scales[0, group].float()[None, :] * xs)
+    return out
+
+
 def memory_swiglu_reference(
     x: Tensor, gate_up: Tensor, gate_up_scales: Tensor, down: Tensor, down_scales: Tensor
 ) -> Tensor:
-    """What the op computes: dequantize both matrices, then the float memory SwiGLU."""
+    """What the op computes: int8 ``x`` times ``gate_up``, SiLU gate, int8 ``h`` times ``down``."""
     check_operands(x, gate_up, gate_up_scales, down, down_scales)
-    weights = dequantize(gate_up, gate_up_scales)
-    width = weights.shape[-1] // 2
-    hidden = torch.matmul(x, weights)
-    return torch.matmul(F.silu(hidden[..., :width]) * hidden[..., width:], dequantize(down, down_scales))
+    rows = x.reshape(-1, x.shape[-1])
+    hidden = qmatmul_reference(*quantize_rows(rows), gate_up, gate_up_scales)
+    width = hidden.shape[-1] // 2
+    h = F.silu(hidden[:, :width]) * hidden[:, width:]
+    return qmatmul_reference(*quantize_rows(h), down, down_scales).view(x.shape)
 
 
 def check_operands(x: Tensor, gate_up: Tensor, gate_up_scales: Tensor, down: Tensor, down_scales: Tensor) -> None:
@@ -119,6 +170,94 @@ def _memory_swiglu_fake(
 def memory_swiglu(x: Tensor, gate_up: Tensor, gate_up_scales: Tensor, down: Tensor, down_scales: Tensor) -> Tensor:
     """The memory SwiGLU of a quantized slot (see the module docstring); traced as one op."""
     return torch.ops.hm_export.memory_swiglu(x, gate_up, gate_up_scales, down, down_scales)
+
+
+def attend_cache_reference(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float, window: int
+) -> Tensor:
+    """What ``attend_cache`` computes (see the module docstring); writes the caches in place."""
+    heads, seq = q.shape[1:3]
+    kv_heads, length = k_cache.shape[:2]
+    pos = int(input_pos.reshape(-1)[0])
+    if not (q.shape[0] == k.shape[0] == 1 and k.shape[1] == kv_heads and heads % kv_heads == 0):
+        raise ValueError(f"attend_cache: q {list(q.shape)}, k {list(k.shape)} and cache {list(k_cache.shape)} disagree")
+    if not 0 <= pos <= length - seq:
+        raise ValueError(f"attend_cache: positions {pos} .. {pos + seq - 1} are outside the cache of {length}")
+    k_cache[:, pos : pos + seq] = k[0]
+    v_cache[:, pos : pos + seq] = v[0]
+    filled = pos + seq
+    keys = k_cache[:, :filled].repeat_interleave(heads // kv_heads, dim=0)  # [Hq, filled, D]
+    values = v_cache[:, :filled].repeat_interleave(heads // kv_heads, dim=0)
+    query_pos = torch.arange(pos, filled).unsqueeze(1)
+    key_pos = torch.arange(filled).unsqueeze(0)
+    allowed = key_pos <= query_pos
+    if window > 0:
+        allowed &= query_pos - key_pos < window
+    scores = torch.matmul(q[0], keys.transpose(1, 2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [Hq, S, D]
+    return out.transpose(0, 1).unsqueeze(0).contiguous()
+
+
+@torch.library.impl(_lib, "attend_cache", "CompositeExplicitAutograd")
+def _attend_cache(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float, window: int
+) -> Tensor:
+    return attend_cache_reference(q, k, v, k_cache, v_cache, input_pos, scale, window)
+
+
+@torch.library.impl(_lib, "attend_cache.out", "CompositeExplicitAutograd")
+def _attend_cache_out(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    input_pos: Tensor,
+    scale: float,
+    window: int,
+    *,
+    out: Tensor,
+) -> Tensor:
+    result = attend_cache_reference(q, k, v, k_cache, v_cache, input_pos, scale, window)
+    out.resize_(result.shape).copy_(result)
+    return out
+
+
+@torch.library.register_fake(f"{NAMESPACE}::attend_cache")
+def _attend_cache_fake(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float, window: int
+) -> Tensor:
+    return q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
+
+
+@torch.library.impl(_lib, "tied_head", "CompositeExplicitAutograd")
+def _tied_head(h: Tensor, weight: Tensor) -> Tensor:
+    return F.linear(h, weight)
+
+
+@torch.library.impl(_lib, "tied_head.out", "CompositeExplicitAutograd")
+def _tied_head_out(h: Tensor, weight: Tensor, *, out: Tensor) -> Tensor:
+    result = F.linear(h, weight)
+    out.resize_(result.shape).copy_(result)
+    return out
+
+
+@torch.library.register_fake(f"{NAMESPACE}::tied_head")
+def _tied_head_fake(h: Tensor, weight: Tensor) -> Tensor:
+    return h.new_empty((*h.shape[:-1], weight.shape[0]))
+
+
+def tied_head(h: Tensor, weight: Tensor) -> Tensor:
+    """``h @ weight^T`` from an embedding table (see the module docstring); traced as one op."""
+    return torch.ops.hm_export.tied_head(h, weight)
+
+
+def attend_cache(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float, window: int = 0
+) -> Tensor:
+    """One attention layer over a static KV cache (see the module docstring); traced as one op."""
+    return torch.ops.hm_export.attend_cache(q, k, v, k_cache, v_cache, input_pos, scale, window)
 
 
 class KernelBuildError(RuntimeError):
@@ -205,8 +344,9 @@ def load_kernel_library(library: Path | None = None) -> Path | None:
         _loaded.append((library, ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)))
     except OSError as exc:
         raise KernelBuildError(f"{library}: cannot load: {exc}") from exc
-    if not registered_in_runtime():
-        raise KernelBuildError(f"{library}: loaded, but the ExecuTorch runtime has no hm_export::memory_swiglu.out")
+    missing = [op for op in OPERATORS if not registered_in_runtime(f"{NAMESPACE}::{op}")]
+    if missing:
+        raise KernelBuildError(f"{library}: loaded, but the ExecuTorch runtime has no kernel for {missing}")
     return library
 
 

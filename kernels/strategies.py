@@ -199,6 +199,18 @@ class SlotLayout:
             )
         return dequantize(gate_up, gate_up_scales), dequantize(down, down_scales)
 
+    def program_memory(self, slot: Sequence[Tensor]) -> list[LayerMemory | Callable[[Tensor], Tensor]]:
+        """What the program computes each memory layer's FFN from, for slot tensors in contract order: the fused
+        op over the codes for ``memory_swiglu`` strategies (int8 activations, as the kernel computes), else
+        :meth:`float_memory` (the eager model as exported; what golden checks and ``verify`` compare with)."""
+        if self.strategy.reader != "memory_swiglu":
+            return list(self.float_memory(slot))
+        per_layer = [slot[i : i + 4] for i in range(0, len(slot), 4)]
+        return [
+            partial(memory_swiglu, gate_up=gu, gate_up_scales=gus, down=dn, down_scales=dns)
+            for gu, gus, dn, dns in per_layer
+        ]
+
     def float_memory(self, slot: Sequence[Tensor]) -> list[LayerMemory]:
         """Float32 ``(gate_up, down)`` per memory layer of slot tensors in contract order (eager reference)."""
         if not self.strategy.quantized:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from hm_export.bank import PAYLOAD_ALIGNMENT, BankError, BankReader, aligned_buffer
 from hm_export.bank.schemes import Destination
@@ -299,8 +300,12 @@ class SlotFiller:
         self.path: list[int | None] = [None] * self.memory.num_levels
 
     def float_memory(self) -> list[LayerMemory]:
-        """The slot's memory as float32 ``(gate_up, down)`` per memory layer: what the program computes with."""
+        """The slot's memory as float32 ``(gate_up, down)`` per memory layer (dequantized codes)."""
         return self.layout.float_memory(self.slot)
+
+    def program_memory(self) -> list[LayerMemory | Callable[[Tensor], Tensor]]:
+        """The slot's memory as the program computes with it (:meth:`SlotLayout.program_memory`)."""
+        return self.layout.program_memory(self.slot)
 
     def set_path(self, path: Sequence[int]) -> SlotUpdate:
         """Make the slot hold ``path``'s memory, fetching and dequantizing only the levels whose node changed."""

@@ -1,14 +1,19 @@
-"""The quantized-slot operator, its C++ ExecuTorch kernel, the slot strategies and a bundle using them.
+"""The hm_export operators (fused memory SwiGLU, KV-cache attention), their C++ kernels and SIMD paths, the slot
+strategies and bundles using them.
 
-Tolerances: the reference op and an independent dequantize-then-matmul compute the same float32 products
-in a different order: ``atol = 1e-5 * max|out|``.  The C++ kernel sums in yet another order: same bound.
-Bundles are compared with the eager model on the memory the slot really holds (``atol = 1e-4``, as the other
-bundle tests).
+Tolerances: ``qmatmul`` (each int8-activation x int4/int8-weight product) is bit-exact on every path (scalar,
+AVX2, NEON under qemu) against :func:`hm_export.kernels.qmatmul_reference`.  The whole memory SwiGLU quantizes
+``h = silu(gate) * up`` to int8 between its two products; ``exp`` of another library may move one code of ``h``
+by one step, so whole-op comparisons allow ``1e-5 * max|out|`` plus one such step (:func:`h_step_bound`).
+Bundles are compared with the eager model on the memory the program computes with (``atol = 1e-4``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +25,16 @@ from hm_export.bank import BankReader, write_bank
 from hm_export.checkpoint import load_checkpoint
 from hm_export.config import MemoryConfig
 from hm_export.export import ExportRecipe, export_bundle
-from hm_export.kernels import build_kernel_library, load_kernel_library, memory_swiglu, registered_in_runtime
+from hm_export.kernels import (
+    SOURCE_DIR,
+    attend_cache,
+    build_kernel_library,
+    load_kernel_library,
+    memory_swiglu,
+    qmatmul_reference,
+    quantize_rows,
+    registered_in_runtime,
+)
 from hm_export.kernels.strategies import SlotLayout, quantize
 from hm_export.runtime_stubs.block_cache import SlotFiller
 from hm_export.runtime_stubs.loader import BundleLoader
@@ -61,29 +75,48 @@ def numpy_dequantize(codes: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
     return values * scales[0].float().numpy()[np.arange(values.shape[0]) // group]
 
 
+def numpy_int8_rows(x: np.ndarray) -> np.ndarray:
+    """Per-row symmetric int8 fake quantization, independently of the op's code."""
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    scale = np.where(amax == 0, 1, amax / 127).astype(np.float32)
+    return np.round(x / scale).clip(-127, 127) * scale
+
+
 def dequantize_then_matmul(x, gate_up, gate_up_scales, down, down_scales) -> torch.Tensor:
+    """The op's semantics from independent pieces: int8 rows, dequantized weights, float matmuls."""
+    weights = numpy_dequantize(gate_up, gate_up_scales)
+    width = weights.shape[1] // 2
+    hidden = torch.from_numpy(numpy_int8_rows(x[0].numpy()) @ weights)
+    h = (torch.nn.functional.silu(hidden[:, :width]) * hidden[:, width:]).numpy()
+    return torch.from_numpy(numpy_int8_rows(h) @ numpy_dequantize(down, down_scales)).unsqueeze(0)
+
+
+def h_step_bound(x, gate_up, gate_up_scales, down, down_scales) -> float:
+    """``1e-5 * max|out|`` plus what one int8 step of ``h`` in one position can move the output."""
     weights = torch.from_numpy(numpy_dequantize(gate_up, gate_up_scales))
     width = weights.shape[1] // 2
-    hidden = x @ weights
-    return (torch.nn.functional.silu(hidden[..., :width]) * hidden[..., width:]) @ torch.from_numpy(
-        numpy_dequantize(down, down_scales)
-    )
+    hidden = x[0] @ weights
+    h = torch.nn.functional.silu(hidden[:, :width]) * hidden[:, width:]
+    step = float(h.abs().max()) / 127
+    out = dequantize_then_matmul(x, gate_up, gate_up_scales, down, down_scales)
+    return 1e-5 * float(out.abs().max()) + 1.01 * step * float(np.abs(numpy_dequantize(down, down_scales)).max())
 
 
 CASES = [  # bits, d, width, gate_up group, down group, tokens
     (4, 32, 12, 32, 4, 1),
     (4, 64, 24, 16, 8, 7),
+    (4, 96, 72, 32, 8, 3),  # 64-column blocks and a narrow last block on the SIMD paths
     (8, 32, 12, 32, 4, 1),
     (8, 48, 20, 48, 10, 5),
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_reference_matches_dequantize_then_matmul(case):
+def test_reference_matches_independent_int8_activation_matmuls(case):
     operands = random_operands(*case)
     got = memory_swiglu(*operands)
     want = dequantize_then_matmul(*operands)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=0, atol=h_step_bound(*operands))
 
 
 def test_reference_rejects_bad_operands():
@@ -105,6 +138,36 @@ def test_quantize_is_within_half_a_step(storage):
     assert bool(((restored - weight[0]).abs() <= step / 2 + 1e-6).all())
 
 
+def test_int8_rows_round_half_to_even_and_keep_zero_rows():
+    x = torch.tensor([[127.0, 0.5, 1.5, -2.5, -127.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    codes, scales = quantize_rows(x)
+    assert codes[0].tolist() == [127, 0, 2, -2, -127] and scales[0].item() == 1.0
+    assert codes[1].abs().sum() == 0 and scales[1].item() == 0
+
+
+def attention_operands(heads: int, kv_heads: int, seq: int, length: int, dim: int, seed: int = 0):
+    rng = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, seq, dim, generator=rng)
+    k = torch.randn(1, kv_heads, seq, dim, generator=rng)
+    v = torch.randn(1, kv_heads, seq, dim, generator=rng)
+    caches = [torch.randn(kv_heads, length, dim, generator=rng) for _ in range(2)]  # stale values past the fill
+    return q, k, v, caches
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_attend_cache_reference_matches_masked_attention(window):
+    q, k, v, (k_cache, v_cache) = attention_operands(4, 2, 3, 16, 8)
+    pos = 5
+    got = attend_cache(q, k, v, k_cache, v_cache, torch.tensor([pos]), 0.3, window)
+    assert torch.equal(k_cache[:, pos : pos + 3], k[0]) and torch.equal(v_cache[:, pos : pos + 3], v[0])
+    keys, values = k_cache.repeat_interleave(2, 0), v_cache.repeat_interleave(2, 0)  # whole cache, stale rows too
+    scores = q[0] @ keys.transpose(1, 2) * 0.3
+    query_pos, key_pos = torch.arange(pos, pos + 3)[:, None], torch.arange(16)[None, :]
+    blocked = (key_pos > query_pos) | ((query_pos - key_pos >= window) if window else torch.zeros(1, dtype=torch.bool))
+    want = torch.softmax(scores.masked_fill(blocked, float("-inf")), -1) @ values
+    torch.testing.assert_close(got, want.transpose(0, 1).unsqueeze(0), rtol=0, atol=1e-6)
+
+
 # --- the C++ kernel in the ExecuTorch runtime ----------------------------------------------------------
 
 
@@ -120,19 +183,19 @@ class OneMemoryLayer(torch.nn.Module):
         return memory_swiglu(x, gate_up, gate_up_scales, down, down_scales) + x
 
 
-def lower_to_pte(operands, path: Path, dynamic_tokens: bool = False) -> Path:
+def lower_to_pte(module, operands, path: Path, dynamic=None) -> Path:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    dynamic = ({1: torch.export.Dim("n", min=1, max=16)}, None, None, None, None) if dynamic_tokens else None
-    program = torch.export.export(OneMemoryLayer(), operands, dynamic_shapes=dynamic, strict=False)
+    program = torch.export.export(module, operands, dynamic_shapes=dynamic, strict=False)
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     path.write_bytes(edge.to_executorch().buffer)
     return path
 
 
-def test_kernel_library_registers_the_out_variant(kernel_library):
+def test_kernel_library_registers_the_out_variants(kernel_library):
     assert registered_in_runtime("hm_export::memory_swiglu.out")
+    assert registered_in_runtime("hm_export::attend_cache.out")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -140,25 +203,132 @@ def test_cpp_kernel_matches_the_reference(kernel_library, tmp_path, case):
     from executorch.runtime import Runtime
 
     operands = random_operands(*case)
-    pte = lower_to_pte(operands, tmp_path / "op.pte")
+    pte = lower_to_pte(OneMemoryLayer(), operands, tmp_path / "op.pte")
     assert b"hm_export::memory_swiglu" in pte.read_bytes()  # the program calls the op (name and overload stored apart)
     method = Runtime.get().load_program(str(pte)).load_method("forward")
     got = method.execute(list(operands))[0]
     want = OneMemoryLayer()(*operands)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=0, atol=h_step_bound(*operands))
 
 
 def test_cpp_kernel_follows_a_dynamic_token_count(kernel_library, tmp_path):
     from executorch.runtime import Runtime
 
     operands = random_operands(4, 32, 12, 32, 4, 3)
-    method = Runtime.get().load_program(str(lower_to_pte(operands, tmp_path / "dyn.pte", True))).load_method("forward")
+    dynamic = ({1: torch.export.Dim("n", min=1, max=16)}, None, None, None, None)
+    pte = lower_to_pte(OneMemoryLayer(), operands, tmp_path / "dyn.pte", dynamic)
+    method = Runtime.get().load_program(str(pte)).load_method("forward")
     for tokens in (1, 9):
         resized = (torch.randn(1, tokens, 32), *operands[1:])
         want = OneMemoryLayer()(*resized)
         got = method.execute(list(resized))[0]
         assert got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+        torch.testing.assert_close(got, want, rtol=0, atol=h_step_bound(*resized))
+
+
+# One quantized product per path through the library's C entry point (0 scalar, 1 AVX2), or the NEON path of the
+# same source cross-compiled for AArch64 and run under qemu (tests/native/qmatmul_harness.cpp).
+QMATMUL_CASES = [  # storage, rows, cols, group, tokens
+    ("int4", 576, 288, 32, 1),  # SmolLM2's gate_up: four 64-column blocks and a 32-column one
+    ("int4", 144, 576, 16, 3),
+    ("int4", 30, 50, 15, 4),  # odd group (a row without a partner), narrow block
+    ("int8", 48, 40, 48, 5),
+    ("int8", 20, 24, 5, 3),
+]
+
+
+def qmatmul_problem(storage: str, rows: int, cols: int, group: int, tokens: int):
+    codes, scales = quantize(torch.randn(1, rows, cols), group, storage)
+    xq, xs = quantize_rows(torch.randn(tokens, rows) * 3)
+    return codes, scales, xq, xs
+
+
+def padded_int8(xq: torch.Tensor) -> np.ndarray:
+    rows = xq.shape[1]
+    out = np.zeros((xq.shape[0], rows + rows % 2), np.int8)
+    out[:, :rows] = xq.numpy().astype(np.int8)
+    return out
+
+
+@pytest.mark.parametrize("case", QMATMUL_CASES)
+@pytest.mark.parametrize("isa", [0, 1])
+def test_qmatmul_paths_are_bit_exact(kernel_library, case, isa):
+    storage, rows, cols, group, tokens = case
+    codes, scales, xq, xs = qmatmul_problem(*case)
+    library = ctypes.CDLL(str(kernel_library))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.hm_kernels_qmatmul.argtypes = [pointer, pointer, size, size, size, ctypes.c_int, pointer, size, pointer,
+                                           size, pointer, ctypes.c_int]  # fmt: skip
+    code_bytes = np.ascontiguousarray(codes[0].numpy())
+    scale_bits = np.ascontiguousarray(scales[0].numpy().view(np.uint16))
+    xq_rows, xs_rows = padded_int8(xq), np.ascontiguousarray(xs.numpy().reshape(-1), np.float32)
+    out = np.zeros((tokens, cols), np.float32)
+    used = library.hm_kernels_qmatmul(
+        code_bytes.ctypes.data, scale_bits.ctypes.data, rows, cols, group, int(storage == "int4"),
+        xq_rows.ctypes.data, xq_rows.shape[1], xs_rows.ctypes.data, tokens, out.ctypes.data, isa,
+    )  # fmt: skip
+    if used < 0:
+        pytest.skip("this CPU has no AVX2")
+    assert torch.equal(torch.from_numpy(out), qmatmul_reference(xq, xs, codes, scales))
+
+
+@pytest.fixture(scope="session")
+def neon_harness(tmp_path_factory) -> Path:
+    compiler, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    if compiler is None or qemu is None:
+        pytest.skip("no AArch64 cross compiler and qemu-aarch64 (apt install g++-aarch64-linux-gnu qemu-user)")
+    harness = tmp_path_factory.mktemp("neon") / "qmatmul_harness"
+    source = Path(__file__).parent / "native" / "qmatmul_harness.cpp"
+    subprocess.run(
+        [compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-static", f"-I{SOURCE_DIR}", str(source), "-o",
+         str(harness)], check=True, capture_output=True,
+    )  # fmt: skip
+    return harness
+
+
+@pytest.mark.parametrize("case", QMATMUL_CASES)
+def test_qmatmul_neon_path_is_bit_exact_under_qemu(neon_harness, case):
+    storage, rows, cols, group, tokens = case
+    codes, scales, xq, xs = qmatmul_problem(*case)
+    head = np.array([rows, cols, group, int(storage == "int4"), tokens, 2], np.int64).tobytes()
+    body = codes[0].numpy().tobytes() + scales[0].numpy().view(np.uint16).tobytes() + padded_int8(xq).tobytes()
+    stdin = head + body + xs.numpy().reshape(-1).astype(np.float32).tobytes()
+    result = subprocess.run(["qemu-aarch64", str(neon_harness)], input=stdin, capture_output=True, check=True).stdout
+    assert np.frombuffer(result[:8], np.int64)[0] == 2  # the NEON path ran
+    out = torch.from_numpy(np.frombuffer(result[8:], np.float32).reshape(tokens, cols).copy())
+    assert torch.equal(out, qmatmul_reference(xq, xs, codes, scales))
+
+
+class CacheAttention(torch.nn.Module):
+    """One attention layer over cache buffers, as the decode programs call it."""
+
+    def __init__(self, kv_heads: int, length: int, dim: int, window: int) -> None:
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(kv_heads, length, dim), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(kv_heads, length, dim), persistent=False)
+        self.window = window
+
+    def forward(self, q, k, v, input_pos):
+        return attend_cache(q, k, v, self.k_cache, self.v_cache, input_pos, q.shape[-1] ** -0.5, self.window)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_cpp_attention_matches_the_reference_across_calls(kernel_library, tmp_path, window):
+    from executorch.runtime import Runtime
+
+    q, k, v, _ = attention_operands(6, 2, 5, 16, 8)
+    dynamic = {"q": {2: torch.export.Dim("n", min=1, max=16)}}
+    dynamic.update({"k": {2: dynamic["q"][2]}, "v": {2: dynamic["q"][2]}, "input_pos": None})
+    eager = CacheAttention(2, 16, 8, window)
+    pte = lower_to_pte(CacheAttention(2, 16, 8, window), (q, k, v, torch.tensor([0])), tmp_path / "a.pte", dynamic)
+    method = Runtime.get().load_program(str(pte)).load_method("forward")
+    position = 0
+    for seq in (5, 1, 1, 3):  # a prefill, then decode steps that must see the cache the earlier calls wrote
+        q, k, v, _ = attention_operands(6, 2, seq, 16, 8, seed=position + 1)
+        want = eager(q, k, v, torch.tensor([position]))
+        got = method.execute([q, k, v, torch.tensor([position])])[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        position += seq
 
 
 # --- layouts, filler, bundles --------------------------------------------------------------------------
@@ -219,7 +389,7 @@ def test_bundle_with_a_slot_strategy_matches_eager(kernel_library, tmp_path, str
     for path in ((0, 0), (1, 4)):
         loader.set_path(path)
         with torch.no_grad():
-            want = model(padded, loader.filler.float_memory())[0, : len(tokens)]
+            want = model(padded, loader.filler.program_memory())[0, : len(tokens)]
         torch.testing.assert_close(loader.logits(tokens), want, rtol=0, atol=1e-4)
         torch.testing.assert_close(decoder(torch.tensor([tokens]), 0, loader.slot), want, rtol=0, atol=1e-4)
 
