@@ -33,7 +33,11 @@ class MemoryModel(Protocol):
     def slot_module(self, memory: Sequence[LayerMemory], layout: SlotLayout | None = None) -> nn.Module: ...
 
     def decode_module(
-        self, memory: Sequence[LayerMemory], cache: str = "state", layout: SlotLayout | None = None
+        self,
+        memory: Sequence[LayerMemory],
+        cache: str = "state",
+        layout: SlotLayout | None = None,
+        attention: str = "masked",
     ) -> nn.Module: ...
 
 

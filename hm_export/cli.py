@@ -10,6 +10,9 @@ from typing import Any
 
 import click
 
+# hm_export.anchor_quant.PRESETS, spelled out so that the CLI starts without importing torch (a test keeps them equal)
+ANCHOR_QUANT_PRESETS = ("none", "int8-weight", "8da4w-g32", "8da4w-g128", "8da4w-g32-e8")
+
 
 def _emit(report: dict[str, Any], as_json: bool, human: str) -> None:
     click.echo(json.dumps(report, indent=2, default=str) if as_json else human)
@@ -60,7 +63,19 @@ def main() -> None:
     help="Form of the memory slot (docs/kernels.md). auto: ExecuTorch alone with an int4/int8 bank uses the "
     "fused kernel, otherwise a float32 slot; quantized forms need a bank of that scheme.",
 )
-@click.option("--no-decode", is_flag=True, help="Skip the KV-cache decode programs (full-window programs only).")
+@click.option(
+    "--anchor-quant",
+    type=click.Choice(ANCHOR_QUANT_PRESETS),
+    default="none",
+    show_default=True,
+    help="How the anchor's weights are stored (docs/anchor-quant.md): ExecuTorch 8da via torchao + XNNPACK and a "
+    "quantized embedding; ONNX weight-only MatMulNBits / GatherBlockQuantized; Core ML weight compression.",
+)
+@click.option(
+    "--no-decode",
+    is_flag=True,
+    help="Full-window programs instead of the KV-cache decode program (which otherwise is each target's one program).",
+)
 @click.option("--checks", type=int, default=4, show_default=True, help="Golden checks recorded into checks/ (0: none).")
 @click.option("--check-new-tokens", type=int, default=16, show_default=True, help="Greedy tokens per check.")
 @click.option(
@@ -82,6 +97,7 @@ def export(
     coreml_target: str,
     coreml_compress_anchor: str,
     slot_strategy: str,
+    anchor_quant: str,
     no_decode: bool,
     checks: int,
     check_new_tokens: int,
@@ -94,7 +110,9 @@ def export(
     from hm_export.targets import EmitOptions
 
     try:
-        options = EmitOptions(separate_weights, coreml_precision, coreml_target, coreml_compress_anchor, slot_strategy)
+        options = EmitOptions(
+            separate_weights, coreml_precision, coreml_target, coreml_compress_anchor, slot_strategy, anchor_quant
+        )
         recipe = ExportRecipe(
             tuple(target.split(",")),
             seq_len,

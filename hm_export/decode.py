@@ -26,11 +26,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hm_export.architectures import MemoryModel
 from hm_export.config import ModelConfig
+from hm_export.kernels import attend_cache
 from hm_export.model import LayerMemory, MemoryLM, assemble_path
 from hm_export.passes.pipeline import PassPipeline
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract, SlotModule
@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 
 POSITION_INPUT = "input_pos"
 CacheForm = Literal["state", "io"]
+Attention = Literal["masked", "kernel"]
+# How a decode program attends over its cache: ``masked``, every cache position with the causal-mask row of
+# each query (plain ops, every target); ``kernel``, ``hm_export::attend_cache`` (it writes the cache and reads
+# only the filled positions each query may see; the ExecuTorch target, whose runtimes load the op's kernel).
+ATTENTION: tuple[str, ...] = ("masked", "kernel")
 
 
 @dataclass(frozen=True)
@@ -97,11 +102,17 @@ class StaticKVCache(nn.Module):
 
     cache_form: CacheForm
     cache_spec: CacheSpec
+    attention: Attention
 
-    def init_cache(self, cfg: ModelConfig, cache: CacheForm) -> None:
+    def init_cache(self, cfg: ModelConfig, cache: CacheForm, attention: Attention = "masked") -> None:
         if cache not in ("state", "io"):
             raise ValueError(f"cache must be 'state' or 'io', not {cache!r}")
+        if attention not in ATTENTION or (attention == "kernel" and cache != "state"):
+            raise ValueError(
+                f"attention must be one of {ATTENTION} ('kernel' needs the state cache), not {attention!r}"
+            )
         self.cache_form = cache
+        self.attention = attention
         self.cache_spec = CacheSpec.for_model(cfg)
         if cache == "state":
             for name, tensor in zip(self.cache_spec.names("state"), self.cache_spec.empty()):
@@ -135,6 +146,7 @@ class DecodeModule(SlotModule, StaticKVCache):
     ``memory=()`` gives the same program without a memory FFN (the baseline of the memory-cost benchmark).
     The module computes what :class:`MemoryLM` computes: for a prompt fed in any split into calls, the
     logits equal the full-window forward's logits at those positions (up to float summation order).
+    ``attention`` (see :data:`ATTENTION`) chooses how each layer attends over the cache.
     """
 
     def __init__(
@@ -143,9 +155,10 @@ class DecodeModule(SlotModule, StaticKVCache):
         memory: Sequence[LayerMemory],
         cache: CacheForm = "state",
         layout: SlotLayout | None = None,
+        attention: Attention = "masked",
     ) -> None:
         super().__init__(model, memory, layout)
-        self.init_cache(model.cfg, cache)
+        self.init_cache(model.cfg, cache, attention)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, *past: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
         seq = tokens.shape[1]
@@ -153,19 +166,28 @@ class DecodeModule(SlotModule, StaticKVCache):
         cos = self.rope_cos.index_select(0, positions)
         sin = self.rope_sin.index_select(0, positions)
         first = self.blocks[0].attn
-        mask = self.causal_mask.index_select(0, positions.repeat(first.group))  # [group*n, max_seq_len]
         layers = self.cfg.memory.layers if len(self.slot) else ()
         memory = {j: self.layer_memory(j) for j in layers}
         caches = self.cache_tensors(past)
         present = []
         x = self.embed(tokens)
-        for index, block in enumerate(self.blocks):
-            q, k, v = block.attn.project(block.attn_norm(x), cos, sin)
-            keys = self.write_cache(caches[2 * index], positions, k)
-            values = self.write_cache(caches[2 * index + 1], positions, v)
-            present += [keys, values]
-            x = block.feed_forward(x + block.attn.attend(q, keys, values, mask, 1, seq), memory.get(index))
-        logits = F.linear(self.norm(x), self.embed.weight)
+        if self.attention == "kernel":
+            for index, block in enumerate(self.blocks):
+                attn = block.attn
+                q, k, v = attn.heads(block.attn_norm(x), cos, sin)
+                out = attend_cache(q, k, v, caches[2 * index], caches[2 * index + 1], input_pos, attn.head_dim**-0.5)
+                x = block.feed_forward(
+                    x + attn.wo(out.reshape(1, seq, attn.n_heads * attn.head_dim)), memory.get(index)
+                )
+        else:
+            mask = self.causal_mask.index_select(0, positions.repeat(first.group))  # [group*n, max_seq_len]
+            for index, block in enumerate(self.blocks):
+                q, k, v = block.attn.project(block.attn_norm(x), cos, sin)
+                keys = self.write_cache(caches[2 * index], positions, k)
+                values = self.write_cache(caches[2 * index + 1], positions, v)
+                present += [keys, values]
+                x = block.feed_forward(x + block.attn.attend(q, keys, values, mask, 1, seq), memory.get(index))
+        logits = self.output_logits(self.norm(x))
         return (logits, *present) if self.cache_form == "io" else logits
 
 
@@ -180,6 +202,7 @@ def trace_decode_program(
     cache: CacheForm,
     memory: bool = True,
     layout: SlotLayout | None = None,
+    attention: Attention = "masked",
 ) -> SlotProgram:
     """Export the :class:`DecodeModule` of ``model`` (cache form ``cache``) and run the slot ``pipeline`` on it.
 
@@ -190,7 +213,7 @@ def trace_decode_program(
     """
     cfg = model.cfg
     layers = assemble_path(model, example_path(cfg.memory)) if memory else ()
-    module = model.decode_module(layers, cache, layout).eval()
+    module = model.decode_module(layers, cache, layout, attention).eval()
     contract = contract if memory else replace(contract, tensors=())
     spec = module.cache_spec
     n = torch.export.Dim(TOKENS_AXIS, min=1, max=cfg.max_seq_len)

@@ -12,6 +12,8 @@ from typing import Any
 from tqdm import tqdm
 
 from hm_export import __version__
+from hm_export.anchor_quant import check_preset as check_anchor_quant
+from hm_export.anchor_quant import exported_model, get_preset
 from hm_export.architectures import MemoryModel
 from hm_export.atomic import atomic_directory
 from hm_export.bank import BankReader, check_preset, resolve_preset, write_bank
@@ -25,7 +27,7 @@ from hm_export.bundle import (
     write_manifest,
 )
 from hm_export.checkpoint import ROUTER_FILE, TOKENIZER_FILE, load_checkpoint
-from hm_export.checks import check_contexts, check_lengths, record_checks
+from hm_export.checks import CHECKS_DIR, check_contexts, check_lengths, record_checks
 from hm_export.decode import CacheSpec, trace_decode_program
 from hm_export.kernels.strategies import SlotLayout, check_strategy, layout_record, resolve_layout
 from hm_export.passes.pipeline import PIPELINES
@@ -43,7 +45,10 @@ class ExportRecipe:
     """What to build. ``seq_len`` defaults to the model's ``max_seq_len``; ``bank_scheme`` is a bank preset
     (``float32``, ``int8``, ``int4-g32``, ``mixed-int8-int4``, ... or one scheme per level, comma-separated).
 
-    ``decode``: also emit the KV-cache decode program (``{target}/decode.*``) for targets that have one.
+    ``decode``: emit the KV-cache decode program (``{target}/decode.*``) for targets that have one; it is then
+    the target's only program (prefill, decode and the window logits of the checks, see docs/bundle-format.md)
+    and the anchor's weights are stored once per target.  Without it (or for a target without a decode program)
+    the full-window program ``{target}/model.*`` is emitted instead.
     ``checks``: golden checks recorded into ``checks/`` (0: none), each continuing its prompt by
     ``check_new_tokens`` greedy tokens; their contexts come from ``check_contexts`` (JSON lines like
     ``verify``'s) or, without it, are derived from the tokenizer (:func:`hm_export.checks.derive_contexts`).
@@ -64,6 +69,7 @@ class ExportRecipe:
             raise ValueError(f"unknown targets {unknown or self.targets}; available: {sorted(TARGETS)}")
         check_preset(self.bank_scheme)
         check_strategy(self.options.slot_strategy, self.targets)
+        check_anchor_quant(self.options.anchor_quant, self.targets)
         if self.checks < 0 or self.check_new_tokens < 1:
             raise ValueError(f"checks ({self.checks}) must be >= 0 and check_new_tokens ({self.check_new_tokens}) >= 1")
 
@@ -90,15 +96,20 @@ def _emit_decode(
     options: EmitOptions,
     traced: dict[tuple[str, str], SlotProgram],
 ) -> dict[str, Any]:
-    """Trace (once per pipeline and cache form, cached in ``traced``) and emit ``target``'s decode program."""
-    key = (target.pipeline, support.cache)
+    """Trace (once per pipeline, cache form and attention, cached in ``traced``) and emit ``target``'s decode
+    program."""
+    key = (target.pipeline, support.cache, support.attention, id(model))
     if key not in traced:
-        traced[key] = trace_decode_program(model, contract, PIPELINES[target.pipeline], support.cache, layout=layout)
+        pipeline = PIPELINES[target.pipeline]
+        traced[key] = trace_decode_program(
+            model, contract, pipeline, support.cache, layout=layout, attention=support.attention
+        )  # type: ignore[arg-type]
     program = traced[key]
     emitted = support.emit(program, out_dir / target.directory, options)
     emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
     emitted["io"] = program.io_dict()
     emitted["cache"] = {**CacheSpec.for_model(model.cfg).to_dict(), "form": support.cache}
+    emitted["attention"] = support.attention
     emitted["pipeline"] = {"name": target.pipeline, "passes": [asdict(r) for r in program.pass_records]}
     return emitted
 
@@ -138,23 +149,44 @@ def export_bundle(
         pairs = check_contexts(recipe.check_contexts, ckpt.tokenizer, recipe.checks, prompt_tokens)
     step("load", start)
 
+    preset = get_preset(recipe.options.anchor_quant)
+    # The ExecuTorch target quantizes the anchor before tracing (torchao); the eager model it traces is also what
+    # its golden checks record ("as exported"). The other targets quantize their emitted float program.
+    quantized, quantization = exported_model(ckpt.model, preset)
     with atomic_directory(out, overwrite) as tmp:
         targets: dict[str, Any] = {}
-        programs: dict[str, SlotProgram] = {}  # one trace per distinct pass pipeline
-        decode_programs: dict[tuple[str, str], SlotProgram] = {}  # one per pipeline and cache form
+        check_models: dict[str, MemoryModel] = {}  # targets whose program computes other than ``quantized``
+        programs: dict[tuple[str, int], SlotProgram] = {}  # one trace per distinct pass pipeline and model
+        decode_programs: dict[tuple[str, str, str, int], SlotProgram] = {}  # per pipeline, cache form, attention
         for name in recipe.targets:
             target = TARGETS[name]
             start = time.perf_counter()
-            if target.pipeline not in programs:
-                programs[target.pipeline] = trace_slot_program(ckpt.model, contract, PIPELINES[target.pipeline], layout)
-            program = programs[target.pipeline]
-            emitted = target.emit(program, tmp / target.directory, recipe.options)
-            emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
-            emitted["pipeline"] = {"name": target.pipeline, "passes": [asdict(r) for r in program.pass_records]}
-            if recipe.decode and target.decode is not None:
-                emitted["decode"] = _emit_decode(
-                    target, target.decode, ckpt.model, layout, contract, tmp, recipe.options, decode_programs
+            model = quantized if name == "executorch" else ckpt.model
+            if recipe.decode and target.decode is not None:  # one program: the decode program serves the window
+                decode = _emit_decode(
+                    target, target.decode, model, layout, contract, tmp, recipe.options, decode_programs
                 )
+                emitted = {key: decode[key] for key in ("runtime", "backend") if key in decode}
+                emitted.update({"files": {}, "window": "decode", "decode": decode})
+            else:
+                key = (target.pipeline, id(model))
+                if key not in programs:
+                    programs[key] = trace_slot_program(model, contract, PIPELINES[target.pipeline], layout)
+                program = programs[key]
+                emitted = target.emit(program, tmp / target.directory, recipe.options)
+                emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
+                emitted["pipeline"] = {"name": target.pipeline, "passes": [asdict(r) for r in program.pass_records]}
+            program_entry = emitted.get("decode", emitted)
+            dequantized = program_entry.pop("_dequantized", None)  # ONNX: its weight-only quantized values
+            if name == "executorch":
+                program_entry.pop("anchor_quant", None)
+                emitted["anchor_quant"] = quantization
+            else:
+                emitted["anchor_quant"] = program_entry.pop("anchor_quant", {"preset": preset.name})
+            if dequantized is not None:  # the eager model this target's program computes (its own checks)
+                from hm_export.targets.onnx_quant import as_exported
+
+                check_models[name] = as_exported(ckpt.model, dequantized)
             targets[name] = emitted
             step(name, start)
 
@@ -170,10 +202,15 @@ def export_bundle(
             try:
                 embedder = embedder or MiniLMEmbedder()
                 scheme = recipe.bank_scheme
-                checks = record_checks(ckpt.model, ckpt.tree, embedder, filler, pairs, new_tokens, tmp, scheme)
+                checks = record_checks(quantized, ckpt.tree, embedder, filler, pairs, new_tokens, tmp, scheme)
+                listed += [checks["file"], checks["expected"]]
+                for name, model in check_models.items():
+                    own = record_checks(model, ckpt.tree, embedder, filler, pairs, new_tokens, tmp, scheme,
+                                        f"{CHECKS_DIR}/{name}")  # fmt: skip
+                    targets[name]["checks"] = own
+                    listed += [own["file"], own["expected"]]
             finally:
                 filler.blocks.close()
-            listed += [checks["file"], checks["expected"]]
         step("checks", start)
 
         start = time.perf_counter()

@@ -74,6 +74,14 @@ class Attention(nn.Module):
         """Query heads per KV head."""
         return self.n_heads // self.n_kv_heads
 
+    def heads(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """RoPE'd queries ``[B, heads, T, hd]`` and keys / values ``[B, kv, T, hd]`` of ``x`` ``[B, T, d]``."""
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """RoPE'd queries ``[B*kv, group*T, hd]`` and keys / values ``[B*kv, T, hd]`` of ``x`` ``[B, T, d]``.
 
@@ -81,10 +89,7 @@ class Attention(nn.Module):
         sequence axis (group-major), so every attention matmul stays a plain batched matmul.
         """
         batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.heads(x, cos, sin)
         kv_batch = batch * self.n_kv_heads
         q = q.reshape(kv_batch, self.group * seq, self.head_dim)
         return q, k.reshape(kv_batch, seq, self.head_dim), v.reshape(kv_batch, seq, self.head_dim)
@@ -202,6 +207,10 @@ class MemoryLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
+        # The output head, tied: a linear module sharing the embedding's parameter (stored once in checkpoints and
+        # programs), so an anchor quantizer that works on linear modules (hm_export.anchor_quant) reaches it.
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head.weight = self.embed.weight
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.bank = MemoryBank(cfg)
@@ -221,7 +230,11 @@ class MemoryLM(nn.Module):
         x = self.embed(tokens)
         for index, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, layer_memory.get(index))
-        return F.linear(self.norm(x), self.embed.weight)
+        return self.output_logits(self.norm(x))
+
+    def output_logits(self, h: Tensor) -> Tensor:
+        """Logits of the final normalised hidden states (the tied head)."""
+        return self.head(h)
 
     def forward_path(self, tokens: Tensor, paths: Tensor) -> Tensor:
         """Logits with the memory of ``paths`` (``[B, levels]`` or ``[levels]`` node ids)."""
@@ -239,12 +252,16 @@ class MemoryLM(nn.Module):
         return SlotModule(self, memory, layout)
 
     def decode_module(
-        self, memory: Sequence[LayerMemory], cache: str = "state", layout: SlotLayout | None = None
+        self,
+        memory: Sequence[LayerMemory],
+        cache: str = "state",
+        layout: SlotLayout | None = None,
+        attention: str = "masked",
     ) -> nn.Module:
         """The KV-cache decode module (:mod:`hm_export.decode`) with ``memory`` (``()``: none)."""
         from hm_export.decode import DecodeModule
 
-        return DecodeModule(self, memory, cache, layout)  # type: ignore[arg-type]
+        return DecodeModule(self, memory, cache, layout, attention)  # type: ignore[arg-type]
 
 
 def assemble_path(model: nn.Module, path: Sequence[int]) -> list[LayerMemory]:

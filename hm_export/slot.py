@@ -204,7 +204,7 @@ class SlotModule(MemoryLM, SlotParameters):
     def __init__(self, model: MemoryLM, memory: Sequence[LayerMemory], layout: SlotLayout | None = None) -> None:
         nn.Module.__init__(self)  # share the anchor's modules; deliberately no bank
         self.cfg = model.cfg
-        self.embed, self.blocks, self.norm = model.embed, model.blocks, model.norm
+        self.embed, self.blocks, self.norm, self.head = model.embed, model.blocks, model.norm, model.head
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.register_buffer("causal_mask", model.causal_mask, persistent=False)

@@ -40,7 +40,9 @@ def _summarize(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "targets": {
             name: {
                 "files": t["files"],
-                "delegation": t.get("delegation"),
+                "window": t.get("window", "program"),
+                "anchor_quant": t.get("anchor_quant", {"preset": "none"}),
+                "delegation": t.get("delegation") or t.get("decode", {}).get("delegation"),
                 "decode": {"files": t["decode"]["files"], "cache": t["decode"]["cache"]} if "decode" in t else None,
             }
             for name, t in manifest["targets"].items()

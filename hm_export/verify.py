@@ -124,7 +124,7 @@ def verify_bundle(
         start = time.perf_counter()
         # The eager model on the memory the slot really holds (a quantized bank, a float16 slot): the
         # quantization error itself is measured by scripts/bank_accuracy.py, not here.
-        want = ckpt.model(padded, loader.filler.float_memory())[0, : len(ids)]
+        want = ckpt.model(padded, loader.filler.program_memory())[0, : len(ids)]
         eager_seconds += time.perf_counter() - start
         results.append(
             ContextResult(

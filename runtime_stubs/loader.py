@@ -43,8 +43,28 @@ def _target_entry(root: Path, manifest: dict, target: str) -> dict:
     return targets[target]
 
 
+class PrefillRunner:
+    """The window runner of a target whose one program is its decode program (``window: "decode"`` in the
+    manifest): the window's logits are a prefill from position 0, which returns every position's logits.
+    Takes the tokens unpadded (``pads = False``)."""
+
+    pads = False
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+
+    def __call__(self, tokens: torch.Tensor, slot: list[torch.Tensor]) -> torch.Tensor:
+        return self.decoder(tokens, 0, slot).unsqueeze(0)
+
+
 def _open_runner(root: Path, manifest: dict, target: str, slot_names: list[str]) -> Runner:
     entry = _target_entry(root, manifest, target)
+    if entry.get("window") == "decode":
+        support = TARGETS[target].decode
+        if support is None or support.open_decoder is None:
+            raise HostUnsupported(f"target {target!r} decodes only on its device, not on this host")
+        files = target_files(root, manifest, target, decode=True)
+        return PrefillRunner(support.open_decoder(files, slot_names, entry["decode"]))
     open_runner = TARGETS[target].open_runner
     if open_runner is None:
         raise HostUnsupported(f"target {target!r} runs only on its device, not on this host")
@@ -183,6 +203,8 @@ class BundleLoader:
         tokens = list(tokens)[-self.contract.seq_len :]
         if not tokens:
             raise ValueError("need at least one token")
+        if not getattr(self.runner, "pads", True):
+            return self.runner(torch.tensor([tokens]), self.slot)[0]
         padded = torch.zeros(1, self.contract.seq_len, dtype=torch.long)
         padded[0, : len(tokens)] = torch.tensor(tokens)
         return self.runner(padded, self.slot)[0, : len(tokens)]

@@ -68,15 +68,16 @@ def test_fresh_bundle_passes_on_every_target_that_runs_here(bundle):
     report = run_checks(bundle)
     assert report.passed, [r for r in report.results if r.status != "pass"]
     summary = report.summary()
-    for name in ("executorch/window", "executorch/decode", "onnx/window", "onnx/decode", "router/route"):
+    for name in ("executorch/decode", "onnx/decode", "router/route"):
         assert summary[name] == {"pass": 4, "fail": 0, "skipped": 0}, name
-    assert summary["coreml/structure"] == {"pass": 2, "fail": 0, "skipped": 0}  # window and decode packages
+    assert not any(name.endswith("/window") for name in summary)  # each target's one program is its decode program
+    assert summary["coreml/structure"] == {"pass": 1, "fail": 0, "skipped": 0}
     assert summary["coreml/decode"] == {"pass": 0, "fail": 0, "skipped": 4}
     decode = [r for r in report.results if r.program == "decode" and r.status == "pass"]
     assert all(r.tokens_matched == 12 and r.max_abs_diff < 1e-4 for r in decode)
     result = invoke("check", bundle, "--target", "onnx", "--json")
     assert result.exit_code == 0, result.output
-    assert set(json.loads(result.stdout)["summary"]) == {"bundle/files", "router/route", "onnx/window", "onnx/decode"}
+    assert set(json.loads(result.stdout)["summary"]) == {"bundle/files", "router/route", "onnx/decode"}
 
 
 def test_tampered_checks_file_fails_naming_it(bundle, tmp_path):
@@ -106,7 +107,7 @@ def test_tampered_expected_logits_fail_beyond_tolerance(bundle, tmp_path):
     rehash(root, EXPECTED_FILE)
     report = run_checks(root, ["executorch", "onnx"])
     failed = {(r.target, r.program, r.check) for r in report.results if r.status == "fail"}
-    assert failed == {(t, p, "check2") for t in ("executorch", "onnx") for p in ("window", "decode")}
+    assert failed == {(t, "decode", "check2") for t in ("executorch", "onnx")}
     detail = next(r.detail for r in report.results if r.status == "fail")
     assert "(last-position logits) beyond tolerance 0.001" in detail and not report.passed
 
@@ -128,8 +129,7 @@ def test_tampered_program_fails_only_where_it_runs(bundle, tmp_path):
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert report["summary"]["onnx/decode"]["fail"] == 4
-    for name in ("executorch/window", "executorch/decode", "onnx/window"):
-        assert report["summary"][name]["fail"] == 0, name
+    assert report["summary"]["executorch/decode"]["fail"] == 0
 
 
 def test_bundle_without_checks_is_refused(bundle, tmp_path):

@@ -69,11 +69,11 @@ def test_export_json_writes_a_bundle(exported):
     assert report["bundle"] == str(bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert report["slot_schema_hash"] == manifest["slot"]["schema_hash"]
-    assert report["sizes"]["executorch/model.pte"] == (bundle / "executorch/model.pte").stat().st_size
+    assert report["sizes"]["executorch/decode.pte"] == (bundle / "executorch/decode.pte").stat().st_size
     for relative, size in report["sizes"].items():
         if relative != "bank_total":
             assert manifest["files"][relative]["bytes"] == size
-    assert report["targets"]["executorch"]["delegation"]["slot_inputs_delegated"] is True
+    assert report["targets"]["executorch"]["decode"]["delegation"]["slot_inputs_delegated"] is True
     assert report["seconds"]["total"] > 0
 
 
@@ -104,7 +104,7 @@ def test_inspect_json(bundle):
     bank_bytes = sum(p.stat().st_size for p in (bundle / "bank").rglob("*") if p.is_file())
     assert summary["bank"]["bytes_on_disk"] == bank_bytes
     assert summary["files"] == manifest["files"]
-    assert summary["targets"]["executorch"]["files"] == {"program": "executorch/model.pte"}
+    assert summary["targets"]["executorch"]["files"] == {} and summary["targets"]["executorch"]["window"] == "decode"
 
 
 def test_inspect_a_directory_that_is_not_a_bundle(tmp_path):

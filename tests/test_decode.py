@@ -90,7 +90,9 @@ def test_manifest_describes_the_decode_programs(decode_bundle):
         for path in decode["files"].values():  # programs and packages (directories) are all listed with sha256
             assert any(f == path or f.startswith(path + "/") for f in manifest["files"])
     assert manifest["targets"]["executorch"]["decode"]["delegation"]["slot_inputs_delegated"] is True
-    assert manifest["targets"]["executorch"]["files"] == {"program": "executorch/model.pte"}
+    entry = manifest["targets"]["executorch"]
+    assert entry["files"] == {} and entry["window"] == "decode"  # the decode program is the target's one program
+    assert entry["decode"]["attention"] == "kernel" and "hm_export::attend_cache" in entry["decode"]["custom_ops"]
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,8 +33,8 @@ from hm_export.verify import verify_bundle
 SEQ = 16
 CFG = tiny_config(max_seq_len=SEQ)  # memory (2, 3) x widths (8, 4) on layers (0, 1)
 BIG_CFG = tiny_config(max_seq_len=SEQ, memory=MemoryConfig((16, 16), (8, 4), (0, 1)))
-PROGRAM = "executorch/model.pte"
-PROGRAM_MARGIN = 64 * 1024  # tied embedding stored twice, RoPE/mask tables, XNNPACK graph, 4 KiB segment padding
+PROGRAM = "executorch/decode.pte"  # the target's one program (prefill, decode, window logits)
+PROGRAM_MARGIN = 64 * 1024  # RoPE tables, KV-cache buffers' metadata, XNNPACK graph, 4 KiB segment padding
 
 
 def leaves(memory: MemoryConfig) -> list[tuple[int, int]]:
@@ -380,21 +378,18 @@ def test_failed_export_leaves_nothing_behind(bundle, checkpoint_dir, tmp_path, m
 
     real_write_bank = export_module.write_bank
 
-    def emit_stub(slot_program, out_dir, options):  # lowering is not what this test is about
-        out_dir.mkdir()
-        (out_dir / "model.pte").write_bytes(b"partial program")
-        return {"files": {"program": "model.pte"}}
+    def emit_stub(target, support, model, layout, contract, out_dir, *args):  # lowering is not what this tests
+        (out_dir / target.directory).mkdir()
+        (out_dir / target.directory / "decode.pte").write_bytes(b"partial program")
+        return {"files": {"program": f"{target.directory}/decode.pte"}}
 
     def failing_write_bank(bank_dir, *args, **kwargs):
         real_write_bank(bank_dir, *args, **kwargs)  # a real, complete bank lands in the temp dir...
         assert (bank_dir / "index.json").is_file()
         raise RuntimeError("disk full")  # ...and then the export fails
 
-    monkeypatch.setitem(
-        export_module.TARGETS, "executorch", replace(export_module.TARGETS["executorch"], emit=emit_stub)
-    )
+    monkeypatch.setattr(export_module, "_emit_decode", emit_stub)
     monkeypatch.setattr(export_module, "write_bank", failing_write_bank)
-    monkeypatch.setattr(export_module, "trace_slot_program", lambda *args: SimpleNamespace(pass_records=[]))
 
     out = tmp_path / "fresh"
     with pytest.raises(RuntimeError, match="disk full"):
@@ -417,14 +412,12 @@ def test_failed_rename_keeps_the_old_bundle(bundle, checkpoint_dir, tmp_path, mo
     import hm_export.atomic as atomic_module
     import hm_export.export as export_module
 
-    def emit_stub(slot_program, out_dir, options):
-        out_dir.mkdir()
-        (out_dir / "model.pte").write_bytes(b"new program")
-        return {"files": {"program": "model.pte"}}
+    def emit_stub(target, support, model, layout, contract, out_dir, *args):
+        (out_dir / target.directory).mkdir()
+        (out_dir / target.directory / "decode.pte").write_bytes(b"new program")
+        return {"files": {"program": f"{target.directory}/decode.pte"}}
 
-    monkeypatch.setitem(
-        export_module.TARGETS, "executorch", replace(export_module.TARGETS["executorch"], emit=emit_stub)
-    )
+    monkeypatch.setattr(export_module, "_emit_decode", emit_stub)
     real_replace = atomic_module.os.replace
 
     def failing_replace(src, dst):
@@ -433,7 +426,6 @@ def test_failed_rename_keeps_the_old_bundle(bundle, checkpoint_dir, tmp_path, mo
         real_replace(src, dst)
 
     monkeypatch.setattr(atomic_module.os, "replace", failing_replace)
-    monkeypatch.setattr(export_module, "trace_slot_program", lambda *args: SimpleNamespace(pass_records=[]))
     existing = copy_bundle(bundle, tmp_path)
     before = {p.relative_to(existing): p.read_bytes() for p in existing.rglob("*") if p.is_file()}
     with pytest.raises(OSError, match="rename failed"):

@@ -47,11 +47,20 @@ class ActiveMemory:
             self.layers = {}
 
     def hook(self, layer: int, activation: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
-        def add_memory(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-            memory = self.layers.get(layer)
-            return output if memory is None else output + memory_ffn(args[0], memory, activation)
+        return _MemoryHook(self, layer, activation)
 
-        return add_memory
+
+class _MemoryHook:
+    """The forward hook of memory layer ``layer``'s MLP: adds the active memory's FFN.  An object rather than a
+    closure, so a deep copy of the model (e.g. an anchor quantized for export) gets hooks reading its own
+    :class:`ActiveMemory`."""
+
+    def __init__(self, active: ActiveMemory, layer: int, activation: Callable[[Tensor], Tensor]) -> None:
+        self.active, self.layer, self.activation = active, layer, activation
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        memory = self.active.layers.get(self.layer)
+        return output if memory is None else output + memory_ffn(args[0], memory, self.activation)
 
 
 def build_host(cfg: ModelConfig) -> nn.Module:
@@ -103,12 +112,16 @@ class HostMemoryLM(nn.Module):
         return HostSlotModule(self, memory, layout)
 
     def decode_module(
-        self, memory: Sequence[LayerMemory], cache: str = "state", layout: SlotLayout | None = None
+        self,
+        memory: Sequence[LayerMemory],
+        cache: str = "state",
+        layout: SlotLayout | None = None,
+        attention: str = "masked",
     ) -> nn.Module:
         """The KV-cache decode module (:mod:`hm_export.hf.decode`) with ``memory`` (``()``: none)."""
         from hm_export.hf.decode import HostDecodeModule
 
-        return HostDecodeModule(self, memory, cache, layout)  # type: ignore[arg-type]
+        return HostDecodeModule(self, memory, cache, layout, attention)  # type: ignore[arg-type]
 
     @classmethod
     def attach(cls, host: nn.Module, cfg: ModelConfig) -> HostMemoryLM:

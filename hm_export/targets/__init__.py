@@ -41,16 +41,19 @@ class EmitOptions:
     coreml_target: str = "iOS18"
     coreml_anchor_compression: str = "none"
     slot_strategy: str = "auto"  # hm_export.kernels.strategies: the form of the slot (docs/kernels.md)
+    anchor_quant: str = "none"  # hm_export.anchor_quant: how the anchor's weights are stored, per target
 
 
 @dataclass(frozen=True)
 class DecodeSupport:
     """How a target holds the KV cache (``state``: in the program; ``io``: past/present tensors), emits the
-    decode program (the target's own emitter: files are named after the program's stem) and runs it."""
+    decode program (the target's own emitter: files are named after the program's stem) and runs it;
+    ``attention`` is the decode module's (:data:`hm_export.decode.ATTENTION`)."""
 
     cache: str
     emit: Callable[[SlotProgram, Path, EmitOptions], dict[str, Any]]
     open_decoder: Callable[[dict[str, Path], list[str], dict[str, Any]], Decoder] | None  # None: never runs here
+    attention: str = "masked"
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ def _decode_executorch(files: dict[str, Path], slot_names: list[str], entry: dic
 def _emit_onnx(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dict[str, Any]:
     from hm_export.targets.onnx import emit_onnx
 
-    return emit_onnx(program, out_dir)
+    return emit_onnx(program, out_dir, options.anchor_quant)
 
 
 def _run_onnx(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Runner:
@@ -105,7 +108,12 @@ def _emit_coreml(program: SlotProgram, out_dir: Path, options: EmitOptions) -> d
     from hm_export.targets.coreml import emit_coreml
 
     return emit_coreml(
-        program, out_dir, options.coreml_precision, options.coreml_target, options.coreml_anchor_compression
+        program,
+        out_dir,
+        options.coreml_precision,
+        options.coreml_target,
+        options.coreml_anchor_compression,
+        options.anchor_quant,
     )
 
 
@@ -140,7 +148,7 @@ TARGETS: dict[str, Target] = {
         "executorch",
         _emit_executorch,
         _run_executorch,
-        decode=DecodeSupport("state", _emit_executorch, _decode_executorch),
+        decode=DecodeSupport("state", _emit_executorch, _decode_executorch, attention="kernel"),
     ),
     "onnx": Target(
         "onnx", "folded_slot", "onnx", _emit_onnx, _run_onnx, decode=DecodeSupport("io", _emit_onnx, _decode_onnx)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from hm_export.anchor_quant import AnchorQuant, get_preset
 from hm_export.decode import POSITION_INPUT
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract
 from hm_export.trace import SlotProgram, TensorIO
@@ -46,12 +47,38 @@ def _compress_anchor(model: Any, scheme: str) -> Any:
     raise ValueError(f"unknown anchor compression {scheme!r}; choose from {ANCHOR_COMPRESSION}")
 
 
+def _quantize_anchor(model: Any, preset: AnchorQuant) -> tuple[Any, dict[str, Any]]:
+    """``--anchor-quant`` on Core ML: weight-only symmetric quantization of the ``linear`` ops (the anchor's
+    projections and the head; coremltools configures by op type, so the head takes the linears' form), through
+    the same compression as ``--coreml-anchor-compression``.  The embedding's ``gather`` table stays fp16."""
+    import coremltools.optimize.coreml as cto
+
+    quant = preset.linears or preset.head
+    if quant is None:
+        return model, {"preset": preset.name, "weights": "float (no linear quantized)"}
+    if quant.group:
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype=f"int{quant.bits}", granularity="per_block", block_size=quant.group
+        )
+    else:
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype=f"int{quant.bits}")
+    model = cto.linear_quantize_weights(model, cto.OptimizationConfig(op_type_configs={"linear": op}))
+    return model, {
+        "preset": preset.name,
+        "linears": {"weights": quant.describe(), "op": "constexpr_blockwise_shift_scale (linear weights)"},
+        "embedding": "float16 (the gather table is not compressed)",
+        "activations": "float16 compute",
+        "checks": "numerics need macOS; the recorded expected values are the ExecuTorch variant's",
+    }
+
+
 def emit_coreml(
     slot_program: SlotProgram,
     out_dir: Path,
     precision: str = "float16",
     deployment_target: str = "iOS18",
     anchor_compression: str = "none",
+    anchor_quant: str = "none",
 ) -> dict[str, Any]:
     import coremltools as ct
 
@@ -83,7 +110,13 @@ def emit_coreml(
         minimum_deployment_target=getattr(ct.target, deployment_target),
         compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
     )
-    if anchor_compression != "none":
+    preset = get_preset(anchor_quant)
+    if preset.quantized and anchor_compression != "none":
+        raise ValueError("--coreml-anchor-compression and a quantized --anchor-quant both compress the anchor")
+    quantization: dict[str, Any] = {"preset": preset.name}
+    if preset.quantized:
+        model, quantization = _quantize_anchor(model, preset)
+    elif anchor_compression != "none":
         model = _compress_anchor(model, anchor_compression)
     out_dir.mkdir(parents=True, exist_ok=True)
     package = f"{slot_program.stem}.mlpackage"
@@ -102,6 +135,7 @@ def emit_coreml(
         **({"state_dtype": "float16"} if states else {}),
         "deployment_target": deployment_target,
         "anchor_compression": anchor_compression,
+        "anchor_quant": quantization,
         "slot_dtype": precision,
         "ops": structure["ops"],
         "anchor_params": anchor_params,

@@ -81,10 +81,19 @@ def _op_name(target: Any) -> str:
     return target.name() if callable(getattr(target, "name", None)) else str(target)
 
 
+CUSTOM_OP_NAMESPACES = ("hm_export::", "quantized_decomposed::")  # kernels outside the default runtime
+
+
 def _custom_ops(edge_program: torch.export.ExportedProgram) -> list[str]:
-    """The hm_export operators the program calls (their kernels must be loaded before it runs)."""
-    names = {_op_name(n.target) for n in edge_program.graph.nodes if n.op == "call_function"}
-    return sorted(name for name in names if name.startswith("hm_export::"))
+    """The operators the program calls whose kernels must be loaded before it runs: the hm_export kernels, and
+    ExecuTorch's quantized kernels (a quantized embedding); an op that mutates its inputs (``attend_cache``)
+    appears wrapped in ``auto_functionalized`` until ``to_executorch``."""
+    names = set()
+    for node in edge_program.graph.nodes:
+        if node.op == "call_function":
+            functionalized = "auto_functionalized" in str(node.target) and node.args
+            names.add(_op_name(node.args[0] if functionalized else node.target))
+    return sorted(name for name in names if name.startswith(CUSTOM_OP_NAMESPACES))
 
 
 def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: bool = False) -> dict[str, Any]:
@@ -140,10 +149,12 @@ def _load_method(program: Path, data: Path | None, custom_ops: list[str] | None 
     """Load ``forward``; ``custom_ops`` (the manifest's list) makes the hm_export kernel library load first."""
     from executorch.runtime import Runtime
 
-    if custom_ops:
+    if any(op.startswith("hm_export::") for op in custom_ops or ()):
         from hm_export.kernels import load_kernel_library
 
         load_kernel_library()
+    if any(op.startswith("quantized_decomposed::") for op in custom_ops or ()):
+        import executorch.kernels.quantized  # noqa: F401  (registers ExecuTorch's quantized kernels)
 
     runtime = Runtime.get()
     loaded = runtime.load_program(str(program), data_path=str(data)) if data else runtime.load_program(str(program))

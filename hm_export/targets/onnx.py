@@ -32,9 +32,13 @@ _NUMPY_DTYPES = {
 }
 
 
-def emit_onnx(slot_program: SlotProgram, out_dir: Path) -> dict[str, Any]:
-    """Write ``{stem}.onnx`` + ``{stem}.onnx.data`` into ``out_dir`` and check the graph's I/O names."""
+def emit_onnx(slot_program: SlotProgram, out_dir: Path, anchor_quant: str = "none") -> dict[str, Any]:
+    """Write ``{stem}.onnx`` + ``{stem}.onnx.data`` into ``out_dir`` and check the graph's I/O names; a quantized
+    ``anchor_quant`` preset then rewrites the anchor's weights (:mod:`hm_export.targets.onnx_quant`).  The
+    returned ``_dequantized`` (for the caller, not the manifest) maps each quantized weight to its values."""
     import onnx
+
+    from hm_export.anchor_quant import get_preset
 
     start = time.perf_counter()
     names = slot_program.input_names
@@ -58,10 +62,19 @@ def emit_onnx(slot_program: SlotProgram, out_dir: Path) -> dict[str, Any]:
     leaked = [n for n in slot_program.contract.input_names if n in initializers]
     if leaked:
         raise RuntimeError(f"{out_dir / program_file}: slot tensors stored as weights: {leaked}")
+    preset = get_preset(anchor_quant)
+    quantization: dict[str, Any] = {"preset": preset.name}
+    if preset.quantized:
+        from hm_export.targets.onnx_quant import quantize_anchor
+
+        cfg = slot_program.outputs[0].shape[-1], slot_program.contract.d_model
+        quantization = quantize_anchor(out_dir / program_file, preset, vocab=int(cfg[0]), d_model=cfg[1])
     return {
         "files": {"program": program_file, "data": f"{program_file}.data"},
         "opset": OPSET,
         "nodes": len(graph.node),
+        "anchor_quant": {k: v for k, v in quantization.items() if k != "dequantized"},
+        **({"_dequantized": quantization["dequantized"]} if "dequantized" in quantization else {}),
         "seconds": {"export": round(time.perf_counter() - start, 2)},
     }
 

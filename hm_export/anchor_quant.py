@@ -1,0 +1,288 @@
+"""Anchor quantization (``--anchor-quant``): one registry of presets, mapped per target.
+
+A preset says how the anchor's weights are stored: its linear layers (attention and MLP projections), the
+output head and the token embedding, each as :class:`WeightQuant` (bits, and weights per scale along the
+input axis) or float32.  The memory slot is never touched: it is made of graph inputs (float, or the bank's
+own int8/int4 codes read by the fused kernel), and the export passes still prove that the slot is an input
+and the anchor's weights are constants.
+
+=================  ==================  =================  ====================================================
+preset             linears             head               embedding
+=================  ==================  =================  ====================================================
+``none``           float32             float32            float32
+``int8-weight``    int8 per channel    int8 per channel   int8 per row
+``8da4w-g32``      int4, groups of 32  int4, groups of 32 int4, groups of 32
+``8da4w-g128``     int4, groups of 128 int4, groups of 128 int4, groups of 128
+``8da4w-g32-e8``   int4, groups of 32  int8 per channel   int8 per row
+=================  ==================  =================  ====================================================
+
+A group that does not divide a layer's input width falls back to the largest multiple of 32 below it that
+does (SmolLM2's width 576 takes groups of 96 under ``-g128``), else to one scale per output channel; the
+manifest lists the groups used.
+
+What each target makes of a preset (recorded per target in the manifest as ``anchor_quant``):
+
+* **executorch**: the linears and the head get torchao's ``Int8DynamicActivationIntxWeightConfig`` (``8da``:
+  int8 activations quantized per token at run time, weights int4/int8, scales chosen by HQQ), the
+  configuration ExecuTorch's own ``export_llm`` uses, lowered to XNNPACK's ``qd8`` GEMMs; the embedding becomes
+  ExecuTorch's ``quantized_decomposed::embedding_4bit`` / ``embedding_byte`` lookup (float16 scales).  The
+  tied embedding is then stored twice, once as the lookup table and once inside XNNPACK's head (the delegate
+  keeps its own packed copy of its constants; no shared-weight lookup+GEMM exists in this runtime).  A float32
+  anchor (``none``) stores it once: its head is ``hm_export::tied_head``, reading the lookup's table.
+* **onnx**: weight-only: ONNX Runtime's ``MatMulNBits`` (int4 or int8, block = the group, symmetric) for the
+  linears and the head, ``GatherBlockQuantized`` for the embedding; activations stay float32.
+* **coreml**: weight-only through the existing anchor compression (``linear_quantize_weights``: int4 per
+  block of the group, or int8 per channel), on every constant weight including the embedding.
+
+:func:`quantize_for_executorch` applies the ExecuTorch mapping to an export module (a decode or slot module
+built from a copy of the model); :func:`exported_model` returns that copy, the eager model "as exported",
+which golden checks and ``verify`` compare the program against.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hm_export.architectures import MemoryModel
+from hm_export.kernels import tied_head
+
+ANCHOR_QUANT_TARGETS = ("executorch", "onnx", "coreml")  # targets that quantize the anchor; others refuse
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Weights stored with ``bits`` (4 or 8) per value and one scale per ``group`` values along the input axis
+    (``0``: one scale per output channel, or per embedding row)."""
+
+    bits: int
+    group: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8) or self.group < 0 or (self.group and self.group % 32):
+            raise ValueError(f"bits must be 4 or 8 and group 0 or a multiple of 32, got {self}")
+
+    def group_for(self, width: int) -> int:
+        """The group used for an input width: ``group`` when it divides ``width``, else the largest multiple of
+        32 below it that does, else 0 (per channel)."""
+        if not self.group:
+            return 0
+        for group in range(self.group, 0, -32):
+            if width % group == 0:
+                return group
+        return 0
+
+    def describe(self) -> str:
+        return f"int{self.bits} " + (f"groups of {self.group}" if self.group else "per channel")
+
+
+@dataclass(frozen=True)
+class AnchorQuant:
+    """One preset: how the anchor's linears, head and embedding are stored (``None``: float32)."""
+
+    name: str
+    linears: WeightQuant | None
+    head: WeightQuant | None
+    embedding: WeightQuant | None
+    summary: str
+
+    @property
+    def quantized(self) -> bool:
+        return any(q is not None for q in (self.linears, self.head, self.embedding))
+
+
+PRESETS: dict[str, AnchorQuant] = {
+    preset.name: preset
+    for preset in (
+        AnchorQuant("none", None, None, None, "float32 anchor"),
+        AnchorQuant(
+            "int8-weight", WeightQuant(8), WeightQuant(8), WeightQuant(8), "int8 weights per channel everywhere"
+        ),
+        AnchorQuant(
+            "8da4w-g32",
+            WeightQuant(4, 32),
+            WeightQuant(4, 32),
+            WeightQuant(4, 32),
+            "int4 weights in groups of 32 (export_llm's 8da4w with embedding 4,32)",
+        ),
+        AnchorQuant(
+            "8da4w-g128", WeightQuant(4, 128), WeightQuant(4, 128), WeightQuant(4, 128), "int4 in groups of 128"
+        ),
+        AnchorQuant(
+            "8da4w-g32-e8",
+            WeightQuant(4, 32),
+            WeightQuant(8),
+            WeightQuant(8),
+            "int4 linears in groups of 32, int8 head and embedding",
+        ),
+    )
+}
+DEFAULT_PRESET = "none"
+
+
+def get_preset(name: str) -> AnchorQuant:
+    if name not in PRESETS:
+        raise ValueError(f"unknown anchor quantization {name!r}, expected one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def check_preset(name: str, targets: tuple[str, ...] | list[str]) -> None:
+    """ValueError for an unknown preset, or a quantized one with a target that cannot quantize the anchor."""
+    preset = get_preset(name)
+    unsupported = [t for t in targets if preset.quantized and t not in ANCHOR_QUANT_TARGETS]
+    if unsupported:
+        raise ValueError(
+            f"anchor quantization {name!r} is not available for targets {unsupported} (only {ANCHOR_QUANT_TARGETS})"
+        )
+
+
+# --- ExecuTorch: torchao 8da linears, quantized_decomposed embedding ------------------------------------------
+
+
+def _linear_config(quant: WeightQuant, width: int) -> Any:
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    group = quant.group_for(width)
+    return Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=getattr(torch, f"int{quant.bits}"),
+        weight_granularity=PerGroup(group) if group else PerAxis(0),
+        intx_choose_qparams_algorithm="hqq_scale_only",  # export_llm's default (quantize_with_hqq)
+    )
+
+
+class QuantizedEmbedding(nn.Module):
+    """A token embedding stored as int4 (two codes + 8 per byte, even column in the HIGH nibble, ExecuTorch's
+    ``embedding_4bit`` layout) or int8 codes with float16 scales ``[vocab, d / group]``; the lookup dequantizes
+    only the rows it gathers (``quantized_decomposed::embedding_4bit.dtype`` / ``embedding_byte.dtype``)."""
+
+    def __init__(self, weight: Tensor, quant: WeightQuant) -> None:
+        super().__init__()
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (defines the ops)
+
+        vocab, dim = weight.shape
+        group = quant.group_for(dim) or dim
+        self.bits = quant.bits
+        codes, scales = symmetric_codes(weight.detach().float(), quant.bits, group)
+        if quant.bits == 4:
+            nibbles = (codes + 8).to(torch.uint8).view(vocab, dim // 2, 2)
+            codes = nibbles[..., 0] * 16 + nibbles[..., 1]
+        self.register_buffer("weight", codes.contiguous())
+        self.register_buffer("scales", scales.half().contiguous())
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        ops = torch.ops.quantized_decomposed
+        if self.bits == 4:
+            return ops.embedding_4bit.dtype(self.weight, self.scales, None, -8, 7, tokens, dtype=torch.float32)
+        return ops.embedding_byte.dtype(self.weight, self.scales, None, -128, 127, tokens, dtype=torch.float32)
+
+
+def symmetric_codes(weight: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
+    """Round-to-nearest symmetric codes of float ``[rows, cols]`` per ``group`` columns: (int8 codes in
+    ``-2^(b-1) .. 2^(b-1) - 1``, scales ``[rows, cols / group]`` = ``max|w| / (2^(b-1) - 1)``, fp16-rounded
+    before the codes are computed so that codes * stored scale is what the program dequantizes)."""
+    rows, cols = weight.shape
+    grouped = weight.view(rows, cols // group, group)
+    qmax = 2 ** (bits - 1) - 1
+    scales = (grouped.abs().amax(dim=-1) / qmax).half().float()
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    codes = torch.clamp(torch.round(grouped / safe[..., None]), -qmax - 1, qmax).to(torch.int8)
+    return codes.view(rows, cols), scales
+
+
+class TiedHead(nn.Module):
+    """A float32 head tied to the token embedding, computed by ``hm_export::tied_head`` from the embedding's own
+    parameter (one placeholder, one table in the program)."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.weight = embedding.weight
+
+    def forward(self, h: Tensor) -> Tensor:
+        return tied_head(h, self.weight)
+
+
+def _embeddings(module: nn.Module) -> list[tuple[nn.Module, str, nn.Embedding]]:
+    return [(parent, name, child) for parent, name, child in _parents(module) if isinstance(child, nn.Embedding)]
+
+
+def _head_names(module: nn.Module) -> set[str]:
+    """Names of the linear modules whose weight is the embedding's (tied heads)."""
+    embedding_weights = {id(e.weight) for _, _, e in _embeddings(module)}
+    return {n for n, m in module.named_modules() if isinstance(m, nn.Linear) and id(m.weight) in embedding_weights}
+
+
+@torch.no_grad()
+def quantize_for_executorch(module: nn.Module, preset: AnchorQuant) -> dict[str, Any]:
+    """Quantize ``module``'s anchor in place as the ExecuTorch target does (see the module docstring); returns
+    the manifest's description (what was quantized, with the groups used).  Memory slot tensors are
+    parameters of ``module.slot`` and never linear modules, so they stay as they are."""
+    from torchao.quantization import quantize_
+
+    heads = _head_names(module)
+    done: dict[str, Any] = {"preset": preset.name}
+    if preset.linears is not None or preset.head is not None:
+        linears = [
+            (name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear) and not name.startswith("slot")
+        ]
+        groups: dict[str, dict[int, int]] = {"linears": {}, "head": {}}
+        for name, linear in linears:
+            role = "head" if name in heads else "linears"
+            quant = preset.head if role == "head" else preset.linears
+            if quant is None:
+                continue
+            width = linear.in_features
+            if role == "head":  # untie: the head gets its own (quantized) copy, the embedding keeps its weight
+                linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+            quantize_(linear, _linear_config(quant, width), filter_fn=lambda m, _fqn, target=linear: m is target)
+            groups[role][width] = quant.group_for(width)
+        for role in ("linears", "head"):
+            quant = preset.linears if role == "linears" else preset.head
+            if quant is not None:
+                done[role] = {
+                    "scheme": f"8da{quant.bits}w",
+                    "weights": quant.describe(),
+                    "activations": "int8, dynamic per token (asymmetric)",
+                    "groups_by_input_width": {str(w): g for w, g in sorted(groups[role].items())},
+                    "kernel": "XNNPACK qd8 GEMM",
+                }
+    if preset.embedding is not None:
+        for parent, name, embedding in _embeddings(module):
+            setattr(parent, name, QuantizedEmbedding(embedding.weight, preset.embedding))
+            width = embedding.embedding_dim
+            done["embedding"] = {
+                "weights": preset.embedding.describe(),
+                "group": preset.embedding.group_for(width) or width,
+                "scales": "float16",
+                "kernel": f"quantized_decomposed::embedding_{'4bit' if preset.embedding.bits == 4 else 'byte'}",
+            }
+    if heads and preset.head is None and preset.embedding is None:  # float: the head reads the lookup's table
+        for parent, name, child in list(_parents(module)):
+            if isinstance(child, nn.Linear) and id(child.weight) in {id(e.weight) for _, _, e in _embeddings(module)}:
+                setattr(parent, name, TiedHead(next(e for _, _, e in _embeddings(module) if e.weight is child.weight)))
+        done["tied_embedding"] = "stored once: the head (hm_export::tied_head) reads the embedding's float32 table"
+    elif heads:
+        done["tied_embedding"] = (
+            "stored twice: the quantized lookup table, and the head's weights inside XNNPACK (the delegate keeps its "
+            "own packed copy; no kernel here computes the head from the lookup's table as fast)"
+        )
+    return done
+
+
+def _parents(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    return [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()]
+
+
+def exported_model(model: MemoryModel, preset: AnchorQuant) -> tuple[MemoryModel, dict[str, Any]]:
+    """A copy of ``model`` with its anchor quantized as the ExecuTorch target quantizes it (and a tied float head
+    computed from the embedding table; ``model`` itself when nothing changes), and the description of what was
+    quantized: the eager model "as exported", which the ExecuTorch program is traced from and golden checks and
+    ``verify`` compare against."""
+    if not preset.quantized and not _head_names(model):  # type: ignore[arg-type]
+        return model, {"preset": preset.name}
+    clone = copy.deepcopy(model)
+    return clone, quantize_for_executorch(clone, preset)  # type: ignore[arg-type]

@@ -1,0 +1,128 @@
+"""``--anchor-quant``: every preset exports a tiny model, passes its golden checks, and stores each weight once.
+
+"Stored once" is a byte search over every file of the bundle, as the bank-bytes test searches the programs: the
+float32 bytes of each float anchor weight, or the codes of each quantized one in the layout the runtime stores
+(XNNPACK's int4: two codes + 8 per byte along the input, even index in the low nibble; int8 as is), must occur
+exactly once.  The one exception is documented: a quantized tied embedding is stored as the lookup table and
+again as the head's XNNPACK weights (each of those once).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DECODE_CONTEXTS, tiny_checkpoint, tiny_config
+
+from hm_export.anchor_quant import PRESETS, QuantizedEmbedding, WeightQuant, exported_model, get_preset
+from hm_export.checkpoint import load_checkpoint
+from hm_export.checks import run_checks
+from hm_export.export import ExportRecipe, export_bundle
+from hm_export.targets import EmitOptions
+
+# d 64, FFN 128, vocab 96: widths divisible by 32, so every preset's groups apply (and g128 falls back to 64).
+CFG = tiny_config(vocab_size=96, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128)
+
+
+def bundle_bytes(bundle: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file())
+
+
+def xnnpack_int4(codes: torch.Tensor) -> bytes:
+    """int4 codes [out, in] as XNNPACK serializes them: code + 8, pairs along the input, even index low."""
+    shifted = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(codes.shape[0], -1, 2)
+    return (shifted[..., 0] | (shifted[..., 1] << 4)).numpy().tobytes()
+
+
+def stored_forms(module: torch.nn.Module) -> dict[str, bytes]:
+    """What each anchor weight of a quantized (or float) model looks like in the program."""
+    forms = {}
+    for name, child in module.named_modules():
+        if isinstance(child, torch.nn.Linear):
+            weight = child.weight
+            if hasattr(weight, "qdata"):  # torchao's quantized tensor: int8 storage of the int4/int8 codes
+                codes = weight.qdata
+                forms[name] = xnnpack_int4(codes) if int(codes.max()) <= 7 and int(codes.min()) >= -8 else None
+                if forms[name] is None:
+                    forms[name] = codes.numpy().tobytes()
+            else:
+                forms[name] = weight.detach().numpy().astype("<f4").tobytes()
+        elif isinstance(child, QuantizedEmbedding):
+            forms[name] = child.weight.numpy().tobytes()
+        elif isinstance(child, torch.nn.Embedding):
+            forms[name] = child.weight.detach().numpy().astype("<f4").tobytes()
+    return forms
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("contexts") / "contexts.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in DECODE_CONTEXTS))
+    return path
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_exports_passes_its_checks_and_stores_each_weight_once(tmp_path, contexts, preset):
+    checkpoint = tiny_checkpoint(tmp_path, cfg=CFG, seed=2)
+    bundle = tmp_path / "bundle"
+    recipe = ExportRecipe(
+        ("executorch",),
+        bank_scheme="int4-g32",
+        options=EmitOptions(anchor_quant=preset),
+        checks=2,
+        check_new_tokens=6,
+        check_contexts=contexts,
+    )
+    export_bundle(checkpoint, bundle, recipe)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = manifest["targets"]["executorch"]
+    assert entry["window"] == "decode" and entry["files"] == {}  # one program per target
+    assert sorted(p.name for p in (bundle / "executorch").iterdir()) == ["decode.pte"]
+    assert entry["anchor_quant"]["preset"] == preset
+    report = run_checks(bundle)
+    assert report.passed, [r for r in report.results if r.status == "fail"]
+    assert report.summary()["executorch/decode"]["pass"] == 2
+
+    model, _ = exported_model(load_checkpoint(checkpoint).model, get_preset(preset))
+    data = bundle_bytes(bundle)
+    for name, form in stored_forms(model).items():
+        assert data.count(form) == 1, (preset, name)
+
+
+def test_group_falls_back_to_a_multiple_of_32_that_divides_the_width():
+    assert WeightQuant(4, 128).group_for(576) == 96  # SmolLM2's width
+    assert WeightQuant(4, 128).group_for(1536) == 128
+    assert WeightQuant(4, 32).group_for(48) == 0  # no multiple of 32 divides it: per channel
+    with pytest.raises(ValueError, match="multiple of 32"):
+        WeightQuant(4, 48)
+
+
+def test_quantized_model_keeps_the_slot_and_unties_the_head():
+    model = load_checkpoint(tiny_checkpoint(Path("/tmp"), name="hm-aq-ckpt", cfg=CFG)).model
+    quantized, description = exported_model(model, get_preset("8da4w-g32"))
+    assert quantized is not model and model.head.weight is model.embed.weight  # the original is untouched
+    assert isinstance(quantized.embed, QuantizedEmbedding)
+    assert hasattr(quantized.head.weight, "qdata") and hasattr(quantized.blocks[0].ffn.up.weight, "qdata")
+    assert description["linears"]["groups_by_input_width"] == {"64": 32, "128": 32}
+    tokens = torch.randint(0, CFG.vocab_size, (1, 9))
+    paths = torch.tensor([1, 3])
+    with torch.no_grad():
+        float_logits, quantized_logits = model.forward_path(tokens, paths), quantized.forward_path(tokens, paths)
+    cosine = torch.nn.functional.cosine_similarity(quantized_logits.flatten(), float_logits.flatten(), dim=0)
+    assert not torch.equal(quantized_logits, float_logits) and cosine > 0.9  # quantized, still the same model
+    assert exported_model(model, get_preset("none"))[0] is model
+
+
+def test_cli_offers_every_preset():
+    from hm_export.cli import ANCHOR_QUANT_PRESETS
+
+    assert sorted(ANCHOR_QUANT_PRESETS) == sorted(PRESETS)
+
+
+def test_recipe_refuses_unknown_presets_and_targets_without_a_mapping():
+    with pytest.raises(ValueError, match="unknown anchor quantization"):
+        ExportRecipe(options=EmitOptions(anchor_quant="int3"))
+    with pytest.raises(ValueError, match="not available for targets"):
+        ExportRecipe(("executorch-coreml",), options=EmitOptions(anchor_quant="8da4w-g32"))
