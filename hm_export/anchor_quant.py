@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from hm_export.architectures import MemoryModel
 from hm_export.kernels import tied_head
+from hm_export.model import TiedHead
 
 ANCHOR_QUANT_TARGETS = ("executorch", "onnx", "coreml")  # targets that quantize the anchor; others refuse
 
@@ -194,13 +195,9 @@ def symmetric_codes(weight: Tensor, bits: int, group: int) -> tuple[Tensor, Tens
     return codes.view(rows, cols), scales
 
 
-class TiedHead(nn.Module):
+class KernelTiedHead(TiedHead):
     """A float32 head tied to the token embedding, computed by ``hm_export::tied_head`` from the embedding's own
     parameter (one placeholder, one table in the program)."""
-
-    def __init__(self, embedding: nn.Embedding) -> None:
-        super().__init__()
-        self.weight = embedding.weight
 
     def forward(self, h: Tensor) -> Tensor:
         return tied_head(h, self.weight)
@@ -211,9 +208,22 @@ def _embeddings(module: nn.Module) -> list[tuple[nn.Module, str, nn.Embedding]]:
 
 
 def _head_names(module: nn.Module) -> set[str]:
-    """Names of the linear modules whose weight is the embedding's (tied heads)."""
+    """Names of the heads whose weight is the embedding's (a host's tied ``nn.Linear``, or a :class:`TiedHead`)."""
     embedding_weights = {id(e.weight) for _, _, e in _embeddings(module)}
-    return {n for n, m in module.named_modules() if isinstance(m, nn.Linear) and id(m.weight) in embedding_weights}
+    return {
+        n
+        for n, m in module.named_modules()
+        if isinstance(m, (nn.Linear, TiedHead)) and id(m.weight) in embedding_weights
+    }
+
+
+def _untie(module: nn.Module, names: set[str], make: Any) -> None:
+    """Replace each tied head named in ``names`` by ``make(embedding)``."""
+    embeddings = {id(e.weight): e for _, _, e in _embeddings(module)}
+    for parent, name, child in _parents(module):
+        full = next((n for n, m in module.named_modules() if m is child), None)
+        if full in names:
+            setattr(parent, name, make(embeddings[id(child.weight)]))
 
 
 @torch.no_grad()
@@ -225,6 +235,8 @@ def quantize_for_executorch(module: nn.Module, preset: AnchorQuant) -> dict[str,
 
     heads = _head_names(module)
     done: dict[str, Any] = {"preset": preset.name}
+    if preset.head is not None:  # the quantized head gets its own copy of the table: a plain linear to quantize
+        _untie(module, heads, lambda e: _linear_copy(e.weight))
     if preset.linears is not None or preset.head is not None:
         linears = [
             (name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear) and not name.startswith("slot")
@@ -236,8 +248,6 @@ def quantize_for_executorch(module: nn.Module, preset: AnchorQuant) -> dict[str,
             if quant is None:
                 continue
             width = linear.in_features
-            if role == "head":  # untie: the head gets its own (quantized) copy, the embedding keeps its weight
-                linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
             quantize_(linear, _linear_config(quant, width), filter_fn=lambda m, _fqn, target=linear: m is target)
             groups[role][width] = quant.group_for(width)
         for role in ("linears", "head"):
@@ -261,9 +271,7 @@ def quantize_for_executorch(module: nn.Module, preset: AnchorQuant) -> dict[str,
                 "kernel": f"quantized_decomposed::embedding_{'4bit' if preset.embedding.bits == 4 else 'byte'}",
             }
     if heads and preset.head is None and preset.embedding is None:  # float: the head reads the lookup's table
-        for parent, name, child in list(_parents(module)):
-            if isinstance(child, nn.Linear) and id(child.weight) in {id(e.weight) for _, _, e in _embeddings(module)}:
-                setattr(parent, name, TiedHead(next(e for _, _, e in _embeddings(module) if e.weight is child.weight)))
+        _untie(module, heads, KernelTiedHead)
         done["tied_embedding"] = "stored once: the head (hm_export::tied_head) reads the embedding's float32 table"
     elif heads:
         done["tied_embedding"] = (
@@ -271,6 +279,12 @@ def quantize_for_executorch(module: nn.Module, preset: AnchorQuant) -> dict[str,
             "own packed copy; no kernel here computes the head from the lookup's table as fast)"
         )
     return done
+
+
+def _linear_copy(weight: Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    return linear
 
 
 def _parents(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

@@ -172,6 +172,24 @@ class Block(nn.Module):
         return self.feed_forward(x + self.attn(self.attn_norm(x), cos, sin, mask), memory)
 
 
+class TiedHead(nn.Module):
+    """The output head tied to the token embedding: ``h @ E^T``.  It reads the embedding's parameter without
+    registering it, so the weight has one name in checkpoints and one placeholder in exported programs; an
+    export may replace the module (:mod:`hm_export.anchor_quant`: a quantized head, or a kernel reading the table).
+    """
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.embedding = [embedding]  # a list: not a registered submodule
+
+    @property
+    def weight(self) -> Tensor:
+        return self.embedding[0].weight
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.weight)
+
+
 class MemoryBank(nn.Module):
     """All blocks of the tree, level by level, in slot layout (see the module docstring)."""
 
@@ -207,10 +225,7 @@ class MemoryLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
-        # The output head, tied: a linear module sharing the embedding's parameter (stored once in checkpoints and
-        # programs), so an anchor quantizer that works on linear modules (hm_export.anchor_quant) reaches it.
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.head.weight = self.embed.weight
+        self.head = TiedHead(self.embed)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.bank = MemoryBank(cfg)
