@@ -26,6 +26,7 @@ from torch import nn
 
 from hm_export.anchor_quant import AnchorQuant, WeightQuant
 from hm_export.architectures import MemoryModel
+from hm_export.model import TiedHead
 
 NBITS_DOMAIN = "com.microsoft"
 
@@ -74,10 +75,12 @@ def quantize_anchor(program: Path, preset: AnchorQuant, vocab: int, d_model: int
             block_size=_block(quant),
             is_symmetric=True,
             bits=quant.bits,
-            op_types_to_quantize=("MatMul", "Gather"),
+            op_types_to_quantize=("Gather",) if role == "embedding" else ("MatMul",),
             quant_axes=(("MatMul", 0), ("Gather", 1)),
         )
-        quantizer = MatMulNBitsQuantizer(model, nodes_to_include=names, algo_config=config)
+        # The quantizer takes a node if it is included OR of a listed type: exclude every other node by name.
+        others = [n.name for n in model.graph.node if n.name not in set(names)]
+        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
         quantizer.process()
         model = quantizer.model.model
         kind = "GatherBlockQuantized" if role == "embedding" else "MatMulNBits"
@@ -141,18 +144,24 @@ def as_exported(model: MemoryModel, dequantized: dict[str, np.ndarray]) -> Memor
     """A copy of ``model`` whose quantized weights hold ONNX Runtime's dequantized values (linear weights are
     stored transposed in the program; the embedding as is)."""
     clone = copy.deepcopy(model)
-    found = 0
-    for module in clone.modules():  # type: ignore[attr-defined]
-        if isinstance(module, nn.Linear):
-            key = _fingerprint(module.weight.detach().numpy().T)
+    found = []  # (parent, name, module, key): every match first, since a tied head reads the embedding's weight
+    for parent in list(clone.modules()):  # type: ignore[attr-defined]
+        for name, module in parent.named_children():
+            if isinstance(module, (nn.Linear, TiedHead)):  # stored transposed: MatMul(x, W^T)
+                key = _fingerprint(module.weight.detach().numpy().T)
+            elif isinstance(module, nn.Embedding):
+                key = _fingerprint(module.weight.detach().numpy())
+            else:
+                continue
             if key in dequantized:
-                module.weight = nn.Parameter(torch.from_numpy(dequantized[key].T.copy()), requires_grad=False)
-                found += 1
-        elif isinstance(module, nn.Embedding):
-            key = _fingerprint(module.weight.detach().numpy())
-            if key in dequantized:
-                module.weight = nn.Parameter(torch.from_numpy(dequantized[key].copy()), requires_grad=False)
-                found += 1
-    if found != len(dequantized):
-        raise RuntimeError(f"matched {found} of {len(dequantized)} quantized ONNX weights to the model's parameters")
+                found.append((parent, name, module, key))
+    for parent, name, module, key in found:
+        if isinstance(module, nn.Embedding):
+            module.weight = nn.Parameter(torch.from_numpy(dequantized[key].copy()), requires_grad=False)
+        else:  # a tied head becomes its own (dequantized) linear
+            linear = nn.Linear(module.weight.shape[1], module.weight.shape[0], bias=False)
+            linear.weight = nn.Parameter(torch.from_numpy(dequantized[key].T.copy()), requires_grad=False)
+            setattr(parent, name, linear)
+    if len(found) != len(dequantized):
+        raise RuntimeError(f"matched {len(found)} of {len(dequantized)} quantized ONNX weights to the model's weights")
     return clone
