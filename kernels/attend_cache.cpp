@@ -21,6 +21,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using executorch::aten::ScalarType;
@@ -28,40 +32,132 @@ using executorch::aten::Tensor;
 using executorch::runtime::Error;
 using executorch::runtime::KernelRuntimeContext;
 
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
-#define HM_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define HM_CLONES
-#endif
-
-// One query row against keys [lo, hi] of one KV head: softmax(scale * q.k) . v into out (D floats).
-HM_CLONES void attend_row(const float* q, const float* keys, const float* values, int64_t lo, int64_t hi, int64_t dim,
-                          float scale, float* scores, float* out) {
-  float top = -INFINITY;
-  for (int64_t j = lo; j <= hi; ++j) {
-    const float* k = keys + j * dim;
-    float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // 8 partial sums: vectorizable
-    int64_t e = 0;
-    for (; e + 8 <= dim; e += 8) {
-      for (int l = 0; l < 8; ++l) lanes[l] += q[e + l] * k[e + l];
+// Scores, softmax and weighted sum of values for the `group` query rows q[g] (stride q_stride) that share one
+// KV head, over its keys [lo, hi]; out[g] (stride out_stride) gets each row's result. `scores` holds
+// group * (hi - lo + 1) floats. The portable version; attend_group_avx2 below computes the same on x86.
+void attend_group(const float* q, int64_t q_stride, int64_t group, const float* keys, const float* values, int64_t lo,
+                  int64_t hi, int64_t dim, float scale, float* scores, float* out, int64_t out_stride) {
+  const int64_t count = hi - lo + 1;
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * q_stride;
+    float* sg = scores + g * count;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < count; ++j) {
+      const float* k = keys + (lo + j) * dim;
+      float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // 8 partial sums: vectorizable
+      int64_t e = 0;
+      for (; e + 8 <= dim; e += 8) {
+        for (int l = 0; l < 8; ++l) lanes[l] += qg[e + l] * k[e + l];
+      }
+      float dot = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+      for (; e < dim; ++e) dot += qg[e] * k[e];
+      sg[j] = dot * scale;
+      top = std::max(top, sg[j]);
     }
-    float dot = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    for (; e < dim; ++e) dot += q[e] * k[e];
-    scores[j - lo] = dot * scale;
-    top = std::max(top, scores[j - lo]);
-  }
-  float total = 0.0f;
-  for (int64_t j = lo; j <= hi; ++j) {
-    scores[j - lo] = std::exp(scores[j - lo] - top);
-    total += scores[j - lo];
-  }
-  std::fill(out, out + dim, 0.0f);
-  for (int64_t j = lo; j <= hi; ++j) {
-    const float weight = scores[j - lo] / total;
-    const float* v = values + j * dim;
-    for (int64_t e = 0; e < dim; ++e) out[e] += weight * v[e];
+    float total = 0.0f;
+    for (int64_t j = 0; j < count; ++j) {
+      sg[j] = std::exp(sg[j] - top);
+      total += sg[j];
+    }
+    float* o = out + g * out_stride;
+    std::fill(o, o + dim, 0.0f);
+    for (int64_t j = 0; j < count; ++j) {
+      const float weight = sg[j] / total;
+      const float* v = values + (lo + j) * dim;
+      for (int64_t e = 0; e < dim; ++e) o[e] += weight * v[e];
+    }
   }
 }
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define HM_AVX2_FMA __attribute__((target("avx2,fma")))
+
+HM_AVX2_FMA inline float hsum(__m256 v) {
+  const __m128 pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 quad = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+  return _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)));
+}
+
+// exp(x) for x <= 0 (softmax arguments), 8 lanes: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial
+// (relative error ~2e-7); below -87 the result is 0.
+HM_AVX2_FMA inline __m256 exp_neg(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// attend_group on x86 (dim a multiple of 8, group <= 8): each key row is loaded once for the whole group, the
+// exponentials are vectorized, and the value rows are accumulated with FMAs.
+HM_AVX2_FMA void attend_group_avx2(const float* q, int64_t q_stride, int64_t group, const float* keys,
+                                   const float* values, int64_t lo, int64_t hi, int64_t dim, float scale,
+                                   float* scores, float* out, int64_t out_stride) {
+  const int64_t count = hi - lo + 1;
+  float top[8];
+  for (int64_t g = 0; g < group; ++g) top[g] = -INFINITY;
+  for (int64_t j = 0; j < count; ++j) {
+    const float* k = keys + (lo + j) * dim;
+    __m256 acc[8];
+    for (int64_t g = 0; g < group; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < dim; e += 8) {
+      const __m256 kv = _mm256_loadu_ps(k + e);
+      for (int64_t g = 0; g < group; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * q_stride + e), kv, acc[g]);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      const float score = hsum(acc[g]) * scale;
+      scores[g * count + j] = score;
+      top[g] = std::max(top[g], score);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores + g * count;
+    const __m256 shift = _mm256_set1_ps(top[g]);
+    __m256 sum8 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= count; j += 8) {
+      const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sg + j), shift));
+      _mm256_storeu_ps(sg + j, e);
+      sum8 = _mm256_add_ps(sum8, e);
+    }
+    float total = hsum(sum8);
+    for (; j < count; ++j) {
+      sg[j] = std::exp(sg[j] - top[g]);
+      total += sg[j];
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (j = 0; j + 8 <= count; j += 8) _mm256_storeu_ps(sg + j, _mm256_mul_ps(_mm256_loadu_ps(sg + j), inv));
+    for (; j < count; ++j) sg[j] /= total;
+  }
+  for (int64_t e0 = 0; e0 < dim; e0 += 32) {  // 32 columns x group rows of accumulators stay in registers
+    const int64_t width = std::min<int64_t>(32, dim - e0);
+    for (int64_t g = 0; g < group; ++g) {
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      const float* sg = scores + g * count;
+      for (int64_t j = 0; j < count; ++j) {
+        const __m256 w = _mm256_set1_ps(sg[j]);
+        const float* v = values + (lo + j) * dim + e0;
+        for (int64_t c = 0; c < width / 8; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+      }
+      for (int64_t c = 0; c < width / 8; ++c) _mm256_storeu_ps(out + g * out_stride + e0 + 8 * c, acc[c]);
+    }
+  }
+}
+
+bool use_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
 
 Tensor& attend_cache_out(
     KernelRuntimeContext& ctx,
@@ -105,18 +201,28 @@ Tensor& attend_cache_out(
     std::memcpy(values + (h * length + pos) * dim, v.const_data_ptr<float>() + h * seq * dim,
                 sizeof(float) * seq * dim);
   }
-  thread_local std::vector<float> scores;
-  scores.resize(static_cast<size_t>(pos + seq));
   const int64_t group = heads / kv_heads;
+  thread_local std::vector<float> scores;
+  scores.resize(static_cast<size_t>(group * (pos + seq)));
   const float* query = q.const_data_ptr<float>();
   float* result = out.mutable_data_ptr<float>();
-  for (int64_t h = 0; h < heads; ++h) {
-    const int64_t kv = h / group;
+  for (int64_t kv = 0; kv < kv_heads; ++kv) {
     for (int64_t s = 0; s < seq; ++s) {
       const int64_t hi = pos + s;
       const int64_t lo = window > 0 ? std::max<int64_t>(0, hi - window + 1) : 0;
-      attend_row(query + (h * seq + s) * dim, keys + kv * length * dim, values + kv * length * dim, lo, hi, dim,
-                 static_cast<float>(scale), scores.data(), result + (s * heads + h) * dim);
+      // The group's query rows: heads kv * group .. (kv + 1) * group - 1 at position s (q is [1, Hq, S, D]).
+      const float* rows = query + (kv * group * seq + s) * dim;
+      float* outs = result + (s * heads + kv * group) * dim;
+      const float* k = keys + kv * length * dim;
+      const float* v = values + kv * length * dim;
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+      if (use_avx2() && dim % 8 == 0 && group <= 8) {
+        attend_group_avx2(rows, seq * dim, group, k, v, lo, hi, dim, static_cast<float>(scale), scores.data(), outs,
+                          dim);
+        continue;
+      }
+#endif
+      attend_group(rows, seq * dim, group, k, v, lo, hi, dim, static_cast<float>(scale), scores.data(), outs, dim);
     }
   }
   return out;

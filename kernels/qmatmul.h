@@ -7,7 +7,7 @@
 //   x [tokens, rows] float32 -> xq int8, xs float32 per token: xs = max|x| / 127, xq = round(x * (127 / max|x|))
 //   out[t, c] = sum over row groups g, in order, of float(sum_{i in g} xq[t, i] * code[i, c]) * (scale[g, c] * xs[t])
 //
-// Every path (scalar, AVX2, NEON) accumulates each group exactly in int32 and then adds the group's float
+// Every path (scalar, AVX2, AVX-512, NEON) accumulates each group exactly in int32 and then adds the group's float
 // term with one multiply and one add (no fused multiply-add), in the same order: all paths give the same
 // bits. The SIMD paths unpack a tile of (two rows x 32 columns) once and apply it to every token, so a
 // prefill of T tokens unpacks the matrix once, not T times.
@@ -58,15 +58,27 @@ inline float half_to_float(uint16_t h) {
   return out;
 }
 
-enum class Isa { Scalar = 0, Avx2 = 1, Neon = 2 };
+enum class Isa { Scalar = 0, Avx2 = 1, Neon = 2, Avx512 = 3 };
 
 inline const char* isa_name(Isa isa) {
-  return isa == Isa::Avx2 ? "avx2" : isa == Isa::Neon ? "neon" : "scalar";
+  switch (isa) {
+    case Isa::Avx2:
+      return "avx2";
+    case Isa::Neon:
+      return "neon";
+    case Isa::Avx512:
+      return "avx512";
+    default:
+      return "scalar";
+  }
 }
 
 // The best path this CPU supports.
 inline Isa best_isa() {
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
+  if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c")) {
+    return Isa::Avx512;
+  }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return Isa::Avx2;
 #endif
 #if defined(HM_KERNELS_NEON)
@@ -75,11 +87,23 @@ inline Isa best_isa() {
   return Isa::Scalar;
 }
 
-// The path the ops run: the best one, unless HM_KERNELS_ISA=scalar forces the portable loop (read once).
+// Whether this CPU runs path `isa` (AVX-512 machines also run the AVX2 path).
+inline bool supports(Isa isa) {
+  const Isa best = best_isa();
+  return isa == Isa::Scalar || isa == best || (isa == Isa::Avx2 && best == Isa::Avx512);
+}
+
+// The path the ops run: the best one, unless HM_KERNELS_ISA names another this CPU supports ("scalar" forces the
+// portable loop, "avx2" the 256-bit path on an AVX-512 machine); read once.
 inline Isa active_isa() {
   static const Isa isa = [] {
     const char* forced = std::getenv("HM_KERNELS_ISA");
-    return forced != nullptr && std::strcmp(forced, "scalar") == 0 ? Isa::Scalar : best_isa();
+    if (forced != nullptr) {
+      for (Isa candidate : {Isa::Scalar, Isa::Avx2, Isa::Neon, Isa::Avx512}) {
+        if (std::strcmp(forced, isa_name(candidate)) == 0 && supports(candidate)) return candidate;
+      }
+    }
+    return best_isa();
   }();
   return isa;
 }
@@ -162,6 +186,24 @@ HM_AVX2 inline void finish8(__m256i acc, const uint16_t* scales, float xs, float
 // 49..63. maddubs with the token's (x_i, x_i+1) byte pair gives 16 int16 sums per register; at most 8 pairs are
 // summed in int16 (8 * 2 * 15 * 127 < 32767) before widening into int32. The +8 offset is removed per group:
 // sum -= 8 * sum_{i in g} x_i.
+// Per token: 8 * the sum of the group's codes (the +8 offset to remove), and the group's (x_i, x_i+1) byte pairs
+// as int16 (a missing partner is 0), which the inner loops broadcast.
+inline void group_pairs(const int8_t* xq, int64_t xq_stride, int64_t tokens, int64_t r0, int64_t group,
+                        int32_t* xsum, int16_t* xpairs) {
+  const int64_t pairs = (group + 1) / 2;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int8_t* q = xq + t * xq_stride + r0;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < group; ++i) sum += q[i];
+    xsum[t] = 8 * sum;
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int8_t second = (2 * p + 1 < group) ? q[2 * p + 1] : 0;
+      xpairs[t * pairs + p] = static_cast<int16_t>(static_cast<uint8_t>(q[2 * p]) |
+                                                   (static_cast<uint16_t>(static_cast<uint8_t>(second)) << 8));
+    }
+  }
+}
+
 struct Int4Pair {
   __m256i e0, e1, o0, o1;
 };
@@ -208,8 +250,11 @@ HM_AVX2 inline void finish_block64(const Int4Sums& s, int32_t offset, const uint
   for (; c < width; ++c) out[c] = out[c] + static_cast<float>(lanes[c]) * (half_to_float(scales[c]) * xs);
 }
 
+// Columns [c_begin, c_end) (c_begin a multiple of 64) in 64-column blocks; out's other columns are not touched.
 HM_AVX2 inline void qmatmul_int4_avx2(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
-                                      int64_t tokens, float* out, int64_t out_stride) {
+                                      int64_t tokens, float* out, int64_t out_stride, int64_t c_begin = 0,
+                                      int64_t c_end = -1) {
+  if (c_end < 0) c_end = w.cols;
   const int64_t pairs = (w.group + 1) / 2;
   const int64_t row_bytes = w.cols / 2;
   alignas(32) static const uint8_t zero_codes[32] = {0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88,
@@ -221,22 +266,12 @@ HM_AVX2 inline void qmatmul_int4_avx2(const QMatrix& w, const int8_t* xq, int64_
   std::vector<int32_t> xsum(static_cast<size_t>(tokens));
   // Per token, the group's (x_i, x_i+1) byte pairs as int16 (broadcast per pair in the inner loop).
   std::vector<int16_t> xpairs(static_cast<size_t>(tokens * pairs));
-  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + w.cols, 0.0f);
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride + c_begin, out + t * out_stride + c_end, 0.0f);
   for (int64_t g = 0; g < w.rows / w.group; ++g) {
     const int64_t r0 = g * w.group;
-    for (int64_t t = 0; t < tokens; ++t) {
-      const int8_t* q = xq + t * xq_stride + r0;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < w.group; ++i) sum += q[i];
-      xsum[t] = 8 * sum;
-      for (int64_t p = 0; p < pairs; ++p) {
-        const int8_t second = (2 * p + 1 < w.group) ? q[2 * p + 1] : 0;
-        xpairs[t * pairs + p] =
-            static_cast<int16_t>(static_cast<uint8_t>(q[2 * p]) | (static_cast<uint16_t>(static_cast<uint8_t>(second)) << 8));
-      }
-    }
-    for (int64_t c0 = 0; c0 < w.cols; c0 += 64) {
-      const int64_t width = std::min<int64_t>(64, w.cols - c0);
+    group_pairs(xq, xq_stride, tokens, r0, w.group, xsum.data(), xpairs.data());
+    for (int64_t c0 = c_begin; c0 < c_end; c0 += 64) {
+      const int64_t width = std::min<int64_t>(64, c_end - c0);
       // The rows of pair p: a pointer into the matrix, or (a narrow block) into the zero-padded copy.
       auto row = [&](int64_t p, int k) -> const uint8_t* {
         const int64_t i = r0 + 2 * p + k;
@@ -279,6 +314,112 @@ HM_AVX2 inline void qmatmul_int4_avx2(const QMatrix& w, const int8_t* xq, int64_
           widen_add(e0, e1, o0, o1, sums);
         }
         finish_block64(sums, xsum[t], w.scales + g * w.cols + c0, xs[t], out + t * out_stride + c0, width);
+      }
+    }
+  }
+}
+
+#define HM_AVX512 __attribute__((target("avx512f,avx512bw,f16c")))
+
+// int4 blocks of 128 columns (64 bytes per row) with 512-bit registers: the AVX2 scheme above, each register
+// holding four 128-bit lanes of it (lane L covers columns 32L .. 32L + 31 of the block). Full blocks only; the
+// last columns (fewer than 128) go to the AVX2 path. Same integer sums, same float finish: the same bits.
+HM_AVX512 inline void finish16(__m512i sums, const uint16_t* scales, float xs, float* out) {
+  const __m512 scale = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales))),
+                                     _mm512_set1_ps(xs));
+  const __m512 term = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), scale);
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), term));
+}
+
+// A row pair of a 128-column block as the four registers e0, e1, o0, o1 (int4_pair64's scheme per 128-bit lane),
+// stored to `u` (unaligned).
+HM_AVX512 inline void int4_pair128(const uint8_t* row_a, const uint8_t* row_b, __m512i* u) {
+  const __m512i low = _mm512_set1_epi8(15);
+  const __m512i a = _mm512_loadu_si512(row_a), b = _mm512_loadu_si512(row_b);
+  const __m512i lo = _mm512_unpacklo_epi8(a, b), hi = _mm512_unpackhi_epi8(a, b);
+  _mm512_storeu_si512(u, _mm512_and_si512(lo, low));
+  _mm512_storeu_si512(u + 1, _mm512_and_si512(hi, low));
+  _mm512_storeu_si512(u + 2, _mm512_and_si512(_mm512_srli_epi16(lo, 4), low));
+  _mm512_storeu_si512(u + 3, _mm512_and_si512(_mm512_srli_epi16(hi, 4), low));
+}
+
+HM_AVX512 inline void qmatmul_int4_avx512(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                          int64_t tokens, float* out, int64_t out_stride) {
+  const int64_t full = w.cols / 128 * 128;
+  if (full < w.cols) qmatmul_int4_avx2(w, xq, xq_stride, xs, tokens, out, out_stride, full, w.cols);
+  if (full == 0) return;
+  const int64_t pairs = (w.group + 1) / 2;
+  const int64_t row_bytes = w.cols / 2;
+  alignas(64) static const uint8_t zero_codes[64] = {
+      0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88,
+      0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88,
+      0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88,
+      0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88, 0x88};
+  std::vector<uint8_t> tile_bytes(tokens > 1 ? static_cast<size_t>(pairs * 4 * 64) : 0);
+  __m512i* tile = reinterpret_cast<__m512i*>(tile_bytes.data());  // unaligned loads/stores only
+  std::vector<int32_t> xsum(static_cast<size_t>(tokens));
+  std::vector<int16_t> xpairs(static_cast<size_t>(tokens * pairs));
+  // Element indices of permutex2var that put (lo, hi) = unpack(even, odd) back in column order: the first 16
+  // columns of the pair of lanes, then the next 16 (see the comment in the loop).
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + full, 0.0f);
+  for (int64_t g = 0; g < w.rows / w.group; ++g) {
+    const int64_t r0 = g * w.group;
+    group_pairs(xq, xq_stride, tokens, r0, w.group, xsum.data(), xpairs.data());
+    for (int64_t c0 = 0; c0 < full; c0 += 128) {
+      auto rows = [&](int64_t p, const uint8_t** a, const uint8_t** b) {
+        *a = w.codes + (r0 + 2 * p) * row_bytes + c0 / 2;
+        *b = 2 * p + 1 < w.group ? *a + row_bytes : zero_codes;
+      };
+      if (tokens > 1) {
+        for (int64_t p = 0; p < pairs; ++p) {
+          const uint8_t *a, *b;
+          rows(p, &a, &b);
+          int4_pair128(a, b, tile + 4 * p);
+        }
+      }
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int16_t* x_pairs = xpairs.data() + t * pairs;
+        __m512i sums[8];  // [e0 lanes 0-1, e0 lanes 2-3, e1 .., o0 .., o1 ..] widened to int32
+        for (auto& v : sums) v = _mm512_setzero_si512();
+        for (int64_t p0 = 0; p0 < pairs; p0 += 8) {
+          __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                            _mm512_setzero_si512()};
+          for (int64_t p = p0; p < std::min(pairs, p0 + 8); ++p) {
+            const __m512i x = _mm512_set1_epi16(x_pairs[p]);
+            __m512i u[4];
+            if (tokens > 1) {
+              for (int k = 0; k < 4; ++k) u[k] = _mm512_loadu_si512(tile + 4 * p + k);
+            } else {
+              const uint8_t *a, *b;
+              rows(p, &a, &b);
+              int4_pair128(a, b, u);
+            }
+            for (int k = 0; k < 4; ++k) acc[k] = _mm512_add_epi16(acc[k], _mm512_maddubs_epi16(u[k], x));
+          }
+          for (int k = 0; k < 4; ++k) {
+            sums[2 * k] = _mm512_add_epi32(sums[2 * k], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(acc[k])));
+            sums[2 * k + 1] =
+                _mm512_add_epi32(sums[2 * k + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(acc[k], 1)));
+          }
+        }
+        const __m512i offset = _mm512_set1_epi32(xsum[t]);
+        const uint16_t* sc = w.scales + g * w.cols + c0;
+        float* o = out + t * out_stride + c0;
+        // sums[2k + h] holds lanes 2h, 2h + 1 of e0 (k = 0), e1 (1), o0 (2), o1 (3): per 128-bit sublane four
+        // columns; unpacking even (e) with odd (o) and permuting gives 16 consecutive columns per pair of lanes.
+        for (int h = 0; h < 2; ++h) {
+          for (int k = 0; k < 2; ++k) {  // e0/o0 cover columns 0..15 of each lane, e1/o1 columns 16..31
+            const __m512i even = _mm512_sub_epi32(sums[2 * k + h], offset);
+            const __m512i odd = _mm512_sub_epi32(sums[2 * (k + 2) + h], offset);
+            const __m512i lo = _mm512_unpacklo_epi32(even, odd), hi = _mm512_unpackhi_epi32(even, odd);
+            const int64_t lane0 = 2 * h;  // this register's first lane: columns 32 * lane0 ..
+            finish16(_mm512_permutex2var_epi32(lo, first, hi), sc + 32 * lane0 + 16 * k, xs[t], o + 32 * lane0 + 16 * k);
+            finish16(_mm512_permutex2var_epi32(lo, second, hi), sc + 32 * (lane0 + 1) + 16 * k, xs[t],
+                     o + 32 * (lane0 + 1) + 16 * k);
+          }
+        }
       }
     }
   }
@@ -423,7 +564,7 @@ HM_AVX2 inline void quantize_rows_avx2(const float* x, int64_t tokens, int64_t n
 inline void quantize_rows(const float* x, int64_t tokens, int64_t n, int64_t stride, int8_t* xq, int64_t xq_stride,
                           float* xs, Isa isa = active_isa()) {
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
-  if (isa == Isa::Avx2) {
+  if (isa == Isa::Avx2 || isa == Isa::Avx512) {
     quantize_rows_avx2(x, tokens, n, stride, xq, xq_stride, xs);
     return;
   }
@@ -435,7 +576,11 @@ inline void quantize_rows(const float* x, int64_t tokens, int64_t n, int64_t str
 inline void qmatmul(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs, int64_t tokens, float* out,
                     int64_t out_stride, Isa isa = active_isa()) {
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
-  if (isa == Isa::Avx2) {
+  if (isa == Isa::Avx512 && w.int4) {
+    qmatmul_int4_avx512(w, xq, xq_stride, xs, tokens, out, out_stride);
+    return;
+  }
+  if (isa == Isa::Avx2 || isa == Isa::Avx512) {  // int8 has no 512-bit variant: the AVX2 one
     if (w.int4) {
       qmatmul_int4_avx2(w, xq, xq_stride, xs, tokens, out, out_stride);
     } else {

@@ -153,8 +153,9 @@ def test_manifest_describes_the_bundle(bundle, manifest, exported):
     }
     assert manifest["tokenizer"] == {"file": "tokenizer.json"}
     assert manifest["router"]["file"] == "router.safetensors" and manifest["router"]["dim"] == MINILM_DIM
-    assert manifest["targets"]["executorch"]["pipeline"]["name"] == "xnnpack_slot"
-    recorded = [p["name"] for p in manifest["targets"]["executorch"]["pipeline"]["passes"]]
+    pipeline = manifest["targets"]["executorch"]["decode"]["pipeline"]  # the target's one program
+    assert pipeline["name"] == "xnnpack_slot"
+    recorded = [p["name"] for p in pipeline["passes"]]
     assert recorded == [p.__name__ for p in PIPELINES["xnnpack_slot"].passes]  # the list: test_passes.py
     assert report.slot_schema_hash == manifest["slot"]["schema_hash"]
 
@@ -184,15 +185,14 @@ def test_manifest_files_match_their_sizes_and_hashes(bundle, manifest):
         "tokenizer.json",
         "router.safetensors",
         "bank/index.json",
-        PROGRAM,
-        "executorch/decode.pte",
+        PROGRAM,  # the one program: no full-window program next to it
         "checks/checks.json",
         "checks/expected.safetensors",
     }
     for relative, record in files.items():
         data = (bundle / relative).read_bytes()
         assert record == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, relative
-    assert manifest["targets"]["executorch"]["files"] == {"program": PROGRAM}
+    assert manifest["targets"]["executorch"]["decode"]["files"] == {"program": PROGRAM}
 
 
 def test_manifest_versions_bank_and_delegation(bundle, manifest):
@@ -203,7 +203,7 @@ def test_manifest_versions_bank_and_delegation(bundle, manifest):
     bank = manifest["bank"]
     assert bank["scheme"] == "float32" and bank["dir"] == "bank"
     assert bank["schema_hash"] == schema_hash(32, CFG.memory, "float32") == BankReader(bundle / "bank").schema_hash
-    delegation = manifest["targets"]["executorch"]["delegation"]
+    delegation = manifest["targets"]["executorch"]["decode"]["delegation"]
     assert delegation["backend"] == "xnnpack"
     assert delegation["slot_inputs_delegated"] is True
     assert delegation["delegated_subgraphs"] >= 1 and delegation["delegated_nodes"] > 100
@@ -324,7 +324,7 @@ def test_tampered_program_is_refused(bundle, tmp_path):
     data = bytearray((root / PROGRAM).read_bytes())
     data[len(data) // 2] ^= 0x01
     (root / PROGRAM).write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"model\.pte: sha256 does not match"):
+    with pytest.raises(BundleError, match=r"decode\.pte: sha256 does not match"):
         BundleLoader(root)
 
 

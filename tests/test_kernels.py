@@ -226,10 +226,10 @@ def test_cpp_kernel_follows_a_dynamic_token_count(kernel_library, tmp_path):
         torch.testing.assert_close(got, want, rtol=0, atol=h_step_bound(*resized))
 
 
-# One quantized product per path through the library's C entry point (0 scalar, 1 AVX2), or the NEON path of the
-# same source cross-compiled for AArch64 and run under qemu (tests/native/qmatmul_harness.cpp).
+# One quantized product per path through the library's C entry point (0 scalar, 1 AVX2, 3 AVX-512), or the NEON path
+# of the same source cross-compiled for AArch64 and run under qemu (tests/native/qmatmul_harness.cpp).
 QMATMUL_CASES = [  # storage, rows, cols, group, tokens
-    ("int4", 576, 288, 32, 1),  # SmolLM2's gate_up: four 64-column blocks and a 32-column one
+    ("int4", 576, 288, 32, 1),  # SmolLM2's gate_up: 64-column blocks (AVX2) or two 128-column ones + AVX2 tail
     ("int4", 144, 576, 16, 3),
     ("int4", 30, 50, 15, 4),  # odd group (a row without a partner), narrow block
     ("int8", 48, 40, 48, 5),
@@ -251,7 +251,7 @@ def padded_int8(xq: torch.Tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case", QMATMUL_CASES)
-@pytest.mark.parametrize("isa", [0, 1])
+@pytest.mark.parametrize("isa", [0, 1, 3])
 def test_qmatmul_paths_are_bit_exact(kernel_library, case, isa):
     storage, rows, cols, group, tokens = case
     codes, scales, xq, xs = qmatmul_problem(*case)
@@ -268,7 +268,7 @@ def test_qmatmul_paths_are_bit_exact(kernel_library, case, isa):
         xq_rows.ctypes.data, xq_rows.shape[1], xs_rows.ctypes.data, tokens, out.ctypes.data, isa,
     )  # fmt: skip
     if used < 0:
-        pytest.skip("this CPU has no AVX2")
+        pytest.skip(f"this CPU does not run path {isa}")
     assert torch.equal(torch.from_numpy(out), qmatmul_reference(xq, xs, codes, scales))
 
 

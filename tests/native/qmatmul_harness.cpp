@@ -25,7 +25,7 @@ int main() {
   }
   int64_t used = isa;
   const auto wanted = static_cast<hm_kernels::Isa>(isa);
-  if (wanted != hm_kernels::Isa::Scalar && wanted != hm_kernels::best_isa()) used = -1;
+  if (!hm_kernels::supports(wanted)) used = -1;
   if (used >= 0) {
     const hm_kernels::QMatrix w{codes.data(), scales.data(), rows, cols, group, int4 != 0};
     hm_kernels::qmatmul(w, xq.data(), stride, xs.data(), tokens, out.data(), cols, wanted);
