@@ -250,12 +250,15 @@ def quantize_for_executorch(module: nn.Module, preset: AnchorQuant) -> dict[str,
             width = linear.in_features
             quantize_(linear, _linear_config(quant, width), filter_fn=lambda m, _fqn, target=linear: m is target)
             groups[role][width] = quant.group_for(width)
+            if quant.group_for(width):  # XNNPACK stores blockwise scales as bfloat16: compute with those values
+                scale = linear.weight.scale
+                scale.copy_(scale.to(torch.bfloat16).to(scale.dtype))
         for role in ("linears", "head"):
             quant = preset.linears if role == "linears" else preset.head
             if quant is not None:
                 done[role] = {
                     "scheme": f"8da{quant.bits}w",
-                    "weights": quant.describe(),
+                    "weights": quant.describe() + (", bfloat16 scales" if quant.group else ", float32 scales"),
                     "activations": "int8, dynamic per token (asymmetric)",
                     "groups_by_input_width": {str(w): g for w, g in sorted(groups[role].items())},
                     "kernel": "XNNPACK qd8 GEMM",

@@ -141,6 +141,24 @@ struct Checks {
   std::map<std::string, hm::Tensor> expected;
 };
 
+// The tolerance key of the ExecuTorch program (hm_export.checks._precision): "int8-activations" when its anchor
+// quantizes activations at run time (--anchor-quant 8da*: targets.executorch.anchor_quant.*.activations), else
+// "float32".
+std::string program_precision(const hm::json::Value& manifest) {
+  const hm::json::Value* targets = manifest.find("targets");
+  const hm::json::Value* executorch = targets ? targets->find("executorch") : nullptr;
+  const hm::json::Value* quant = executorch ? executorch->find("anchor_quant") : nullptr;
+  if (quant != nullptr) {
+    for (const auto& [name, part] : quant->object) {
+      const hm::json::Value* activations = part.find("activations");
+      if (activations && activations->kind == hm::json::Value::Kind::String &&
+          activations->string.find("int8") != std::string::npos)
+        return "int8-activations";
+    }
+  }
+  return "float32";
+}
+
 Checks load_checks(const std::string& bundle) {
   hm::json::Value manifest = hm::read_json(bundle + "/manifest.json");
   const hm::json::Value* entry = manifest.find("checks");
@@ -152,7 +170,8 @@ Checks load_checks(const std::string& bundle) {
     if (body.at("format", "format").as_string("format") != "hm-export-checks" ||
         body.at("version", "version").as_int("version") != 1)
       throw hm::Error("not hm-export-checks version 1");
-    out.tolerance = body.at("tolerance", "tolerance").at("float32", "tolerance").as_number("tolerance.float32");
+    const std::string precision = program_precision(manifest);
+    out.tolerance = body.at("tolerance", "tolerance").at(precision, "tolerance").as_number("tolerance." + precision);
     for (const hm::json::Value& item : body.at("checks", "checks").as_array("checks")) {
       Check check;
       check.name = item.at("name", "checks[]").as_string("checks[].name");
