@@ -137,13 +137,33 @@ class Engine:
     def window_logits(self, tokens: list[int]) -> Any:
         raise NotImplementedError
 
+    def set_memory_path(self, path: list[int]) -> None:
+        """Fill the memory slot with ``path`` (systems without memory have nothing to do)."""
+
 
 class LlamaEngine(Engine):
-    """llama.cpp (llama-cpp-python's low-level calls: one ``llama_decode`` per call, no sampling chain)."""
+    """llama.cpp through llama-cpp-python's low-level calls: one ``llama_decode`` per call (``Llama.eval``), the
+    logits read in place (``llama_get_logits_ith``), no sampling chain.
 
-    def __init__(self, path: str, threads: int, logits_all: bool) -> None:
+    ``extra_bufts=False`` keeps the weights in plain CPU buffers: ``Llama()`` silently ignores a
+    ``use_extra_bufts`` keyword, so the model parameters' field is set through ``llama_model_default_params``.
+    """
+
+    def __init__(self, path: str, threads: int, logits_all: bool, extra_bufts: bool = False) -> None:
+        import llama_cpp.llama_cpp as low
+        import numpy as np
+
+        defaults = low.llama_model_default_params
+
+        def model_params() -> Any:
+            params = defaults()
+            params.use_extra_bufts = extra_bufts
+            return params
+
+        low.llama_model_default_params = model_params
         from llama_cpp import Llama
 
+        self.low, self.np = low, np
         self.llm = Llama(
             model_path=path,
             n_ctx=MAX_CONTEXT,
@@ -152,33 +172,32 @@ class LlamaEngine(Engine):
             n_threads=threads,
             n_threads_batch=threads,
             logits_all=logits_all,
-            use_extra_bufts=False,
             verbose=False,
         )
+        low.llama_model_default_params = defaults
+        self.vocab = self.llm.n_vocab()
 
-    def _clear(self) -> None:
-        self.llm.reset()
-        self.llm._ctx.memory_clear(True)
+    def _last(self) -> Any:
+        pointer = self.low.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return self.np.ctypeslib.as_array(pointer, shape=(self.vocab,))
 
     def prefill(self, tokens: list[int]) -> Any:
-        self._clear()
+        self.llm.reset()  # eval() then drops every cached position from 0 on
         self.llm.eval(tokens)
-        return self.llm.scores[self.llm.n_tokens - 1]
+        return self._last()
 
     def step(self, token: int) -> Any:
         self.llm.eval([token])
-        return self.llm.scores[self.llm.n_tokens - 1]
+        return self._last()
 
     def window_logits(self, tokens: list[int]) -> Any:
-        self._clear()
+        self.llm.reset()
         self.llm.eval(tokens)
-        return self.llm.scores[: len(tokens)].copy()
+        return self.llm.scores[: len(tokens)].copy()  # logits_all: eval() keeps every row
 
     def perf(self) -> dict[str, float]:
         """llama.cpp's own timers since the last reset (C side: no Python, no logits copy)."""
-        import llama_cpp
-
-        data = llama_cpp.llama_perf_context(self.llm._ctx.ctx)
+        data = self.low.llama_perf_context(self.llm._ctx.ctx)
         return {
             "prompt_ms": data.t_p_eval_ms,
             "prompt_n": data.n_p_eval,
@@ -187,9 +206,7 @@ class LlamaEngine(Engine):
         }
 
     def reset_perf(self) -> None:
-        import llama_cpp
-
-        llama_cpp.llama_perf_context_reset(self.llm._ctx.ctx)
+        self.low.llama_perf_context_reset(self.llm._ctx.ctx)
 
 
 class PteEngine(Engine):
@@ -247,6 +264,9 @@ class BundleEngine(Engine):
         self.generator = Generator(self.loader, target)
         self.loader.set_path(memory_path)
         self.position = 0
+
+    def set_memory_path(self, path: list[int]) -> None:
+        self.loader.set_path(path)
 
     def prefill(self, tokens: list[int]) -> Any:
         self.position = len(tokens)
@@ -330,17 +350,24 @@ def open_engine(job: dict[str, Any], logits_all: bool = False) -> Engine:
 def generate(engine: Engine, prompt: list[int], new_tokens: int) -> dict[str, Any]:
     """Prefill ``prompt`` in one call, then ``new_tokens - 1`` greedy one-token calls (the first new token
     comes from the prefill's logits), each call timed alone."""
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     token = _argmax(engine.prefill(prompt))
-    prefill = time.perf_counter() - start
-    tokens, steps = [token], []
+    prefill, prefill_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    tokens, steps, steps_cpu = [token], [], 0.0
     for _ in range(new_tokens - 1):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         logits = engine.step(token)
         steps.append(time.perf_counter() - start)
+        steps_cpu += time.process_time() - start_cpu
         token = _argmax(logits)
         tokens.append(token)
-    return {"prefill_s": prefill, "step_s": steps, "tokens": tokens}
+    return {
+        "prefill_s": prefill,
+        "prefill_cpu_s": prefill_cpu,
+        "step_s": steps,
+        "steps_cpu_s": steps_cpu,
+        "tokens": tokens,
+    }
 
 
 def speed_worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -357,10 +384,14 @@ def speed_worker(job: dict[str, Any]) -> dict[str, Any]:
         perf = engine.perf()  # C-side tok/s: what llama.cpp itself reports (no Python per call)
         extra["native_prefill_tokens_per_s"] = round(perf["prompt_n"] / perf["prompt_ms"] * 1e3, 2)
         extra["native_decode_tokens_per_s"] = round(perf["eval_n"] / perf["eval_ms"] * 1e3, 2)
+        extra["system_info"] = engine.low.llama_print_system_info().decode()  # the build's CPU features
     steps = result["step_s"]
     return {
         "prefill_tokens_per_s": len(job["prompt"]) / result["prefill_s"],
         "decode_tokens_per_s": len(steps) / sum(steps),
+        # per second of the process's CPU time (all its threads): at 1 thread, the speed while it runs
+        "prefill_tokens_per_cpu_s": len(job["prompt"]) / max(result["prefill_cpu_s"], 1e-9),
+        "decode_tokens_per_cpu_s": len(steps) / max(result["steps_cpu_s"], 1e-9),
         "decode_step_ms_p50": statistics.median(steps) * 1e3,
         "load_s": round(load_s, 3),
         "peak_rss_mb": _vm_hwm_mb(),
@@ -370,11 +401,16 @@ def speed_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def quality_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """Teacher-forced logits of every window (``job['windows']``, token lists), saved to ``job['out']``."""
+    """Teacher-forced logits of every window (``job['windows']``, token lists; with ``job['paths']``, each on its
+    memory path), saved to ``job['out']``."""
     import numpy as np
 
     engine = open_engine(job, logits_all=True)
-    rows = [np.asarray(engine.window_logits(tokens), dtype=np.float32)[: len(tokens) - 1] for tokens in job["windows"]]
+    rows = []
+    for index, tokens in enumerate(job["windows"]):
+        if "paths" in job:
+            engine.set_memory_path(job["paths"][index])
+        rows.append(np.asarray(engine.window_logits(tokens), dtype=np.float32)[: len(tokens) - 1])
     np.save(job["out"], np.concatenate(rows))
     return {"positions": sum(len(r) for r in rows), "peak_rss_mb": _vm_hwm_mb()}
 
@@ -470,11 +506,18 @@ def summarize(speed: dict[str, dict[int, list[dict]]], meta: dict[str, dict], ba
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
                 **{k: meta[label].get(k) for k in ("bytes_on_disk", "bytes_per_token", "ceiling_tokens_per_s")},
             }
-            for key in ("native_prefill_tokens_per_s", "native_decode_tokens_per_s"):
+            for key in (
+                "prefill_tokens_per_cpu_s",
+                "decode_tokens_per_cpu_s",
+                "native_prefill_tokens_per_s",
+                "native_decode_tokens_per_s",
+            ):
                 if key in results[0]:
                     row[key] = mean_sd([r[key] for r in results])
             ceiling = row["ceiling_tokens_per_s"]
-            row["fraction_of_ceiling"] = round(row["decode_tokens_per_s"]["mean"] / ceiling, 3) if ceiling else None
+            row["fraction_of_ceiling"] = ratio(row["decode_tokens_per_s"]["mean"], ceiling)
+            if threads == 1 and "decode_tokens_per_cpu_s" in row:  # one thread: CPU time is its running time
+                row["fraction_of_ceiling_cpu"] = ratio(row["decode_tokens_per_cpu_s"]["mean"], ceiling)
             rows.append(row)
     index = {(r["system"], r["threads"]): r for r in rows}
     for row in rows:
@@ -501,36 +544,51 @@ def _fmt_ratio(value: float | None) -> str:
 
 
 def markdown_tables(report: dict[str, Any]) -> str:
-    """The report as markdown: speed and size per (system, threads), then quality."""
+    """The report as markdown: speed, footprint (per system at 1 thread), quality, llama.cpp's own timers."""
     keys = list(report.get("baselines", {}))
-    head = [
-        "system",
-        "threads",
-        "prefill tok/s",
-        "decode tok/s",
-        "peak RSS MB",
-        "bytes on disk MB",
-        "read/token MB",
-        "ceiling tok/s",
-        "of ceiling",
-    ]
-    head += [f"{what} vs {key}" for key in keys for what in ("decode", "prefill", "bytes", "RSS")]
+    rows = report["speed"]
+    head = ["system", "threads", "prefill tok/s", "decode tok/s", "decode tok/CPU-s"]
+    head += [f"{what} vs {key}" for key in keys for what in ("decode", "prefill")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in report["speed"]:
+    for row in rows:
+        cpu = row.get("decode_tokens_per_cpu_s")
         cells = [
             f"`{row['system']}`",
             str(row["threads"]),
             _fmt_rate(row["prefill_tokens_per_s"]),
             _fmt_rate(row["decode_tokens_per_s"]),
-            f"{row['peak_rss_mb']:.0f}",
+            _fmt_rate(cpu) if cpu else "-",
+        ]
+        for key in keys:
+            r = row["ratios"].get(key, {})
+            cells += [_fmt_ratio(r.get("decode")), _fmt_ratio(r.get("prefill"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    head = [
+        "system",
+        "bytes on disk MB",
+        "read/token MB",
+        "ceiling tok/s",
+        "of ceiling (wall)",
+        "of ceiling (CPU)",
+        "peak RSS MB",
+    ]
+    head += [f"{what} vs {key}" for key in keys for what in ("bytes", "RSS")]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        if row["threads"] != min(r["threads"] for r in rows if r["system"] == row["system"]):
+            continue
+        cells = [
+            f"`{row['system']}`",
             f"{row['bytes_on_disk'] / 1e6:.1f}" if row.get("bytes_on_disk") else "-",
             f"{row['bytes_per_token'] / 1e6:.1f}" if row.get("bytes_per_token") else "-",
             f"{row['ceiling_tokens_per_s']:.0f}" if row.get("ceiling_tokens_per_s") else "-",
             f"{row['fraction_of_ceiling']:.2f}" if row.get("fraction_of_ceiling") else "-",
+            f"{row['fraction_of_ceiling_cpu']:.2f}" if row.get("fraction_of_ceiling_cpu") else "-",
+            f"{row['peak_rss_mb']:.0f}",
         ]
         for key in keys:
             r = row["ratios"].get(key, {})
-            cells += [_fmt_ratio(r.get(what)) for what in ("decode", "prefill", "bytes", "peak_rss")]
+            cells += [_fmt_ratio(r.get("bytes")), _fmt_ratio(r.get("peak_rss"))]
         lines.append("| " + " | ".join(cells) + " |")
     quality = report.get("quality", {})
     if quality:
@@ -546,7 +604,21 @@ def markdown_tables(report: dict[str, Any]) -> str:
                     f"({q['top1_agreement']:.1%}) | {q['kl_mean_nats']:.4f} | {q['kl_max_nats']:.3f} | "
                     f"{q['nll']:.4f} | {q['perplexity']:.2f} |"
                 )
-    native = [r for r in report["speed"] if "native_decode_tokens_per_s" in r]
+    targets = {label: checks for label, checks in report.get("targets", {}).items() if checks}
+    if targets:
+        lines += [
+            "",
+            "| bundle (1 thread) | decode vs export_llm (>= 1.0) | decode vs llama.cpp Q4_1 (>= 0.8) | "
+            "bytes vs Q4_1 GGUF (<= 1.25) |",
+            "|---|---|---|---|",
+        ]
+        for label, checks in targets.items():
+            cells = [
+                f"{_fmt_ratio(c['measured'])} ({'met' if c['met'] else 'missed' if c['met'] is False else '-'})"
+                for c in (checks[k] for k in ("decode_vs_etllm", "decode_vs_llama", "bytes_vs_llama"))
+            ]
+            lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
+    native = [r for r in rows if "native_decode_tokens_per_s" in r]
     if native:
         lines += ["", "llama.cpp's own timers (C side, no Python per call):", ""]
         for row in native:
@@ -585,19 +657,21 @@ def targets_check(report: dict[str, Any], memory_system: str) -> dict[str, Any]:
 # sizes and the bandwidth bound
 
 
-def read_bandwidth_gbs(size: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
-    """Single-thread memory read bandwidth, GB/s: the best of ``repeats`` sums over a buffer of ``size`` bytes
-    (run with one BLAS/OpenMP thread; numpy's sum is one thread and SIMD)."""
+def read_bandwidth_gbs(size: int = BANDWIDTH_BYTES, repeats: int = 5) -> dict[str, float]:
+    """Single-thread memory read bandwidth, GB/s: the best of ``repeats`` passes of ``numpy.max`` (SIMD, one
+    thread, far faster than memory) over ``size`` bytes, per second of wall time and per second of this
+    process's CPU time (the second is what the core reads while it runs: robust to a shared machine)."""
     import numpy as np
 
     buffer = np.ones(size // 4, dtype=np.float32)
-    buffer.sum()  # page in
-    best = 0.0
+    buffer.max()  # page in
+    wall = cpu = 0.0
     for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.sum()
-        best = max(best, size / (time.perf_counter() - start) / 1e9)
-    return round(best, 2)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        buffer.max()
+        wall = max(wall, size / (time.perf_counter() - start) / 1e9)
+        cpu = max(cpu, size / max(time.process_time() - start_cpu, 1e-9) / 1e9)
+    return {"wall": round(wall, 2), "cpu": round(cpu, 2)}
 
 
 def _gguf_bytes(path: Path) -> tuple[int, int]:
@@ -633,7 +707,7 @@ def _bundle_bytes(bundle: Path, target: str) -> tuple[int, int, dict[str, int]]:
     return programs + path_bytes, decode - embedding + path_bytes, parts
 
 
-def system_sizes(system: System, host: dict[str, int], bandwidth: float) -> dict[str, Any]:
+def system_sizes(system: System, host: dict[str, int], bandwidth: float) -> dict[str, Any]:  # GB/s
     """bytes on disk, bytes read per decoded token and the tok/s ceiling they give at ``bandwidth`` GB/s.
     ``host`` has the model's ``vocab_size`` and ``d_model`` (for export_llm's separately stored table)."""
     path = Path(system.path)
@@ -1107,6 +1181,16 @@ def _memory_path(system: System) -> list[int]:
     return [0] * len(manifest["model"]["memory"]["branching"])
 
 
+def worker_job(system: System, threads: int, library: str) -> dict[str, Any]:
+    """What every worker of ``system`` is given (its mode adds the rest)."""
+    job = {"kind": system.kind, "path": system.path, "threads": threads}
+    if system.kind in ("hm", "hm-native"):
+        job["memory_path"] = _memory_path(system)
+    if system.kind == "hm-native":
+        job["library"] = library
+    return job
+
+
 def _route(bundle: Path, contexts: list[str]) -> list[list[int]]:
     from hm_export.runtime_stubs.loader import BundleLoader
 
@@ -1125,15 +1209,10 @@ def measure(args: argparse.Namespace, systems: list[System], peers: Peers, check
 
     log("measuring single-thread read bandwidth ...")
     bandwidth = read_bandwidth_gbs()
-    meta = {s.label: system_sizes(s, host, bandwidth) for s in systems}
+    meta = {s.label: system_sizes(s, host, bandwidth["cpu"]) for s in systems}
 
     def job(system: System, threads: int) -> dict[str, Any]:
-        base = {"kind": system.kind, "path": system.path, "threads": threads}
-        if system.kind in ("hm", "hm-native"):
-            base["memory_path"] = _memory_path(system)
-        if system.kind == "hm-native":
-            base["library"] = library
-        return base
+        return worker_job(system, threads, library)
 
     def python_for(system: System) -> str:
         return llama_python if system.kind == "llama" else sys.executable
@@ -1155,7 +1234,7 @@ def measure(args: argparse.Namespace, systems: list[System], peers: Peers, check
 
     quality: dict[str, dict[str, Any]] = {}
     if args.quality_windows:
-        quality = measure_quality(args, systems, peers, checkpoint, job, python_for)
+        quality = measure_quality(args, systems, peers, checkpoint, llama_python)
 
     baselines = {}
     for key, kind in (("llama", "llama"), ("etllm", "etllm")):
@@ -1191,7 +1270,9 @@ def measure(args: argparse.Namespace, systems: list[System], peers: Peers, check
     return report
 
 
-def measure_quality(args, systems, peers, checkpoint, job, python_for) -> dict[str, dict[str, Any]]:  # type: ignore[no-untyped-def]
+def measure_quality(
+    args: argparse.Namespace, systems: list[System], peers: Peers, checkpoint: Path | None, llama_python: str
+) -> dict[str, dict[str, Any]]:
     """Teacher-forced agreement / KL / NLL of every system vs the float host (and the float checkpoint)."""
     import numpy as np
 
@@ -1216,25 +1297,12 @@ def measure_quality(args, systems, peers, checkpoint, job, python_for) -> dict[s
             if system.kind == "hm-native":
                 continue  # same program and slot as the Python runtime (bit-identical fills, tested)
             out = f"{scratch}/{system.kind}-{system.name}.npy"
-            spec = {**job(system, 2), "windows": windows, "out": out}
-            if system.kind == "hm":
-                spec["memory_path"] = paths[0]
+            spec = {**worker_job(system, 2, ""), "windows": windows, "out": out}
+            if system.kind == "hm":  # each window on its routed path
+                spec.update(memory_path=paths[0], paths=paths)
             log(f"quality: {system.label} ...")
-            if system.kind == "hm":  # per window its own routed path: one worker per path
-                rows = []
-                for index, window in enumerate(windows):
-                    part = f"{scratch}/{system.name}-{index}.npy"
-                    run_worker(
-                        "quality",
-                        {**spec, "windows": [window], "memory_path": paths[index], "out": part},
-                        python_for(system),
-                        2,
-                    )
-                    rows.append(np.load(part))
-                logits = np.concatenate(rows)
-            else:
-                run_worker("quality", spec, python_for(system), 2)
-                logits = np.load(out)
+            run_worker("quality", spec, llama_python if system.kind == "llama" else sys.executable, 2)
+            logits = np.load(out)
             quality[system.label] = {"float host": teacher_forced(host_logits, logits, targets)}
             if system.kind == "hm" and memory_logits is not None:
                 quality[system.label]["float checkpoint (memory)"] = teacher_forced(memory_logits, logits, targets)
@@ -1277,7 +1345,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=OPTIONS",
         help=f"A bundle --prepare exports (hm-export export options); repeat. Default: {DEFAULT_EXPORTS}",
     )
-    parser.add_argument("--train-steps", type=int, default=10, help="Steps of the quick checkpoint's training.")
+    parser.add_argument(
+        "--train-steps", type=int, default=0, help="Training steps of the quick checkpoint (0: D = 0, memory adds 0)."
+    )
     parser.add_argument(
         "--system",
         action="append",

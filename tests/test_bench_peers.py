@@ -87,12 +87,14 @@ def test_summary_ratios_against_each_baseline_at_the_same_thread_count():
         },
     }
     table = peers.markdown_tables(report)
-    assert "| `hm:mem` | 1 | 275.0 +/- 35.4 | 45.0 +/- 7.1 | 950 | 0.0 |" in table
-    assert "| 0.43x | 1.38x | 13.00x | 18.27x | 0.27x | 0.28x | 13.83x | 3.06x |" in table
+    assert "| `hm:mem` | 1 | 275.0 +/- 35.4 | 45.0 +/- 7.1 | - | 0.43x | 1.38x | 0.27x | 0.28x |" in table
+    assert "| `hm:mem` | 0.0 | 0.0 | 27 | 1.67 | - | 950 | 13.00x | 18.27x | 13.83x | 3.06x |" in table
     assert "| `hm:mem` | float host | 4 | 3/4 (75.0%) | 0.0100 |" in table
     targets = peers.targets_check(report, "hm:mem")
     assert targets["decode_vs_etllm"] == {"measured": 0.265, "target": ">= 1.0", "met": False}
     assert targets["bytes_vs_llama"] == {"measured": 13.0, "target": "<= 1.25", "met": False}
+    report["targets"] = {"hm:mem": targets}
+    assert "| `hm:mem` | 0.27x (missed) | 0.43x (missed) | 13.00x (missed) |" in peers.markdown_tables(report)
 
 
 def test_system_spec_is_checked(tmp_path):
