@@ -335,7 +335,7 @@ def _argmax(logits: Any) -> int:
 def open_engine(job: dict[str, Any], logits_all: bool = False) -> Engine:
     kind, path, threads = job["kind"], job["path"], job["threads"]
     if kind == "llama":
-        return LlamaEngine(path, threads, logits_all)
+        return LlamaEngine(path, threads, logits_all, job.get("extra_bufts", False))
     if kind == "etllm":
         return PteEngine(path, threads, custom_ops=True)
     if kind == "hm-anchor":
@@ -837,7 +837,8 @@ class Peers:
 
 def _run(command: list[str], log_file: Path, env: dict[str, str] | None = None, nice: bool = True) -> None:
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    full = (["nice", "-n", "10"] if nice else []) + command
+    increment = max(0, 10 - os.nice(0)) if nice else 0  # long jobs run at niceness 10 (not more: starved)
+    full = (["nice", "-n", str(increment)] if increment else []) + command
     log(f"  $ {shlex.join(command)}  (log: {log_file})")
     with open(log_file, "w") as out:
         done = subprocess.run(full, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
