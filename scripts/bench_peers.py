@@ -1228,6 +1228,10 @@ def measure(args: argparse.Namespace, systems: list[System], peers: Peers, check
                 result = run_worker("speed", spec, python_for(system), threads)
                 speed[system.label].setdefault(threads, []).append(result)
                 greedy.setdefault(system.label, result["tokens"])
+                if args.json:  # what was measured so far survives an interrupted run
+                    args.json.with_suffix(".partial.json").write_text(
+                        json.dumps({"bandwidth_gbs": bandwidth, "speed": speed})
+                    )
                 progress.update(
                     f"{threads} thr run {run + 1}: {system.label} decode {result['decode_tokens_per_s']:.1f} tok/s"
                 )
