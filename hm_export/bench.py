@@ -198,7 +198,8 @@ def _cpu_count() -> int:
 
 
 def set_threads(threads: int) -> None:
-    """Use ``threads`` threads in torch and in ExecuTorch's XNNPACK threadpool (ONNX Runtime: intra-op)."""
+    """Use ``threads`` threads in torch and in ExecuTorch's XNNPACK threadpool; ONNX Runtime sessions opened
+    afterwards take torch's count as their intra-op threads (``hm_export.targets.onnx``)."""
     torch.set_num_threads(threads)
     try:
         from executorch.extension.pybindings import portable_lib

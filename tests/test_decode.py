@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from conftest import DECODE_CONTEXTS, tiny_config, tiny_model
 
+from hm_export.bench import set_threads
 from hm_export.checkpoint import Checkpoint, load_checkpoint
 from hm_export.cli import main
 from hm_export.decode import DecodeModule
@@ -170,6 +171,18 @@ def test_stop_tokens_end_generation(loader):
     stop = free[5]
     result = generator.generate(prompt, Sampling(max_new_tokens=12, stop_tokens=(stop, 999)))
     assert result.stop_reason == "stop_token" and result.new_tokens == free[: free.index(stop)]
+
+
+def test_onnx_sessions_take_the_benchmark_thread_count(loader):
+    """``hm-export bench --threads N`` (set_threads) bounds ONNX Runtime too, not only torch and XNNPACK."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            set_threads(threads)
+            options = loader.open_decoder("onnx").session.get_session_options()
+            assert (options.intra_op_num_threads, options.inter_op_num_threads) == (threads, 1)
+    finally:
+        set_threads(before)
 
 
 def test_generation_stops_when_the_cache_is_full(loader):

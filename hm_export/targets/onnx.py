@@ -83,11 +83,14 @@ class _BoundSession:
     """An ONNX Runtime session with IOBinding; slot inputs are (re)bound only when the caller's buffers change."""
 
     def __init__(self, program: Path, slot_names: list[str], threads: int | None = None) -> None:
+        """``threads``: intra-op threads (default: ``torch.get_num_threads()``)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        # Default: torch's thread count, which ``hm_export.bench.set_threads`` (``--threads``) sets for every
+        # runtime; ONNX Runtime's own default would use every core whatever was asked.
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1  # sequential execution: one graph node at a time
         # Idle intra-op threads sleep instead of spinning: the router (torch) shares these cores between calls.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(program), options, providers=["CPUExecutionProvider"])
