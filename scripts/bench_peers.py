@@ -7,13 +7,15 @@ Systems (``--system KIND:NAME=PATH``, repeatable; without any, every artifact ``
 - ``etllm``: a ``.pte`` from ExecuTorch's ``export_llm`` (8da4w, custom SDPA + KV-cache ops, XNNPACK);
 - ``hm``: an hm-export bundle through the Python runtime (``BundleLoader`` + ``Generator``, its ExecuTorch
   decode program); ``hm-native``: the same bundle through the C++ runtime's C API (``libhm_runtime.so``);
-- ``hm-anchor``: our decode program without memory (no memory FFN, no slot inputs), a bare ``.pte``.
+- ``hm-anchor``: our decode program without memory (no memory FFN, no slot inputs, same anchor preset), a
+  bare ``.pte`` (``--anchor PRESET`` for ``--prepare``).
 
 Speed: per thread count (``--threads 1,2``) and repetition (``--runs``), every system in turn (A B C A B C ...),
 each measurement in its own subprocess (so peak RSS, VmHWM, is per system): load, one short warm-up
 generation, then prefill ``--prompt-tokens`` of held-out text in one call and decode ``--new-tokens`` greedily
 one token per call; tokens/s as mean +/- sd over repetitions.  Bytes on disk: the program files (for a
-bundle, every program file of its target, plus one memory path's bank blocks).  Bandwidth bound: a
+bundle, its target's program files, each counted once, plus one memory path's bank blocks; the router's files
+are reported apart, not counted).  Bandwidth bound: a
 single-thread read-bandwidth probe over a buffer larger than the last-level cache, divided by the bytes read
 per decoded token (weights a step touches: the whole program except an embedding table stored apart from
 the output head, plus the memory slot); each system's decode tok/s as a fraction of that ceiling.
@@ -77,7 +79,12 @@ ETLLM_RECIPE = {  # export_llm's options for the plain host (the issue's recipe)
     "backend.xnnpack.extended_ops": "True",
 }
 MAX_CONTEXT = 256  # KV-cache positions of every program: prompt 64 + 128 new tokens fit
-DEFAULT_EXPORTS = {"mem-f32": "--target executorch --bank-scheme int4-g32 --checks 2"}
+# our bundles with memory: int4 bank, fused int4 slot, the anchor quantized by a preset (docs/anchor-quant.md)
+DEFAULT_EXPORTS = {
+    "mem-8da4w-g32": "--target executorch --bank-scheme int4-g32 --slot-strategy fused-int4 --anchor-quant 8da4w-g32 "
+    "--checks 2"
+}
+DEFAULT_ANCHORS = ("8da4w-g32",)  # anchor-only programs (no memory) --prepare builds, one per preset
 KINDS = ("llama", "etllm", "hm", "hm-native", "hm-anchor")
 # The issue's targets (ratios of the bundle with memory, 1 thread).
 TARGETS = {"decode_vs_etllm": 1.0, "decode_vs_llama": 0.8, "bytes_vs_llama": 1.25}
@@ -214,14 +221,18 @@ class PteEngine(Engine):
     logits only) or ours (all positions)."""
 
     def __init__(self, path: str, threads: int, slot: list[Any] | None = None, custom_ops: bool = False) -> None:
+        import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
         import torch
 
         from hm_export.bench import set_threads
 
         set_threads(threads)
-        if custom_ops:  # export_llm's sdpa_with_kv_cache / update_cache and quantized embedding kernels
-            import executorch.kernels.quantized  # noqa: F401
+        if custom_ops:  # export_llm's sdpa_with_kv_cache / update_cache
             from executorch.extension.llm.custom_ops import custom_ops as _  # noqa: F401
+        else:  # ours: hm_export::attend_cache and the other hm_export kernels
+            from hm_export.kernels import load_kernel_library
+
+            load_kernel_library()
         from executorch.runtime import Runtime
 
         self.torch = torch
@@ -686,25 +697,53 @@ def _gguf_bytes(path: Path) -> tuple[int, int]:
     return path.stat().st_size, per_token
 
 
+def embedding_table_bytes(vocab: int, d_model: int, quant: dict[str, Any] | None) -> int:
+    """Bytes of a program's token-embedding table (a decode step reads one row of it): float32, or the
+    preset's int4/int8 codes plus one float16 scale per group (``quant``: ``anchor_quant.embedding``)."""
+    values = vocab * d_model
+    if not quant:
+        return 4 * values
+    bits = 4 if "int4" in quant["weights"] else 8
+    return values * bits // 8 + 2 * values // (quant.get("group") or d_model)
+
+
 def _bundle_bytes(bundle: Path, target: str) -> tuple[int, int, dict[str, int]]:
-    """(program + one path's blocks, bytes read per decoded token, parts) of a bundle: its target's program
-    files (full-window and decode programs, data files), one block per level (the largest), the decode
-    program minus its separate copy of the embedding table (float32 today: the tied table is stored as the
-    embedding and as the output head) plus the slot."""
+    """(program + one path's blocks, bytes read per decoded token, parts) of a bundle.
+
+    Programs: every file the target's entry names (its one program: decode, prefill and window checks; a
+    separate ``.ptd`` if any), each counted once.  One path: the largest block of each level.  The router's
+    files (MiniLM program(s), tree centroids) and the tokenizer are listed in ``parts`` but not counted: the
+    peers' figures hold no router either.  Per token: the program minus its embedding table (one row read),
+    plus the path's blocks (the slot)."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     entry = manifest["targets"][target]
-    files = [*entry["files"].values(), *entry.get("decode", {}).get("files", {}).values()]
+    files = {*entry.get("files", {}).values(), *entry.get("decode", {}).get("files", {}).values()}
     programs = sum((bundle / f).stat().st_size for f in files)
     index = json.loads((bundle / manifest["bank"]["dir"] / "index.json").read_text())
     per_level: dict[int, int] = {}
     for block in index["blocks"]:
         per_level[block["level"]] = max(per_level.get(block["level"], 0), int(block["length"]))
     path_bytes = sum(per_level.values())
-    decode = sum((bundle / f).stat().st_size for f in entry.get("decode", {}).get("files", {}).values())
     model = manifest["model"]
-    embedding = model["vocab_size"] * model["d_model"] * 4
-    parts = {"programs": programs, "path_blocks": path_bytes, "decode_program": decode, "embedding_copy": embedding}
-    return programs + path_bytes, decode - embedding + path_bytes, parts
+    embedding = embedding_table_bytes(
+        model["vocab_size"], model["d_model"], entry.get("anchor_quant", {}).get("embedding")
+    )
+    listed = manifest.get("files", {})
+    router = sum(r["bytes"] for name, r in listed.items() if name.startswith("router"))
+    parts = {
+        "programs": programs,
+        "program_files": len(files),
+        "path_blocks": path_bytes,
+        "embedding_table": embedding,
+        "router_not_counted": router,
+    }
+    return programs + path_bytes, programs - embedding + path_bytes, parts
+
+
+def _anchor_embedding(program: Path) -> dict[str, Any] | None:
+    """The embedding quantization of an anchor-only program (``anchor.json`` written beside it by --prepare)."""
+    described = program.parent / "anchor.json"
+    return json.loads(described.read_text()).get("embedding") if described.is_file() else None
 
 
 def system_sizes(system: System, host: dict[str, int], bandwidth: float) -> dict[str, Any]:  # GB/s
@@ -716,10 +755,10 @@ def system_sizes(system: System, host: dict[str, int], bandwidth: float) -> dict
         on_disk, per_token = _gguf_bytes(path)
     elif system.kind in ("hm", "hm-native"):
         on_disk, per_token, parts = _bundle_bytes(path, "executorch")
-    else:  # a .pte: export_llm stores the embedding apart (4-bit, group 32: 4.5 bits per weight with scales)
+    else:  # a .pte: the embedding table apart from the head (export_llm: 4-bit, groups of 32; ours: its preset)
         on_disk = path.stat().st_size
-        table_bits = 4.5 if system.kind == "etllm" else 32
-        per_token = on_disk - int(host["vocab_size"] * host["d_model"] * table_bits / 8)
+        quant = {"weights": "int4", "group": 32} if system.kind == "etllm" else _anchor_embedding(path)
+        per_token = on_disk - embedding_table_bytes(host["vocab_size"], host["d_model"], quant)
     return {
         "bytes_on_disk": on_disk,
         "bytes_per_token": per_token,
@@ -835,13 +874,15 @@ class Peers:
         return self.root / "native-build"
 
 
-def _run(command: list[str], log_file: Path, env: dict[str, str] | None = None, nice: bool = True) -> None:
+def _run(
+    command: list[str], log_file: Path, env: dict[str, str] | None = None, nice: bool = True, cwd: Path | None = None
+) -> None:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     increment = max(0, 10 - os.nice(0)) if nice else 0  # long jobs run at niceness 10 (not more: starved)
     full = (["nice", "-n", str(increment)] if increment else []) + command
     log(f"  $ {shlex.join(command)}  (log: {log_file})")
     with open(log_file, "w") as out:
-        done = subprocess.run(full, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        done = subprocess.run(full, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
     if done.returncode != 0:
         tail = "\n".join(log_file.read_text().splitlines()[-20:])
         raise RuntimeError(f"{shlex.join(command)} failed ({done.returncode}), see {log_file}:\n{tail}")
@@ -1007,7 +1048,8 @@ def prepare_etllm(peers: Peers) -> None:
     work = peers.etllm.parent
     checkpoint, params = meta_checkpoint(peers.host, work)
     command = etllm_command(checkpoint, params, peers.etllm)
-    _run(command, peers.root / "logs" / "export_llm.log", {"OMP_NUM_THREADS": "2"})
+    # cwd: hydra writes its outputs/ folder there
+    _run(command, peers.root / "logs" / "export_llm.log", {"OMP_NUM_THREADS": "2"}, cwd=work)
     if not peers.etllm.is_file():
         raise RuntimeError(f"export_llm wrote no {peers.etllm}; see {peers.root / 'logs' / 'export_llm.log'}")
     checkpoint.unlink()  # 540 MB: rebuilt from the host when needed
@@ -1071,8 +1113,11 @@ def prepare_bundle(peers: Peers, checkpoint: Path, name: str, options: str) -> P
     return out
 
 
-def prepare_anchor(peers: Peers, checkpoint: Path) -> Path:
-    """Our decode program without memory (no memory FFN, no slot inputs): the anchor-only system."""
+def prepare_anchor(peers: Peers, checkpoint: Path, preset: str) -> Path:
+    """Our decode program without memory (no memory FFN, no slot inputs), its anchor quantized by ``preset`` as
+    ``hm-export export --anchor-quant`` quantizes it: the anchor-only system.  ``anchor.json`` beside it
+    records the quantization (the benchmark reads the embedding's from it)."""
+    from hm_export.anchor_quant import exported_model, get_preset
     from hm_export.checkpoint import load_checkpoint
     from hm_export.decode import trace_decode_program
     from hm_export.passes.pipeline import PIPELINES
@@ -1080,13 +1125,16 @@ def prepare_anchor(peers: Peers, checkpoint: Path) -> Path:
     from hm_export.targets.executorch import emit_executorch
 
     ckpt = load_checkpoint(checkpoint)
+    model, description = exported_model(ckpt.model, get_preset(preset))
     contract = SlotContract.for_model(ckpt.config, ckpt.config.max_seq_len)
-    program = trace_decode_program(ckpt.model, contract, PIPELINES["xnnpack_slot"], "state", memory=False)
-    out = peers.bundles / "anchor-f32"
-    emitted = emit_executorch(program, out)
-    peers.notes["bundles/anchor-f32"] = (
-        f"hm_export.decode.trace_decode_program(memory=False) of {checkpoint} (the anchor of our bundles, float32, "
-        "no memory FFN, no slot) emitted by emit_executorch (XNNPACK): the anchor-only system."
+    traced = trace_decode_program(model, contract, PIPELINES["xnnpack_slot"], "state", memory=False, attention="kernel")
+    out = peers.bundles / f"anchor-{preset}"
+    emitted = emit_executorch(traced, out)
+    (out / "anchor.json").write_text(json.dumps({"preset": preset, **description}, indent=2) + "\n")
+    peers.notes[f"bundles/anchor-{preset}"] = (
+        f"hm_export.decode.trace_decode_program(memory=False, attention='kernel') of {checkpoint} with its anchor "
+        f"quantized by --anchor-quant {preset} (hm_export.anchor_quant.exported_model), emitted by emit_executorch "
+        "(XNNPACK): the anchor-only system."
     )
     return out / emitted["files"]["program"]
 
@@ -1138,9 +1186,14 @@ def prepare(args: argparse.Namespace, peers: Peers) -> Path:
                 lambda n=name, o=options: prepare_bundle(peers, checkpoint, n, o),
             )
         )
-    steps.append(
-        ("anchor-only program", peers.bundles / "anchor-f32" / "decode.pte", lambda: prepare_anchor(peers, checkpoint))
-    )
+    for preset in args.anchors:
+        steps.append(
+            (
+                f"anchor-only program ({preset})",
+                peers.bundles / f"anchor-{preset}" / "decode.pte",
+                lambda p=preset: prepare_anchor(peers, checkpoint, p),
+            )
+        )
     steps.append(("native runtime", peers.native_build / "libhm_runtime.so", lambda: prepare_native(peers)))
     try:
         for name, artifact, build in steps:
@@ -1155,14 +1208,14 @@ def prepare(args: argparse.Namespace, peers: Peers) -> Path:
     return checkpoint
 
 
-def default_systems(peers: Peers, exports: dict[str, str]) -> list[System]:
+def default_systems(peers: Peers, exports: dict[str, str], anchors: list[str]) -> list[System]:
     systems = [
         System("llama", "q4_1", str(peers.q4_1)),
         System("llama", "q8_0", str(peers.q8_0)),
         System("etllm", "8da4w-g32", str(peers.etllm)),
     ]
-    anchor = peers.bundles / "anchor-f32" / "decode.pte"
-    systems.append(System("hm-anchor", "f32", str(anchor)))
+    for preset in anchors:
+        systems.append(System("hm-anchor", preset, str(peers.bundles / f"anchor-{preset}" / "decode.pte")))
     for name in exports:
         bundle = peers.bundles / name
         systems += [System("hm", name, str(bundle)), System("hm-native", name, str(bundle))]
@@ -1351,6 +1404,15 @@ def main(argv: list[str] | None = None) -> int:
         help=f"A bundle --prepare exports (hm-export export options); repeat. Default: {DEFAULT_EXPORTS}",
     )
     parser.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        dest="anchors",
+        metavar="PRESET",
+        help=f"An anchor-only program (--anchor-quant preset) --prepare builds and measures; repeat. Default: "
+        f"{', '.join(DEFAULT_ANCHORS)}",
+    )
+    parser.add_argument(
         "--train-steps", type=int, default=0, help="Training steps of the quick checkpoint (0: D = 0, memory adds 0)."
     )
     parser.add_argument(
@@ -1383,13 +1445,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         args.exports = _exports(args.export)
+        args.anchors = args.anchors or list(DEFAULT_ANCHORS)
         peers = Peers(args.peers_dir.resolve())
         checkpoint = Path(args.checkpoint) if args.checkpoint else peers.checkpoint
         if args.prepare or args.prepare_only:
             checkpoint = prepare(args, peers)
         if args.prepare_only:
             return 0
-        systems = [System.parse(s) for s in args.system] or default_systems(peers, args.exports)
+        systems = [System.parse(s) for s in args.system] or default_systems(peers, args.exports, args.anchors)
         if not systems:
             raise ValueError(f"nothing to measure: no --system and no artifacts under {peers.root} (run --prepare)")
         report = measure(args, systems, peers, checkpoint if checkpoint.is_dir() else None)
