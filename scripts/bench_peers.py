@@ -698,11 +698,13 @@ def _gguf_bytes(path: Path) -> tuple[int, int]:
 
 
 def embedding_table_bytes(vocab: int, d_model: int, quant: dict[str, Any] | None) -> int:
-    """Bytes of a program's token-embedding table (a decode step reads one row of it): float32, or the
-    preset's int4/int8 codes plus one float16 scale per group (``quant``: ``anchor_quant.embedding``)."""
+    """Bytes of a program's token-embedding table stored apart from the output head (a decode step reads one
+    row of it): the preset's int4/int8 codes plus one float16 scale per group (``quant``:
+    ``anchor_quant.embedding``).  Without ``quant`` the anchor is float and its tied table *is* the head
+    (``hm_export::tied_head``, read whole every step): nothing apart, 0."""
     values = vocab * d_model
     if not quant:
-        return 4 * values
+        return 0
     bits = 4 if "int4" in quant["weights"] else 8
     return values * bits // 8 + 2 * values // (quant.get("group") or d_model)
 
