@@ -14,7 +14,7 @@ routed path) and ``--pte`` a plain program with a KV cache returning the last po
 ExecuTorch's ``export_llm`` output, fed one token per call, teacher-forced), both against the same float host.
 
     python scripts/anchor_quant_fidelity.py CHECKPOINT HELDOUT.jsonl --presets none,8da4w-g32 \\
-        [--windows 32] [--length 128] [--bundle B] [--pte P --pte-name export_llm] [--json out.json]
+        [--windows 32] [--length 128] [--bundle B] [--pte P] [--json out.json] [--markdown out.md]
 """
 
 from __future__ import annotations
@@ -105,6 +105,35 @@ def pte_logits(pte: Path, windows: list[Window]) -> list[torch.Tensor]:
     return out
 
 
+def markdown(report: dict) -> str:
+    """The report's rows as a markdown table (perplexities, changes vs the float32 anchor, memory gain, agreement;
+    a program's agreement and KL are against the float checkpoint with memory, a plain one's against the host)."""
+    base = report["float"]
+    lines = [
+        "| anchor | ppl host | change | ppl routed | change | memory gain | top-1 agreement | mean KL (nats) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| float32 checkpoint | {base['perplexity_host']:.3f} | - | {base['perplexity_routed']:.3f} | - | "
+        f"{base['memory_gain_pct']:.2f} % | - | - |",
+    ]
+
+    def cell(row: dict, keys: tuple[str, ...], fmt: str, unit: str = "") -> str:
+        key = next((k for k in keys if k in row), None)
+        return "-" if key is None else format(row[key], fmt) + unit
+
+    for name, row in report["rows"].items():
+        cells = [
+            cell(row, ("perplexity_host",), ".3f"),
+            cell(row, ("perplexity_change_vs_float_host_pct",), "+.2f", " %"),
+            cell(row, ("perplexity_routed",), ".3f"),
+            cell(row, ("perplexity_change_vs_float_routed_pct",), "+.2f", " %"),
+            cell(row, ("memory_gain_pct",), ".2f", " %"),
+            cell(row, ("top1_agreement", "top1_agreement_vs_float_routed"), ".3f"),
+            cell(row, ("mean_kl_nats", "mean_kl_nats_vs_float_routed"), ".4f"),
+        ]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
@@ -116,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, action="append", default=[])
     parser.add_argument("--pte", type=Path, action="append", default=[])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ckpt = load_checkpoint(args.checkpoint)
@@ -171,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(report))
     return 0
 
 
