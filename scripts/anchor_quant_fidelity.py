@@ -156,7 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     host = [logits_of(ckpt.model, w, memory=False) for w in windows]
     routed = [logits_of(ckpt.model, w, memory=True) for w in windows]
     base_host, base_routed = perplexity(host, windows), perplexity(routed, windows)
-    rows = {}
+    rows: dict[str, dict] = {}
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "windows": len(windows),
+        "length": args.length,
+        "distinct_paths": len({w.path for w in windows}),
+        "float": {
+            "perplexity_host": round(base_host, 4),
+            "perplexity_routed": round(base_routed, 4),
+            "memory_gain_pct": round(100 * (1 - base_routed / base_host), 2),
+        },
+        "rows": rows,
+    }
+
+    def save() -> None:  # after every row: a long run keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        if args.markdown:
+            args.markdown.write_text(markdown(report))
+
     for name in args.presets.split(","):
         model, _ = exported_model(ckpt.model, get_preset(name))
         q_host = [logits_of(model, w, memory=False) for w in windows]
@@ -171,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             **against_host(q_host, host),
         }
         print(name, rows[f"eager:{name}"], file=sys.stderr)
+        save()
+        del model, q_host, q_routed
     for bundle in args.bundle:
         logits = bundle_logits(bundle, windows)
         rows[f"program:{bundle.name}"] = {
@@ -178,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "perplexity_change_vs_float_routed_pct": round(100 * (perplexity(logits, windows) / base_routed - 1), 2),
             **{f"{k}_vs_float_routed": v for k, v in against_host(logits, routed).items()},
         }
+        save()
     for pte in args.pte:
         logits = pte_logits(pte, windows)
         rows[f"pte:{pte.name}"] = {
@@ -185,24 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             "perplexity_change_vs_float_host_pct": round(100 * (perplexity(logits, windows) / base_host - 1), 2),
             **against_host(logits, host),
         }
-    report = {
-        "checkpoint": str(args.checkpoint),
-        "windows": len(windows),
-        "length": args.length,
-        "distinct_paths": len({w.path for w in windows}),
-        "float": {
-            "perplexity_host": round(base_host, 4),
-            "perplexity_routed": round(base_routed, 4),
-            "memory_gain_pct": round(100 * (1 - base_routed / base_host), 2),
-        },
-        "rows": rows,
-    }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    if args.markdown:
-        args.markdown.write_text(markdown(report))
+        save()
+    save()
+    print(json.dumps(report, indent=2))
     return 0
 
 
