@@ -6,6 +6,7 @@
 #include <list>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -56,7 +57,9 @@ struct MatrixView {
 enum Matrix { kGate = 0, kUp = 1, kDown = 2 };
 using LevelViews = std::vector<MatrixView>;  // [memory layer * 3 + Matrix]
 
+// CRC-32 (zlib's) by the CPU's instructions where present, else zlib (crc32.cpp); crc32_method() says which.
 uint32_t crc32(const uint8_t* data, size_t size);
+const char* crc32_method();
 float half_to_float(uint16_t bits);
 
 class Bank {
@@ -114,12 +117,19 @@ class BlockCache {
     uint64_t bytes_read;
   };
   Fetched get(int level, int node);
+  // A block read elsewhere (the prefetch thread): kept as the policy keeps a block read here, or held until
+  // the level's next fill when the policy streams. Reported as source "prefetch".
+  Fetched adopt(int level, int node, AlignedBuffer block);
+  bool contains(int level, int node) const;  // in RAM (resident or LRU); safe from any thread
 
  private:
   using Key = std::pair<int, int>;
+  Fetched keep(const Key& key, AlignedBuffer buffer, const char* source);
   const Bank& bank_;
   CachePolicy policy_;
+  mutable std::mutex mutex_;  // guards the maps against contains() from the prefetch thread
   std::vector<AlignedBuffer> scratch_;
+  std::vector<AlignedBuffer> adopted_;  // per level: a streamed prefetched block, until the next fill
   std::map<Key, AlignedBuffer> resident_;
   std::list<std::pair<Key, AlignedBuffer>> lru_;  // most recent first
   std::map<Key, std::list<std::pair<Key, AlignedBuffer>>::iterator> lru_index_;
