@@ -17,6 +17,7 @@ is a real token.
 from __future__ import annotations
 
 import json
+import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -225,6 +226,48 @@ def open_router_program(bundle: Path, target: str) -> RouterProgram:
 
         session = ort.InferenceSession(str(program), providers=["CPUExecutionProvider"])
         return RouterProgram(lambda ids: session.run([OUTPUT], {INPUT: ids})[0], tokenizer)
+    if entry["runtime"] == "coreml" and platform.system() == "Darwin":
+        import coremltools as ct
+
+        model = ct.models.MLModel(str(program), compute_units=ct.ComputeUnit.CPU_ONLY)
+        return RouterProgram(lambda ids: model.predict({INPUT: ids.astype(np.int32)})[OUTPUT], tokenizer)
     from hm_export.targets import HostUnsupported
 
     raise HostUnsupported(f"the {target} router program does not run on this host (check its structure instead)")
+
+
+def measure_agreement(
+    bundle: Path, target: str, contexts: Sequence[str], embedder: MiniLMEmbedder | None = None
+) -> dict[str, Any]:
+    """``target``'s router program against the Python MiniLM on ``contexts``: cosine of the embeddings, routes
+    through the bundle's tree, and for each context that routes elsewhere the level and both routes' margins
+    (squared-distance gap between the nearest and next-nearest child, Python's embedding)."""
+    from hm_export.native import route_margin
+    from hm_export.runtime_stubs.loader import read_tree
+
+    tree = read_tree(Path(bundle))
+    start = time.perf_counter()
+    got = open_router_program(bundle, target).embed(contexts)
+    seconds = time.perf_counter() - start
+    want = (embedder or MiniLMEmbedder()).embed(contexts)
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    routes_got, routes_want = tree.route(got), tree.route(want)
+    differ = np.flatnonzero((routes_got != routes_want).any(1))
+    return {
+        "target": target,
+        "contexts": len(contexts),
+        "cosine": {"min": float(cosine.min()), "mean": float(cosine.mean()), "p01": float(np.percentile(cosine, 1))},
+        "routes_identical": float(1 - len(differ) / max(len(contexts), 1)),
+        "differences": [
+            {
+                "context": int(i),
+                "python_path": routes_want[i].tolist(),
+                "program_path": routes_got[i].tolist(),
+                "python_margin": route_margin(tree, want[i]),
+                "cosine": float(cosine[i]),
+            }
+            for i in differ
+        ],
+        "min_route_margin": float(min(route_margin(tree, vector) for vector in want)),
+        "program_seconds_per_context": round(seconds / max(len(contexts), 1), 4),
+    }

@@ -4,8 +4,8 @@ The C++ tokenizers (runtime_stubs/cpp/src/tokenizer.cpp) must give the ids the H
 library gives, so their character classes are read off that library itself, one code point at a time (every
 code point but the surrogates), rather than from a Unicode database of another version:
 
-* ``L``, ``N``, ``S``: ``\\p{L}``, ``\\p{N}``, ``\\s`` of the regex engine behind the ByteLevel pre-tokenizer
-  (probed with ``Split`` on each class);
+* ``L``, ``N``, ``S``, ``W``: ``\\p{L}``, ``\\p{N}``, ``\\s``, ``\\w`` of the regex engine behind the ByteLevel
+  and Whitespace pre-tokenizers (probed with ``Split`` on each class);
 * ``WS``, ``CTRL``: what ``BertNormalizer(clean_text)`` maps to a space / removes;
 * ``PUNCT``: what ``BertPreTokenizer`` isolates; ``MN``: what ``BertNormalizer(strip_accents)`` removes;
   ``CJK``: what ``handle_chinese_chars`` pads with spaces;
@@ -26,7 +26,7 @@ import tokenizers
 from tokenizers import Regex, normalizers, pre_tokenizers
 
 OUT = Path(__file__).resolve().parent.parent / "runtime_stubs" / "cpp" / "src" / "unicode_data.inc"
-FLAGS = ("L", "N", "S", "WS", "CTRL", "PUNCT", "MN", "CJK")
+FLAGS = ("L", "N", "S", "WS", "CTRL", "PUNCT", "MN", "CJK", "W")
 
 
 def code_points() -> list[int]:
@@ -36,7 +36,7 @@ def code_points() -> list[int]:
 def classes(points: list[int]) -> list[int]:
     regex = {
         flag: pre_tokenizers.Split(Regex(pattern), behavior="removed")
-        for flag, pattern in (("L", r"\p{L}"), ("N", r"\p{N}"), ("S", r"\s"))
+        for flag, pattern in (("L", r"\p{L}"), ("N", r"\p{N}"), ("S", r"\s"), ("W", r"\w"))
     }
 
     def bert_normalizer(clean: bool = False, chinese: bool = False, strip: bool = False) -> normalizers.Normalizer:
@@ -53,9 +53,9 @@ def classes(points: list[int]) -> list[int]:
     for cp in points:
         c = chr(cp)
         mask = 0
-        for bit, flag in enumerate(("L", "N", "S")):
+        for flag in ("L", "N", "S", "W"):
             if not regex[flag].pre_tokenize_str(c):
-                mask |= 1 << bit
+                mask |= 1 << FLAGS.index(flag)
         cleaned = clean.normalize_str(c)
         if cleaned == " ":
             mask |= 1 << FLAGS.index("WS")
@@ -118,7 +118,7 @@ def main() -> None:
         "// Flags: " + ", ".join(f"{f} = 1 << {i}" for i, f in enumerate(FLAGS)),
         "constexpr ClassRange kClasses[] = {",
         ",\n".join(
-            "  " + ", ".join(f"{{0x{a:X}, 0x{b:X}, 0x{m:02X}}}" for a, b, m in runs[i : i + 5])
+            "  " + ", ".join(f"{{0x{a:X}, 0x{b:X}, 0x{m:03X}}}" for a, b, m in runs[i : i + 5])
             for i in range(0, len(runs), 5)
         ),
         "};",

@@ -71,6 +71,7 @@ class Bank {
   Bank& operator=(const Bank&) = delete;
 
   uint64_t block_size(int level) const { return kPageSize + levels_[level].payload_length; }
+  const std::string& block_file(int level, int node) const { return entry(level, node).file; }  // path (per-level: the pack)
   // One read of the block's header page + payload into `buffer` (block_size bytes); checks the header
   // against the index and, with `verify`, the payload's CRC-32. Throws hm::Error naming the file.
   void read(int level, int node, uint8_t* buffer, bool verify) const;

@@ -52,7 +52,7 @@ bool is_contraction(const std::u32string& s, size_t i, size_t* length) {  // 's 
 // The ByteLevel regex 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+, by hand.
 void split_gpt2(const std::u32string& s, std::vector<std::u32string>& out) {
   auto cls = [&](size_t i) {
-    const uint8_t f = unicode::flags(s[i]);
+    const uint16_t f = unicode::flags(s[i]);
     return f & unicode::kLetter ? 'L' : f & unicode::kNumber ? 'N' : f & unicode::kSpace ? 'S' : 'O';
   };
   for (size_t i = 0; i < s.size();) {
@@ -102,6 +102,7 @@ struct Tokenizer::Impl {
   mutable std::unordered_map<std::string, std::vector<int>> cache;
   // WordPiece
   std::string prefix = "##";
+  bool has_decoder = false;
   size_t max_chars = 100;
   // Post-processing: ids before and after the sequence; truncation of the whole encoding.
   std::vector<int64_t> before, after;
@@ -176,8 +177,8 @@ void Tokenizer::Impl::read_pre_tokenizer(const json::Value* pre) {
     byte_level = true;
   } else if (type == "Digits") {
     step.individual_digits = pre->find("individual_digits") && pre->find("individual_digits")->boolean;
-  } else if (type != "BertPreTokenizer") {
-    refuse("pre-tokenizer " + type + " is not supported (ByteLevel, Digits, BertPreTokenizer, Sequence)");
+  } else if (type != "BertPreTokenizer" && type != "Whitespace") {
+    refuse("pre-tokenizer " + type + " is not supported (ByteLevel, Digits, BertPreTokenizer, Whitespace, Sequence)");
   }
   pre_tokenizers.push_back(step);
 }
@@ -221,8 +222,10 @@ void Tokenizer::Impl::read_model(const json::Value& m) {
     if (const json::Value* n = m.find("max_input_chars_per_word"))
       max_chars = static_cast<size_t>(n->as_int("max_input_chars_per_word"));
     if (unk < 0) refuse("WordPiece needs an unk_token");
+  } else if (model == "WordLevel") {
+    if (unk < 0) refuse("WordLevel needs an unk_token");
   } else {
-    refuse("model " + model + " is not supported (BPE or WordPiece)");
+    refuse("model " + model + " is not supported (BPE, WordPiece or WordLevel)");
   }
 }
 
@@ -254,7 +257,7 @@ std::u32string Tokenizer::Impl::normalize(std::u32string text) const {
   std::u32string out;
   out.reserve(text.size());
   for (char32_t c : text) {
-    const uint8_t f = unicode::flags(c);
+    const uint16_t f = unicode::flags(c);
     if (clean_text && (f & unicode::kBertControl)) continue;
     if (clean_text && (f & unicode::kBertSpace)) c = U' ';
     if (chinese && (f & unicode::kCjk)) {
@@ -297,10 +300,24 @@ std::vector<std::u32string> Tokenizer::Impl::pre_tokenize(const std::u32string& 
           if (i == piece.size() || number != previous || (number && step.individual_digits))
             next.push_back(piece.substr(start, i - start)), start = i;
         }
+      } else if (step.type == "Whitespace") {  // \w+|[^\w\s]+ : word runs and symbol runs, spaces dropped
+        for (size_t i = 0; i < piece.size();) {
+          const bool word = has(piece[i], unicode::kWord);
+          if (!word && has(piece[i], unicode::kSpace)) {
+            ++i;
+            continue;
+          }
+          size_t j = i + 1;
+          while (j < piece.size() && (word ? has(piece[j], unicode::kWord)
+                                           : !has(piece[j], unicode::kWord) && !has(piece[j], unicode::kSpace)))
+            ++j;
+          next.push_back(piece.substr(i, j - i));
+          i = j;
+        }
       } else {  // BertPreTokenizer: split on whitespace (dropped) and punctuation (isolated)
         std::u32string word;
         for (char32_t c : piece) {
-          const uint8_t f = unicode::flags(c);
+          const uint16_t f = unicode::flags(c);
           if (f & (unicode::kBertSpace | unicode::kBertPunct)) {
             if (!word.empty()) next.push_back(word), word.clear();
             if (f & unicode::kBertPunct) next.emplace_back(1, c);
@@ -407,8 +424,14 @@ void Tokenizer::Impl::encode_segment(const std::string& text, std::vector<int64_
   if (text.empty()) return;
   for (const std::u32string& piece : pre_tokenize(normalize(unicode::decode_utf8(text, path + ": text")))) {
     if (piece.empty()) continue;
-    if (model == "BPE") bpe(piece, out);
-    else wordpiece(piece, out);
+    if (model == "BPE") {
+      bpe(piece, out);
+    } else if (model == "WordPiece") {
+      wordpiece(piece, out);
+    } else {  // WordLevel: the whole piece or the unknown token
+      auto it = vocab.find(unicode::to_utf8(piece));
+      out.push_back(it != vocab.end() ? it->second : unk);
+    }
   }
 }
 
@@ -426,8 +449,10 @@ Tokenizer::Tokenizer(const std::string& path) : impl_(std::make_unique<Impl>()) 
       m.max_length = static_cast<size_t>(t->at("max_length", "truncation").as_int("truncation.max_length"));
     if (const json::Value* p = root.find("padding"); p && p->kind != json::Value::Kind::Null)
       m.refuse("padding is set: a runtime tokenizer must not pad (save the tokenizer with no_padding())");
-    if (const json::Value* d = root.find("decoder"); d && d->kind == json::Value::Kind::Object)
+    if (const json::Value* d = root.find("decoder"); d && d->kind == json::Value::Kind::Object) {
+      m.has_decoder = true;
       m.byte_level_decoder = d->at("type", "decoder").as_string("decoder.type") == "ByteLevel";
+    }
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
@@ -477,13 +502,17 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
 
 std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
   const Impl& m = *impl_;
-  if (!m.byte_level_decoder) throw Error(m.path + ": decoding needs a ByteLevel decoder");
+  if (m.has_decoder && !m.byte_level_decoder) throw Error(m.path + ": decoding needs a ByteLevel decoder (or none)");
   std::string bytes;
   for (int64_t id : ids) {
     if (id < 0 || id >= static_cast<int64_t>(m.tokens.size()))
       throw Error(m.path + ": token id " + std::to_string(id) + " is out of the vocabulary");
     if (m.special[id]) continue;
     const std::string& token = m.tokens[id];
+    if (!m.has_decoder) {  // no decoder: the tokens joined by spaces, as the library does
+      bytes += (bytes.empty() ? "" : " ") + token;
+      continue;
+    }
     std::string mapped;
     bool all_mapped = true;
     for (char32_t c : unicode::decode_utf8(token, m.path)) {

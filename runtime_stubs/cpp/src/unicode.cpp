@@ -10,7 +10,7 @@ namespace {
 
 struct ClassRange {
   char32_t first, last;
-  uint8_t flags;
+  uint16_t flags;
 };
 struct Mapping {
   char32_t code;
@@ -39,7 +39,7 @@ int combining_class(char32_t c) {
 
 }  // namespace
 
-uint8_t flags(char32_t c) {
+uint16_t flags(char32_t c) {
   const ClassRange* it = std::upper_bound(std::begin(kClasses), std::end(kClasses), c,
                                           [](char32_t value, const ClassRange& range) { return value < range.first; });
   if (it == std::begin(kClasses)) return 0;

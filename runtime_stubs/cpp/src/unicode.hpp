@@ -8,7 +8,7 @@
 
 namespace hm::unicode {
 
-enum Flag : uint8_t {
+enum Flag : uint16_t {
   kLetter = 1 << 0,          // \p{L} of the ByteLevel pre-tokenizer's regex
   kNumber = 1 << 1,          // \p{N}
   kSpace = 1 << 2,           // \s
@@ -17,9 +17,10 @@ enum Flag : uint8_t {
   kBertPunct = 1 << 5,       // BertPreTokenizer: isolated
   kNonspacingMark = 1 << 6,  // StripAccents: removed
   kCjk = 1 << 7,             // BertNormalizer handle_chinese_chars: padded with spaces
+  kWord = 1 << 8,            // \w (the Whitespace pre-tokenizer's regex)
 };
 
-uint8_t flags(char32_t c);
+uint16_t flags(char32_t c);
 inline bool has(char32_t c, Flag flag) { return (flags(c) & flag) != 0; }
 
 // Code points of valid UTF-8; throws hm::Error("{what}: not valid UTF-8 at byte N") otherwise.
