@@ -112,10 +112,11 @@ class Prefetcher {
     changed_.notify_all();
   }
 
-  // The block if the prefetch read it; waits while a request is being routed or the block is being read.
+  // The block if the prefetch read it, waiting while it is planned and not read yet. A request still being
+  // routed is not waited for: the caller reads the block itself rather than stall on the router.
   std::optional<AlignedBuffer> take(const Key& key) {
     std::unique_lock<std::mutex> lock(mutex_);
-    changed_.wait(lock, [&] { return stop_ || (!pending_ && !routing_ && planned_.count(key) == 0); });
+    changed_.wait(lock, [&] { return stop_ || planned_.count(key) == 0; });
     if (auto it = failed_.find(key); it != failed_.end()) {
       std::string why = it->second;
       failed_.erase(it);
@@ -155,7 +156,7 @@ class Prefetcher {
         if (stop_) return;
         job = std::move(*pending_);
         pending_.reset();
-        busy_ = routing_ = true;
+        busy_ = true;
       }
       std::vector<int> path = job.path;
       std::string route_error;
@@ -183,7 +184,6 @@ class Prefetcher {
         failed_.clear();
         planned_ = std::set<Key>(plan.begin(), plan.end());
         last_path_ = path;
-        routing_ = false;
       }
       changed_.notify_all();
       for (const Key& key : plan) {
@@ -217,7 +217,7 @@ class Prefetcher {
   std::mutex mutex_;
   std::condition_variable changed_;
   std::optional<Job> pending_;
-  bool busy_ = false, routing_ = false, stop_ = false;
+  bool busy_ = false, stop_ = false;
   std::set<Key> planned_;
   std::map<Key, AlignedBuffer> ready_;
   std::map<Key, std::string> failed_;
