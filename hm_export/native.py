@@ -145,7 +145,7 @@ def compare_routing(bundle: Path, checks: dict[str, Any], embedder: Embedder | N
     python = (embedder or MiniLMEmbedder()).embed(contexts)
     cosines = (device * python).sum(1) / np.linalg.norm(device, axis=1) / np.linalg.norm(python, axis=1)
     tree = read_tree(Path(bundle))
-    margins = [route_margin(tree, vector) for vector in python]
+    margins = [tree.route_margin(vector) for vector in python]
     return {
         "routes_matched": checks["routes_matched"],
         "contexts": len(contexts),
@@ -154,21 +154,6 @@ def compare_routing(bundle: Path, checks: dict[str, Any], embedder: Embedder | N
         "min_cosine": float(cosines.min()),
         "min_route_margin": float(min(margins)),
     }
-
-
-def route_margin(tree: Any, embedding: Any) -> float:
-    """Smallest, over the levels of the greedy descent, squared-distance gap between the chosen child and the
-    runner-up (how far the embedding is from routing elsewhere)."""
-    import numpy as np
-
-    parent, gaps = 0, []
-    for level, k in enumerate(tree.memory.branching):
-        children = parent * k + np.arange(k)
-        distances = ((tree.centroids[level][children] - embedding) ** 2).sum(-1)
-        order = np.argsort(distances)
-        gaps.append(float(distances[order[1]] - distances[order[0]]) if k > 1 else float("inf"))
-        parent = int(children[order[0]])
-    return min(gaps)
 
 
 def run_native(

@@ -242,7 +242,6 @@ def measure_agreement(
     """``target``'s router program against the Python MiniLM on ``contexts``: cosine of the embeddings, routes
     through the bundle's tree, and for each context that routes elsewhere the level and both routes' margins
     (squared-distance gap between the nearest and next-nearest child, Python's embedding)."""
-    from hm_export.native import route_margin
     from hm_export.runtime_stubs.loader import read_tree
 
     tree = read_tree(Path(bundle))
@@ -263,11 +262,11 @@ def measure_agreement(
                 "context": int(i),
                 "python_path": routes_want[i].tolist(),
                 "program_path": routes_got[i].tolist(),
-                "python_margin": route_margin(tree, want[i]),
+                "python_margin": tree.route_margin(want[i]),
                 "cosine": float(cosine[i]),
             }
             for i in differ
         ],
-        "min_route_margin": float(min(route_margin(tree, vector) for vector in want)),
+        "min_route_margin": float(min(tree.route_margin(vector) for vector in want)),
         "program_seconds_per_context": round(seconds / max(len(contexts), 1), 4),
     }
