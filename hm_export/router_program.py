@@ -203,6 +203,15 @@ class RouterProgram:
     dim = MINILM_DIM
 
 
+def onnx_router(program: Path, tokenizer: Path) -> RouterProgram:
+    """An ONNX router program file (e.g. a quantized variant of the bundle's) with a tokenizer file."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    session = ort.InferenceSession(str(program), providers=["CPUExecutionProvider"])
+    return RouterProgram(lambda ids: session.run([OUTPUT], {INPUT: ids})[0], Tokenizer.from_file(str(tokenizer)))
+
+
 def open_router_program(bundle: Path, target: str) -> RouterProgram:
     """The bundle's ``target`` router program with its tokenizer (ExecuTorch and ONNX run on this host)."""
     from tokenizers import Tokenizer
@@ -222,10 +231,7 @@ def open_router_program(bundle: Path, target: str) -> RouterProgram:
         method = Runtime.get().load_program(str(program)).load_method("forward")
         return RouterProgram(lambda ids: method.execute([torch.from_numpy(ids)])[0].numpy(), tokenizer)
     if entry["runtime"] == "onnxruntime":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(program), providers=["CPUExecutionProvider"])
-        return RouterProgram(lambda ids: session.run([OUTPUT], {INPUT: ids})[0], tokenizer)
+        return onnx_router(program, safe_relative(bundle, router["tokenizer"]["file"], "the router tokenizer"))
     if entry["runtime"] == "coreml" and platform.system() == "Darwin":
         import coremltools as ct
 
@@ -237,23 +243,24 @@ def open_router_program(bundle: Path, target: str) -> RouterProgram:
 
 
 def measure_agreement(
-    bundle: Path, target: str, contexts: Sequence[str], embedder: MiniLMEmbedder | None = None
+    bundle: Path, target: str | RouterProgram, contexts: Sequence[str], embedder: MiniLMEmbedder | None = None
 ) -> dict[str, Any]:
-    """``target``'s router program against the Python MiniLM on ``contexts``: cosine of the embeddings, routes
-    through the bundle's tree, and for each context that routes elsewhere the level and both routes' margins
-    (squared-distance gap between the nearest and next-nearest child, Python's embedding)."""
+    """``target``'s router program (or another ``RouterProgram``, e.g. a quantized variant) against the Python
+    MiniLM on ``contexts``: cosine of the embeddings, routes through the bundle's tree, and each context that
+    routes elsewhere with its margin (squared-distance gap between the nearest and next-nearest child)."""
     from hm_export.runtime_stubs.loader import read_tree
 
     tree = read_tree(Path(bundle))
+    program = open_router_program(bundle, target) if isinstance(target, str) else target
     start = time.perf_counter()
-    got = open_router_program(bundle, target).embed(contexts)
+    got = program.embed(contexts)
     seconds = time.perf_counter() - start
     want = (embedder or MiniLMEmbedder()).embed(contexts)
     cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     routes_got, routes_want = tree.route(got), tree.route(want)
     differ = np.flatnonzero((routes_got != routes_want).any(1))
     return {
-        "target": target,
+        "target": target if isinstance(target, str) else "custom",
         "contexts": len(contexts),
         "cosine": {"min": float(cosine.min()), "mean": float(cosine.mean()), "p01": float(np.percentile(cosine, 1))},
         "routes_identical": float(1 - len(differ) / max(len(contexts), 1)),

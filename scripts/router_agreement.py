@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 
 from hm_export.bundle import read_manifest
 from hm_export.router import MiniLMEmbedder
-from hm_export.router_program import measure_agreement
+from hm_export.router_program import measure_agreement, onnx_router
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +43,9 @@ def main() -> None:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("-n", type=int, default=1000)
     parser.add_argument("--target", default=None, help="Comma-separated (default: every program that runs here).")
+    parser.add_argument(
+        "--onnx-int8", action="store_true", help="Also a dynamic int8 variant of the ONNX router (not shipped)."
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     programs = read_manifest(args.bundle)["router"].get("programs", {})
@@ -49,6 +53,15 @@ def main() -> None:
     contexts = example_contexts(args.n)
     embedder = MiniLMEmbedder()
     results = [measure_agreement(args.bundle, target, contexts, embedder) for target in targets]
+    if args.onnx_int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory() as scratch:
+            quantized = Path(scratch) / "minilm.int8.onnx"
+            quantize_dynamic(args.bundle / "router" / "minilm.onnx", quantized, weight_type=QuantType.QInt8)
+            program = onnx_router(quantized, args.bundle / "router" / "tokenizer.json")
+            results.append({**measure_agreement(args.bundle, program, contexts, embedder), "target": "onnx-int8"})
+            results[-1]["program_bytes"] = quantized.stat().st_size
     if args.json:
         print(json.dumps(results, indent=2))
         return
