@@ -58,7 +58,8 @@ enum Matrix { kGate = 0, kUp = 1, kDown = 2 };
 using LevelViews = std::vector<MatrixView>;  // [memory layer * 3 + Matrix]
 
 // CRC-32 (zlib's) by the CPU's instructions where present, else zlib (crc32.cpp); crc32_method() says which.
-uint32_t crc32(const uint8_t* data, size_t size);
+// `crc` continues a running value (zlib's convention: crc32(b, crc32(a)) == crc32(a + b)).
+uint32_t crc32(const uint8_t* data, size_t size, uint32_t crc = 0);
 const char* crc32_method();
 float half_to_float(uint16_t bits);
 
