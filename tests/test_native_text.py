@@ -137,6 +137,7 @@ def test_decode_matches_the_library(runner, corpus):
     rng = np.random.default_rng(1)
     ids = [e.ids for e in tokenizer.encode_batch(corpus[-320:])]  # non-ASCII and random code points
     ids += [rng.integers(0, tokenizer.get_vocab_size(), 12).tolist() for _ in range(200)]  # split characters too
+    ids += [[300, tokenizer.get_vocab_size() + 7, 301]]  # an id past the tokenizer's vocabulary is skipped
     assert native_decode(runner, EXAMPLE_TOKENIZER, ids) == tokenizer.decode_batch(ids)
 
 
@@ -160,7 +161,8 @@ def test_checks_route_on_device_from_their_text(runner, decode_bundle):
 def test_generate_equals_the_python_runtime_and_uses_the_prefetch(runner, decode_bundle):
     bundle = decode_bundle[1]
     loader = BundleLoader(bundle, target="executorch")
-    first, second = DECODE_CONTEXTS[0], DECODE_CONTEXTS[1]
+    first = DECODE_CONTEXTS[0]  # and a context that routes elsewhere, so the second fill has levels to prefetch
+    second = next(c for c in DECODE_CONTEXTS[1:] if loader.route(c["context"]) != loader.route(first["context"]))
     report = run_native_generate(runner, bundle, first["context"], first["text"], 8, next_context=second["context"])
     for item, native in ((first, report["generation"]), (second, report["next"])):
         python = complete(loader, item["context"], first["text"], max_new_tokens=8)

@@ -505,9 +505,7 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
   if (m.has_decoder && !m.byte_level_decoder) throw Error(m.path + ": decoding needs a ByteLevel decoder (or none)");
   std::string bytes;
   for (int64_t id : ids) {
-    if (id < 0 || id >= static_cast<int64_t>(m.tokens.size()))
-      throw Error(m.path + ": token id " + std::to_string(id) + " is out of the vocabulary");
-    if (m.special[id]) continue;
+    if (id < 0 || id >= static_cast<int64_t>(m.tokens.size()) || m.special[id]) continue;  // as the library
     const std::string& token = m.tokens[id];
     if (!m.has_decoder) {  // no decoder: the tokens joined by spaces, as the library does
       bytes += (bytes.empty() ? "" : " ") + token;

@@ -23,7 +23,8 @@ class Tokenizer {
 
   // Token ids of UTF-8 `text`, with the file's post-processor (e.g. [CLS] ... [SEP]) and truncation.
   std::vector<int64_t> encode(const std::string& text) const;
-  // UTF-8 text of `ids` (invalid byte sequences become U+FFFD); special added tokens are skipped.
+  // UTF-8 text of `ids` (invalid byte sequences become U+FFFD); special added tokens and ids outside the
+  // vocabulary are skipped, as the library does (a model's vocabulary may be larger than its tokenizer's).
   std::string decode(const std::vector<int64_t>& ids) const;
   int vocab_size() const;
   int token_id(const std::string& token) const;  // -1 when not in the vocabulary
