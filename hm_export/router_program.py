@@ -243,11 +243,12 @@ def open_router_program(bundle: Path, target: str) -> RouterProgram:
 
 
 def measure_agreement(
-    bundle: Path, target: str | RouterProgram, contexts: Sequence[str], embedder: MiniLMEmbedder | None = None
+    bundle: Path, target: str | RouterProgram, contexts: Sequence[str], reference: np.ndarray | None = None
 ) -> dict[str, Any]:
     """``target``'s router program (or another ``RouterProgram``, e.g. a quantized variant) against the Python
-    MiniLM on ``contexts``: cosine of the embeddings, routes through the bundle's tree, and each context that
-    routes elsewhere with its margin (squared-distance gap between the nearest and next-nearest child)."""
+    MiniLM on ``contexts`` (``reference``: their MiniLM embeddings, computed when not given): cosine of the
+    embeddings, routes through the bundle's tree, and each context that routes elsewhere with its margin
+    (squared-distance gap between the nearest and next-nearest child)."""
     from hm_export.runtime_stubs.loader import read_tree
 
     tree = read_tree(Path(bundle))
@@ -255,7 +256,7 @@ def measure_agreement(
     start = time.perf_counter()
     got = program.embed(contexts)
     seconds = time.perf_counter() - start
-    want = (embedder or MiniLMEmbedder()).embed(contexts)
+    want = MiniLMEmbedder().embed(contexts) if reference is None else reference
     cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     routes_got, routes_want = tree.route(got), tree.route(want)
     differ = np.flatnonzero((routes_got != routes_want).any(1))

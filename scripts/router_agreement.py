@@ -51,8 +51,8 @@ def main() -> None:
     programs = read_manifest(args.bundle)["router"].get("programs", {})
     targets = args.target.split(",") if args.target else [t for t in programs if t != "coreml"]
     contexts = example_contexts(args.n)
-    embedder = MiniLMEmbedder()
-    results = [measure_agreement(args.bundle, target, contexts, embedder) for target in targets]
+    reference = MiniLMEmbedder().embed(contexts)
+    results = [measure_agreement(args.bundle, target, contexts, reference) for target in targets]
     if args.onnx_int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -60,7 +60,7 @@ def main() -> None:
             quantized = Path(scratch) / "minilm.int8.onnx"
             quantize_dynamic(args.bundle / "router" / "minilm.onnx", quantized, weight_type=QuantType.QInt8)
             program = onnx_router(quantized, args.bundle / "router" / "tokenizer.json")
-            results.append({**measure_agreement(args.bundle, program, contexts, embedder), "target": "onnx-int8"})
+            results.append({**measure_agreement(args.bundle, program, contexts, reference), "target": "onnx-int8"})
             results[-1]["program_bytes"] = quantized.stat().st_size
     if args.json:
         print(json.dumps(results, indent=2))
