@@ -71,6 +71,29 @@ def _check_call(command: list[str], step: str) -> None:
         raise NativeError(f"native {step} failed ({' '.join(command)}):\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
 
 
+def _tokenize_tool(runner: Path, tokenizer: Path, lines: list[str], *flags: str) -> list[Any]:
+    done = subprocess.run(
+        [str(Path(runner).parent / "hm_tokenize"), str(tokenizer), *flags],
+        input="".join(line + "\n" for line in lines),
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise NativeError(done.stderr.strip() or f"hm_tokenize exited with {done.returncode}")
+    return [json.loads(line) for line in done.stdout.split("\n")[:-1]]  # not splitlines(): U+2028 is text
+
+
+def native_tokenize(runner: Path, tokenizer: Path, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of ``texts`` by the native tokenizer (``hm_tokenize``, built beside ``runner``) of ``tokenizer``
+    (a tokenizer.json); raises NativeError with its message when it refuses the file."""
+    return _tokenize_tool(runner, tokenizer, [json.dumps(text) for text in texts])
+
+
+def native_detokenize(runner: Path, tokenizer: Path, ids: Sequence[Sequence[int]]) -> list[str]:
+    """Text of each id list by the native tokenizer of ``tokenizer``."""
+    return _tokenize_tool(runner, tokenizer, [json.dumps(list(i)) for i in ids], "--decode")
+
+
 def write_check_embeddings(bundle: Path, out: Path, embedder: Embedder | None = None) -> Path:
     """Embed the contexts of ``bundle``'s golden checks (the router's embedder) into ``out`` (safetensors
     ``embeddings`` ``float32 [checks, dim]``), for ``hm_runner --embeddings``."""

@@ -21,13 +21,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from hm_export.native import build_native_runner
+from hm_export.native import build_native_runner, native_tokenize
 from hm_export.router import default_minilm_dir
 from hm_export.router_program import write_router_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from test_native_text import NON_ASCII, example_documents, native_encode, random_strings  # noqa: E402
+from test_native_text import NON_ASCII, example_documents, random_strings  # noqa: E402  (the tests' corpus)
 
 
 def smollm2_tokenizer(out: Path) -> Path | None:
@@ -70,7 +70,7 @@ def main() -> None:
             want = [e.ids for e in reference.encode_batch(corpus)]
             library = time.perf_counter() - start
             start = time.perf_counter()
-            got = native_encode(runner, path, corpus)
+            got = native_tokenize(runner, path, corpus)
             native = time.perf_counter() - start
             differ = [i for i in range(len(corpus)) if want[i] != got[i]]
             results.append(

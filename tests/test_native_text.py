@@ -20,7 +20,14 @@ import pytest
 from conftest import DECODE_CONTEXTS
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from hm_export.native import NativeError, build_native_runner, run_native, run_native_generate
+from hm_export.native import (
+    NativeError,
+    build_native_runner,
+    native_detokenize,
+    native_tokenize,
+    run_native,
+    run_native_generate,
+)
 from hm_export.router import default_minilm_dir
 from hm_export.router_program import write_router_tokenizer
 from hm_export.runtime_stubs.loader import BundleLoader, complete
@@ -74,32 +81,9 @@ def runner() -> Path:
     return build_native_runner(BUILD_DIR)
 
 
-def native_encode(runner: Path, tokenizer: Path, texts: list[str]) -> list[list[int]]:
-    done = subprocess.run(
-        [str(runner.parent / "hm_tokenize"), str(tokenizer)],
-        input="".join(json.dumps(t) + "\n" for t in texts),
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise NativeError(done.stderr)
-    return [json.loads(line) for line in done.stdout.splitlines()]
-
-
-def native_decode(runner: Path, tokenizer: Path, ids: list[list[int]]) -> list[str]:
-    done = subprocess.run(
-        [str(runner.parent / "hm_tokenize"), str(tokenizer), "--decode"],
-        input="".join(json.dumps(i) + "\n" for i in ids),
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.split("\n")[:-1]]  # not splitlines(): U+2028 is text
-
-
 def assert_same_ids(runner: Path, path: Path, texts: list[str]) -> None:
     want = [e.ids for e in Tokenizer.from_file(str(path)).encode_batch(texts)]
-    got = native_encode(runner, path, texts)
+    got = native_tokenize(runner, path, texts)
     differ = [(texts[i][:60], want[i][:12], got[i][:12]) for i in range(len(texts)) if want[i] != got[i]]
     assert len(got) == len(texts) and not differ, differ[:3]
 
@@ -138,7 +122,7 @@ def test_decode_matches_the_library(runner, corpus):
     ids = [e.ids for e in tokenizer.encode_batch(corpus[-320:])]  # non-ASCII and random code points
     ids += [rng.integers(0, tokenizer.get_vocab_size(), 12).tolist() for _ in range(200)]  # split characters too
     ids += [[300, tokenizer.get_vocab_size() + 7, 301]]  # an id past the tokenizer's vocabulary is skipped
-    assert native_decode(runner, EXAMPLE_TOKENIZER, ids) == tokenizer.decode_batch(ids)
+    assert native_detokenize(runner, EXAMPLE_TOKENIZER, ids) == tokenizer.decode_batch(ids)
 
 
 def test_unsupported_tokenizer_is_refused_naming_the_component(runner, tmp_path):
@@ -146,7 +130,7 @@ def test_unsupported_tokenizer_is_refused_naming_the_component(runner, tmp_path)
     body["normalizer"] = {"type": "NFKC"}
     (tmp_path / "nfkc.json").write_text(json.dumps(body))
     with pytest.raises(NativeError, match=r"nfkc\.json: normalizer NFKC is not supported"):
-        native_encode(runner, tmp_path / "nfkc.json", ["x"])
+        native_tokenize(runner, tmp_path / "nfkc.json", ["x"])
 
 
 def test_checks_route_on_device_from_their_text(runner, decode_bundle):
