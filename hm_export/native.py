@@ -20,15 +20,12 @@ from typing import Any
 
 from hm_export import kernels, runtime_stubs
 from hm_export.bundle import BundleError, read_manifest
+from hm_export.errors import HmExportError, NativeError
 from hm_export.router import Embedder, MiniLMEmbedder
 
 NATIVE_SOURCE = Path(runtime_stubs.__file__).resolve().parent / "cpp"  # shipped as package data
 KERNELS_SOURCE = Path(kernels.__file__).resolve().parent  # the fused kernel's C++ source (package data too)
 RUNNER = "hm_runner"
-
-
-class NativeError(RuntimeError):
-    """The native build failed, or ``hm_runner`` refused its input (the message is its error)."""
 
 
 def executorch_prefix() -> Path:
@@ -75,10 +72,17 @@ def write_check_embeddings(bundle: Path, out: Path, embedder: Embedder | None = 
     ``embeddings`` ``float32 [checks, dim]``), for ``hm_runner --embeddings``."""
     from safetensors.numpy import save_file
 
+    from hm_export.checks import load_checks
+    from hm_export.config import ModelConfig
+
     manifest = read_manifest(Path(bundle))
     if "checks" not in manifest:
         raise BundleError(f"{Path(bundle) / 'manifest.json'}: the bundle has no golden checks")
-    body = json.loads((Path(bundle) / manifest["checks"]["file"]).read_text())
+    try:
+        config = ModelConfig.from_dict(manifest["model"])
+    except HmExportError as exc:
+        raise BundleError(f"{Path(bundle) / 'manifest.json'}: model: {exc}") from exc
+    body, _ = load_checks(Path(bundle), manifest, config)
     contexts = [check["context"] for check in body["checks"]]
     vectors = (embedder or MiniLMEmbedder()).embed(contexts).astype("float32")
     save_file({"embeddings": vectors}, str(out))
@@ -95,6 +99,8 @@ def run_native_runner(
     bench: dict[str, Any] | None = None,
     verify_files: bool = True,
     threads: int | None = None,
+    verify_key: Path | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run ``hm_runner --json`` on ``bundle`` and return its report.
 
@@ -103,6 +109,8 @@ def run_native_runner(
     the checks' contexts with them; ``bench``: run the benchmark with these ``hm-export bench`` settings
     (``runs``, ``contexts``, ``prompt_tokens``, ``new_tokens``, ``cache``).  Raises NativeError with the
     runner's message when it refuses the bundle (exit code 2); a failed check is in the report, not raised.
+    ``verify_key``: a public key file the bundle must be signed with; ``timeout``: seconds before the runner is
+    stopped (NativeError).  A runner killed by a signal is a NativeError naming the signal.
     """
     command = [str(runner), str(bundle), "--json"]
     command += ["--checks"] if checks else []
@@ -112,16 +120,25 @@ def run_native_runner(
     command += ["--embeddings", str(embeddings)] if embeddings else []
     command += [] if verify_files else ["--no-verify-files"]
     command += ["--threads", str(threads)] if threads else []
+    command += ["--verify-key", str(verify_key)] if verify_key else []
     flags = {"runs": "--runs", "contexts": "-n", "prompt_tokens": "--prompt-tokens", "new_tokens": "--new-tokens"}
     if bench is not None:
         command.append("--bench")
         for key, value in bench.items():
             command += [flags[key], str(value)] if key in flags else ["--cache", str(value)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise NativeError(f"{runner}: no answer within {timeout} s on {bundle} (stopped)") from None
+    if done.returncode < 0:
+        raise NativeError(f"{runner}: killed by signal {-done.returncode} on {bundle} (a crash: please report it)")
     if done.returncode == 2 or not done.stdout.strip():
         errors = [line for line in done.stderr.splitlines() if not line.startswith("I ")]  # drop ExecuTorch info logs
         raise NativeError("\n".join(errors) or f"{runner} exited with {done.returncode}")
-    return json.loads(done.stdout)
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError as exc:
+        raise NativeError(f"{runner}: printed a report that is not JSON ({exc})") from None
 
 
 def run_native(
@@ -131,6 +148,7 @@ def run_native(
     embed: bool = False,
     bench: dict[str, Any] | None = None,
     threads: int | None = None,
+    verify_key: Path | None = None,
 ) -> dict[str, Any]:
     """Build the runner into ``build_dir`` (incremental) and run it on ``bundle``; with ``embed``, the checks'
     contexts are embedded here and routed natively (see :func:`run_native_runner` for the rest)."""
@@ -139,4 +157,6 @@ def run_native(
     runner = build_native_runner(build_dir)
     with tempfile.TemporaryDirectory() as scratch:
         embeddings = write_check_embeddings(bundle, Path(scratch) / "embeddings.safetensors") if embed else None
-        return run_native_runner(runner, bundle, checks=checks, embeddings=embeddings, bench=bench, threads=threads)
+        return run_native_runner(
+            runner, bundle, checks=checks, embeddings=embeddings, bench=bench, threads=threads, verify_key=verify_key
+        )
