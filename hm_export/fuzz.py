@@ -625,9 +625,10 @@ class Harness:
             self._connection.send(None)
         except (BrokenPipeError, OSError):
             pass
-        self._process.join(5)
+        self._process.join(30)
         if self._process.is_alive():
             self._process.kill()
+            self._process.join()
 
 
 def probe_native(runner: Path, bundle: Path, timeout: float = 60.0, verify_key: Path | None = None) -> dict[str, Any]:

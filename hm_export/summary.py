@@ -91,7 +91,7 @@ def summary_text(summary: dict[str, Any]) -> str:
     ]
     for name, target in summary["targets"].items():
         programs = ", ".join([*target["files"].values(), *((target["decode"] or {}).get("files", {}).values())])
-        lines.append(f"  {name:9s} {programs}")
+        lines.append(f"  target    {name}: {programs}")
     checks = summary["checks"]
     lines.append(f"  checks    {checks['count']} golden checks" if checks else "  checks    none (--checks 0)")
     lines.append(f"  files     {len(summary['files'])} with sha256, {program_bytes / 1e6:.2f} MB outside the bank")

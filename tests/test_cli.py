@@ -232,7 +232,7 @@ def test_inspect_prints_a_summary_and_json_on_request(bundle):
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"{bundle}: hm-export bundle v1, created ") and lines[0].endswith("not signed")
     assert "  model     vocab 64, d_model 32, 2 layers, 4/2 heads, FFN 64" in lines
-    assert any(line.startswith("  executorch executorch/model.pte, executorch/decode.pte") for line in lines)
+    assert "  target    executorch: executorch/model.pte, executorch/decode.pte" in lines
     assert json.loads(invoke("inspect", bundle, "--json").stdout)["model"]["vocab_size"] == 64
 
 
