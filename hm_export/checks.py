@@ -32,15 +32,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from hm_export.architectures import MemoryModel
-from hm_export.bundle import BundleError, file_problems, read_manifest
+from hm_export.bundle import MANIFEST, file_problems, read_listed, read_manifest
+from hm_export.config import LIMITS, ModelConfig
+from hm_export.errors import BundleError, HmExportError, HostUnsupported, MissingExtraError, wrapped
+from hm_export.formats import MAX_JSON_BYTES, Fields, read_format_json
 from hm_export.router import CentroidTree, Embedder
 from hm_export.runtime_stubs.block_cache import SlotFiller
-from hm_export.targets import TARGETS, HostUnsupported
+from hm_export.targets import TARGETS
 from hm_export.verify import read_contexts
 
 CHECKS_FILE = "checks/checks.json"
@@ -49,6 +52,7 @@ CHECKS_FORMAT = "hm-export-checks"
 CHECKS_VERSION = 1
 TOLERANCE = {"float32": 1e-3, "float16": 0.1}  # max |logit diff| by the precision a program computes in
 TOP_K = 8
+MAX_EXPECTED_BYTES = 1 << 32
 PROMPT_TOKENS = 32  # longest prompt a check uses
 
 
@@ -84,7 +88,7 @@ def check_contexts(
     for number, item in enumerate(items, 1):
         tokens = list(item.get("tokens") or tokenizer.encode(item["text"]).ids)
         if not tokens:
-            raise ValueError(f"{contexts_file}:{number}: context has no tokens")
+            raise BundleError(f"{contexts_file}:{number}: context has no tokens")
         context = item.get("context") or item.get("text") or tokenizer.decode(tokens)
         pairs.append((context, tokens[:length]))
     return pairs
@@ -201,23 +205,61 @@ class ChecksReport:
         }
 
 
-def load_checks(root: Path, entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The parsed ``checks.json`` and expected tensors; raises ValueError naming the file and problem."""
+def load_checks(
+    root: Path, manifest: dict[str, Any], config: ModelConfig
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The parsed ``checks.json`` and expected tensors of a bundle whose (checked) manifest has a ``checks``
+    entry; every field a replay uses is type- and range-checked against the model ``config`` (token ids in
+    the vocabulary, paths of the tree's depth, tensor shapes), so a damaged file is a BundleError naming it
+    and the field, never an index error later."""
+    entry = manifest["checks"]
     path = root / entry["file"]
-    try:
-        body = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the checks ({exc})") from exc
-    if body.get("format") != CHECKS_FORMAT or body.get("version") != CHECKS_VERSION:
-        raise ValueError(f"{path}: not {CHECKS_FORMAT} version {CHECKS_VERSION}")
-    try:
-        expected = load_file(str(root / entry["expected"]))
-    except (OSError, SafetensorError) as exc:
-        raise ValueError(f"{root / entry['expected']}: cannot read the expected logits ({exc})") from exc
-    missing = [f"check{i}.{key}" for i in range(len(body["checks"])) for key in logits_digest(torch.zeros(1, 1))]
-    missing = [name for name in missing if name not in expected]
-    if missing:
-        raise ValueError(f"{root / entry['expected']}: missing tensors {missing}")
+    data = read_listed(root, manifest, entry["file"], "golden checks", MAX_JSON_BYTES)
+    body = read_format_json(path, CHECKS_FORMAT, CHECKS_VERSION, BundleError, "golden checks", "version", data=data)
+    fields, vocab = Fields(path, BundleError), config.vocab_size
+    tolerance = fields.get(body, "tolerance", "tolerance", dict)
+    for precision in TOLERANCE:
+        fields.get(tolerance, precision, f"tolerance.{precision}", float, 0.0, 1e6)
+    top_k = min(fields.get(body, "top_k", "top_k", int, 1, 1 << 20), vocab)
+    checks = fields.get(body, "checks", "checks", list)
+    if len(checks) != entry["count"]:
+        raise fields.refuse("checks", f"{len(checks)} checks, the manifest says {entry['count']}")
+    for index, check in enumerate(checks):
+        where = f"checks[{index}]"
+        fields.get(checks, index, where, dict)
+        fields.get(check, "name", f"{where}.name", str)
+        fields.get(check, "context", f"{where}.context", str)
+        fields.ints(check, "path", f"{where}.path", 0, LIMITS["nodes"], length=config.memory.num_levels)
+        prompt = fields.ints(check, "prompt", f"{where}.prompt", 0, vocab - 1)
+        if not 1 <= len(prompt) <= config.max_seq_len:
+            raise fields.refuse(f"{where}.prompt", f"{len(prompt)} tokens, need 1 to {config.max_seq_len}")
+        greedy = fields.ints(check, "greedy", f"{where}.greedy", 0, vocab - 1)
+        margins = fields.get(check, "margins", f"{where}.margins", list)
+        if len(margins) != len(greedy) or len(prompt) + len(greedy) > config.max_seq_len:
+            raise fields.refuse(f"{where}.margins", f"{len(margins)} margins for {len(greedy)} greedy tokens")
+        for step in range(len(margins)):
+            fields.get(margins, step, f"{where}.margins[{step}]", float)
+    expected_path = root / entry["expected"]
+    data = read_listed(root, manifest, entry["expected"], "expected logits", MAX_EXPECTED_BYTES)
+    with wrapped(expected_path, "not a safetensors file of expected logits", field="checks.expected"):
+        expected = load_safetensors(data)
+    for index, check in enumerate(checks):
+        rows, k = len(check["prompt"]), top_k
+        want = {
+            "topk_ids": ((rows, k), torch.int64),
+            "topk_values": ((rows, k), torch.float32),
+            "logsumexp": ((rows,), torch.float32),
+            "last_logits": ((vocab,), torch.float32),
+        }
+        for key, (shape, dtype) in want.items():
+            tensor = expected.get(f"check{index}.{key}")
+            if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                got = "missing" if tensor is None else f"{tensor.dtype} {list(tensor.shape)}"
+                name = f"check{index}.{key}"
+                raise BundleError(f"{expected_path}: tensor {name} is {got}, expected {dtype} {list(shape)}")
+        ids = expected[f"check{index}.topk_ids"]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise BundleError(f"{expected_path}: tensor check{index}.topk_ids holds ids outside [0, {vocab})")
     return body, expected
 
 
@@ -260,7 +302,7 @@ def _skipped(target: str, program: str, body: dict, reason: Exception) -> list[C
 def _replay_window(loader: Any, target: str, body: dict, expected: dict, tolerance: float) -> list[CheckResult]:
     try:
         loader.use_target(target)
-    except HostUnsupported as exc:
+    except (HostUnsupported, MissingExtraError) as exc:
         return _skipped(target, "window", body, exc)
     results = []
     for index, check in enumerate(body["checks"]):
@@ -275,7 +317,7 @@ def _replay_decode(loader: Any, target: str, body: dict, expected: dict, toleran
 
     try:
         generator = Generator(loader, target)
-    except HostUnsupported as exc:
+    except (HostUnsupported, MissingExtraError) as exc:
         return _skipped(target, "decode", body, exc)
     results = []
     for index, check in enumerate(body["checks"]):
@@ -302,12 +344,14 @@ def _structure(loader: Any, target: str) -> list[CheckResult]:
     entry = loader.manifest["targets"][target]
     if check_structure is None:
         return []
+    TARGETS[target].check_installed()
     results = []
     for program, program_entry, decode in (("window", entry, False), ("decode", entry.get("decode"), True)):
         if program_entry is None:
             continue
         files = target_files(loader.root, loader.manifest, target, decode=decode)
-        report = check_structure(files, loader.contract, program_entry)
+        with wrapped(next(iter(files.values())), f"cannot check the {program} program's structure"):
+            report = check_structure(files, loader.contract, program_entry)
         detail = f"{program} program: " + (
             "; ".join(report["problems"]) or "inputs, outputs, states and ops as expected"
         )
@@ -323,19 +367,34 @@ def _precision(program_entry: dict[str, Any]) -> str:
 
 
 def run_checks(
-    bundle_dir: Path, targets: Sequence[str] | None = None, embedder: Embedder | None = None
+    bundle_dir: Path,
+    targets: Sequence[str] | None = None,
+    embedder: Embedder | None = None,
+    verify_key: bytes | None = None,
 ) -> ChecksReport:
-    """Replay a bundle's golden checks on every target (or ``targets``) that runs on this host."""
+    """Replay a bundle's golden checks on every target (or ``targets``) that runs on this host.
+
+    A damaged bundle is reported, not raised: a manifest that fails its seal or its checks, a file that
+    differs from the manifest, unreadable checks, a bundle the loader refuses or a program that fails to run
+    each become a ``fail`` row naming the file.  Raises HmExportError only when ``bundle_dir`` is not a
+    bundle at all, has no golden checks, or lacks a requested target."""
     from hm_export.runtime_stubs.loader import BundleLoader
 
     root = Path(bundle_dir)
-    manifest = read_manifest(root)
+    try:
+        manifest = read_manifest(root, verify_key)
+    except HmExportError as exc:
+        if not (root / MANIFEST).exists() and not (root / MANIFEST).is_symlink():
+            raise
+        report = ChecksReport(str(root), 0)
+        report.results.append(CheckResult("bundle", "manifest", "-", "fail", str(exc)))
+        return report
     entry = manifest.get("checks")
     if entry is None:
-        raise BundleError(f"{root / 'manifest.json'}: the bundle has no golden checks (exported with --checks 0)")
+        raise BundleError(f"{root / MANIFEST}: the bundle has no golden checks (exported with --checks 0)")
     unknown = [t for t in targets or () if t not in manifest["targets"]]
     if unknown:
-        raise BundleError(f"{root / 'manifest.json'}: no target {unknown} (bundle has {sorted(manifest['targets'])})")
+        raise BundleError(f"{root / MANIFEST}: no target {unknown} (bundle has {sorted(manifest['targets'])})")
     report = ChecksReport(str(root), entry["count"])
     problems = list(file_problems(root, manifest))
     report.results += [CheckResult("bundle", "files", "-", "fail", problem) for problem in problems]
@@ -343,19 +402,33 @@ def run_checks(
         detail = f"{len(manifest['files'])} files match their sizes and sha256"
         report.results.append(CheckResult("bundle", "files", "-", "pass", detail))
     try:
-        body, expected = load_checks(root, entry)
-    except ValueError as exc:
-        report.results.append(CheckResult("bundle", "files", "-", "fail", str(exc)))
+        loader = BundleLoader(root, target=None, verify=False, embedder=embedder, verify_key=verify_key)
+        body, expected = load_checks(root, manifest, loader.config)
+    except HmExportError as exc:
+        if not problems:  # a refusal already explained by a file that differs from the manifest is not repeated
+            report.results.append(CheckResult("bundle", "files", "-", "fail", str(exc)))
         return report
-    loader = BundleLoader(root, target=None, verify=False, embedder=embedder)
     for check in body["checks"]:
-        route = list(loader.route(check["context"]))
+        try:
+            route = list(loader.route(check["context"]))
+        except HmExportError as exc:
+            report.results.append(CheckResult("router", "route", check["name"], "fail", str(exc)))
+            continue
         ok = route == check["path"]
         detail = f"routes to {route}" + ("" if ok else f", recorded {check['path']}")
         report.results.append(CheckResult("router", "route", check["name"], "pass" if ok else "fail", detail))
     for target in targets or manifest["targets"]:
         target_entry = manifest["targets"][target]
-        report.results += _structure(loader, target)
+        if target not in TARGETS:
+            detail = f"target {target!r} is unknown to this hm-export"
+            report.results.append(CheckResult(target, "-", "-", "fail", detail))
+            continue
+        try:
+            report.results += _structure(loader, target)
+        except MissingExtraError as exc:
+            report.results.append(CheckResult(target, "structure", "-", "skipped", str(exc)))
+        except HmExportError as exc:
+            report.results.append(CheckResult(target, "structure", "-", "fail", str(exc)))
         replays = [("window", _replay_window, target_entry)]
         if "decode" in target_entry:
             replays.append(("decode", _replay_decode, target_entry["decode"]))
@@ -363,7 +436,6 @@ def run_checks(
             tolerance = body["tolerance"][_precision(program_entry)]
             try:
                 report.results += replay(loader, target, body, expected, tolerance)
-            except Exception as exc:  # a damaged program can make its runtime raise anything: report, go on
-                detail = f"{type(exc).__name__}: {exc}"
-                report.results.append(CheckResult(target, program, "-", "fail", f"the program failed to run: {detail}"))
+            except HmExportError as exc:  # the loader names the program that failed to load or run: report, go on
+                report.results.append(CheckResult(target, program, "-", "fail", str(exc)))
     return report

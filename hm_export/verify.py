@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from hm_export.checkpoint import load_checkpoint
+from hm_export.console import progress_bar
+from hm_export.errors import HostUnsupported, InputError
 from hm_export.formats import read_json_lines
 from hm_export.runtime_stubs.loader import BundleLoader, target_files
-from hm_export.targets import TARGETS, HostUnsupported
+from hm_export.targets import TARGETS
 
 
 @dataclass
@@ -56,11 +57,20 @@ class VerifyReport:
 
 def read_contexts(path: Path) -> list[dict[str, Any]]:
     """JSON lines with ``text`` (or ``tokens``) and optionally ``context`` (the routing text, default: text)."""
-    return read_json_lines(
-        path,
-        lambda item: isinstance(item, dict) and ("text" in item or "tokens" in item),
-        "each line needs a 'text' or 'tokens' field",
-        "contexts",
+    return read_json_lines(path, _is_context, "each line needs a 'text' string or a 'tokens' list of ids", "contexts")
+
+
+def _is_context(item: Any) -> bool:
+    """A contexts line: an object with a ``text`` string or a ``tokens`` list of non-negative ints (and an
+    optional ``context`` string)."""
+    if not isinstance(item, dict) or not ("text" in item or "tokens" in item):
+        return False
+    tokens = item.get("tokens", [])
+    return (
+        isinstance(item.get("text", ""), str)
+        and isinstance(item.get("context", ""), str)
+        and isinstance(tokens, list)
+        and all(type(t) is int and t >= 0 for t in tokens)
     )
 
 
@@ -82,7 +92,7 @@ def verify_bundle(
     loader = BundleLoader(bundle_dir, target=None)
     ckpt = load_checkpoint(checkpoint_dir)
     if ckpt.config != loader.config:
-        raise ValueError(f"{checkpoint_dir}: model config differs from the bundle's manifest")
+        raise InputError(f"{checkpoint_dir}: model config differs from the bundle's manifest")
     items = read_contexts(contexts_file)[:limit]
     structure = None
     if target in TARGETS and TARGETS[target].check_structure is not None and target in loader.manifest["targets"]:
@@ -108,11 +118,11 @@ def verify_bundle(
             structure=structure,
         )
     results, bundle_seconds, eager_seconds = [], 0.0, 0.0
-    for index, item in enumerate(tqdm(items, desc="verify", disable=not progress)):
+    for index, item in enumerate(progress_bar(items, enabled=progress, desc="verify")):
         ids = item.get("tokens") or loader.tokenizer.encode(item["text"]).ids
         ids = ids[: loader.contract.seq_len]
         if len(ids) < 2:
-            raise ValueError(f"{contexts_file}: context {index} has fewer than 2 tokens")
+            raise InputError(f"{contexts_file}: context {index} has fewer than 2 tokens")
         path = loader.route(item.get("context") or item.get("text") or loader.tokenizer.decode(ids))
         loader.set_path(path)
         start = time.perf_counter()

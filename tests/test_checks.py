@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 from conftest import DECODE_CONTEXTS, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
+from hm_export.bundle import write_manifest
 from hm_export.checks import (
     CHECKS_FILE,
     EXPECTED_FILE,
@@ -42,7 +43,7 @@ def rehash(root: Path, relative: str) -> None:
     manifest = json.loads((root / "manifest.json").read_text())
     data = (root / relative).read_bytes()
     manifest["files"][relative] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(root, manifest)  # and its seal
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_bundle_without_checks_is_refused(bundle, tmp_path):
     root = copy_bundle(bundle, tmp_path)
     manifest = json.loads((root / "manifest.json").read_text())
     del manifest["checks"]
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(root, manifest)
     result = invoke("check", root)
     assert result.exit_code == 2 and "has no golden checks" in result.stderr
 

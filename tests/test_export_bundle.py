@@ -21,9 +21,10 @@ from conftest import tiny_checkpoint, tiny_config, tiny_model, tiny_tree
 
 from hm_export import __version__
 from hm_export.bank import BankError, BankReader, schema_hash
-from hm_export.bundle import BundleError
+from hm_export.bundle import BundleError, write_manifest
 from hm_export.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from hm_export.config import MemoryConfig, ModelConfig
+from hm_export.errors import UsageError
 from hm_export.export import ExportRecipe, export_bundle
 from hm_export.model import assemble_path
 from hm_export.passes.pipeline import PIPELINES
@@ -116,10 +117,10 @@ def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
 
 
 def edit_manifest(root: Path, edit) -> None:
-    path = root / "manifest.json"
-    manifest = json.loads(path.read_text())
+    """A consistent edit: the manifest rewritten and its seal (bundle.sig) recomputed, as a tamperer would."""
+    manifest = json.loads((root / "manifest.json").read_text())
     edit(manifest)
-    path.write_text(json.dumps(manifest, indent=2))
+    write_manifest(root, manifest)
 
 
 class FakeEmbedder:
@@ -336,7 +337,7 @@ def test_missing_bank_block_is_named(bundle, tmp_path):
     (root / "bank/level1/node000004.hmb").unlink()
     loader = BundleLoader(root)
     loader.set_path((0, 0))  # other blocks still load
-    with pytest.raises(BankError, match=r"level1/node000004\.hmb: block file missing"):
+    with pytest.raises(BankError, match=r"level1/node000004\.hmb: missing \(block file \(level 1, node 4\)\)"):
         loader.set_path((1, 4))
 
 
@@ -367,7 +368,7 @@ def test_consistent_but_foreign_slot_contract_is_refused(bundle, tmp_path):
 
 def test_export_refuses_an_existing_bundle(bundle, checkpoint_dir):
     manifest = (bundle / "manifest.json").read_bytes()
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(UsageError, match="already exists"):
         export_bundle(checkpoint_dir, bundle, NO_ROUTER)
     assert (bundle / "manifest.json").read_bytes() == manifest
 
@@ -469,8 +470,6 @@ def test_verify_bundle_passes_on_held_out_contexts(bundle, checkpoint_dir, tmp_p
 def test_loader_names_missing_manifest_sections(bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    del manifest["model"]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(copy, lambda manifest: manifest.pop("model"))
     with pytest.raises(BundleError, match=r"manifest.json: malformed manifest, missing \['model'\]"):
         BundleLoader(copy, target=None, verify=False)

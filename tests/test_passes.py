@@ -6,6 +6,8 @@ Every test exports afresh (about a second): the passes rewrite the program's gra
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -339,3 +341,18 @@ def test_pipelines_are_registered_by_name():
     # Every pipeline starts with the split and its verification.
     for pipeline in PIPELINES.values():
         assert pipeline.passes[:2] == (lift_memory_to_slot, verify_slot_split)
+
+
+def test_no_backend_is_imported_until_its_target_is_used():
+    """An ONNX-only install must export: the pipelines, the exporter, the loader and the CLI import no toolchain
+    (fold_constant_subgraphs is plain torch), and a target's modules load only when it runs."""
+    code = (
+        "import sys\n"
+        "import hm_export.cli, hm_export.export, hm_export.runtime_stubs.loader, hm_export.checks, hm_export.verify\n"
+        "from hm_export.passes.pipeline import PIPELINES\n"
+        "toolchains = {'executorch', 'onnx', 'onnxruntime', 'coremltools'}\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & toolchains)\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

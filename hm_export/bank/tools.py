@@ -12,15 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from hm_export.bank.errors import BankError
 from hm_export.bank.format import FORMAT_VERSION, PAYLOAD_ALIGNMENT, BlockEntry
 from hm_export.bank.reader import BankReader, aligned_buffer
 from hm_export.bank.schemes import bits_per_parameter
+from hm_export.errors import BankError
 
 
 def inspect_bank(bank_dir: Path | str) -> dict[str, Any]:
     """Format, layout, per-level schemes, block sizes and bytes on disk of a bank (reads only the index)."""
-    with BankReader(bank_dir) as reader:
+    with BankReader(bank_dir, check_files=False) as reader:
         index = reader.index
     mem, layers = index.memory, index.layers
     levels = []
@@ -85,7 +85,7 @@ def check_bank(bank_dir: Path | str, workers: int | None = None) -> CheckReport:
     """
     start = time.perf_counter()
     local = threading.local()  # one reusable read buffer per thread and level
-    with BankReader(bank_dir) as reader:
+    with BankReader(bank_dir, check_files=False) as reader:
 
         def check(entry: BlockEntry) -> tuple[int, dict[str, Any] | None]:
             buffers: dict[int, np.ndarray] = local.__dict__.setdefault("buffers", {})
