@@ -4,12 +4,17 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstring>
 #include <limits>
 
 #include "hm_runtime.hpp"
+
+#ifdef HM_WITH_OPENSSL
+#include <openssl/evp.h>
+#endif
 
 namespace hm {
 namespace {
@@ -54,28 +59,63 @@ int require_regular(int fd, const std::string& path, const std::string& what) {
   return fd;
 }
 
-// FIPS 180-4 SHA-256, enough to check the manifest's file hashes.
+#ifdef HM_WITH_OPENSSL
+// SHA-256 by OpenSSL's libcrypto (linked for the Ed25519 checks anyway): its SHA-NI / ARMv8 / AVX2 code hashes
+// the bundle's files at open several times faster than the portable compression function below.
+class Sha256 {
+ public:
+  Sha256() : ctx_(EVP_MD_CTX_new()) {
+    if (ctx_ == nullptr || EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr) != 1) fail();
+  }
+  ~Sha256() { EVP_MD_CTX_free(ctx_); }
+  Sha256(const Sha256&) = delete;
+  Sha256& operator=(const Sha256&) = delete;
+  void update(const uint8_t* data, size_t size) {
+    if (size != 0 && EVP_DigestUpdate(ctx_, data, size) != 1) fail();
+  }
+  std::string hex() {
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int length = 0;
+    if (EVP_DigestFinal_ex(ctx_, digest, &length) != 1 || length != 32) fail();
+    static const char* digits = "0123456789abcdef";
+    std::string out;
+    for (unsigned int i = 0; i < length; ++i) out += digits[digest[i] >> 4], out += digits[digest[i] & 15];
+    return out;
+  }
+
+ private:
+  [[noreturn]] static void fail() { throw Error("OpenSSL's SHA-256 failed"); }
+  EVP_MD_CTX* ctx_;
+};
+#else
+// FIPS 180-4 SHA-256 (builds without OpenSSL): whole 64-byte blocks are compressed straight from the input.
 class Sha256 {
  public:
   void update(const uint8_t* data, size_t size) {
-    for (size_t i = 0; i < size; ++i) {
-      block_[fill_++] = data[i];
-      if (fill_ == 64) {
-        compress();
-        fill_ = 0;
-      }
-    }
     bits_ += static_cast<uint64_t>(size) * 8;
+    if (fill_ != 0) {  // top up a partial block first
+      const size_t take = std::min(size, block_.size() - fill_);
+      std::memcpy(block_.data() + fill_, data, take);
+      fill_ += take, data += take, size -= take;
+      if (fill_ < block_.size()) return;
+      compress(block_.data());
+      fill_ = 0;
+    }
+    for (; size >= 64; data += 64, size -= 64) compress(data);
+    std::memcpy(block_.data(), data, size);
+    fill_ = size;
   }
   std::string hex() {
-    uint64_t bits = bits_;
-    const uint8_t one = 0x80, zero = 0;
-    update(&one, 1);
-    while (fill_ != 56) update(&zero, 1);
-    for (int i = 7; i >= 0; --i) {
-      uint8_t byte = static_cast<uint8_t>(bits >> (i * 8));
-      update(&byte, 1);
+    const uint64_t bits = bits_;
+    block_[fill_++] = 0x80;
+    if (fill_ > 56) {
+      std::fill(block_.begin() + fill_, block_.end(), 0);
+      compress(block_.data());
+      fill_ = 0;
     }
+    std::fill(block_.begin() + fill_, block_.begin() + 56, 0);
+    for (int i = 0; i < 8; ++i) block_[56 + i] = static_cast<uint8_t>(bits >> (56 - 8 * i));
+    compress(block_.data());
     std::string out;
     static const char* digits = "0123456789abcdef";
     for (uint32_t word : state_)
@@ -85,7 +125,7 @@ class Sha256 {
 
  private:
   static uint32_t rotr(uint32_t x, int n) { return x >> n | x << (32 - n); }
-  void compress() {
+  void compress(const uint8_t* block) {
     static const uint32_t k[64] = {
         0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
         0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
@@ -97,8 +137,8 @@ class Sha256 {
         0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
     uint32_t w[64];
     for (int i = 0; i < 16; ++i)
-      w[i] = static_cast<uint32_t>(block_[i * 4]) << 24 | block_[i * 4 + 1] << 16 | block_[i * 4 + 2] << 8 |
-             block_[i * 4 + 3];
+      w[i] = static_cast<uint32_t>(block[i * 4]) << 24 | block[i * 4 + 1] << 16 | block[i * 4 + 2] << 8 |
+             block[i * 4 + 3];
     for (int i = 16; i < 64; ++i) {
       uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
       uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
@@ -120,6 +160,7 @@ class Sha256 {
   size_t fill_ = 0;
   uint64_t bits_ = 0;
 };
+#endif
 
 }  // namespace
 
