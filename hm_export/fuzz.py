@@ -4,7 +4,7 @@ Used by ``tests/test_hostile_inputs.py`` (a few hundred cases in the suite) and 
 (a thousand, with the CLI and the C++ runner; figures in docs/hostile-inputs.md).
 
 A :class:`Mutation` changes one thing in a copy of a pristine bundle: a JSON field of the manifest, bank index,
-checks or tokenizer set to a hostile value (wrong type, 0, -1, 2^31, 2^63, huge or deeply nested JSON,
+checks, tokenizer or router tokenizer set to a hostile value (wrong type, 0, -1, 2^31, 2^63, huge or deeply nested JSON,
 duplicate keys, path escapes), bytes flipped or cut in any file, or a file or folder replaced by a symlink
 out of the bundle, a FIFO or a directory.  A *consistent* mutation then recomputes everything a careless
 writer or an attacker would: block CRC-32s in the index, sizes and sha256s in the manifest, and the
@@ -375,7 +375,18 @@ def _bundle_files(bundle: Path) -> dict[str, list[str]]:
     files = sorted(manifest["files"])
     blocks = sorted(p.relative_to(bundle).as_posix() for p in (bundle / "bank").rglob("*") if p.suffix in BLOCK_FILES)
     programs = [f for f in files if f.endswith(PROGRAM_FILES)]
-    return {"files": files, "blocks": blocks, "programs": programs, "targets": sorted(manifest["targets"])}
+    router = manifest["router"]
+    # The router area: the centroids, and the router program's tokenizer and program files (hm_export.router_program).
+    roots = [router["tokenizer"]["file"]] if "tokenizer" in router else []
+    roots += [f for entry in router.get("programs", {}).values() for f in entry["files"].values()]
+    router_files = [router["file"], *(f for f in files if any(f == r or f.startswith(f"{r}/") for r in roots))]
+    return {
+        "files": files,
+        "blocks": blocks,
+        "programs": programs,
+        "router": router_files,
+        "targets": sorted(manifest["targets"]),
+    }
 
 
 def mutations(bundle: Path, count: int, seed: int = 0, areas: tuple[str, ...] = AREAS) -> list[Mutation]:
@@ -387,6 +398,10 @@ def mutations(bundle: Path, count: int, seed: int = 0, areas: tuple[str, ...] = 
     escape_fields += [("checks", "file"), ("checks", "expected")] if "checks" in manifest else []
     for target in info["targets"]:
         escape_fields.append(("targets", target, "files", next(iter(manifest["targets"][target]["files"]))))
+    router_escapes = [("router", "tokenizer", "file")] if "tokenizer" in manifest["router"] else []
+    for target, entry in manifest["router"].get("programs", {}).items():
+        router_escapes.append(("router", "programs", target, "files", next(iter(entry["files"]))))
+    escape_fields += router_escapes
     out: list[Mutation] = []
     while len(out) < count:
         area = areas[len(out) % len(areas)]
@@ -425,10 +440,16 @@ def mutations(bundle: Path, count: int, seed: int = 0, areas: tuple[str, ...] = 
             candidates = {
                 "checks": [f for f in info["files"] if f.startswith("checks/")],
                 "tokenizer": ["tokenizer.json"],
-                "router": ["router.safetensors"],
+                "router": info["router"],
                 "programs": info["programs"],
             }[area]
             if not candidates:
+                continue
+            if area == "router" and router_escapes and rng.random() < 0.2:
+                escape = _escape_mutation(
+                    area, "manifest.json", rng.choice(router_escapes), rng.choice(ESCAPES), consistent
+                )
+                out.append(escape)
                 continue
             relative = rng.choice(candidates)
             if relative.endswith(".json") and rng.random() < 0.7:
@@ -555,6 +576,24 @@ def probe_checks(bundle: Path, verify_key: bytes | None = None) -> dict[str, Any
         return _classify(exc, str(bundle))
 
 
+ROUTER_TEXTS = ("Parse an email message", "naïve café 日本語 🎉", "")
+
+
+def probe_router(bundle: Path, targets: tuple[str, ...], verify_key: bytes | None = None) -> dict[str, Any]:
+    """The router programs (:func:`~hm_export.router_program.open_router_program`): open each target's with its
+    tokenizer, embed a few texts and route them through the bundle's tree."""
+    from hm_export.router_program import open_router_program
+    from hm_export.runtime_stubs.loader import read_tree
+
+    try:
+        for target in targets:
+            embeddings = open_router_program(bundle, target, verify_key=verify_key).embed(ROUTER_TEXTS)
+            read_tree(bundle).route(embeddings)
+        return {"status": "ok"}
+    except Exception as exc:
+        return _classify(exc, str(bundle))
+
+
 def probe_cli(bundle: Path, args: tuple[str, ...] = ()) -> dict[str, Any]:
     """``hm-export check BUNDLE`` through click: exit code, and no traceback in its output."""
     from click.testing import CliRunner
@@ -588,7 +627,7 @@ def _worker(connection: Any) -> None:
             if request is None:
                 return
             probe, args = request
-            result = {"api": probe_api, "checks": probe_checks, "cli": probe_cli}[probe](*args)
+            result = {"api": probe_api, "checks": probe_checks, "cli": probe_cli, "router": probe_router}[probe](*args)
             connection.send(result)
 
 
@@ -631,13 +670,17 @@ class Harness:
             self._process.join()
 
 
-def probe_native(runner: Path, bundle: Path, timeout: float = 60.0, verify_key: Path | None = None) -> dict[str, Any]:
-    """``hm_runner BUNDLE --checks --json``: exit 0/1 (ran), 2 (refused, naming a file), or a crash / hang."""
+def probe_native(
+    runner: Path, bundle: Path, timeout: float = 60.0, verify_key: Path | None = None, route_on_device: bool = False
+) -> dict[str, Any]:
+    """``hm_runner BUNDLE --checks --json`` (``route_on_device``: the checks routed from their text by the
+    bundle's router tokenizer and program): exit 0/1 (ran), 2 (refused, naming a file), or a crash / hang."""
     command = [
         str(runner),
         str(bundle),
         "--checks",
         "--json",
+        *(["--route-on-device"] if route_on_device else []),
         *(["--verify-key", str(verify_key)] if verify_key else []),
     ]
     try:

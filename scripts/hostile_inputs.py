@@ -10,7 +10,9 @@ CRC-32s, sizes, sha256s and the seal recomputed) is replayed against
 
 * the Python API (open, route, fill, window logits and a few decode steps on executorch and onnx),
 * ``run_checks`` and ``hm-export check`` (damage must be FAIL rows, never a traceback),
-* ``hm_runner --checks`` (the C++ runtime, when built),
+* ``hm_runner --checks`` (the C++ runtime, when built; ``--route-on-device`` when the bundle has an ExecuTorch
+  router program),
+* the router programs (ExecuTorch, ONNX) with their tokenizer, when the bundle has them,
 
 and every consistent mutation again on a copy signed with a fresh key, opened with that key (API and
 runner): the integrity root must refuse them all.  It prints the figures of docs/hostile-inputs.md and
@@ -48,18 +50,23 @@ def main() -> int:
     signed, key = _signed_copy(args.bundle, work)
     runner = args.runner if args.runner.is_file() else None
     harness, watch = Harness(timeout=args.timeout), OutsideWatch()
-    targets = tuple(
-        t for t in ("executorch", "onnx") if t in json.loads((args.bundle / "manifest.json").read_text())["targets"]
-    )
+    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    targets = tuple(t for t in ("executorch", "onnx") if t in manifest["targets"])
+    routers = tuple(t for t in ("executorch", "onnx") if t in manifest["router"].get("programs", {}))
+    on_device = "executorch" in routers
     probes = {  # `hm-export check` runs run_checks: the CLI probe covers the golden-check replay too
         "api": lambda b: harness.run("api", b, targets),
         "cli": lambda b: harness.run("cli", b),
     }
-    if runner is not None:
-        probes["native"] = lambda b: probe_native(runner, b, timeout=args.timeout)
     signed_probes = {"api": lambda b: harness.run("api", b, targets, public_key_bytes(key))}
+    if routers:
+        probes["router"] = lambda b: harness.run("router", b, routers)
+        signed_probes["router"] = lambda b: harness.run("router", b, routers, public_key_bytes(key))
     if runner is not None:
-        signed_probes["native"] = lambda b: probe_native(runner, b, timeout=args.timeout, verify_key=key)
+        probes["native"] = lambda b: probe_native(runner, b, timeout=args.timeout, route_on_device=on_device)
+        signed_probes["native"] = lambda b: probe_native(
+            runner, b, timeout=args.timeout, verify_key=key, route_on_device=on_device
+        )
     start, results, signed_results, failures = time.perf_counter(), [], [], []
     try:
         for index, mutation in enumerate(mutations(args.bundle, args.count, args.seed)):

@@ -6,13 +6,17 @@ bank index and checks set to hostile values, bytes flipped or cut in blocks and 
 out of the bundle, FIFOs, consistent edits with every checksum and the seal recomputed -- and asserts: no
 foreign exception (every failure is an HmExportError naming a file of the bundle), no crash and no hang (the
 readers run in a worker process and a subprocess), no traceback from ``hm-export check``, and no open of any
-file outside the bundle (inotify).  The other tests pin the individual defences down.
+file outside the bundle (inotify).  It mutates a copy without the router programs (as exported with
+``--no-router-program``: three MiniLM programs would make each case copy and hash 270 MB); the router fuzz test
+mutates a copy with the ExecuTorch router program and its tokenizer and replays them in Python and in the C++
+runner routing on device.  The other tests pin the individual defences down.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import sys
@@ -25,18 +29,46 @@ from hm_export.bundle import read_manifest, write_manifest
 from hm_export.cli import main
 from hm_export.errors import BundleError, HmExportError, IntegrityError
 from hm_export.formats import parse_json
-from hm_export.fuzz import Harness, OutsideWatch, mutations, probe_native, problems, run_case
+from hm_export.fuzz import Harness, OutsideWatch, mutations, probe_native, problems, rerecord, run_case
 from hm_export.integrity import generate_key, public_key_bytes, sign_bundle
+from hm_export.router_program import open_router_program
 from hm_export.runtime_stubs.loader import BundleLoader
 
 FUZZ_CASES = 240
 FUZZ_AREAS = ("manifest", "seal", "index", "blocks", "checks", "filesystem")
+ROUTER_FUZZ_CASES = 20
 NATIVE_BUILD = Path(__file__).resolve().parent.parent / "build" / "native" / "hm_runner"
 
 
+def router_subset(source: Path, out: Path, keep: tuple[str, ...]) -> Path:
+    """A copy of ``source`` keeping only the router programs of ``keep`` (none: no router program, tokenizer or
+    program I/O, as ``--no-router-program`` exports), its manifest rewritten and resealed."""
+    manifest = json.loads((source / "manifest.json").read_text())
+    router = manifest["router"]
+    roots = [f for name, entry in router["programs"].items() if name not in keep for f in entry["files"].values()]
+    router["programs"] = {name: entry for name, entry in router["programs"].items() if name in keep}
+    if not keep:
+        roots.append(router.pop("tokenizer")["file"])
+        del router["program_io"], router["programs"]
+    gone = {f for f in manifest["files"] if any(f == r or f.startswith(f"{r}/") for r in roots)} | set(roots)
+    manifest["files"] = {f: record for f, record in manifest["files"].items() if f not in gone}
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if (Path(folder) / n).relative_to(source).as_posix() in gone]
+
+    shutil.copytree(source, out, ignore=ignore)
+    write_manifest(out, manifest)
+    return out
+
+
 @pytest.fixture(scope="module")
-def bundle(decode_bundle) -> Path:
-    return decode_bundle[1]
+def bundle(decode_bundle, tmp_path_factory) -> Path:
+    return router_subset(decode_bundle[1], tmp_path_factory.mktemp("hostile") / "bundle", ())
+
+
+@pytest.fixture(scope="module")
+def router_bundle(decode_bundle, tmp_path_factory) -> Path:
+    return router_subset(decode_bundle[1], tmp_path_factory.mktemp("hostile_router") / "bundle", ("executorch",))
 
 
 def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
@@ -77,6 +109,124 @@ def test_seeded_mutations_are_refused_or_harmless(bundle, tmp_path):
     refused = sum(n for (name, status), n in statuses.items() if name == "api" and status == "refused")
     ran = sum(n for (name, status), n in statuses.items() if name == "api" and status == "ok")
     assert refused > FUZZ_CASES // 3 and ran > 10, statuses  # the mutations bite, and harmless ones still run
+
+
+def router_mutations(bundle: Path) -> list:
+    """The seeded router mutations, less the consistent byte edits of the program itself: a ``.pte`` whose sha256
+    was recomputed is code the unsigned bundle vouches for, and ExecuTorch's Python bindings abort on some (the
+    XNNPACK delegate logs the corrupt blob's bytes and the binding's log callback raises UnicodeDecodeError
+    through C++: ``terminate``).  The C++ runner refuses those; a signed bundle refuses them all
+    (docs/hostile-inputs.md)."""
+    cases = mutations(bundle, ROUTER_FUZZ_CASES, seed=17, areas=("router",))
+    return [
+        m
+        for m in cases
+        if not (m.consistent and m.description.startswith("router/minilm.pte: ") and " bytes (" in m.description)
+    ]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify and /proc are Linux")
+def test_seeded_router_mutations_are_refused_or_harmless(router_bundle, tmp_path):
+    """Seeded mutations of the router files (centroids, the router tokenizer, the ExecuTorch router program) and of
+    the manifest's router paths, replayed against the router program in Python and the C++ runner routing the
+    golden checks from their text: no foreign exception, crash, hang or read outside; refusals name a file."""
+    harness, watch = Harness(timeout=120), OutsideWatch()
+    native = NATIVE_BUILD if NATIVE_BUILD.is_file() else None
+    failures, statuses = [], {}
+    try:
+        for index, mutation in enumerate(router_mutations(router_bundle)):
+            probes = {"router": lambda b: harness.run("router", b, ("executorch",))}
+            if native is not None:
+                probes["native"] = lambda b: probe_native(native, b, timeout=120, route_on_device=True)
+            result = run_case(index, mutation, router_bundle, tmp_path, probes, watch)
+            failures += [f"case {index} ({mutation.description}): {problem}" for problem in problems(result)]
+            for name, outcome in result.outcomes.items():
+                statuses[(name, outcome["status"])] = statuses.get((name, outcome["status"]), 0) + 1
+    finally:
+        harness.close()
+        watch.close()
+    assert not failures, "\n".join(failures)
+    assert statuses.get(("router", "refused"), 0) > ROUTER_FUZZ_CASES // 4 and statuses.get(("router", "ok"), 0), (
+        statuses
+    )
+
+
+def _outside_copy(path: Path, outside: Path) -> None:
+    shutil.copytree(path, outside) if path.is_dir() else shutil.copyfile(path, outside)
+
+
+def _set_json(root: Path, relative: str, keys: tuple, value: object) -> None:
+    doc = json.loads((root / relative).read_text())
+    parent = doc
+    for key in keys[:-1]:
+        parent = parent[key]
+    parent[keys[-1]] = value
+    (root / relative).write_text(json.dumps(doc))
+    if relative == "manifest.json":
+        write_manifest(root, doc)
+    else:
+        rerecord(root, relative)
+
+
+ROUTER_DAMAGE = {
+    "tokenizer [CLS] id outside the vocabulary": (
+        lambda root, out: _set_json(
+            root, "router/tokenizer.json", ("post_processor", "special_tokens", "[CLS]", "ids"), [10**6]
+        ),
+        r"router/(tokenizer.json|minilm.pte)",  # Python: the embedding op refuses the id; C++ reads the tokenizer
+        r"router/tokenizer.json: post-processor id 1000000",
+    ),
+    "tokenizer is a symlink out of the bundle": (
+        lambda root, out: (
+            _outside_copy(root / "router/tokenizer.json", out),
+            (root / "router/tokenizer.json").unlink(),
+            (root / "router/tokenizer.json").symlink_to(out),
+        ),
+        "is a symbolic link",
+        "manifest.json: files do not match the manifest",
+    ),
+    "program truncated, consistently": (
+        lambda root, out: (
+            (root / "router/minilm.pte").write_bytes((root / "router/minilm.pte").read_bytes()[:4096]),
+            rerecord(root, "router/minilm.pte"),
+        ),
+        "minilm.pte",
+        "minilm.pte",
+    ),
+    "tokenizer path escapes": (
+        lambda root, out: _set_json(root, "manifest.json", ("router", "tokenizer", "file"), "../outside.json"),
+        r"router.tokenizer.file",
+        r"'../outside.json' is not listed",
+    ),
+    "token range is no range": (
+        lambda root, out: _set_json(root, "manifest.json", ("router", "program_io", "inputs", 0, "tokens"), [2, 1]),
+        r"router.program_io.inputs\[0\].tokens",
+        r"router.program_io.inputs\[0\].tokens",
+    ),
+    "program not listed": (
+        lambda root, out: _set_json(
+            root, "manifest.json", ("router", "programs", "executorch", "files", "program"), "router/other.pte"
+        ),
+        r"router.programs.executorch.files.program",
+        r"'router/other.pte' is not listed",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(ROUTER_DAMAGE))
+def test_router_damage_is_refused_naming_the_file(router_bundle, tmp_path, damage):
+    """Each reader of the router files refuses, naming a file of the bundle: open_router_program (Python) and
+    the C++ runtime routing the checks from their text (when built)."""
+    edit, message, native_message = ROUTER_DAMAGE[damage]
+    root = copy_bundle(router_bundle, tmp_path)
+    edit(root, tmp_path / "outside.json")
+    with pytest.raises(HmExportError, match=message) as info:
+        open_router_program(root, "executorch").embed(["Parse an email message"])
+    assert str(root) in str(info.value)
+    if NATIVE_BUILD.is_file():
+        outcome = probe_native(NATIVE_BUILD, root, route_on_device=True)
+        assert outcome["status"] == "refused" and outcome["names_file"], outcome
+        assert re.search(native_message, outcome["message"]), outcome
 
 
 def _cpu_seconds() -> float:
