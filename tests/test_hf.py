@@ -246,6 +246,7 @@ def hf_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     return family, checkpoint, workdir / "bundle"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["executorch", "onnx"])
 def test_bundle_matches_the_eager_host_with_memory(hf_bundle, target: str, tmp_path: Path) -> None:
     family, checkpoint, bundle = hf_bundle
@@ -255,6 +256,7 @@ def test_bundle_matches_the_eager_host_with_memory(hf_bundle, target: str, tmp_p
     assert report.top1_agreement == 1.0 and report.passed
 
 
+@pytest.mark.slow
 def test_bundle_golden_checks_and_manifest(hf_bundle) -> None:
     family, _, bundle = hf_bundle
     report = run_checks(bundle)
@@ -322,6 +324,7 @@ def test_attach_refuses_a_bad_corpus(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hf_bundle", ["phi3"], indirect=True)  # bench only talks to the runtime and loader
 def test_bench_runs_the_decode_program(hf_bundle) -> None:
     _, _, bundle = hf_bundle
