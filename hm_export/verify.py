@@ -1,9 +1,10 @@
 """``verify``: a bundle against the float checkpoint it was exported from, on held-out contexts.
 
 The reference is built from the checkpoint's own weights, tree and memory (:mod:`hm_export.reference`), never
-from the bundle's files.  Per context: the checkpoint's tree routes the context and the bundle's router must
-agree; the bundle's loader fills the slot (its bank, dequantized) and its program runs; the eager model runs on
-the slot's memory (*as exported*) and on the checkpoint's own memory of the path (*float checkpoint*).
+from the bundle's files.  Per context: the checkpoint's tokenizer and tree tokenize and route the context, and
+the bundle's must agree; the bundle's loader fills the slot (its bank, dequantized) and its program runs; the
+eager model runs on the slot's memory (*as exported*) and on the checkpoint's own memory of the path (*float
+checkpoint*).
 Reported per context and in total:
 
 * **memory error** per level: the slot's memory against the checkpoint's blocks (relative RMSE);
@@ -77,8 +78,9 @@ class ContextResult:
 @dataclass
 class VerifyReport:
     """``status``: ``pass``, ``fail`` or ``skipped`` (nothing failed, but the target's numerics did not run
-    here); ``failures`` says what failed.  Sections ``routes``, ``memory``, ``export``, ``quantization``,
-    ``end_to_end``: totals over the contexts with their verdicts."""
+    here); ``failures`` says what failed.  Sections ``routes``, ``tokenizer`` (the bundle's against the
+    checkpoint's, on the contexts given as text), ``memory``, ``export``, ``quantization``, ``end_to_end``:
+    totals over the contexts with their verdicts."""
 
     bundle: str
     checkpoint: str
@@ -93,6 +95,7 @@ class VerifyReport:
     precision: str
     tolerances: Tolerances
     routes: dict[str, Any]
+    tokenizer: dict[str, Any]
     memory: dict[str, Any]
     export: dict[str, Any]
     quantization: dict[str, Any]
@@ -216,15 +219,21 @@ def verify_bundle(
     except HostUnsupported as exc:
         skipped = str(exc)
     eager = as_exported(ckpt.model, loader.filler)
-    texts = [item.get("context") or item.get("text") or loader.tokenizer.decode(item["tokens"]) for item in items]
+    texts = [item.get("context") or item.get("text") or ckpt.tokenizer.decode(item["tokens"]) for item in items]
     embeddings = loader.embedder.embed(texts)
     bundle_paths, checkpoint_paths = loader.tree.route(embeddings), ckpt.tree.route(embeddings)
 
     results: list[ContextResult] = []
+    tokenizer_disagrees: list[int] = []
     bundle_seconds = eager_seconds = 0.0
     seq_len = loader.contract.seq_len
     for index, item in enumerate(tqdm(items, desc="verify", disable=not progress)):
-        ids = list(item.get("tokens") or loader.tokenizer.encode(item["text"]).ids)[:seq_len]
+        if item.get("tokens"):
+            ids = list(item["tokens"])[:seq_len]
+        else:  # the checkpoint's tokenizer is the reference; the bundle's must agree
+            ids = ckpt.tokenizer.encode(item["text"]).ids[:seq_len]
+            if loader.tokenizer.encode(item["text"]).ids[:seq_len] != ids:
+                tokenizer_disagrees.append(index)
         if len(ids) < 2:
             raise ValueError(f"{contexts_file}: context {index} has fewer than 2 tokens")
         first = max(int(item.get("context_tokens", 1)) - 1, 0)  # first scored row
@@ -282,6 +291,8 @@ def verify_bundle(
         if r.index in disagree
     ]
     routes = {"agree": len(results) - len(disagree), "disagree": disagree, "passed": not disagree}
+    failures += [f"tokenizer: the bundle's tokenizer encodes context {i} differently" for i in tokenizer_disagrees]
+    tokenizer = {"disagree": tokenizer_disagrees, "passed": not tokenizer_disagrees}
     levels = range(ckpt.config.memory.num_levels)
     worst = [max(r.memory_error[level] for r in results) for level in levels]
     for level in levels:
@@ -324,6 +335,7 @@ def verify_bundle(
         precision=precision,
         tolerances=tolerances,
         routes=routes,
+        tokenizer=tokenizer,
         memory=memory,
         export=export,
         quantization=quantization,

@@ -270,3 +270,17 @@ def test_tampered_program_fails_verify_by_its_export_error(decode_bundle, contex
     assert report.status == "fail" and not report.export["passed"]
     assert report.export["max_rel"] > 100 * report.tolerances.rtol
     assert report.quantization["max_abs"] == 0.0 and report.memory["passed"]
+
+
+def test_a_bundle_tokenizer_that_disagrees_with_the_checkpoint_fails(decode_bundle, contexts, tmp_path):
+    checkpoint, bundle = decode_bundle
+    root = Path(shutil.copytree(bundle, tmp_path / "copy"))
+    tokenizer = json.loads((root / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
+    (root / "tokenizer.json").write_text(json.dumps(tokenizer))
+    rehash(root, "tokenizer.json")
+    report = verify_bundle(root, checkpoint, contexts, target="onnx")
+    with_cat_or_dog = [i for i, item in enumerate(DECODE_CONTEXTS) if {"cat", "dog"} & set(item["text"].split())]
+    assert report.status == "fail" and report.tokenizer["disagree"] == with_cat_or_dog
+    assert report.export["passed"]  # the numbers are measured on the checkpoint's token ids
