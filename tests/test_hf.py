@@ -297,6 +297,7 @@ def corpus_file(directory: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_attach_recipe_trains_memories_that_lower_the_loss(tmp_path: Path) -> None:
     host_dir = write_host_dir(tmp_path / "host", "llama")
     args = ["hf", "attach", str(host_dir), str(corpus_file(tmp_path)), "--branching", "2,2", "--widths", "8,4"]

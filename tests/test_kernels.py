@@ -264,6 +264,7 @@ def delegate_inputs_and_leftovers(partitioner) -> tuple[set[str], set[str]]:
     return inputs, leftovers
 
 
+@pytest.mark.slow
 def test_slot_weight_rule_delegates_slot_matmuls_and_keeps_anchor_weights_static():
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
