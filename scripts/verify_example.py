@@ -37,7 +37,7 @@ def main() -> None:
         work = args.work or Path(tmp)
         for scheme in args.schemes.split(","):
             bundle = work / f"stdlib-{scheme}"
-            recipe = ExportRecipe((args.target,), bank_scheme=scheme, decode=False, checks=0)
+            recipe = ExportRecipe((args.target,), bank_scheme=scheme, decode=False, checks=0, router_program=False)
             export_bundle(EXAMPLE / "checkpoint", bundle, recipe, overwrite=True)
             report = verify_bundle(bundle, EXAMPLE / "checkpoint", EXAMPLE / "heldout.jsonl", args.n, args.target)
             summary = report.to_dict()
