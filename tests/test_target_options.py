@@ -36,7 +36,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def export(work: Path, name: str, targets: tuple[str, ...], options: EmitOptions | None = None) -> Path:
     contexts, options = work / "contexts.jsonl", options or EmitOptions()
-    recipe = ExportRecipe(targets, options=options, checks=2, check_new_tokens=4, check_contexts=contexts, router_program=False)
+    recipe = ExportRecipe(
+        targets, options=options, checks=2, check_new_tokens=4, check_contexts=contexts, router_program=False
+    )
     export_bundle(work / "ckpt", work / name, recipe)
     return work / name
 
