@@ -1,9 +1,10 @@
 """``hm-export`` command line: thin wrappers over the library API.
 
 One place maps failures to exit codes (:class:`_Command`): an :class:`~hm_export.errors.HmExportError` is one
-line on stderr (``error: <file>: <problem>``) and exit 2; a failed check or verification exits 1; click's
-usage errors exit 2.  Third-party warnings, logs and prints are silenced unless ``--verbose``
-(:mod:`hm_export.console`); progress bars are drawn only on a terminal, never with ``--quiet``.
+line on stderr (``error: <file>: <problem>``) and exit 2; a failed check or verification exits 1, one whose
+numerics were skipped on this host exits 3 (0 with ``--allow-skipped``); click's usage errors exit 2.
+Third-party warnings, logs and prints are silenced unless ``--verbose`` (:mod:`hm_export.console`); progress
+bars are drawn only on a terminal, never with ``--quiet``.
 """
 
 from __future__ import annotations
@@ -362,6 +363,27 @@ def run(
     )
 
 
+SKIPPED_EXIT = 3  # verify / check: nothing failed, but numerics were skipped on this host (see --allow-skipped)
+ALLOW_SKIPPED = click.option(
+    "--allow-skipped", is_flag=True, help=f"Exit 0 instead of {SKIPPED_EXIT} when numerics were skipped on this host."
+)
+
+
+def _exit(status: str, allow_skipped: bool) -> None:
+    """Exit 0 on pass, 1 on fail, 3 when something was skipped (0 with ``--allow-skipped``)."""
+    sys.exit({"pass": 0, "fail": 1}.get(status, 0 if allow_skipped else SKIPPED_EXIT))
+
+
+def _distance(section: dict[str, Any]) -> str:
+    if "skipped" in section:
+        return "skipped"
+    text = f"max |diff| {section['max_abs']:.3g} ({section['max_rel']:.2g} of the logit scale)"
+    text += f", top-1 {section['top1']:.4f}"
+    if "perplexity_increase_pct" in section:
+        text += f", perplexity {section['perplexity_increase_pct']:+.3f} %"
+    return text + ("" if section["passed"] else "  FAIL")
+
+
 @main.command()
 @click.argument("bundle", type=BUNDLE)
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -369,41 +391,78 @@ def run(
     "--contexts",
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSON lines with 'text' (or 'tokens') and optional 'context'.",
+    help="JSON lines with 'text' (or 'tokens'), optional 'context' and 'context_tokens'.",
 )
 @click.option("-n", "limit", type=POSITIVE, default=64, show_default=True, help="Contexts to check.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Max |logit diff|.")
-@click.option("--min-top1", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Min top-1 agreement.")
 @target_option(single=True, default="executorch")
+@click.option(
+    "--rtol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Export error: relative to the logit scale [float32 1e-4].",
+)
+@click.option("--atol", type=click.FloatRange(min=0), default=None, help="Export error: absolute part [float32 1e-5].")
+@click.option(
+    "--max-memory-error",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Memory relative RMSE per level [per bank scheme].",
+)
+@click.option(
+    "--max-ppl-increase",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Perplexity increase over the checkpoint, % [per scheme].",
+)
+@click.option(
+    "--min-top1", type=click.FloatRange(0, 1), default=None, help="Top-1 agreement with the checkpoint [per scheme]."
+)
+@ALLOW_SKIPPED
 @click.option("--json", "as_json", is_flag=True)
 def verify(
     bundle: Path,
     checkpoint: Path,
     contexts: Path,
     limit: int,
-    tolerance: float,
-    min_top1: float,
     target: str,
+    rtol: float | None,
+    atol: float | None,
+    max_memory_error: float | None,
+    max_ppl_increase: float | None,
+    min_top1: float | None,
+    allow_skipped: bool,
     as_json: bool,
 ) -> None:
-    """Compare BUNDLE with the eager CHECKPOINT on held-out contexts; exit 1 beyond tolerance."""
+    """Compare BUNDLE with the float CHECKPOINT it was exported from, on held-out contexts: routes, memory,
+    export, quantization and end-to-end error (docs/verify.md).  Exit 1 on failure, 3 when the target's
+    numerics cannot run here (unless --allow-skipped)."""
     from hm_export.verify import verify_bundle
 
-    progress = _streams().progress
-    report = verify_bundle(bundle, checkpoint, contexts, limit, tolerance, min_top1, target, progress=progress)
-    verdict = "PASS" if report.passed else "FAIL"
-    if report.numerics != "checked":
-        structure = "structure ok" if report.passed else f"structure FAILED: {report.structure}"
-        _emit(report.to_dict(), as_json, f"{verdict}: {structure}; numerical checks {report.numerics}")
-        sys.exit(0 if report.passed else 1)
-    _emit(
-        report.to_dict(),
-        as_json,
-        f"{verdict}: {report.contexts} contexts, {report.distinct_paths} paths, max |logit diff| "
-        f"{report.max_abs_diff:.2e} (tol {tolerance:g}), top-1 {report.top1_agreement:.4f}, "
-        f"bundle/eager latency {report.latency_ratio_bundle_over_eager}",
-    )
-    sys.exit(0 if report.passed else 1)
+    overrides = {
+        "rtol": rtol,
+        "atol": atol,
+        "memory_rmse": max_memory_error,
+        "max_ppl_increase_pct": max_ppl_increase,
+        "min_top1": min_top1,
+    }
+    report = verify_bundle(bundle, checkpoint, contexts, limit, target, overrides, progress=_streams().progress)
+    perplexity = ", ".join(f"{side} {value:.4f}" for side, value in report.perplexity.items())
+    lines = [
+        f"{report.status.upper()}: {report.target}, {report.contexts} contexts, {report.distinct_paths} paths, "
+        f"bank {','.join(report.bank_schemes)}, {report.precision} program",
+        f"  routes        {report.routes['agree']} of {report.contexts} agree with the checkpoint's tree",
+        "  memory        relative RMSE per level "
+        + ", ".join(f"{e:.3g}" for e in report.memory["max_relative_rmse"])
+        + ("" if report.memory["passed"] else "  FAIL"),
+        f"  export        {_distance(report.export)}",
+        f"  quantization  {_distance(report.quantization)}",
+        f"  end to end    {_distance(report.end_to_end)}",
+        f"  perplexity    {perplexity}",
+        *[f"  FAIL {failure}" for failure in report.failures[:20]],
+        *([f"  skipped: {report.skipped}"] if report.skipped else []),
+    ]
+    _emit(report.to_dict(), as_json, "\n".join(lines))
+    _exit(report.status, allow_skipped)
 
 
 @main.command()
@@ -421,13 +480,23 @@ def inspect(bundle: Path, verify_key: Path | None, as_json: bool) -> None:
 @main.command()
 @click.argument("bundle", type=BUNDLE)
 @target_option(help="Replay only these targets (comma list, or repeat); default: all.")
+@click.option("--full", is_flag=True, help="Check every bank block's header and CRC-32, not only the checks' blocks.")
 @verify_key_option()
+@ALLOW_SKIPPED
 @click.option("--json", "as_json", is_flag=True)
-def check(bundle: Path, target: tuple[str, ...] | None, verify_key: Path | None, as_json: bool) -> None:
-    """Replay BUNDLE's golden checks per target and program; exit 1 if any fails (damage is a FAIL row)."""
+def check(
+    bundle: Path,
+    target: tuple[str, ...] | None,
+    full: bool,
+    verify_key: Path | None,
+    allow_skipped: bool,
+    as_json: bool,
+) -> None:
+    """Replay BUNDLE's golden checks per target and program; exit 1 if any fails (damage is a FAIL row), 3 if a
+    target's numerics cannot run here (unless --allow-skipped)."""
     from hm_export.checks import run_checks
 
-    report = run_checks(bundle, target or None, verify_key=_key(verify_key))
+    report = run_checks(bundle, target or None, verify_key=_key(verify_key), full=full)
     lines = []
     for name, counts in report.summary().items():
         ran = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
@@ -436,9 +505,9 @@ def check(bundle: Path, target: tuple[str, ...] | None, verify_key: Path | None,
     lines += [f"  FAIL {r.target}/{r.program} {r.check}: {r.detail}" for r in problems]
     skipped = {f"{r.target}/{r.program}": r.detail for r in report.results if r.status == "skipped"}
     lines += [f"  skipped {name}: {why}" for name, why in skipped.items()]
-    verdict = "PASS" if report.passed else "FAIL"
+    verdict = report.status.upper()
     _emit(report.to_dict(), as_json, "\n".join([f"{verdict}: {report.checks} golden checks of {bundle}", *lines]))
-    sys.exit(0 if report.passed else 1)
+    _exit(report.status, allow_skipped)
 
 
 @main.command()

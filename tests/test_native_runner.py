@@ -39,6 +39,8 @@ BUILD_DIR = Path(__file__).resolve().parent.parent / "build" / "native"  # gitig
 SCHEMES = ("int8", "int4-g32")
 FUSED = {"fused-int4": "int4-g32", "fused-int8": "int8"}  # strategy -> bank scheme
 
+pytestmark = pytest.mark.slow  # every test here needs an exported bundle or a C++ build
+
 
 @pytest.fixture(scope="session")
 def runner() -> Path:
@@ -115,8 +117,6 @@ def assert_same_bytes(dump: Path, expected: np.ndarray) -> None:
 
 
 def assert_checks_pass(runner: Path, bundle: Path, tmp_path: Path) -> None:
-    embeddings = write_check_embeddings(bundle, tmp_path / "embeddings.safetensors")
-    report = run_native_runner(runner, bundle, checks=True, embeddings=embeddings)
     embeddings = write_check_embeddings(bundle, tmp_path / "embeddings.safetensors")
     report = run_native_runner(runner, bundle, checks=True, embeddings=embeddings)
     recorded = checks_of(bundle)

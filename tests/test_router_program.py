@@ -33,6 +33,8 @@ CONTEXTS = (
     " ".join(f"word{i}" for i in range(400)),
 )
 
+pytestmark = pytest.mark.slow  # every test here needs the session's exported decode bundle
+
 
 @pytest.fixture(scope="module")
 def embedder() -> MiniLMEmbedder:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,8 +79,11 @@ class CheckReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def check_bank(bank_dir: Path | str, workers: int | None = None) -> CheckReport:
-    """Read every block once and verify its header and CRC-32; collect (not raise) the failures.
+def check_bank(
+    bank_dir: Path | str, workers: int | None = None, blocks: Collection[tuple[int, int]] | None = None
+) -> CheckReport:
+    """Read every block (or only the ``(level, node)`` of ``blocks``) once and verify its header and CRC-32;
+    collect (not raise) the failures.
 
     An unreadable index raises :class:`BankError`.  Reads and CRCs release the GIL, so threads use every core.
     """
@@ -98,7 +102,9 @@ def check_bank(bank_dir: Path | str, workers: int | None = None) -> CheckReport:
             return reader.block_size(entry.level), None
 
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            results = list(pool.map(check, reader.index.blocks))
+            wanted = None if blocks is None else set(blocks)
+            entries = [e for e in reader.index.blocks if wanted is None or (e.level, e.node) in wanted]
+            results = list(pool.map(check, entries))
     return CheckReport(
         str(bank_dir),
         len(results),

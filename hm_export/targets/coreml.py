@@ -5,8 +5,8 @@ constant weights, so only the anchor can be compressed).  The decode program's K
 Core ML states (``ct.StateType``, iOS18+: ``read_state`` / ``write_state`` in the program) and its
 token axis a ``RangeDim``; ``int64`` inputs become ``int32`` (Core ML has no int64 inputs).
 ``MLModel.predict`` exists only on macOS: on other hosts :func:`check_coreml_package` verifies the
-package's structure against the program's I/O and reports numerical checks as skipped;
-``scripts/check_coreml_macos.py`` runs them.
+package's structure against the program's I/O and ``hm-export verify`` / ``check`` report the numerical
+checks as skipped (exit code 3); on macOS the same commands run them.
 """
 
 from __future__ import annotations
