@@ -83,13 +83,17 @@ class WeightQuant:
 
 @dataclass(frozen=True)
 class AnchorQuant:
-    """One preset: how the anchor's linears, head and embedding are stored (``None``: float32)."""
+    """One preset: how the anchor's linears, head and embedding are stored (``None``: float32), and what
+    ``verify`` allows it by default against the float checkpoint: ``tolerance`` = (perplexity increase in %,
+    added to the bank scheme's; top-1 agreement floor), set from the SmolLM2-135M measurements of
+    docs/anchor-quant.md with margin."""
 
     name: str
     linears: WeightQuant | None
     head: WeightQuant | None
     embedding: WeightQuant | None
     summary: str
+    tolerance: tuple[float, float] = (0.0, 1.0)
 
     @property
     def quantized(self) -> bool:
@@ -101,7 +105,12 @@ PRESETS: dict[str, AnchorQuant] = {
     for preset in (
         AnchorQuant("none", None, None, None, "float32 anchor"),
         AnchorQuant(
-            "int8-weight", WeightQuant(8), WeightQuant(8), WeightQuant(8), "int8 weights per channel everywhere"
+            "int8-weight",
+            WeightQuant(8),
+            WeightQuant(8),
+            WeightQuant(8),
+            "int8 weights per channel everywhere",
+            (1.0, 0.95),
         ),
         AnchorQuant(
             "8da4w-g32",
@@ -109,9 +118,15 @@ PRESETS: dict[str, AnchorQuant] = {
             WeightQuant(4, 32),
             WeightQuant(4, 32),
             "int4 weights in groups of 32 (export_llm's 8da4w with embedding 4,32)",
+            (6.0, 0.80),
         ),
         AnchorQuant(
-            "8da4w-g128", WeightQuant(4, 128), WeightQuant(4, 128), WeightQuant(4, 128), "int4 in groups of 128"
+            "8da4w-g128",
+            WeightQuant(4, 128),
+            WeightQuant(4, 128),
+            WeightQuant(4, 128),
+            "int4 in groups of 128",
+            (10.0, 0.75),
         ),
         AnchorQuant(
             "8da4w-g32-e8",
@@ -119,6 +134,7 @@ PRESETS: dict[str, AnchorQuant] = {
             WeightQuant(8),
             WeightQuant(8),
             "int4 linears in groups of 32, int8 head and embedding",
+            (6.0, 0.80),
         ),
     )
 }

@@ -193,11 +193,13 @@ def lower_to_pte(module, operands, path: Path, dynamic=None) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_kernel_library_registers_the_out_variants(kernel_library):
     assert registered_in_runtime("hm_export::memory_swiglu.out")
     assert registered_in_runtime("hm_export::attend_cache.out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_cpp_kernel_matches_the_reference(kernel_library, tmp_path, case):
     from executorch.runtime import Runtime
@@ -211,6 +213,7 @@ def test_cpp_kernel_matches_the_reference(kernel_library, tmp_path, case):
     torch.testing.assert_close(got, want, rtol=0, atol=h_step_bound(*operands))
 
 
+@pytest.mark.slow
 def test_cpp_kernel_follows_a_dynamic_token_count(kernel_library, tmp_path):
     from executorch.runtime import Runtime
 
@@ -373,6 +376,7 @@ def test_quantized_filler_holds_the_bank_memory_exactly(tmp_path, strategy, sche
         ("host-fp16", "float32", ("onnx",)),
     ],
 )
+@pytest.mark.slow
 def test_bundle_with_a_slot_strategy_matches_eager(kernel_library, tmp_path, strategy, scheme, targets):
     checkpoint = tiny_checkpoint(tmp_path)
     bundle = tmp_path / "bundle"
@@ -434,6 +438,7 @@ def delegate_inputs_and_leftovers(partitioner) -> tuple[set[str], set[str]]:
     return inputs, leftovers
 
 
+@pytest.mark.slow
 def test_slot_weight_rule_delegates_slot_matmuls_and_keeps_anchor_weights_static():
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
