@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from hm_export.architectures import MemoryModel
+from hm_export.errors import ConfigError, UsageError
 from hm_export.kernels import tied_head
 from hm_export.model import TiedHead
 
@@ -65,7 +66,7 @@ class WeightQuant:
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or self.group < 0 or (self.group and self.group % 32):
-            raise ValueError(f"bits must be 4 or 8 and group 0 or a multiple of 32, got {self}")
+            raise ConfigError(f"bits must be 4 or 8 and group 0 or a multiple of 32, got {self}")
 
     def group_for(self, width: int) -> int:
         """The group used for an input width: ``group`` when it divides ``width``, else the largest multiple of
@@ -143,7 +144,7 @@ DEFAULT_PRESET = "none"
 
 def get_preset(name: str) -> AnchorQuant:
     if name not in PRESETS:
-        raise ValueError(f"unknown anchor quantization {name!r}, expected one of {sorted(PRESETS)}")
+        raise UsageError(f"unknown anchor quantization {name!r}, expected one of {sorted(PRESETS)}")
     return PRESETS[name]
 
 
@@ -152,7 +153,7 @@ def check_preset(name: str, targets: tuple[str, ...] | list[str]) -> None:
     preset = get_preset(name)
     unsupported = [t for t in targets if preset.quantized and t not in ANCHOR_QUANT_TARGETS]
     if unsupported:
-        raise ValueError(
+        raise UsageError(
             f"anchor quantization {name!r} is not available for targets {unsupported} (only {ANCHOR_QUANT_TARGETS})"
         )
 
