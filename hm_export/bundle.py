@@ -167,12 +167,15 @@ def check_manifest(root: Path, manifest: dict[str, Any]) -> None:
     if not manifest["targets"]:
         raise fields.refuse("targets", "no targets")
     for name in manifest["targets"]:
-        programs = [(f"targets.{name}", fields.get(manifest["targets"], name, f"targets.{name}", dict))]
-        decode = fields.get(programs[0][1], "decode", f"targets.{name}.decode", dict, optional=True)
-        programs += [(f"targets.{name}.decode", decode)] if decode is not None else []
+        entry = fields.get(manifest["targets"], name, f"targets.{name}", dict)
+        decode = fields.get(entry, "decode", f"targets.{name}.decode", dict, optional=True)
+        window = fields.get(entry, "window", f"targets.{name}.window", str, optional=True)
+        if window not in (None, "program", "decode") or (window == "decode" and decode is None):
+            raise fields.refuse(f"targets.{name}.window", f"{window!r}: expected 'decode' (with a decode program)")
+        programs = [(f"targets.{name}", entry)] + ([(f"targets.{name}.decode", decode)] if decode is not None else [])
         for field, program in programs:
             roles = fields.get(program, "files", f"{field}.files", dict)
-            if not roles:
+            if not roles and not (field == f"targets.{name}" and window == "decode"):  # one program: the decode one
                 raise fields.refuse(f"{field}.files", "no program files")
             for role in roles:
                 _listed_program(fields, files, roles, role, f"{field}.files.{role}")
