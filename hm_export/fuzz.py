@@ -397,7 +397,11 @@ def mutations(bundle: Path, count: int, seed: int = 0, areas: tuple[str, ...] = 
     escape_fields = [("tokenizer", "file"), ("router", "file"), ("bank", "dir"), ("files", "__key__")]
     escape_fields += [("checks", "file"), ("checks", "expected")] if "checks" in manifest else []
     for target in info["targets"]:
-        escape_fields.append(("targets", target, "files", next(iter(manifest["targets"][target]["files"]))))
+        entry = manifest["targets"][target]
+        if entry["files"]:
+            escape_fields.append(("targets", target, "files", next(iter(entry["files"]))))
+        elif "decode" in entry:  # the target's one program is its decode program
+            escape_fields.append(("targets", target, "decode", "files", next(iter(entry["decode"]["files"]))))
     router_escapes = [("router", "tokenizer", "file")] if "tokenizer" in manifest["router"] else []
     for target, entry in manifest["router"].get("programs", {}).items():
         router_escapes.append(("router", "programs", target, "files", next(iter(entry["files"]))))
