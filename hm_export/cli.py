@@ -433,7 +433,7 @@ def _distance(section: dict[str, Any]) -> str:
     help="Perplexity increase over the checkpoint, % [per scheme].",
 )
 @click.option(
-    "--min-top1", type=click.FloatRange(0, 1), default=None, help="Top-1 agreement with the checkpoint [per scheme]."
+    "--min-top1", type=click.FloatRange(min=0), default=None, help="Top-1 agreement with the checkpoint [per scheme]."
 )
 @ALLOW_SKIPPED
 @click.option("--json", "as_json", is_flag=True)
