@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from hm_export.architectures import MemoryModel
+from hm_export.errors import ConfigError, UsageError
 from hm_export.kernels import tied_head
 from hm_export.model import TiedHead
 
@@ -65,7 +66,7 @@ class WeightQuant:
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or self.group < 0 or (self.group and self.group % 32):
-            raise ValueError(f"bits must be 4 or 8 and group 0 or a multiple of 32, got {self}")
+            raise ConfigError(f"bits must be 4 or 8 and group 0 or a multiple of 32, got {self}")
 
     def group_for(self, width: int) -> int:
         """The group used for an input width: ``group`` when it divides ``width``, else the largest multiple of
@@ -83,13 +84,17 @@ class WeightQuant:
 
 @dataclass(frozen=True)
 class AnchorQuant:
-    """One preset: how the anchor's linears, head and embedding are stored (``None``: float32)."""
+    """One preset: how the anchor's linears, head and embedding are stored (``None``: float32), and what
+    ``verify`` allows it by default against the float checkpoint: ``tolerance`` = (perplexity increase in %,
+    added to the bank scheme's; top-1 agreement floor), set from the SmolLM2-135M measurements of
+    docs/anchor-quant.md with margin."""
 
     name: str
     linears: WeightQuant | None
     head: WeightQuant | None
     embedding: WeightQuant | None
     summary: str
+    tolerance: tuple[float, float] = (0.0, 1.0)
 
     @property
     def quantized(self) -> bool:
@@ -101,7 +106,12 @@ PRESETS: dict[str, AnchorQuant] = {
     for preset in (
         AnchorQuant("none", None, None, None, "float32 anchor"),
         AnchorQuant(
-            "int8-weight", WeightQuant(8), WeightQuant(8), WeightQuant(8), "int8 weights per channel everywhere"
+            "int8-weight",
+            WeightQuant(8),
+            WeightQuant(8),
+            WeightQuant(8),
+            "int8 weights per channel everywhere",
+            (1.0, 0.95),
         ),
         AnchorQuant(
             "8da4w-g32",
@@ -109,9 +119,15 @@ PRESETS: dict[str, AnchorQuant] = {
             WeightQuant(4, 32),
             WeightQuant(4, 32),
             "int4 weights in groups of 32 (export_llm's 8da4w with embedding 4,32)",
+            (6.0, 0.80),
         ),
         AnchorQuant(
-            "8da4w-g128", WeightQuant(4, 128), WeightQuant(4, 128), WeightQuant(4, 128), "int4 in groups of 128"
+            "8da4w-g128",
+            WeightQuant(4, 128),
+            WeightQuant(4, 128),
+            WeightQuant(4, 128),
+            "int4 in groups of 128",
+            (10.0, 0.75),
         ),
         AnchorQuant(
             "8da4w-g32-e8",
@@ -119,6 +135,7 @@ PRESETS: dict[str, AnchorQuant] = {
             WeightQuant(8),
             WeightQuant(8),
             "int4 linears in groups of 32, int8 head and embedding",
+            (6.0, 0.80),
         ),
     )
 }
@@ -127,7 +144,7 @@ DEFAULT_PRESET = "none"
 
 def get_preset(name: str) -> AnchorQuant:
     if name not in PRESETS:
-        raise ValueError(f"unknown anchor quantization {name!r}, expected one of {sorted(PRESETS)}")
+        raise UsageError(f"unknown anchor quantization {name!r}, expected one of {sorted(PRESETS)}")
     return PRESETS[name]
 
 
@@ -136,7 +153,7 @@ def check_preset(name: str, targets: tuple[str, ...] | list[str]) -> None:
     preset = get_preset(name)
     unsupported = [t for t in targets if preset.quantized and t not in ANCHOR_QUANT_TARGETS]
     if unsupported:
-        raise ValueError(
+        raise UsageError(
             f"anchor quantization {name!r} is not available for targets {unsupported} (only {ANCHOR_QUANT_TARGETS})"
         )
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from hm_export.architectures import MemoryModel
 from hm_export.config import ModelConfig
+from hm_export.errors import UsageError
 from hm_export.kernels import attend_cache
 from hm_export.model import LayerMemory, MemoryLM, assemble_path
 from hm_export.passes.pipeline import PassPipeline
@@ -106,9 +107,9 @@ class StaticKVCache(nn.Module):
 
     def init_cache(self, cfg: ModelConfig, cache: CacheForm, attention: Attention = "masked") -> None:
         if cache not in ("state", "io"):
-            raise ValueError(f"cache must be 'state' or 'io', not {cache!r}")
+            raise UsageError(f"cache must be 'state' or 'io', not {cache!r}")
         if attention not in ATTENTION or (attention == "kernel" and cache != "state"):
-            raise ValueError(
+            raise UsageError(
                 f"attention must be one of {ATTENTION} ('kernel' needs the state cache), not {attention!r}"
             )
         self.cache_form = cache
@@ -127,7 +128,7 @@ class StaticKVCache(nn.Module):
         """The cache tensors of this call: the ``past`` inputs (``io``) or the state buffers."""
         caches = list(past) if self.cache_form == "io" else [getattr(self, n) for n in self.cache_spec.names("state")]
         if len(caches) != 2 * self.cache_spec.n_layers:
-            raise ValueError(f"expected {2 * self.cache_spec.n_layers} past cache tensors, got {len(caches)}")
+            raise UsageError(f"expected {2 * self.cache_spec.n_layers} past cache tensors, got {len(caches)}")
         return caches
 
     def write_cache(self, cache: Tensor, positions: Tensor, values: Tensor) -> Tensor:

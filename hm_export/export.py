@@ -5,22 +5,21 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from hm_export import __version__
 from hm_export.anchor_quant import check_preset as check_anchor_quant
 from hm_export.anchor_quant import exported_model, get_preset
 from hm_export.architectures import MemoryModel
-from hm_export.atomic import atomic_directory
+from hm_export.atomic import atomic_directory, check_replaceable
 from hm_export.bank import BankReader, check_preset, resolve_preset, write_bank
 from hm_export.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     file_record,
+    is_bundle,
     list_files,
     sha256_file,
     toolchain_versions,
@@ -28,10 +27,14 @@ from hm_export.bundle import (
 )
 from hm_export.checkpoint import ROUTER_FILE, TOKENIZER_FILE, load_checkpoint
 from hm_export.checks import CHECKS_DIR, check_contexts, check_lengths, record_checks
+from hm_export.console import progress_bar
 from hm_export.decode import CacheSpec, trace_decode_program
+from hm_export.errors import UsageError
+from hm_export.integrity import seal_body
 from hm_export.kernels.strategies import SlotLayout, check_strategy, layout_record, resolve_layout
 from hm_export.passes.pipeline import PIPELINES
 from hm_export.router import Embedder, MiniLMEmbedder
+from hm_export.router_program import emit_router_programs, router_files
 from hm_export.runtime_stubs.block_cache import SlotFiller
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract
 from hm_export.targets import TARGETS, DecodeSupport, EmitOptions, Target
@@ -49,6 +52,8 @@ class ExportRecipe:
     the target's only program (prefill, decode and the window logits of the checks, see docs/bundle-format.md)
     and the anchor's weights are stored once per target.  Without it (or for a target without a decode program)
     the full-window program ``{target}/model.*`` is emitted instead.
+    ``router_program``: also emit the router's embedder (all-MiniLM-L6-v2) and its tokenizer under ``router/``
+    for every target that has a router program (:mod:`hm_export.router_program`), so a device routes from text.
     ``checks``: golden checks recorded into ``checks/`` (0: none), each continuing its prompt by
     ``check_new_tokens`` greedy tokens; their contexts come from ``check_contexts`` (JSON lines like
     ``verify``'s) or, without it, are derived from the tokenizer (:func:`hm_export.checks.derive_contexts`).
@@ -59,6 +64,7 @@ class ExportRecipe:
     bank_scheme: str = "float32"
     options: EmitOptions = field(default_factory=EmitOptions)
     decode: bool = True
+    router_program: bool = True
     checks: int = 4
     check_new_tokens: int = 16
     check_contexts: Path | None = None
@@ -66,12 +72,12 @@ class ExportRecipe:
     def __post_init__(self) -> None:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
-            raise ValueError(f"unknown targets {unknown or self.targets}; available: {sorted(TARGETS)}")
+            raise UsageError(f"unknown targets {unknown or self.targets}; available: {sorted(TARGETS)}")
         check_preset(self.bank_scheme)
         check_strategy(self.options.slot_strategy, self.targets)
         check_anchor_quant(self.options.anchor_quant, self.targets)
         if self.checks < 0 or self.check_new_tokens < 1:
-            raise ValueError(f"checks ({self.checks}) must be >= 0 and check_new_tokens ({self.check_new_tokens}) >= 1")
+            raise UsageError(f"checks ({self.checks}) must be >= 0 and check_new_tokens ({self.check_new_tokens}) >= 1")
 
 
 @dataclass
@@ -121,15 +127,23 @@ def export_bundle(
     overwrite: bool = False,
     progress: bool = False,
     embedder: Embedder | None = None,
+    sign_key: Path | None = None,
 ) -> ExportReport:
-    """Export ``checkpoint_dir`` into the bundle directory ``out`` (written atomically).
+    """Export ``checkpoint_dir`` into the bundle directory ``out`` (written atomically; an existing ``out``
+    is replaced only with ``overwrite`` and only if it holds a bundle).
 
-    ``embedder`` routes the golden checks' contexts (default: all-MiniLM-L6-v2, loaded only when needed).
+    ``embedder`` routes the golden checks' contexts (default: all-MiniLM-L6-v2, loaded only when needed);
+    ``sign_key``: an Ed25519 private key (PEM) that signs the manifest (``bundle.sig``).
     """
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    for name in recipe.targets:  # a missing extra, or an OUT that may not be replaced, is said now, not after work
+        TARGETS[name].check_installed()
+    check_replaceable(out, overwrite, is_bundle, "bundle")
+    if sign_key is not None:
+        seal_body(b"", sign_key)  # a missing or unreadable key fails now
     report = ExportReport(bundle=str(out))
-    stages = ["load", *recipe.targets, "bank", "checks", "manifest"]
-    bar = tqdm(total=len(stages), desc="export", unit="stage", disable=not progress)
+    stages = ["load", *recipe.targets, *(["router"] if recipe.router_program else []), "bank", "checks", "manifest"]
+    bar = progress_bar(total=len(stages), enabled=progress, desc="export", unit="stage")
 
     def step(name: str, start: float) -> None:
         report.seconds[name] = round(time.perf_counter() - start, 2)
@@ -140,7 +154,7 @@ def export_bundle(
     ckpt = load_checkpoint(checkpoint_dir)
     seq_len = ckpt.config.max_seq_len if recipe.seq_len is None else recipe.seq_len
     if not 1 <= seq_len <= ckpt.config.max_seq_len:
-        raise ValueError(f"seq_len {seq_len} must be in [1, {ckpt.config.max_seq_len}]")
+        raise UsageError(f"seq_len {seq_len} must be in [1, {ckpt.config.max_seq_len}]")
     levels = resolve_preset(recipe.bank_scheme, ckpt.config.memory.num_levels)
     layout = resolve_layout(recipe.options.slot_strategy, recipe.targets, ckpt.config, levels)
     contract = layout.contract(ckpt.config, seq_len)
@@ -153,7 +167,7 @@ def export_bundle(
     # The ExecuTorch target quantizes the anchor before tracing (torchao); the eager model it traces is also what
     # its golden checks record ("as exported"). The other targets quantize their emitted float program.
     quantized, quantization = exported_model(ckpt.model, preset)
-    with atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite, replaceable=is_bundle, what="bundle") as tmp:
         targets: dict[str, Any] = {}
         check_models: dict[str, MemoryModel] = {}  # targets whose program computes other than ``quantized``
         programs: dict[tuple[str, int], SlotProgram] = {}  # one trace per distinct pass pipeline and model
@@ -190,23 +204,34 @@ def export_bundle(
             targets[name] = emitted
             step(name, start)
 
+        router_programs: dict[str, Any] = {}
+        if recipe.router_program:
+            start = time.perf_counter()
+            minilm = embedder if isinstance(embedder, MiniLMEmbedder) else None
+            router_programs = emit_router_programs(tmp, recipe.targets, minilm)
+            step("router", start)
+
         start = time.perf_counter()
         index = write_bank(tmp / BANK_DIR, checkpoint_dir, scheme=recipe.bank_scheme, progress=progress)
         step("bank", start)
 
         start = time.perf_counter()
-        listed = [TOKENIZER_FILE, ROUTER_FILE, f"{BANK_DIR}/index.json"]
+        listed = [TOKENIZER_FILE, ROUTER_FILE, f"{BANK_DIR}/index.json", *router_files(router_programs)]
         checks = None
         if recipe.checks:
             filler = SlotFiller(contract, BankReader(tmp / BANK_DIR), layout=layout)
             try:
                 embedder = embedder or MiniLMEmbedder()
                 scheme = recipe.bank_scheme
-                checks = record_checks(quantized, ckpt.tree, embedder, filler, pairs, new_tokens, tmp, scheme)
+                checks = record_checks(
+                    ckpt.model, ckpt.tree, embedder, filler, pairs, new_tokens, tmp, scheme, anchor=quantized
+                )
                 listed += [checks["file"], checks["expected"]]
                 for name, model in check_models.items():
-                    own = record_checks(model, ckpt.tree, embedder, filler, pairs, new_tokens, tmp, scheme,
-                                        f"{CHECKS_DIR}/{name}")  # fmt: skip
+                    directory = f"{CHECKS_DIR}/{name}"
+                    own = record_checks(
+                        ckpt.model, ckpt.tree, embedder, filler, pairs, new_tokens, tmp, scheme, directory, model
+                    )
                     targets[name]["checks"] = own
                     listed += [own["file"], own["expected"]]
             finally:
@@ -221,7 +246,7 @@ def export_bundle(
         manifest = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_VERSION,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": ckpt.config.to_dict(),
             "tokenizer": {"file": TOKENIZER_FILE},
             "router": {
@@ -231,6 +256,7 @@ def export_bundle(
                 "pooling": "mean",
                 "normalize": True,
                 "descent": "greedy-l2",
+                **router_programs,
             },
             "slot": {**contract.to_dict(), **layout_record(layout)},
             "io": {"inputs": [TOKENS_INPUT, *contract.input_names], "outputs": [LOGITS_OUTPUT]},
@@ -251,7 +277,7 @@ def export_bundle(
             },
             "versions": {**toolchain_versions(), "hm-export": __version__},
         }
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest, sign_key)
         report.sizes = {f: r["bytes"] for f, r in manifest["files"].items()}
         report.sizes["bank_total"] = sum(p.stat().st_size for p in (tmp / BANK_DIR).rglob("*") if p.is_file())
         step("manifest", start)

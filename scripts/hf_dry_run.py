@@ -75,7 +75,7 @@ print(json.dumps({"anchor_params": anchor, "bank_params": bank, "build_seconds":
 EXPORT = """
 import json, sys
 from hm_export.export import ExportRecipe, export_bundle
-recipe = ExportRecipe(targets=tuple(sys.argv[3].split(",")), checks=0, decode=sys.argv[4] == "1")
+recipe = ExportRecipe(targets=tuple(sys.argv[3].split(",")), checks=0, decode=sys.argv[4] == "1", router_program=False)
 report = export_bundle(sys.argv[1], sys.argv[2], recipe, overwrite=True)
 print(json.dumps(report.seconds))
 """
@@ -84,8 +84,8 @@ VERIFY = """
 import json, sys
 from hm_export.verify import verify_bundle
 report = verify_bundle(sys.argv[1], sys.argv[2], sys.argv[3], target=sys.argv[4], limit=4)
-print(json.dumps({"passed": report.passed, "max_abs_diff": report.max_abs_diff, "top1": report.top1_agreement,
-                  "contexts": report.contexts}))
+print(json.dumps({"passed": report.passed, "max_abs_diff": report.export["max_abs"], "max_rel_diff":
+                  report.export["max_rel"], "top1": report.end_to_end["top1"], "contexts": report.contexts}))
 """
 
 

@@ -63,6 +63,7 @@ def contexts(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_preset_exports_passes_its_checks_and_stores_each_weight_once(tmp_path, contexts, preset):
     checkpoint = tiny_checkpoint(tmp_path, cfg=CFG, seed=2)
@@ -74,6 +75,7 @@ def test_preset_exports_passes_its_checks_and_stores_each_weight_once(tmp_path, 
         checks=2,
         check_new_tokens=6,
         check_contexts=contexts,
+        router_program=False,  # tested on the session's decode bundle
     )
     export_bundle(checkpoint, bundle, recipe)
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -129,3 +131,27 @@ def test_recipe_refuses_unknown_presets_and_targets_without_a_mapping():
         ExportRecipe(options=EmitOptions(anchor_quant="int3"))
     with pytest.raises(ValueError, match="not available for targets"):
         ExportRecipe(("executorch-coreml",), options=EmitOptions(anchor_quant="8da4w-g32"))
+
+
+def test_verify_defaults_add_each_presets_allowance_to_the_bank_schemes():
+    """``verify``'s defaults for a quantized anchor: the bank's perplexity allowance plus the preset's, the lower
+    top-1 floor, never exact; an 8da program is judged by the int8-activations export rule."""
+    from hm_export.reference import PROGRAM_TOLERANCE, default_tolerances, program_precision, scheme_tolerance
+
+    bank = default_tolerances(["int4-g32", "int4-g32"], "int4", "float32")
+    for preset in PRESETS.values():
+        got = default_tolerances(["int4-g32", "int4-g32"], "int4", "float32", preset)
+        if not preset.quantized:
+            assert got == bank
+            continue
+        extra_ppl, top1 = preset.tolerance
+        assert got.max_ppl_increase_pct == scheme_tolerance("int4-g32").max_ppl_increase_pct + extra_ppl
+        assert got.min_top1 == min(scheme_tolerance("int4-g32").min_top1, top1) and not got.exact
+    exact = default_tolerances(["float32"], "float32", "float32", get_preset("none"))
+    assert exact.exact and not default_tolerances(["float32"], "float32", "float32", get_preset("int8-weight")).exact
+    record = {"linears": {"activations": "int8, dynamic per token (asymmetric)"}, "embedding": {"weights": "int4"}}
+    assert (
+        program_precision({}, record) == "int8-activations" and program_precision({}, {"preset": "none"}) == "float32"
+    )
+    assert program_precision({"state_dtype": "float16"}, record) == "float16"
+    assert PROGRAM_TOLERANCE["int8-activations"].rtol > PROGRAM_TOLERANCE["float32"].rtol

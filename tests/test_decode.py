@@ -74,6 +74,7 @@ def test_decode_module_without_memory_is_the_bare_anchor():
         assert torch.allclose(module(tokens, torch.tensor([0]))[0], model(tokens)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_manifest_describes_the_decode_programs(decode_bundle):
     manifest = json.loads((decode_bundle[1] / "manifest.json").read_text())
     for target, cache in (("executorch", "state"), ("onnx", "io"), ("coreml", "state")):
@@ -96,6 +97,7 @@ def test_manifest_describes_the_decode_programs(decode_bundle):
     assert entry["decode"]["attention"] == "kernel" and "hm_export::attend_cache" in entry["decode"]["custom_ops"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_decode_program_logits_equal_eager(loader, ckpt, target):
     decoder = loader.open_decoder(target)
@@ -111,6 +113,7 @@ def test_decode_program_logits_equal_eager(loader, ckpt, target):
     assert (decoder(torch.tensor([tokens[:3]]), 0, loader.slot) - want[:3]).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_greedy_generation_equals_eager_token_for_token(loader, ckpt, target):
     generator = Generator(loader, target)
@@ -123,6 +126,7 @@ def test_greedy_generation_equals_eager_token_for_token(loader, ckpt, target):
         assert result.stop_reason == "max_new_tokens" and len(result.step_seconds) == 15
 
 
+@pytest.mark.slow
 def test_window_fallback_generates_the_same_tokens(loader, ckpt, monkeypatch):
     generator = Generator(loader, "executorch")
     generator.set_context("cats and mats")
@@ -135,6 +139,7 @@ def test_window_fallback_generates_the_same_tokens(loader, ckpt, monkeypatch):
     assert fallback.generate(prompt, Sampling(max_new_tokens=8)).new_tokens == with_cache
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_with_a_seed(loader):
     generator = Generator(loader, "executorch")
     generator.set_context("memory trees")
@@ -163,6 +168,7 @@ def test_next_token_filters():
         Sampling(top_p=0)
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_generation(loader):
     generator = Generator(loader, "onnx")
     generator.set_context("a dog on a mat")
@@ -173,6 +179,7 @@ def test_stop_tokens_end_generation(loader):
     assert result.stop_reason == "stop_token" and result.new_tokens == free[: free.index(stop)]
 
 
+@pytest.mark.slow
 def test_onnx_sessions_take_the_benchmark_thread_count(loader):
     """``hm-export bench --threads N`` (set_threads) bounds ONNX Runtime too, not only torch and XNNPACK."""
     before = torch.get_num_threads()
@@ -185,6 +192,7 @@ def test_onnx_sessions_take_the_benchmark_thread_count(loader):
         set_threads(before)
 
 
+@pytest.mark.slow
 def test_generation_stops_when_the_cache_is_full(loader):
     generator = Generator(loader, "executorch")
     generator.set_context("lists of words")
@@ -209,6 +217,7 @@ class CountingEmbedder:
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_the_path_is_chosen_once_per_context(decode_bundle):
     embedder = CountingEmbedder()
     loader = BundleLoader(decode_bundle[1], target=None, embedder=embedder)
@@ -225,6 +234,7 @@ def test_the_path_is_chosen_once_per_context(decode_bundle):
         Generator(loader, "executorch", reroute="sometimes")
 
 
+@pytest.mark.slow
 def test_run_streams_the_continuation(decode_bundle, ckpt):
     bundle = decode_bundle[1]
     args = ["run", str(bundle), "--context", "cats and mats", "--prompt", "the cat sat", "--max-new-tokens", "6"]

@@ -194,11 +194,13 @@ def lower_to_pte(module, operands, path: Path, dynamic=None) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_kernel_library_registers_the_out_variants(kernel_library):
     assert registered_in_runtime("hm_export::memory_swiglu.out")
     assert registered_in_runtime("hm_export::attend_cache.out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_cpp_kernel_matches_the_reference(kernel_library, tmp_path, case):
     from executorch.runtime import Runtime
@@ -212,6 +214,7 @@ def test_cpp_kernel_matches_the_reference(kernel_library, tmp_path, case):
     torch.testing.assert_close(got, want, rtol=0, atol=h_step_bound(*operands))
 
 
+@pytest.mark.slow
 def test_cpp_kernel_follows_a_dynamic_token_count(kernel_library, tmp_path):
     from executorch.runtime import Runtime
 
@@ -374,11 +377,14 @@ def test_quantized_filler_holds_the_bank_memory_exactly(tmp_path, strategy, sche
         ("host-fp16", "float32", ("onnx",)),
     ],
 )
+@pytest.mark.slow
 def test_bundle_with_a_slot_strategy_matches_eager(kernel_library, tmp_path, strategy, scheme, targets):
     checkpoint = tiny_checkpoint(tmp_path)
     bundle = tmp_path / "bundle"
     options = EmitOptions(slot_strategy=strategy)
-    export_bundle(checkpoint, bundle, ExportRecipe(targets, bank_scheme=scheme, options=options, checks=0))
+    export_bundle(
+        checkpoint, bundle, ExportRecipe(targets, bank_scheme=scheme, options=options, checks=0, router_program=False)
+    )
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["slot"]["strategy"] == strategy
     model = load_checkpoint(checkpoint).model
@@ -401,7 +407,9 @@ def test_recipe_refuses_a_strategy_its_targets_or_bank_cannot_take(tmp_path):
     with pytest.raises(ValueError, match="unknown slot strategy"):
         ExportRecipe(options=EmitOptions(slot_strategy="int3"))
     with pytest.raises(ValueError, match="needs every bank level in int4"):
-        recipe = ExportRecipe(bank_scheme="int8", options=EmitOptions(slot_strategy="fused-int4"), checks=0)
+        recipe = ExportRecipe(
+            bank_scheme="int8", options=EmitOptions(slot_strategy="fused-int4"), checks=0, router_program=False
+        )
         export_bundle(tiny_checkpoint(tmp_path), tmp_path / "bundle", recipe)
 
 
@@ -431,6 +439,7 @@ def delegate_inputs_and_leftovers(partitioner) -> tuple[set[str], set[str]]:
     return inputs, leftovers
 
 
+@pytest.mark.slow
 def test_slot_weight_rule_delegates_slot_matmuls_and_keeps_anchor_weights_static():
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from hm_export.config import ModelConfig
+from hm_export.errors import ConfigError
 from hm_export.hf.families import family_of
 from hm_export.model import LayerMemory, MemoryBank, check_forward_inputs, expand_paths, memory_ffn
 from hm_export.slot import SlotParameters
@@ -70,7 +71,8 @@ def build_host(cfg: ModelConfig) -> nn.Module:
     host_config._attn_implementation = ATTENTION_IMPLEMENTATION
     for field, expected in (("hidden_size", cfg.d_model), ("num_hidden_layers", cfg.n_layers)):
         if getattr(host_config, field) != expected:
-            raise ValueError(f"host config {field} {getattr(host_config, field)} does not match the model's {expected}")
+            got = getattr(host_config, field)
+            raise ConfigError(f"host config {field} {got} does not match the model's {expected}")
     host = family.model_class()(host_config).eval()
     host.requires_grad_(False)
     return host
@@ -130,7 +132,7 @@ class HostMemoryLM(nn.Module):
         try:
             model.host.load_state_dict(host.state_dict())
         except RuntimeError as exc:
-            raise ValueError(f"host weights do not match the memory model's host config: {exc}") from exc
+            raise ConfigError(f"host weights do not match the memory model's host config: {exc}") from exc
         return model
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from hm_export.checkpoint import save_checkpoint
 from hm_export.config import ConfigError, MemoryConfig
+from hm_export.errors import InputError
 from hm_export.formats import read_json_lines
 from hm_export.hf.families import host_model_config  # refuses an unsupported family by name
 from hm_export.hf.model import HostMemoryLM
@@ -104,7 +105,7 @@ def train_memories(
         rows += windows
         owners += [doc_index] * len(windows)
     if len(rows) < VALIDATION_EVERY:
-        raise ValueError(f"the corpus has {len(rows)} windows of {recipe.max_seq_len + 1} tokens; at least 10 needed")
+        raise InputError(f"the corpus has {len(rows)} windows of {recipe.max_seq_len + 1} tokens; at least 10 needed")
     held_out = np.arange(len(rows)) % VALIDATION_EVERY == VALIDATION_EVERY - 1  # every 10th window, corpus-wide
     rows_array, owners_array = np.asarray(rows), np.asarray(owners)
     data = torch.from_numpy(rows_array[~held_out])

@@ -6,10 +6,12 @@
 #include <list>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "files.hpp"
 #include "hm_runtime.hpp"
 
 namespace hm {
@@ -56,18 +58,25 @@ struct MatrixView {
 enum Matrix { kGate = 0, kUp = 1, kDown = 2 };
 using LevelViews = std::vector<MatrixView>;  // [memory layer * 3 + Matrix]
 
-uint32_t crc32(const uint8_t* data, size_t size);
+// CRC-32 (zlib's) by the CPU's instructions where present, else zlib (crc32.cpp); crc32_method() says which.
+// `crc` continues a running value (zlib's convention: crc32(b, crc32(a)) == crc32(a + b)).
+uint32_t crc32(const uint8_t* data, size_t size, uint32_t crc = 0);
+const char* crc32_method();
 float half_to_float(uint16_t bits);
 
 class Bank {
  public:
-  // Parses and checks `dir`/index.json against the model dims and the manifest's bank schema hash.
-  Bank(const std::string& dir, const MemoryDims& dims, const std::string& expected_schema_hash);
+  // Parses and checks index.json in `tree` (exactly `index_bytes` long, as the manifest declares) against the
+  // model dims and the manifest's bank schema hash, and checks each level's first block file (or pack) is as
+  // large as the index says, so buffers sized from the index are bounded by data really on disk.
+  Bank(std::unique_ptr<Tree> tree, const MemoryDims& dims, const std::string& expected_schema_hash,
+       int64_t index_bytes);
   ~Bank();
   Bank(const Bank&) = delete;
   Bank& operator=(const Bank&) = delete;
 
   uint64_t block_size(int level) const { return kPageSize + levels_[level].payload_length; }
+  const std::string& block_file(int level, int node) const { return entry(level, node).file; }  // path (per-level: the pack)
   // One read of the block's header page + payload into `buffer` (block_size bytes); checks the header
   // against the index and, with `verify`, the payload's CRC-32. Throws hm::Error naming the file.
   void read(int level, int node, uint8_t* buffer, bool verify) const;
@@ -86,7 +95,7 @@ class Bank {
     int pack_fd = -1;  // layout per-level: the level's pack, kept open
   };
   struct Entry {
-    std::string file;
+    std::string file;  // relative to the bank directory
     uint64_t offset = 0;
     uint32_t crc32 = 0;
   };
@@ -96,6 +105,10 @@ class Bank {
   int block_group(int level, int rows) const;  // rows per block scale (int8: all rows)
   const Entry& entry(int level, int node) const;
 
+  void check_level_files() const;
+  uint64_t file_size(const std::string& file) const;
+
+  std::unique_ptr<Tree> tree_;
   std::string dir_;
   MemoryDims dims_;
   bool packed_ = false;
@@ -114,12 +127,19 @@ class BlockCache {
     uint64_t bytes_read;
   };
   Fetched get(int level, int node);
+  // A block read elsewhere (the prefetch thread): kept as the policy keeps a block read here, or held until
+  // the level's next fill when the policy streams. Reported as source "prefetch".
+  Fetched adopt(int level, int node, AlignedBuffer block);
+  bool contains(int level, int node) const;  // in RAM (resident or LRU); safe from any thread
 
  private:
   using Key = std::pair<int, int>;
+  Fetched keep(const Key& key, AlignedBuffer buffer, const char* source);
   const Bank& bank_;
   CachePolicy policy_;
+  mutable std::mutex mutex_;  // guards the maps against contains() from the prefetch thread
   std::vector<AlignedBuffer> scratch_;
+  std::vector<AlignedBuffer> adopted_;  // per level: a streamed prefetched block, until the next fill
   std::map<Key, AlignedBuffer> resident_;
   std::list<std::pair<Key, AlignedBuffer>> lru_;  // most recent first
   std::map<Key, std::list<std::pair<Key, AlignedBuffer>>::iterator> lru_index_;
