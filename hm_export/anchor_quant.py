@@ -111,7 +111,7 @@ PRESETS: dict[str, AnchorQuant] = {
             WeightQuant(8),
             WeightQuant(8),
             "int8 weights per channel everywhere",
-            (1.0, 0.95),
+            (2.0, 0.90),
         ),
         AnchorQuant(
             "8da4w-g32",
@@ -119,7 +119,7 @@ PRESETS: dict[str, AnchorQuant] = {
             WeightQuant(4, 32),
             WeightQuant(4, 32),
             "int4 weights in groups of 32 (export_llm's 8da4w with embedding 4,32)",
-            (6.0, 0.80),
+            (100.0, 0.50),
         ),
         AnchorQuant(
             "8da4w-g128",
@@ -127,7 +127,7 @@ PRESETS: dict[str, AnchorQuant] = {
             WeightQuant(4, 128),
             WeightQuant(4, 128),
             "int4 in groups of 128",
-            (10.0, 0.75),
+            (150.0, 0.45),
         ),
         AnchorQuant(
             "8da4w-g32-e8",
@@ -135,7 +135,7 @@ PRESETS: dict[str, AnchorQuant] = {
             WeightQuant(8),
             WeightQuant(8),
             "int4 linears in groups of 32, int8 head and embedding",
-            (6.0, 0.80),
+            (100.0, 0.50),
         ),
     )
 }
