@@ -186,7 +186,7 @@ def test_onnx_sessions_take_the_benchmark_thread_count(loader):
     try:
         for threads in (1, 2):
             set_threads(threads)
-            options = loader.open_decoder("onnx").session.get_session_options()
+            options = loader.open_decoder("onnx").inner.session.get_session_options()  # inside the bounds checks
             assert (options.intra_op_num_threads, options.inter_op_num_threads) == (threads, 1)
     finally:
         set_threads(before)
