@@ -111,7 +111,7 @@ PRESETS: dict[str, AnchorQuant] = {
             WeightQuant(8),
             WeightQuant(8),
             "int8 weights per channel everywhere",
-            (2.0, 0.90),
+            (6.0, 0.85),
         ),
         AnchorQuant(
             "8da4w-g32",
