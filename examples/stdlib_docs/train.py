@@ -251,8 +251,8 @@ def main() -> None:
     report = evaluate(args.out, sets, embedder)
     report["training"] = {
         **metadata,
-        "final_anchor_loss": round(float(np.mean(anchor_losses[-50:])), 4),
-        "final_memory_loss": round(float(np.mean(memory_losses[-50:])), 4),
+        "final_anchor_loss": round(float(np.mean(anchor_losses.losses[-50:])), 4),
+        "final_memory_loss": round(float(np.mean(memory_losses.losses[-50:])), 4),
         "wall_seconds": round(time.time() - started, 1),
         "threads": torch.get_num_threads(),
         "anchor_params": sum(p.numel() for p in model.anchor_parameters()),
