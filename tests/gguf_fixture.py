@@ -26,7 +26,7 @@ LLAMA_NAMES = {
 
 
 def byte_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
-    """A byte-level BPE tokenizer trained on ``texts`` (special tokens ``<unk>``, ``<s>``, ``</s>``, ``<|endoftext|>`` = 0 .. 3)."""
+    """A byte-level BPE tokenizer trained on ``texts``; special tokens ``<unk> <s> </s> <|endoftext|>`` are 0 .. 3."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -37,6 +37,30 @@ def byte_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     )
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    """A 2-layer Llama (d = 32, GQA 4/2, tied embeddings, eager attention) with random weights, eval mode."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(config).eval()
 
 
 def _permute(weights: np.ndarray, heads: int) -> np.ndarray:

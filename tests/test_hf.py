@@ -331,7 +331,7 @@ def test_bundle_golden_checks_and_manifest(hf_bundle) -> None:
     executorch = manifest["targets"]["executorch"]
     assert executorch["delegation"]["slot_inputs_delegated"]
     assert "aten_alias_copy_default" not in executorch["delegation"]["non_delegated_ops"]
-    assert executorch["decode"]["cache"]["shape"] == [2, SEQ, 8 if family != "gemma3" else 16]
+    assert executorch["decode"]["cache"]["shape"] == [2, SEQ, getattr(host_config(family), "head_dim", None) or 8]
     if family == "gemma3":
         assert summary["coreml/structure"]["pass"] >= 1
 

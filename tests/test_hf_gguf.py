@@ -15,7 +15,7 @@ from safetensors import safe_open
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from gguf_fixture import byte_bpe, write_llama_gguf  # noqa: E402
+from gguf_fixture import byte_bpe, tiny_llama, write_llama_gguf  # noqa: E402
 
 from hm_export.checkpoint import load_checkpoint  # noqa: E402
 from hm_export.cli import main  # noqa: E402
@@ -31,28 +31,13 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_llama() -> tuple[torch.nn.Module, object]:
+def llama_and_tokenizer() -> tuple[torch.nn.Module, object]:
     tokenizer = byte_bpe(TEXTS, 300)
-    config = transformers.LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_llama(tokenizer.get_vocab_size()), tokenizer
 
 
-def test_a_float_gguf_loads_as_the_model_it_was_written_from(tiny_llama, tmp_path: Path) -> None:
-    model, tokenizer = tiny_llama
+def test_a_float_gguf_loads_as_the_model_it_was_written_from(llama_and_tokenizer, tmp_path: Path) -> None:
+    model, tokenizer = llama_and_tokenizer
     path = write_llama_gguf(model, tokenizer, tmp_path / "tiny.gguf", quantize=())
     source = HostSource.locate(path)
     assert source.read_config().model_type == "llama" and source.source_dtype(source.read_config()) == "float32"
@@ -73,8 +58,8 @@ def corpus(tmp_path: Path) -> Path:
     return path
 
 
-def test_attach_takes_a_quantized_gguf_and_states_the_truth(tiny_llama, tmp_path: Path) -> None:
-    model, tokenizer = tiny_llama
+def test_attach_takes_a_quantized_gguf_and_states_the_truth(llama_and_tokenizer, tmp_path: Path) -> None:
+    model, tokenizer = llama_and_tokenizer
     folder = tmp_path / "host"
     folder.mkdir()
     path = write_llama_gguf(model, tokenizer, folder / "tiny-q8.gguf")  # ffn weights Q8_0
