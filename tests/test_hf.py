@@ -21,7 +21,7 @@ from hm_export.cli import main  # noqa: E402
 from hm_export.config import MemoryConfig  # noqa: E402
 from hm_export.export import ExportRecipe, export_bundle  # noqa: E402
 from hm_export.hf import TESTED_MODEL_TYPES, HostMemoryLM, HostRefused, host_model_config, inspect_host  # noqa: E402
-from hm_export.hf.families import causal_lm_class  # noqa: E402
+from hm_export.hf.families import _structure_of, causal_lm_class  # noqa: E402
 from hm_export.model import assemble_path  # noqa: E402
 from hm_export.passes.base import SlotPassContext  # noqa: E402
 from hm_export.passes.expand_tanh_gelu import expand_tanh_gelu  # noqa: E402
@@ -207,6 +207,7 @@ def test_checkpoint_round_trip_is_exact(family: str, tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "ckpt", model, tiny_tree(MEMORY), tiny_tokenizer())
     stored = json.loads((path / "config.json").read_text())["model"]
     assert stored["architecture"] == f"hf-{family}" and stored["host"]["model_type"] == model.host.config.model_type
+    _structure_of.cache_clear()  # as in a fresh process (load_checkpoint probes the MLP under `meta`)
     loaded = load_checkpoint(path)
     tokens = torch.randint(0, 64, (2, SEQ))
     with torch.no_grad():
@@ -283,7 +284,7 @@ def test_tanh_gelu_is_expanded_and_exact_gelu_kept() -> None:
     assert (ep.module()(x) - Activations()(x)).abs().max() < 1e-6
 
 
-def contexts_file(directory: Path, count: int = 32) -> Path:
+def contexts_file(directory: Path, count: int = 16) -> Path:
     rng = random.Random(0)
     words = TINY_WORDS[1:]
     lines = [
@@ -312,7 +313,7 @@ def hf_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 def test_bundle_matches_the_eager_host_with_memory(hf_bundle, target: str, tmp_path: Path) -> None:
     family, checkpoint, bundle = hf_bundle
     report = verify_bundle(bundle, checkpoint, contexts_file(tmp_path), target=target)
-    assert report.contexts == 32 and report.distinct_paths >= 2
+    assert report.contexts == 16 and report.distinct_paths >= 2
     assert report.max_abs_diff <= 1e-4, (family, target, report.max_abs_diff)
     assert report.top1_agreement == 1.0 and report.passed
 

@@ -141,7 +141,8 @@ def _gate_up(mlp: nn.Module, form: MlpForm, x: torch.Tensor) -> tuple[torch.Tens
 def _activation(config: Any, mlp: nn.Module, form: MlpForm, where: str) -> tuple[str, str]:
     """The (config field, ACT2FN key) with which ``mlp`` computes exactly ``down(act(gate x) * up x)``.
 
-    ``mlp`` is a ``meta``-device module; a CPU copy with random weights is run against the formula.
+    ``mlp`` is a ``meta``-device module; a CPU copy with random weights is run against the formula (on the
+    CPU whatever default device the caller set: ``load_checkpoint`` builds its reference model on ``meta``).
     """
     from transformers.activations import ACT2FN
 
@@ -152,7 +153,7 @@ def _activation(config: Any, mlp: nn.Module, form: MlpForm, where: str) -> tuple
     ]
     probe = copy.deepcopy(mlp).to_empty(device="cpu").float()
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
+    with torch.no_grad(), torch.device("cpu"):
         for param in probe.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * param.shape[-1] ** -0.5)
         x = torch.randn(2, 3, config.hidden_size, generator=generator)
