@@ -61,6 +61,11 @@ def main() -> None:
     "fused kernel, otherwise a float32 slot; quantized forms need a bank of that scheme.",
 )
 @click.option("--no-decode", is_flag=True, help="Skip the KV-cache decode programs (full-window programs only).")
+@click.option(
+    "--no-router-program",
+    is_flag=True,
+    help="Skip router/: the MiniLM router program per target and its tokenizer (devices then route from embeddings).",
+)
 @click.option("--checks", type=int, default=4, show_default=True, help="Golden checks recorded into checks/ (0: none).")
 @click.option("--check-new-tokens", type=int, default=16, show_default=True, help="Greedy tokens per check.")
 @click.option(
@@ -83,6 +88,7 @@ def export(
     coreml_compress_anchor: str,
     slot_strategy: str,
     no_decode: bool,
+    no_router_program: bool,
     checks: int,
     check_new_tokens: int,
     check_contexts: Path | None,
@@ -101,6 +107,7 @@ def export(
             bank_scheme,
             options,
             decode=not no_decode,
+            router_program=not no_router_program,
             checks=checks,
             check_new_tokens=check_new_tokens,
             check_contexts=check_contexts,
@@ -575,6 +582,11 @@ def native_build(build_dir: Path) -> None:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--build-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("build/native"))
 @click.option("--embed", is_flag=True, help="Embed the checks' contexts here (MiniLM) and route them natively.")
+@click.option(
+    "--route-on-device",
+    is_flag=True,
+    help="Route the checks from their text with the bundle's router program (native tokenizer + MiniLM .pte).",
+)
 @click.option("--bench", "run_bench", is_flag=True, help="Also run the benchmark (hm-export bench fields).")
 @click.option("--runs", "-r", type=int, default=3, show_default=True)
 @click.option("-n", "count", type=int, default=8, show_default=True, help="Contexts per run.")
@@ -587,6 +599,7 @@ def native_run(
     bundle: Path,
     build_dir: Path,
     embed: bool,
+    route_on_device: bool,
     run_bench: bool,
     runs: int,
     count: int,
@@ -602,13 +615,22 @@ def native_run(
     settings: dict[str, Any] = {"runs": runs, "contexts": count, "prompt_tokens": prompt_tokens}
     settings.update(new_tokens=new_tokens, cache=cache)
     try:
-        report = run_native(bundle, build_dir, True, embed, settings if run_bench else None, threads)
+        if embed and route_on_device:
+            raise ValueError("--embed and --route-on-device both route the checks: give one")
+        report = run_native(bundle, build_dir, True, embed, settings if run_bench else None, threads, route_on_device)
     except (ValueError, RuntimeError, OSError) as exc:
         _fail(exc)
     checks = report["checks"]
     lines = [f"{'PASS' if checks['passed'] else 'FAIL'}: {checks['pass']} of {len(checks['results'])} golden checks"]
     for r in checks["results"]:
         lines.append(f"  {r['check']}: {r['status']} (max |diff| {r['max_abs_diff']:.3g}, {r['detail']})")
+    if "routing" in report:
+        routing = report["routing"]
+        lines.append(
+            f"routed on device: {routing['routes_matched']}/{routing['contexts']} routes equal to Python's, "
+            f"{routing['tokens_matched']}/{routing['tokens_total']} greedy tokens; min cosine to the Python MiniLM "
+            f"{routing['min_cosine']:.6f}, min route margin {routing['min_route_margin']:.4f}"
+        )
     if "bench" in report:
         lines.append(json.dumps(report["bench"], indent=2))
     _emit(report, as_json, "\n".join(lines))

@@ -30,6 +30,7 @@ from hm_export.decode import CacheSpec, trace_decode_program
 from hm_export.kernels.strategies import SlotLayout, check_strategy, layout_record, resolve_layout
 from hm_export.passes.pipeline import PIPELINES
 from hm_export.router import Embedder, MiniLMEmbedder
+from hm_export.router_program import emit_router_programs, router_files
 from hm_export.runtime_stubs.block_cache import SlotFiller
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract
 from hm_export.targets import TARGETS, DecodeSupport, EmitOptions, Target
@@ -44,6 +45,8 @@ class ExportRecipe:
     (``float32``, ``int8``, ``int4-g32``, ``mixed-int8-int4``, ... or one scheme per level, comma-separated).
 
     ``decode``: also emit the KV-cache decode program (``{target}/decode.*``) for targets that have one.
+    ``router_program``: also emit the router's embedder (all-MiniLM-L6-v2) and its tokenizer under ``router/``
+    for every target that has a router program (:mod:`hm_export.router_program`), so a device routes from text.
     ``checks``: golden checks recorded into ``checks/`` (0: none), each continuing its prompt by
     ``check_new_tokens`` greedy tokens; their contexts come from ``check_contexts`` (JSON lines like
     ``verify``'s) or, without it, are derived from the tokenizer (:func:`hm_export.checks.derive_contexts`).
@@ -54,6 +57,7 @@ class ExportRecipe:
     bank_scheme: str = "float32"
     options: EmitOptions = field(default_factory=EmitOptions)
     decode: bool = True
+    router_program: bool = True
     checks: int = 4
     check_new_tokens: int = 16
     check_contexts: Path | None = None
@@ -117,7 +121,7 @@ def export_bundle(
     """
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     report = ExportReport(bundle=str(out))
-    stages = ["load", *recipe.targets, "bank", "checks", "manifest"]
+    stages = ["load", *recipe.targets, *(["router"] if recipe.router_program else []), "bank", "checks", "manifest"]
     bar = tqdm(total=len(stages), desc="export", unit="stage", disable=not progress)
 
     def step(name: str, start: float) -> None:
@@ -158,12 +162,19 @@ def export_bundle(
             targets[name] = emitted
             step(name, start)
 
+        router_programs: dict[str, Any] = {}
+        if recipe.router_program:
+            start = time.perf_counter()
+            minilm = embedder if isinstance(embedder, MiniLMEmbedder) else None
+            router_programs = emit_router_programs(tmp, recipe.targets, minilm)
+            step("router", start)
+
         start = time.perf_counter()
         index = write_bank(tmp / BANK_DIR, checkpoint_dir, scheme=recipe.bank_scheme, progress=progress)
         step("bank", start)
 
         start = time.perf_counter()
-        listed = [TOKENIZER_FILE, ROUTER_FILE, f"{BANK_DIR}/index.json"]
+        listed = [TOKENIZER_FILE, ROUTER_FILE, f"{BANK_DIR}/index.json", *router_files(router_programs)]
         checks = None
         if recipe.checks:
             filler = SlotFiller(contract, BankReader(tmp / BANK_DIR), layout=layout)
@@ -194,6 +205,7 @@ def export_bundle(
                 "pooling": "mean",
                 "normalize": True,
                 "descent": "greedy-l2",
+                **router_programs,
             },
             "slot": {**contract.to_dict(), **layout_record(layout)},
             "io": {"inputs": [TOKENS_INPUT, *contract.input_names], "outputs": [LOGITS_OUTPUT]},

@@ -3,9 +3,10 @@
 :func:`build_native_runner` configures and builds the library and the ``hm_runner`` CLI with CMake against
 the ExecuTorch runtime that the installed ``executorch`` wheel ships (headers, ``libexecutorch.so``, the
 XNNPACK delegate and the CMake package under ``executorch/share/cmake``).  :func:`run_native_runner` runs
-``hm_runner --json`` on a bundle and returns its report; :func:`write_check_embeddings` computes the
-context embeddings of a bundle's golden checks, which the runner routes with (on device the app embeds the
-context; see docs/native-runtime.md).
+``hm_runner --json`` on a bundle and returns its report: the golden checks routed from recorded paths, from
+embeddings computed here (:func:`write_check_embeddings`) or from the checks' text by the bundle's own router
+program (``route_on_device``, compared with the Python router by :func:`compare_routing`), fills, the
+benchmark, or a text continuation (:func:`run_native_generate`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,29 @@ def _check_call(command: list[str], step: str) -> None:
         raise NativeError(f"native {step} failed ({' '.join(command)}):\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
 
 
+def _tokenize_tool(runner: Path, tokenizer: Path, lines: list[str], *flags: str) -> list[Any]:
+    done = subprocess.run(
+        [str(Path(runner).parent / "hm_tokenize"), str(tokenizer), *flags],
+        input="".join(line + "\n" for line in lines),
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise NativeError(done.stderr.strip() or f"hm_tokenize exited with {done.returncode}")
+    return [json.loads(line) for line in done.stdout.split("\n")[:-1]]  # not splitlines(): U+2028 is text
+
+
+def native_tokenize(runner: Path, tokenizer: Path, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of ``texts`` by the native tokenizer (``hm_tokenize``, built beside ``runner``) of ``tokenizer``
+    (a tokenizer.json); raises NativeError with its message when it refuses the file."""
+    return _tokenize_tool(runner, tokenizer, [json.dumps(text) for text in texts])
+
+
+def native_detokenize(runner: Path, tokenizer: Path, ids: Sequence[Sequence[int]]) -> list[str]:
+    """Text of each id list by the native tokenizer of ``tokenizer``."""
+    return _tokenize_tool(runner, tokenizer, [json.dumps(list(i)) for i in ids], "--decode")
+
+
 def write_check_embeddings(bundle: Path, out: Path, embedder: Embedder | None = None) -> Path:
     """Embed the contexts of ``bundle``'s golden checks (the router's embedder) into ``out`` (safetensors
     ``embeddings`` ``float32 [checks, dim]``), for ``hm_runner --embeddings``."""
@@ -95,14 +119,18 @@ def run_native_runner(
     bench: dict[str, Any] | None = None,
     verify_files: bool = True,
     threads: int | None = None,
+    route_on_device: bool = False,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run ``hm_runner --json`` on ``bundle`` and return its report.
 
     ``checks``: replay the golden checks; ``fills``: paths to set in order (each report says which levels
     changed); ``dump_slot``: write the slot's raw bytes (contract order) there afterwards; ``embeddings``: route
-    the checks' contexts with them; ``bench``: run the benchmark with these ``hm-export bench`` settings
-    (``runs``, ``contexts``, ``prompt_tokens``, ``new_tokens``, ``cache``).  Raises NativeError with the
-    runner's message when it refuses the bundle (exit code 2); a failed check is in the report, not raised.
+    the checks' contexts with them; ``route_on_device``: route them from their text with the bundle's router
+    program (the routed path fills the slot); ``bench``: run the benchmark with these ``hm-export bench`` settings
+    (``runs``, ``contexts``, ``prompt_tokens``, ``new_tokens``, ``cache``); ``extra``: more runner arguments.
+    Raises NativeError with the runner's message when it refuses the bundle (exit code 2); a failed check is in
+    the report, not raised.
     """
     command = [str(runner), str(bundle), "--json"]
     command += ["--checks"] if checks else []
@@ -110,6 +138,8 @@ def run_native_runner(
         command += ["--fill", ",".join(str(node) for node in path)]
     command += ["--dump-slot", str(dump_slot)] if dump_slot else []
     command += ["--embeddings", str(embeddings)] if embeddings else []
+    command += ["--route-on-device"] if route_on_device else []
+    command += list(extra)
     command += [] if verify_files else ["--no-verify-files"]
     command += ["--threads", str(threads)] if threads else []
     flags = {"runs": "--runs", "contexts": "-n", "prompt_tokens": "--prompt-tokens", "new_tokens": "--new-tokens"}
@@ -124,6 +154,31 @@ def run_native_runner(
     return json.loads(done.stdout)
 
 
+def compare_routing(bundle: Path, checks: dict[str, Any], embedder: Embedder | None = None) -> dict[str, Any]:
+    """The on-device routing of a ``--route-on-device`` replay against the Python router on the same contexts:
+    routes equal to the recorded ones, the cosine of each device embedding with the Python MiniLM's, and per
+    check the margin of its route (the smallest gap between the chosen and the next-nearest child, squared L2)."""
+    import numpy as np
+
+    from hm_export.runtime_stubs.loader import read_tree
+
+    body = json.loads((Path(bundle) / read_manifest(Path(bundle))["checks"]["file"]).read_text())
+    contexts = [check["context"] for check in body["checks"]]
+    device = np.array([result["embedding"] for result in checks["results"]], dtype=np.float32)
+    python = (embedder or MiniLMEmbedder()).embed(contexts)
+    cosines = (device * python).sum(1) / np.linalg.norm(device, axis=1) / np.linalg.norm(python, axis=1)
+    tree = read_tree(Path(bundle))
+    margins = [tree.route_margin(vector) for vector in python]
+    return {
+        "routes_matched": checks["routes_matched"],
+        "contexts": len(contexts),
+        "tokens_matched": checks["tokens_matched"],
+        "tokens_total": checks["tokens_total"],
+        "min_cosine": float(cosines.min()),
+        "min_route_margin": float(min(margins)),
+    }
+
+
 def run_native(
     bundle: Path,
     build_dir: Path,
@@ -131,12 +186,33 @@ def run_native(
     embed: bool = False,
     bench: dict[str, Any] | None = None,
     threads: int | None = None,
+    route_on_device: bool = False,
 ) -> dict[str, Any]:
     """Build the runner into ``build_dir`` (incremental) and run it on ``bundle``; with ``embed``, the checks'
-    contexts are embedded here and routed natively (see :func:`run_native_runner` for the rest)."""
+    contexts are embedded here and routed natively; with ``route_on_device`` they are routed from their text by
+    the bundle's router program and the report gains ``routing`` (:func:`compare_routing`); see
+    :func:`run_native_runner` for the rest."""
     import tempfile
 
     runner = build_native_runner(build_dir)
     with tempfile.TemporaryDirectory() as scratch:
         embeddings = write_check_embeddings(bundle, Path(scratch) / "embeddings.safetensors") if embed else None
-        return run_native_runner(runner, bundle, checks=checks, embeddings=embeddings, bench=bench, threads=threads)
+        report = run_native_runner(
+            runner, bundle, checks, embeddings=embeddings, bench=bench, threads=threads, route_on_device=route_on_device
+        )
+    if route_on_device and checks:
+        report["routing"] = compare_routing(bundle, report["checks"])
+        for result in report["checks"]["results"]:
+            result.pop("embedding")
+    return report
+
+
+def run_native_generate(
+    runner: Path, bundle: Path, context: str, prompt: str, max_new_tokens: int = 32, next_context: str | None = None
+) -> dict[str, Any]:
+    """``hm_runner --context --prompt``: route ``context`` on device, continue ``prompt`` greedily; returns the
+    runner's ``generation`` report (path, fill, prompt and new token ids, text, stop reason, timings), and with
+    ``next_context`` a second one (``next``) for that context, prefetched in the background during the first."""
+    extra = ["--context", context, "--prompt", prompt, "--max-new-tokens", str(max_new_tokens)]
+    extra += ["--next-context", next_context] if next_context else []
+    return run_native_runner(runner, bundle, extra=extra)

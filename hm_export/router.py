@@ -163,6 +163,19 @@ class CentroidTree:
             paths[:, level] = parent
         return paths
 
+    def route_margin(self, embedding: np.ndarray) -> float:
+        """How far ``embedding`` is from routing elsewhere: over the levels of its greedy descent, the smallest
+        gap between the squared distances of the runner-up child and the chosen one (inf with one child)."""
+        embedding = np.asarray(embedding, dtype=np.float32)
+        parent, gaps = 0, []
+        for level, k in enumerate(self.memory.branching):
+            children = parent * k + np.arange(k)
+            distances = ((self.centroids[level][children] - embedding) ** 2).sum(-1)
+            order = np.argsort(distances)
+            gaps.append(float(distances[order[1]] - distances[order[0]]) if k > 1 else float("inf"))
+            parent = int(children[order[0]])
+        return min(gaps)
+
 
 def balanced_assign(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Assign points to centroids by increasing distance so that cluster sizes differ by at most one.

@@ -45,6 +45,12 @@ def _summarize(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             }
             for name, t in manifest["targets"].items()
         },
+        "router": {
+            "embedder": manifest["router"]["embedder"],
+            "dim": manifest["router"]["dim"],
+            "tokenizer": manifest["router"].get("tokenizer", {}).get("file"),
+            "programs": {name: p["files"] for name, p in manifest["router"].get("programs", {}).items()},
+        },
         "checks": manifest.get("checks"),
         "files": manifest["files"],
         "versions": manifest["versions"],

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -109,10 +109,7 @@ class BundleLoader:
         self.tokenizer = Tokenizer.from_file(
             str(safe_relative(self.root, self.manifest["tokenizer"]["file"], "tokenizer"))
         )
-        router_file = safe_relative(self.root, self.manifest["router"]["file"], "router")
-        with safe_open(str(router_file), framework="np") as handle:
-            centroids = [handle.get_tensor(f"level{lv}") for lv in range(self.config.memory.num_levels)]
-        self.tree = CentroidTree(self.config.memory, centroids)
+        self.tree = read_tree(self.root, self.manifest)
         self._embedder = embedder
         self.runner: Runner | None = None
         self.target: str | None = None
@@ -203,6 +200,14 @@ class Completion:
     program: str  # "decode" (KV cache) or "window" (full window re-run per token)
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+
+
+def read_tree(root: Path, manifest: dict[str, Any] | None = None) -> CentroidTree:
+    """The bundle's router tree (``router.safetensors``: one ``level{l}`` centroid matrix per level)."""
+    manifest = manifest or read_manifest(root)
+    memory = ModelConfig.from_dict(manifest["model"]).memory
+    with safe_open(str(safe_relative(root, manifest["router"]["file"], "router")), framework="np") as handle:
+        return CentroidTree(memory, [handle.get_tensor(f"level{lv}") for lv in range(memory.num_levels)])
 
 
 def complete(

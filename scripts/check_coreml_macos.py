@@ -7,6 +7,10 @@ Usage (on a Mac, with hm-export installed):
 It runs ``hm-export verify --target coreml`` with a tolerance suited to fp16 compute: the package
 computes in fp16 by default, so logits differ from the fp32 eager model by ~1e-2; top-1 agreement is the
 meaningful number.  Exit code 0 on pass, 1 on failure, 2 when not on macOS.
+
+With ``--router`` it also runs the bundle's Core ML router program (``router/minilm.mlpackage``, float32) on
+``--router-contexts`` contexts of the shipped example (scripts/router_agreement.py's) and requires cosine
+>= 0.9999 with the Python MiniLM and >= 99.9 % of the routes identical (differences listed with margins).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pathlib import Path
 
 from hm_export.verify import verify_bundle
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -28,6 +34,8 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=32)
     parser.add_argument("--tolerance", type=float, default=0.1, help="max |logit diff| (fp16 compute)")
     parser.add_argument("--min-top1", type=float, default=0.98)
+    parser.add_argument("--router", action="store_true", help="Also check the Core ML router program's numerics.")
+    parser.add_argument("--router-contexts", type=int, default=1000)
     args = parser.parse_args()
     if platform.system() != "Darwin":
         print("Core ML prediction needs macOS; run `hm-export verify --target coreml` here for the structure")
@@ -38,7 +46,16 @@ def main() -> int:
     summary = report.to_dict()
     summary.pop("results")
     print(json.dumps(summary, indent=2))
-    return 0 if report.passed and report.numerics == "checked" else 1
+    passed = report.passed and report.numerics == "checked"
+    if args.router:
+        from router_agreement import example_contexts
+
+        from hm_export.router_program import measure_agreement
+
+        router = measure_agreement(args.bundle, "coreml", example_contexts(args.router_contexts))
+        print(json.dumps(router, indent=2))
+        passed = passed and router["cosine"]["min"] >= 0.9999 and router["routes_identical"] >= 0.999
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

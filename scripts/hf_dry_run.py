@@ -75,7 +75,7 @@ print(json.dumps({"anchor_params": anchor, "bank_params": bank, "build_seconds":
 EXPORT = """
 import json, sys
 from hm_export.export import ExportRecipe, export_bundle
-recipe = ExportRecipe(targets=tuple(sys.argv[3].split(",")), checks=0, decode=sys.argv[4] == "1")
+recipe = ExportRecipe(targets=tuple(sys.argv[3].split(",")), checks=0, decode=sys.argv[4] == "1", router_program=False)
 report = export_bundle(sys.argv[1], sys.argv[2], recipe, overwrite=True)
 print(json.dumps(report.seconds))
 """

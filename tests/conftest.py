@@ -132,7 +132,8 @@ DECODE_CONTEXTS = (
 @pytest.fixture(scope="session")
 def decode_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, bundle): the default tiny model exported once per session to ExecuTorch, ONNX and Core ML
-    with decode programs and golden checks on ``DECODE_CONTEXTS`` (about a minute on two busy cores)."""
+    with decode programs, golden checks on ``DECODE_CONTEXTS`` and the router programs (MiniLM per target: the
+    session's only router export; other tests export with ``router_program=False``). A few minutes."""
     import json
 
     from hm_export.export import ExportRecipe, export_bundle

@@ -212,7 +212,7 @@ def test_bundle_with_a_quantized_bank_runs_the_dequantized_memory(tmp_path: Path
     dequantized bank, with prefetch and the cache in the loop."""
     cfg = tiny_config(max_seq_len=16, memory=MemoryConfig((2, 3), (32, 16), (0, 1)))
     checkpoint = tiny_checkpoint(tmp_path, cfg=cfg, seed=2)
-    export_bundle(checkpoint, tmp_path / "bundle", ExportRecipe(bank_scheme="mixed-int8-int4"))
+    export_bundle(checkpoint, tmp_path / "bundle", ExportRecipe(bank_scheme="mixed-int8-int4", router_program=False))
     loader = BundleLoader(tmp_path / "bundle", cache=CachePolicy(resident_levels=1, cache_bytes=1 << 20))
     bank = loader.manifest["bank"]
     assert bank["scheme"] == "mixed-int8-int4" and bank["levels"] == ["int8", "int4-g32"]

@@ -211,7 +211,9 @@ def test_checks_use_the_bundles_quantized_memory(decode_bundle, tmp_path):
     from hm_export.export import ExportRecipe, export_bundle
 
     bundle = tmp_path / "int8"
-    export_bundle(decode_bundle[0], bundle, ExportRecipe(targets=("onnx",), bank_scheme="int8", checks=2))
+    export_bundle(
+        decode_bundle[0], bundle, ExportRecipe(targets=("onnx",), bank_scheme="int8", checks=2, router_program=False)
+    )
     report = run_checks(bundle)
     assert report.passed and report.summary()["onnx/decode"]["pass"] == 2
     assert json.loads((bundle / CHECKS_FILE).read_text())["bank_scheme"] == "int8"

@@ -45,7 +45,7 @@ def ckpt(checkpoint_dir: Path) -> Checkpoint:
 @pytest.fixture(scope="module")
 def exported(workdir: Path, checkpoint_dir: Path) -> tuple[Path, Result]:
     bundle = workdir / "bundle"
-    return bundle, invoke("export", checkpoint_dir, bundle, "--json")
+    return bundle, invoke("export", checkpoint_dir, bundle, "--no-router-program", "--json")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_export_json_writes_a_bundle(exported):
 
 def test_export_refuses_to_overwrite_without_the_flag(bundle, checkpoint_dir):
     before = (bundle / "manifest.json").read_bytes()
-    result = invoke("export", checkpoint_dir, bundle, "--json")
+    result = invoke("export", checkpoint_dir, bundle, "--no-router-program", "--json")
     assert result.exit_code == 2
     assert "already exists" in result.stderr and str(bundle) in result.stderr
     assert result.stdout == ""

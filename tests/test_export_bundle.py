@@ -37,6 +37,7 @@ CFG = tiny_config(max_seq_len=SEQ)  # memory (2, 3) x widths (8, 4) on layers (0
 BIG_CFG = tiny_config(max_seq_len=SEQ, memory=MemoryConfig((16, 16), (8, 4), (0, 1)))
 PROGRAM = "executorch/model.pte"
 PROGRAM_MARGIN = 64 * 1024  # tied embedding stored twice, RoPE/mask tables, XNNPACK graph, 4 KiB segment padding
+NO_ROUTER = ExportRecipe(router_program=False)  # the router program is tested on the session decode bundle
 
 
 def leaves(memory: MemoryConfig) -> list[tuple[int, int]]:
@@ -74,7 +75,7 @@ def ckpt(checkpoint_dir: Path) -> Checkpoint:
 @pytest.fixture(scope="module")
 def exported(workdir: Path, checkpoint_dir: Path):
     bundle = workdir / "bundle"
-    report = export_bundle(checkpoint_dir, bundle)
+    report = export_bundle(checkpoint_dir, bundle, NO_ROUTER)
     return bundle, report
 
 
@@ -104,7 +105,7 @@ def big_bundle(workdir: Path, ckpt: Checkpoint) -> Path:
         workdir / "big_ckpt", model, tiny_tree(BIG_CFG.memory), ckpt.tokenizer, storage_dtype="float32"
     )
     bundle = workdir / "big_bundle"
-    export_bundle(checkpoint, bundle)
+    export_bundle(checkpoint, bundle, NO_ROUTER)
     return bundle
 
 
@@ -367,7 +368,7 @@ def test_consistent_but_foreign_slot_contract_is_refused(bundle, tmp_path):
 def test_export_refuses_an_existing_bundle(bundle, checkpoint_dir):
     manifest = (bundle / "manifest.json").read_bytes()
     with pytest.raises(FileExistsError, match="already exists"):
-        export_bundle(checkpoint_dir, bundle)
+        export_bundle(checkpoint_dir, bundle, NO_ROUTER)
     assert (bundle / "manifest.json").read_bytes() == manifest
 
 
@@ -398,7 +399,7 @@ def test_failed_export_leaves_nothing_behind(bundle, checkpoint_dir, tmp_path, m
 
     out = tmp_path / "fresh"
     with pytest.raises(RuntimeError, match="disk full"):
-        export_bundle(checkpoint_dir, out)
+        export_bundle(checkpoint_dir, out, NO_ROUTER)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -406,7 +407,7 @@ def test_failed_export_leaves_nothing_behind(bundle, checkpoint_dir, tmp_path, m
     existing = copy_bundle(bundle, tmp_path)
     before = {p.relative_to(existing): p.read_bytes() for p in existing.rglob("*") if p.is_file()}
     with pytest.raises(RuntimeError, match="disk full"):
-        export_bundle(checkpoint_dir, existing, ExportRecipe(), overwrite=True)
+        export_bundle(checkpoint_dir, existing, NO_ROUTER, overwrite=True)
     after = {p.relative_to(existing): p.read_bytes() for p in existing.rglob("*") if p.is_file()}
     assert after == before
     assert _leftovers(tmp_path, "copy") == [] and sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
@@ -437,7 +438,7 @@ def test_failed_rename_keeps_the_old_bundle(bundle, checkpoint_dir, tmp_path, mo
     existing = copy_bundle(bundle, tmp_path)
     before = {p.relative_to(existing): p.read_bytes() for p in existing.rglob("*") if p.is_file()}
     with pytest.raises(OSError, match="rename failed"):
-        export_bundle(checkpoint_dir, existing, overwrite=True)
+        export_bundle(checkpoint_dir, existing, NO_ROUTER, overwrite=True)
     after = {p.relative_to(existing): p.read_bytes() for p in existing.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]

@@ -305,7 +305,7 @@ def hf_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     workdir = tmp_path_factory.mktemp(f"hf_{family}")
     checkpoint = save_checkpoint(workdir / "ckpt", memory_model(family), tiny_tree(MEMORY), tiny_tokenizer())
     targets = ("executorch", "onnx", "coreml") if family == "gemma3" else ("executorch", "onnx")
-    export_bundle(checkpoint, workdir / "bundle", ExportRecipe(targets=targets, checks=4))
+    export_bundle(checkpoint, workdir / "bundle", ExportRecipe(targets=targets, checks=4, router_program=False))
     return family, checkpoint, workdir / "bundle"
 
 

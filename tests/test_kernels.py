@@ -207,7 +207,9 @@ def test_bundle_with_a_slot_strategy_matches_eager(kernel_library, tmp_path, str
     checkpoint = tiny_checkpoint(tmp_path)
     bundle = tmp_path / "bundle"
     options = EmitOptions(slot_strategy=strategy)
-    export_bundle(checkpoint, bundle, ExportRecipe(targets, bank_scheme=scheme, options=options, checks=0))
+    export_bundle(
+        checkpoint, bundle, ExportRecipe(targets, bank_scheme=scheme, options=options, checks=0, router_program=False)
+    )
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["slot"]["strategy"] == strategy
     model = load_checkpoint(checkpoint).model
@@ -230,7 +232,9 @@ def test_recipe_refuses_a_strategy_its_targets_or_bank_cannot_take(tmp_path):
     with pytest.raises(ValueError, match="unknown slot strategy"):
         ExportRecipe(options=EmitOptions(slot_strategy="int3"))
     with pytest.raises(ValueError, match="needs every bank level in int4"):
-        recipe = ExportRecipe(bank_scheme="int8", options=EmitOptions(slot_strategy="fused-int4"), checks=0)
+        recipe = ExportRecipe(
+            bank_scheme="int8", options=EmitOptions(slot_strategy="fused-int4"), checks=0, router_program=False
+        )
         export_bundle(tiny_checkpoint(tmp_path), tmp_path / "bundle", recipe)
 
 

@@ -56,7 +56,9 @@ def export_checked(checkpoint: Path, work: Path, name: str, scheme: str, strateg
     contexts = work / "contexts.jsonl"
     contexts.write_text("".join(json.dumps(item) + "\n" for item in DECODE_CONTEXTS))
     options = EmitOptions(slot_strategy=strategy)
-    recipe = ExportRecipe(bank_scheme=scheme, check_contexts=contexts, check_new_tokens=12, options=options)
+    recipe = ExportRecipe(
+        bank_scheme=scheme, check_contexts=contexts, check_new_tokens=12, options=options, router_program=False
+    )
     export_bundle(checkpoint, work / name, recipe)
     return work / name
 

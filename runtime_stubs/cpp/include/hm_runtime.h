@@ -44,6 +44,10 @@ int hm_embedding_dim(const hm_runtime* runtime);
 /* Routing on device: the app embeds the context (all-MiniLM-L6-v2, mean pooled, L2-normalized) and passes
  * the vector here; path_out receives one node id per level (hm_num_levels entries). */
 int hm_route(const hm_runtime* runtime, const float* embedding, size_t dim, int32_t* path_out);
+/* Routing from text: the bundle's router tokenizer and router program (router/minilm.pte) embed `context`
+ * (UTF-8), then the descent gives the path (hm_num_levels entries). The program is loaded on first use. */
+int hm_route_text(hm_runtime* runtime, const char* context, int32_t* path_out);
+
 /* Fill the slot with a path (one node per level); only levels whose node changed are fetched. */
 int hm_set_path(hm_runtime* runtime, const int32_t* path, size_t levels, hm_slot_update* update);
 
@@ -52,6 +56,33 @@ int hm_set_path(hm_runtime* runtime, const int32_t* path, size_t levels, hm_slot
 int hm_prefill(hm_runtime* runtime, const int64_t* tokens, size_t count, float* logits_out);
 /* Feed one token at the next position; logits_out receives its logits (hm_vocab_size floats). */
 int hm_decode(hm_runtime* runtime, int64_t token, float* logits_out);
+
+/* Text in, text out. temperature 0 is greedy; seed drives std::mt19937_64 when sampling. */
+typedef struct {
+  int max_new_tokens;
+  float temperature;
+  int top_k;               /* 0: all tokens */
+  float top_p;             /* 1: all tokens */
+  uint64_t seed;
+  const int64_t* stop_tokens;  /* may be NULL */
+  size_t stop_count;
+} hm_generate_options;
+
+/* Receives each piece of text as it is generated (UTF-8, whole characters, not NUL-terminated). */
+typedef void (*hm_text_callback)(const char* piece, size_t length, void* user_data);
+
+hm_generate_options hm_default_generate_options(void);
+/* Route `context` (re-routed only when it differs from the previous call's), fill its memory, continue `prompt`.
+ * `on_text` (may be NULL) streams the continuation; *text_out (may be NULL) receives all of it, NUL-terminated,
+ * to be released with hm_free_text. */
+int hm_generate(hm_runtime* runtime, const char* context, const char* prompt, const hm_generate_options* options,
+                hm_text_callback on_text, void* user_data, char** text_out);
+void hm_free_text(char* text);
+
+/* Background prefetch of the blocks a path (or the path `context` routes to) needs beyond the current one; the
+ * next hm_set_path / hm_generate to that path takes them. Returns at once. */
+int hm_prefetch(hm_runtime* runtime, const int32_t* path, size_t levels);
+int hm_prefetch_text(hm_runtime* runtime, const char* context);
 
 #ifdef __cplusplus
 }

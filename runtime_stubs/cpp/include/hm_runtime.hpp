@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -40,6 +41,29 @@ struct SlotUpdate {
   uint64_t storage_bytes = 0;  // bytes read from storage (header pages included)
 };
 
+// Sampling for generate(): temperature 0 is greedy (argmax, what the golden checks record).
+struct GenerateOptions {
+  int max_new_tokens = 32;
+  float temperature = 0;  // > 0: softmax(logits / temperature), restricted by top_k / top_p
+  int top_k = 0;          // 0: all tokens
+  float top_p = 1;        // 1: all tokens
+  uint64_t seed = 0;      // std::mt19937_64 seed (sampled text differs from the Python runtime's torch RNG)
+  std::vector<int64_t> stop_tokens;
+};
+
+// One continuation: its path and fill, ids, text and timings (seconds).
+struct Generation {
+  std::vector<int> path;
+  SlotUpdate update;  // what this context's fill cost (no levels when the path was loaded already)
+  std::vector<int64_t> prompt_tokens, new_tokens;
+  std::string text;
+  std::string stop_reason;  // "stop_token", "max_new_tokens" or "cache_full"
+  double route_seconds = 0, fill_seconds = 0, prefill_seconds = 0, first_token_seconds = 0, decode_seconds = 0;
+};
+
+// Receives the text a new token completes (whole UTF-8 characters only; may be called with less than a token).
+using TextCallback = std::function<void(const std::string& piece)>;
+
 class Runtime {
  public:
   // Opens and validates the bundle (manifest, slot contract, bank index) and loads the decode program.
@@ -56,8 +80,29 @@ class Runtime {
 
   // Greedy L2 descent of the router tree for a context embedding computed by the app (see docs/native-runtime.md).
   std::vector<int> route(const float* embedding, size_t dim) const;
-  // Makes the slot hold `path`'s memory; fetches and dequantizes only the levels whose node changed.
+  // Text in: the bundle's router tokenizer (WordPiece) and router program (router/minilm.pte), loaded on first
+  // use; embed() returns the L2-normalised context embedding, route_text() its path.
+  bool has_router_program() const;
+  std::vector<float> embed(const std::string& context);
+  std::vector<int> route_text(const std::string& context);
+  // The LM's tokenizer (the bundle's tokenizer.json), loaded on first use.
+  std::vector<int64_t> encode(const std::string& text);
+  std::string decode_text(const std::vector<int64_t>& ids);
+  // Routes `context` (re-routing only when it differs from the last one), fills its path, prefills `prompt` and
+  // continues it; `on_text` streams the text as it grows.
+  Generation generate(const std::string& context, const std::string& prompt,
+                      const GenerateOptions& options = GenerateOptions(), const TextCallback& on_text = nullptr);
+
+  // Makes the slot hold `path`'s memory; fetches and dequantizes only the levels whose node changed. Blocks a
+  // prefetch read in the background are taken from it (waiting for one still in flight).
   SlotUpdate set_path(const std::vector<int>& path);
+  // Background prefetch: reads the blocks of `path`'s levels that differ from the current path (and are not in
+  // RAM already) on the runtime's prefetch thread; prefetch_text() routes `context` on that thread first. Returns
+  // at once; the next set_path()/generate() to that path uses the blocks. A newer request replaces an older one.
+  void prefetch(const std::vector<int>& path);
+  void prefetch_text(const std::string& context);
+  // Waits until the prefetch thread is idle; returns the path it prefetched last (empty: none).
+  std::vector<int> wait_prefetch();
   const std::vector<int>& path() const;  // -1 per level not loaded yet
 
   // Starts a new sequence: logits [n, vocab] of `tokens` fed from position 0 in one call.
@@ -78,6 +123,7 @@ class Runtime {
   struct Impl;
 
  private:
+  void start_prefetcher();
   std::unique_ptr<Impl> impl_;
 };
 

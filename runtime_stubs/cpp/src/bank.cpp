@@ -20,6 +20,7 @@ namespace {
 constexpr uint16_t kBlockVersion = 2;
 constexpr uint16_t kHeaderLength = 52;
 constexpr uint64_t kSectionAlignment = 16;
+constexpr uint64_t kVerifyChunk = 1 << 20;  // verified reads: bytes per pread, checksummed while cache-hot
 
 uint64_t pad16(uint64_t n) { return (n + kSectionAlignment - 1) / kSectionAlignment * kSectionAlignment; }
 
@@ -59,21 +60,6 @@ AlignedBuffer::AlignedBuffer(size_t size) : size_(size) {
 }
 
 void AlignedBuffer::Free::operator()(uint8_t* p) const { std::free(p); }
-
-uint32_t crc32(const uint8_t* data, size_t size) {
-  static const std::array<uint32_t, 256> table = [] {
-    std::array<uint32_t, 256> t{};
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-      t[i] = c;
-    }
-    return t;
-  }();
-  uint32_t crc = 0xFFFFFFFFu;
-  for (size_t i = 0; i < size; ++i) crc = table[(crc ^ data[i]) & 0xFF] ^ (crc >> 8);
-  return crc ^ 0xFFFFFFFFu;
-}
 
 float half_to_float(uint16_t h) {
   uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
@@ -216,15 +202,21 @@ void Bank::read(int level, int node, uint8_t* buffer, bool verify) const {
   }
   const uint64_t size = block_size(level), start = e.offset - kPageSize;
   uint64_t done = 0;
+  uint32_t crc = 0;  // running CRC-32 of the payload read so far
   int read_errno = 0;
-  while (done < size) {  // one pread; the loop only resumes a read the kernel split
-    ssize_t got = ::pread(fd, buffer + done, size - done, static_cast<off_t>(start + done));
+  // Unverified: one pread (the loop only resumes a read the kernel split). Verified: the same bytes in reads of
+  // kVerifyChunk, each checksummed while it is still in the CPU's cache, instead of a second pass over memory.
+  while (done < size) {
+    const uint64_t want = verify ? std::min(size - done, kVerifyChunk - done % kVerifyChunk) : size - done;
+    ssize_t got = ::pread(fd, buffer + done, want, static_cast<off_t>(start + done));
     if (got < 0 && errno == EINTR) continue;
     if (got <= 0) {
       read_errno = got < 0 ? errno : 0;
       break;
     }
-    done += static_cast<uint64_t>(got);
+    const uint64_t end = done + static_cast<uint64_t>(got), from = std::max(done, kPageSize);
+    if (verify && end > from) crc = crc32(buffer + from, end - from, crc);
+    done = end;
   }
   struct stat info {};
   ::fstat(fd, &info);
@@ -252,7 +244,6 @@ void Bank::read(int level, int node, uint8_t* buffer, bool verify) const {
   mismatch("payload_length", load_u64(buffer + 40), scheme.payload_length);
   mismatch("crc32", load_u32(buffer + 48), e.crc32);
   if (verify) {
-    uint32_t crc = crc32(buffer + kPageSize, scheme.payload_length);
     if (crc != e.crc32)
       throw Error(e.file + ": " + block + ": checksum mismatch (payload CRC-32 " + std::to_string(crc) +
                   ", expected " + std::to_string(e.crc32) + "): the block is corrupt");
@@ -352,25 +343,48 @@ void Bank::check_quantized_slot(const std::string& storage, int gate_up_group, i
 
 BlockCache::BlockCache(const Bank& bank, int levels, const CachePolicy& policy) : bank_(bank), policy_(policy) {
   for (int level = 0; level < levels; ++level) scratch_.emplace_back(bank.block_size(level));
+  adopted_.resize(levels);
+}
+
+bool BlockCache::contains(int level, int node) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return resident_.count({level, node}) > 0 || lru_index_.count({level, node}) > 0;
 }
 
 BlockCache::Fetched BlockCache::get(int level, int node) {
   const Key key{level, node};
-  if (auto it = resident_.find(key); it != resident_.end()) return {it->second.data() + kPageSize, "resident", 0};
-  if (auto it = lru_index_.find(key); it != lru_index_.end()) {
-    lru_.splice(lru_.begin(), lru_, it->second);  // most recently used first
-    return {it->second->second.data() + kPageSize, "cache", 0};
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (auto it = resident_.find(key); it != resident_.end()) return {it->second.data() + kPageSize, "resident", 0};
+    if (auto it = lru_index_.find(key); it != lru_index_.end()) {
+      lru_.splice(lru_.begin(), lru_, it->second);  // most recently used first
+      return {it->second->second.data() + kPageSize, "cache", 0};
+    }
   }
   const uint64_t size = bank_.block_size(level);
-  const bool resident = level < policy_.resident_levels;
-  if (!resident && size > policy_.cache_bytes) {  // stream: into the level's scratch buffer, kept by no one
+  if (level >= policy_.resident_levels && size > policy_.cache_bytes) {  // stream: into the level's scratch buffer
     bank_.read(level, node, scratch_[level].data(), policy_.verify);
     return {scratch_[level].data() + kPageSize, "storage", size};
   }
   AlignedBuffer buffer(size);
   bank_.read(level, node, buffer.data(), policy_.verify);
+  return keep(key, std::move(buffer), "storage");
+}
+
+BlockCache::Fetched BlockCache::adopt(int level, int node, AlignedBuffer block) {
+  const uint64_t size = block.size();
+  if (level >= policy_.resident_levels && size > policy_.cache_bytes) {
+    adopted_[level] = std::move(block);
+    return {adopted_[level].data() + kPageSize, "prefetch", size};
+  }
+  return keep({level, node}, std::move(block), "prefetch");
+}
+
+BlockCache::Fetched BlockCache::keep(const Key& key, AlignedBuffer buffer, const char* source) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const uint64_t size = buffer.size();
   const uint8_t* payload = buffer.data() + kPageSize;
-  if (resident) {
+  if (key.first < policy_.resident_levels) {
     resident_.emplace(key, std::move(buffer));
   } else {
     lru_.emplace_front(key, std::move(buffer));
@@ -382,7 +396,7 @@ BlockCache::Fetched BlockCache::get(int level, int node) {
       lru_.pop_back();
     }
   }
-  return {payload, "storage", size};
+  return {payload, source, size};
 }
 
 }  // namespace hm

@@ -6,6 +6,7 @@
 #include <list>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -56,7 +57,10 @@ struct MatrixView {
 enum Matrix { kGate = 0, kUp = 1, kDown = 2 };
 using LevelViews = std::vector<MatrixView>;  // [memory layer * 3 + Matrix]
 
-uint32_t crc32(const uint8_t* data, size_t size);
+// CRC-32 (zlib's) by the CPU's instructions where present, else zlib (crc32.cpp); crc32_method() says which.
+// `crc` continues a running value (zlib's convention: crc32(b, crc32(a)) == crc32(a + b)).
+uint32_t crc32(const uint8_t* data, size_t size, uint32_t crc = 0);
+const char* crc32_method();
 float half_to_float(uint16_t bits);
 
 class Bank {
@@ -68,6 +72,7 @@ class Bank {
   Bank& operator=(const Bank&) = delete;
 
   uint64_t block_size(int level) const { return kPageSize + levels_[level].payload_length; }
+  const std::string& block_file(int level, int node) const { return entry(level, node).file; }  // path (per-level: the pack)
   // One read of the block's header page + payload into `buffer` (block_size bytes); checks the header
   // against the index and, with `verify`, the payload's CRC-32. Throws hm::Error naming the file.
   void read(int level, int node, uint8_t* buffer, bool verify) const;
@@ -114,12 +119,19 @@ class BlockCache {
     uint64_t bytes_read;
   };
   Fetched get(int level, int node);
+  // A block read elsewhere (the prefetch thread): kept as the policy keeps a block read here, or held until
+  // the level's next fill when the policy streams. Reported as source "prefetch".
+  Fetched adopt(int level, int node, AlignedBuffer block);
+  bool contains(int level, int node) const;  // in RAM (resident or LRU); safe from any thread
 
  private:
   using Key = std::pair<int, int>;
+  Fetched keep(const Key& key, AlignedBuffer buffer, const char* source);
   const Bank& bank_;
   CachePolicy policy_;
+  mutable std::mutex mutex_;  // guards the maps against contains() from the prefetch thread
   std::vector<AlignedBuffer> scratch_;
+  std::vector<AlignedBuffer> adopted_;  // per level: a streamed prefetched block, until the next fill
   std::map<Key, AlignedBuffer> resident_;
   std::list<std::pair<Key, AlignedBuffer>> lru_;  // most recent first
   std::map<Key, std::list<std::pair<Key, AlignedBuffer>>::iterator> lru_index_;

@@ -1,6 +1,8 @@
 // The C API over hm::Runtime: exceptions become -1 + a thread-local message.
 #include "hm_runtime.h"
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -66,6 +68,50 @@ int hm_route(const hm_runtime* runtime, const float* embedding, size_t dim, int3
     std::vector<int> path = runtime->runtime.route(embedding, dim);
     for (size_t level = 0; level < path.size(); ++level) path_out[level] = path[level];
   });
+}
+
+int hm_route_text(hm_runtime* runtime, const char* context, int32_t* path_out) {
+  return guarded([&] {
+    std::vector<int> path = runtime->runtime.route_text(context);
+    std::copy(path.begin(), path.end(), path_out);
+  });
+}
+
+hm_generate_options hm_default_generate_options(void) {
+  hm::GenerateOptions defaults;
+  return {defaults.max_new_tokens, defaults.temperature, defaults.top_k, defaults.top_p, defaults.seed, nullptr, 0};
+}
+
+int hm_generate(hm_runtime* runtime, const char* context, const char* prompt, const hm_generate_options* options,
+                hm_text_callback on_text, void* user_data, char** text_out) {
+  return guarded([&] {
+    const hm_generate_options given = options ? *options : hm_default_generate_options();
+    hm::GenerateOptions converted;
+    converted.max_new_tokens = given.max_new_tokens;
+    converted.temperature = given.temperature;
+    converted.top_k = given.top_k;
+    converted.top_p = given.top_p;
+    converted.seed = given.seed;
+    if (given.stop_tokens) converted.stop_tokens.assign(given.stop_tokens, given.stop_tokens + given.stop_count);
+    hm::TextCallback callback;
+    if (on_text) callback = [&](const std::string& piece) { on_text(piece.data(), piece.size(), user_data); };
+    hm::Generation result = runtime->runtime.generate(context, prompt, converted, callback);
+    if (text_out) {
+      *text_out = static_cast<char*>(std::malloc(result.text.size() + 1));
+      if (*text_out == nullptr) throw std::bad_alloc();
+      std::memcpy(*text_out, result.text.c_str(), result.text.size() + 1);
+    }
+  });
+}
+
+void hm_free_text(char* text) { std::free(text); }
+
+int hm_prefetch(hm_runtime* runtime, const int32_t* path, size_t levels) {
+  return guarded([&] { runtime->runtime.prefetch(std::vector<int>(path, path + levels)); });
+}
+
+int hm_prefetch_text(hm_runtime* runtime, const char* context) {
+  return guarded([&] { runtime->runtime.prefetch_text(context); });
 }
 
 int hm_set_path(hm_runtime* runtime, const int32_t* path, size_t levels, hm_slot_update* update) {

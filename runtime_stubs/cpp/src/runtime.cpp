@@ -3,13 +3,24 @@
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <condition_variable>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <optional>
+#include <random>
+#include <set>
+#include <thread>
 
 #include "bank.hpp"
 #include "files.hpp"
-#include "slot.hpp"
 #include "hm_runtime.hpp"
+#include "slot.hpp"
+#include "tokenizer.hpp"
 
 // The wheel ships libexecutorch_threadpool.so but not threadpool.h; these two symbols are all we call.
 namespace executorch::extension::threadpool {
@@ -48,6 +59,173 @@ std::vector<int> to_ints(const json::Value& value, const std::string& what) {
   return out;
 }
 
+// The next token from the last position's logits: argmax at temperature 0 (the first maximum, like torch's
+// argmax), else a draw from softmax(logits / temperature) restricted to the top_k largest and to the smallest
+// set whose mass reaches top_p (as runtime_stubs/generate.py, with std::mt19937_64 instead of torch's RNG).
+int64_t next_token(const float* logits, int vocab, const GenerateOptions& options, std::mt19937_64& rng) {
+  if (options.temperature <= 0) return std::max_element(logits, logits + vocab) - logits;
+  std::vector<double> scores(logits, logits + vocab);
+  for (double& s : scores) s /= options.temperature;
+  std::vector<int> order(vocab);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return scores[a] > scores[b]; });
+  size_t keep = options.top_k > 0 && options.top_k < vocab ? options.top_k : vocab;
+  std::vector<double> probs(keep);
+  double total = 0;
+  for (size_t i = 0; i < keep; ++i) total += probs[i] = std::exp(scores[order[i]] - scores[order[0]]);
+  if (options.top_p < 1) {
+    double before = 0;
+    for (size_t i = 0; i < keep; ++i) {
+      if (before / total >= options.top_p) {
+        keep = i;
+        break;
+      }
+      before += probs[i];
+    }
+  }
+  std::discrete_distribution<size_t> draw(probs.begin(), probs.begin() + keep);
+  return order[draw(rng)];
+}
+
+// Reads the blocks of a path's changed levels on a background thread (docs/native-runtime.md, "Prefetch").
+class Prefetcher {
+ public:
+  using Key = std::pair<int, int>;
+  using Router = std::function<std::vector<int>(const std::string&)>;
+  Prefetcher(const Bank& bank, const BlockCache& cache, bool verify, Router route)
+      : bank_(bank), cache_(cache), verify_(verify), route_(std::move(route)), thread_([this] { loop(); }) {}
+  ~Prefetcher() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    changed_.notify_all();
+    thread_.join();
+  }
+
+  // `current`: the path the slot holds now (levels whose node it already has are not read).
+  void request(std::vector<int> path, std::string context, std::vector<int> current) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      pending_ = Job{std::move(path), std::move(context), std::move(current)};
+    }
+    changed_.notify_all();
+  }
+
+  // The block if the prefetch read it, waiting while it is planned and not read yet. A request still being
+  // routed is not waited for: the caller reads the block itself rather than stall on the router.
+  std::optional<AlignedBuffer> take(const Key& key) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return stop_ || planned_.count(key) == 0; });
+    if (auto it = failed_.find(key); it != failed_.end()) {
+      std::string why = it->second;
+      failed_.erase(it);
+      throw Error(why);
+    }
+    auto it = ready_.find(key);
+    if (it == ready_.end()) return std::nullopt;
+    AlignedBuffer block = std::move(it->second);
+    ready_.erase(it);
+    return block;
+  }
+
+  std::vector<int> wait_idle() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return !pending_ && !busy_; });
+    if (!route_error_.empty()) {
+      std::string why;
+      why.swap(route_error_);
+      throw Error("prefetch: " + why);
+    }
+    return last_path_;
+  }
+
+ private:
+  struct Job {
+    std::vector<int> path;
+    std::string context;  // routed on this thread when path is empty
+    std::vector<int> current;
+  };
+
+  void loop() {
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        changed_.wait(lock, [&] { return stop_ || pending_; });
+        if (stop_) return;
+        job = std::move(*pending_);
+        pending_.reset();
+        busy_ = true;
+      }
+      std::vector<int> path = job.path;
+      std::string route_error;
+      if (path.empty()) {
+        try {
+          path = route_(job.context);
+        } catch (const std::exception& e) {
+          route_error = e.what();
+        }
+      }
+      std::vector<Key> plan;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        route_error_ = route_error;
+        std::set<Key> wanted;
+        for (size_t level = 0; level < path.size(); ++level) {
+          const Key key{static_cast<int>(level), path[level]};
+          wanted.insert(key);
+          if ((level < job.current.size() && job.current[level] == path[level]) || ready_.count(key) ||
+              cache_.contains(key.first, key.second))
+            continue;
+          plan.push_back(key);
+        }
+        for (auto it = ready_.begin(); it != ready_.end();) it = wanted.count(it->first) ? std::next(it) : ready_.erase(it);
+        failed_.clear();
+        planned_ = std::set<Key>(plan.begin(), plan.end());
+        last_path_ = path;
+      }
+      changed_.notify_all();
+      for (const Key& key : plan) {
+        AlignedBuffer block(bank_.block_size(key.first));
+        std::string error;
+        try {
+          bank_.read(key.first, key.second, block.data(), verify_);
+        } catch (const std::exception& e) {
+          error = e.what();
+        }
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (error.empty()) ready_[key] = std::move(block);
+        else failed_[key] = error;
+        planned_.erase(key);
+        changed_.notify_all();
+        if (pending_ || stop_) break;  // a newer request wins: leave the rest of this path unread
+      }
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        planned_.clear();
+        busy_ = false;
+      }
+      changed_.notify_all();
+    }
+  }
+
+  const Bank& bank_;
+  const BlockCache& cache_;
+  const bool verify_;
+  Router route_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::optional<Job> pending_;
+  bool busy_ = false, stop_ = false;
+  std::set<Key> planned_;
+  std::map<Key, AlignedBuffer> ready_;
+  std::map<Key, std::string> failed_;
+  std::vector<int> last_path_;
+  std::string route_error_;
+  std::thread thread_;  // last: started after every other member exists
+};
+
 }  // namespace
 
 struct SlotBuffer {
@@ -70,6 +248,14 @@ struct Runtime::Impl {
   std::vector<std::vector<float>> centroids;  // per level [n_l, embed_dim]
   std::unique_ptr<Module> module;
   int position = 0;
+  Options options;
+  // Text in / out, loaded on first use.
+  std::mutex router_mutex, tokenizer_mutex;
+  std::unique_ptr<Tokenizer> router_tokenizer, lm_tokenizer;
+  std::unique_ptr<Module> router_module;
+  std::string last_context;
+  std::vector<int> last_route;
+  std::unique_ptr<Prefetcher> prefetcher;  // last: its thread stops before the bank and cache go
 
   [[noreturn]] void refuse(const std::string& why) const { throw Error(manifest_path + ": " + why); }
   void verify_files() const;
@@ -79,6 +265,9 @@ struct Runtime::Impl {
   void bind_views(const SlotBuffer& codes, const SlotBuffer* scales);
   void open_program(const Options& options);
   void read_router();
+  void load_router_program();
+  std::vector<float> embed(const std::string& context);
+  const Tokenizer& lm() ;
   std::vector<float> run(const std::vector<int64_t>& tokens, int64_t input_pos);
 };
 
@@ -240,6 +429,52 @@ void Runtime::Impl::read_router() {
   }
 }
 
+void Runtime::Impl::load_router_program() {
+  if (router_module) return;
+  const json::Value& router = manifest.at("router", "router");
+  const json::Value* programs = router.find("programs");
+  const json::Value* program = programs ? programs->find("executorch") : nullptr;
+  if (program == nullptr || router.find("tokenizer") == nullptr)
+    refuse("the bundle has no executorch router program (re-export with --target executorch, without "
+           "--no-router-program), or route with an embedding (route()) or a path (set_path())");
+  const json::Value& tokenizer = router.at("tokenizer", "router.tokenizer");
+  router_tokenizer = std::make_unique<Tokenizer>(
+      safe_join(root, tokenizer.at("file", "router.tokenizer").as_string("router.tokenizer.file"), manifest_path));
+  const std::string file = safe_join(
+      root, program->at("files", "router.programs.executorch").at("program", "files").as_string("program"), manifest_path);
+  auto loaded = std::make_unique<Module>(file, Module::LoadMode::Mmap);
+  if (loaded->load_method("forward") != executorch::runtime::Error::Ok)
+    throw Error(file + ": ExecuTorch cannot load method 'forward' (corrupt program or a missing kernel/backend)");
+  router_module = std::move(loaded);
+}
+
+std::vector<float> Runtime::Impl::embed(const std::string& context) {
+  std::lock_guard<std::mutex> lock(router_mutex);
+  load_router_program();
+  std::vector<int64_t> ids = router_tokenizer->encode(context);
+  const int n = static_cast<int>(ids.size());
+  auto input = executorch::extension::make_tensor_ptr({1, n}, std::move(ids));
+  auto result = router_module->forward({EValue(*input)});
+  if (!result.ok())
+    throw Error("router program failed (ExecuTorch error " + std::to_string(static_cast<int>(result.error())) + ")");
+  const auto& out = result->at(0).toTensor();
+  if (out.numel() != embed_dim)
+    throw Error("router program returned " + std::to_string(out.numel()) + " values, the tree has dim " +
+                std::to_string(embed_dim));
+  return std::vector<float>(out.const_data_ptr<float>(), out.const_data_ptr<float>() + out.numel());
+}
+
+const Tokenizer& Runtime::Impl::lm() {
+  std::lock_guard<std::mutex> lock(tokenizer_mutex);
+  if (!lm_tokenizer) {
+    const json::Value* tokenizer = manifest.find("tokenizer");
+    if (tokenizer == nullptr) refuse("no tokenizer section");
+    lm_tokenizer = std::make_unique<Tokenizer>(
+        safe_join(root, tokenizer->at("file", "tokenizer").as_string("tokenizer.file"), manifest_path));
+  }
+  return *lm_tokenizer;
+}
+
 std::vector<float> Runtime::Impl::run(const std::vector<int64_t>& tokens, int64_t input_pos) {
   const int n = static_cast<int>(tokens.size());
   auto token_tensor = executorch::extension::make_tensor_ptr({1, n}, std::vector<int64_t>(tokens));
@@ -256,6 +491,7 @@ std::vector<float> Runtime::Impl::run(const std::vector<int64_t>& tokens, int64_
 
 Runtime::Runtime(const std::string& bundle_dir, const Options& options) : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
+  m.options = options;
   m.root = bundle_dir;
   m.manifest_path = bundle_dir + "/manifest.json";
   m.manifest = read_json(m.manifest_path);
@@ -337,7 +573,10 @@ SlotUpdate Runtime::set_path(const std::vector<int>& path) {
     if (m.path[level] == path[level]) continue;
     auto start = Clock::now();
     m.path[level] = -1;  // a failure below leaves this level marked as not loaded
-    BlockCache::Fetched fetched = m.cache->get(level, path[level]);
+    std::optional<AlignedBuffer> block;
+    if (m.prefetcher && !m.cache->contains(level, path[level])) block = m.prefetcher->take({level, path[level]});
+    BlockCache::Fetched fetched =
+        block ? m.cache->adopt(level, path[level], std::move(*block)) : m.cache->get(level, path[level]);
     update.fetch_seconds.push_back(seconds_since(start));
     m.bank->decode(level, fetched.payload, m.views[level]);
     m.path[level] = path[level];
@@ -347,6 +586,97 @@ SlotUpdate Runtime::set_path(const std::vector<int>& path) {
     update.storage_bytes += fetched.bytes_read;
   }
   return update;
+}
+
+bool Runtime::has_router_program() const {
+  const json::Value* programs = impl_->manifest.at("router", "router").find("programs");
+  return programs != nullptr && programs->find("executorch") != nullptr;
+}
+
+std::vector<float> Runtime::embed(const std::string& context) { return impl_->embed(context); }
+
+std::vector<int> Runtime::route_text(const std::string& context) {
+  const std::vector<float> embedding = impl_->embed(context);
+  return route(embedding.data(), embedding.size());
+}
+
+std::vector<int64_t> Runtime::encode(const std::string& text) { return impl_->lm().encode(text); }
+
+std::string Runtime::decode_text(const std::vector<int64_t>& ids) { return impl_->lm().decode(ids); }
+
+void Runtime::prefetch(const std::vector<int>& path) {
+  Impl& m = *impl_;
+  if (path.size() != static_cast<size_t>(m.dims.num_levels()))
+    throw Error("prefetch: path has " + std::to_string(path.size()) + " levels, the tree has " +
+                std::to_string(m.dims.num_levels()));
+  start_prefetcher();
+  m.prefetcher->request(path, "", m.path);
+}
+
+void Runtime::prefetch_text(const std::string& context) {
+  start_prefetcher();
+  impl_->prefetcher->request({}, context, impl_->path);
+}
+
+void Runtime::start_prefetcher() {  // the thread starts with the first request
+  Impl& m = *impl_;
+  if (!m.prefetcher)
+    m.prefetcher = std::make_unique<Prefetcher>(*m.bank, *m.cache, m.options.cache.verify,
+                                                [this](const std::string& text) { return route_text(text); });
+}
+
+std::vector<int> Runtime::wait_prefetch() { return impl_->prefetcher ? impl_->prefetcher->wait_idle() : std::vector<int>(); }
+
+Generation Runtime::generate(const std::string& context, const std::string& prompt, const GenerateOptions& options,
+                             const TextCallback& on_text) {
+  Impl& m = *impl_;
+  Generation out;
+  auto start = Clock::now();
+  if (m.last_route.empty() || context != m.last_context) {  // route once per context, as generate.py
+    m.last_route = route_text(context);
+    m.last_context = context;
+  }
+  out.path = m.last_route;
+  out.route_seconds = seconds_since(start);
+  start = Clock::now();
+  out.update = set_path(out.path);
+  out.fill_seconds = seconds_since(start);
+  out.prompt_tokens = encode(prompt);
+  start = Clock::now();
+  std::vector<float> logits = prefill(out.prompt_tokens);
+  out.prefill_seconds = seconds_since(start);
+  const float* last = logits.data() + logits.size() - m.vocab;
+  std::mt19937_64 rng(options.seed);
+  std::string shown;
+  out.stop_reason = "max_new_tokens";
+  while (static_cast<int>(out.new_tokens.size()) < options.max_new_tokens) {
+    const int64_t token = next_token(last, m.vocab, options, rng);
+    if (out.new_tokens.empty()) out.first_token_seconds = seconds_since(start);
+    if (std::find(options.stop_tokens.begin(), options.stop_tokens.end(), token) != options.stop_tokens.end()) {
+      out.stop_reason = "stop_token";
+      break;
+    }
+    out.new_tokens.push_back(token);
+    if (on_text) {  // whole characters only: a character split across tokens waits for the next token
+      std::string text = decode_text(out.new_tokens);
+      if (text.size() < 3 || text.compare(text.size() - 3, 3, "\xEF\xBF\xBD") != 0) {
+        if (text.size() > shown.size()) on_text(text.substr(shown.size()));
+        shown.swap(text);
+      }
+    }
+    if (static_cast<int>(out.new_tokens.size()) == options.max_new_tokens) break;
+    const size_t position = out.prompt_tokens.size() + out.new_tokens.size() - 1;
+    if (position >= static_cast<size_t>(m.max_seq_len)) {
+      out.stop_reason = "cache_full";
+      break;
+    }
+    auto step = Clock::now();
+    logits = decode(token);
+    out.decode_seconds += seconds_since(step);
+    last = logits.data();
+  }
+  out.text = decode_text(out.new_tokens);
+  return out;
 }
 
 std::vector<float> Runtime::prefill(const std::vector<int64_t>& tokens) {

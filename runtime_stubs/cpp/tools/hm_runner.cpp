@@ -27,14 +27,17 @@ using Clock = std::chrono::steady_clock;
 double since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 struct Args {
-  std::string bundle, embeddings, dump_slot, cache = "stream";
-  bool checks = false, bench = false, json = false, verify_files = true;
+  std::string bundle, embeddings, dump_slot, cache = "stream", context, prompt, next_context;
+  bool checks = false, bench = false, json = false, verify_files = true, route_on_device = false, has_context = false;
+  hm::GenerateOptions generate;
   std::vector<std::vector<int>> fills;
   int runs = 3, contexts = 8, prompt_tokens = 64, new_tokens = 32, threads = 0;
 };
 
 const char* kUsage =
-    "usage: hm_runner BUNDLE [--checks] [--embeddings FILE] [--fill L0,L1,... (repeat)] [--dump-slot FILE]\n"
+    "usage: hm_runner BUNDLE [--checks [--route-on-device | --embeddings FILE]] [--fill L0,L1,... (repeat)]\n"
+    "       [--context TEXT --prompt TEXT [--next-context TEXT] [--max-new-tokens 32] [--temperature 0]\n"
+    "        [--top-k 0] [--top-p 1] [--seed 0] [--stop-token ID (repeat)]] [--dump-slot FILE]\n"
     "       [--bench [--runs 3] [-n 8] [--prompt-tokens 64] [--new-tokens 32] [--cache stream|default]]\n"
     "       [--threads N] [--no-verify-files] [--json]\n";
 
@@ -58,6 +61,16 @@ Args parse_args(int argc, char** argv) {
     else if (arg == "--json") args.json = true;
     else if (arg == "--no-verify-files") args.verify_files = false;
     else if (arg == "--embeddings") args.embeddings = value(i);
+    else if (arg == "--route-on-device") args.route_on_device = true;
+    else if (arg == "--context") args.context = value(i), args.has_context = true;
+    else if (arg == "--prompt") args.prompt = value(i);
+    else if (arg == "--next-context") args.next_context = value(i);
+    else if (arg == "--max-new-tokens") args.generate.max_new_tokens = std::stoi(value(i));
+    else if (arg == "--temperature") args.generate.temperature = std::stof(value(i));
+    else if (arg == "--top-k") args.generate.top_k = std::stoi(value(i));
+    else if (arg == "--top-p") args.generate.top_p = std::stof(value(i));
+    else if (arg == "--seed") args.generate.seed = std::stoull(value(i));
+    else if (arg == "--stop-token") args.generate.stop_tokens.push_back(std::stoll(value(i)));
     else if (arg == "--fill") args.fills.push_back(parse_path(value(i)));
     else if (arg == "--dump-slot") args.dump_slot = value(i);
     else if (arg == "--cache") args.cache = value(i);
@@ -71,6 +84,12 @@ Args parse_args(int argc, char** argv) {
   }
   if (args.bundle.empty()) throw hm::Error(std::string("no bundle given\n") + kUsage);
   if (args.cache != "stream" && args.cache != "default") throw hm::Error("--cache must be stream or default");
+  if (args.route_on_device && !args.embeddings.empty())
+    throw hm::Error("--route-on-device and --embeddings both route the checks: give one");
+  if (args.has_context && args.prompt.empty()) throw hm::Error("--context needs --prompt");
+  if (args.generate.max_new_tokens < 0 || args.generate.temperature < 0 || args.generate.top_k < 0 ||
+      !(args.generate.top_p > 0 && args.generate.top_p <= 1))
+    throw hm::Error("need --max-new-tokens >= 0, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1");
   if (args.runs < 1 || args.contexts < 1 || args.prompt_tokens < 1 || args.new_tokens < 1)
     throw hm::Error("--runs, -n, --prompt-tokens and --new-tokens must be positive");
   return args;
@@ -83,7 +102,7 @@ std::string quote(const std::string& text) {
   for (char c : text) {
     if (c == '"' || c == '\\') out += '\\', out += c;
     else if (c == '\n') out += "\\n";
-    else if (static_cast<unsigned char>(c) < 0x20) out += ' ';
+    else if (static_cast<unsigned char>(c) < 0x20) out += "\\u00", out += "0123456789abcdef"[c >> 4], out += "0123456789abcdef"[c & 15];
     else out += c;
   }
   return out + "\"";
@@ -129,7 +148,7 @@ std::string throughput(const std::vector<double>& per_run) {
 // ---- golden checks -----------------------------------------------------------------------------------------
 
 struct Check {
-  std::string name;
+  std::string name, context;
   std::vector<int> path;
   std::vector<int64_t> prompt, greedy;
   std::vector<double> margins;
@@ -156,6 +175,7 @@ Checks load_checks(const std::string& bundle) {
     for (const hm::json::Value& item : body.at("checks", "checks").as_array("checks")) {
       Check check;
       check.name = item.at("name", "checks[]").as_string("checks[].name");
+      check.context = item.at("context", check.name).as_string(check.name + ".context");
       for (int64_t node : item.at("path", check.name).as_int_list(check.name + ".path")) check.path.push_back(node);
       check.prompt = item.at("prompt", check.name).as_int_list(check.name + ".prompt");
       check.greedy = item.at("greedy", check.name).as_int_list(check.name + ".greedy");
@@ -228,20 +248,28 @@ Generation generate(hm::Runtime& runtime, const std::vector<int64_t>& prompt, in
   return out;
 }
 
+// Replays the checks. With `embeddings` each check's context is routed from its embedding (the recorded path
+// still fills the slot); with `on_device` it is routed from its text by the bundle's router program and the
+// routed path fills the slot, so the continuation proves text in -> path -> memory -> tokens end to end.
 std::string replay_checks(hm::Runtime& runtime, const Checks& checks, const std::vector<std::vector<float>>& embeddings,
-                          bool* passed, std::string* human) {
+                          bool on_device, bool* passed, std::string* human) {
   std::string results;
-  int pass = 0, fail = 0;
+  int pass = 0, fail = 0, routes_matched = 0;
+  size_t tokens_matched = 0, tokens_total = 0;
   for (size_t i = 0; i < checks.checks.size(); ++i) {
     const Check& check = checks.checks[i];
-    std::string route = "null";
+    std::string route = "null", embedding_json;
     bool route_ok = true;
-    if (!embeddings.empty()) {
-      std::vector<int> routed = runtime.route(embeddings.at(i).data(), embeddings[i].size());
+    std::vector<int> fill = check.path;
+    if (!embeddings.empty() || on_device) {
+      std::vector<float> embedding = on_device ? runtime.embed(check.context) : embeddings.at(i);
+      std::vector<int> routed = runtime.route(embedding.data(), embedding.size());
       route = list(routed);
       route_ok = routed == check.path;
+      routes_matched += route_ok;
+      if (on_device) fill = routed, embedding_json = ", \"embedding\": " + list(embedding);
     }
-    runtime.set_path(check.path);  // replays use the recorded path, so a router failure hides no numerics
+    runtime.set_path(fill);
     std::vector<float> logits;
     Generation generation = generate(runtime, check.prompt, static_cast<int>(check.greedy.size()), &logits);
     const double diff = logits_diff(checks, check.name, logits, runtime.vocab_size());
@@ -260,18 +288,24 @@ std::string replay_checks(hm::Runtime& runtime, const Checks& checks, const std:
     }
     const bool ok = route_ok && diff <= checks.tolerance && greedy_ok;
     (ok ? pass : fail) += 1;
+    tokens_matched += matched;
+    tokens_total += check.greedy.size();
     results += std::string(results.empty() ? "" : ", ") + "{\"check\": " + quote(check.name) +
                ", \"status\": " + quote(ok ? "pass" : "fail") + ", \"max_abs_diff\": " + number(diff) +
                ", \"tokens_matched\": " + std::to_string(matched) + ", \"tokens\": " + list(generation.tokens) +
                ", \"route\": " + route + ", \"route_ok\": " + (route_ok ? "true" : "false") +
-               ", \"detail\": " + quote(detail) + "}";
+               ", \"detail\": " + quote(detail) + embedding_json + "}";
     *human += check.name + ": " + (ok ? "pass" : "FAIL") + "  max |logit diff| " + number(diff) + ", " +
               std::to_string(matched) + "/" + std::to_string(check.greedy.size()) + " greedy tokens" +
-              (embeddings.empty() ? "" : route_ok ? ", routes to its path" : ", ROUTES ELSEWHERE") + "\n";
+              (route == "null" ? "" : route_ok ? ", routes to its path" : ", ROUTES ELSEWHERE") + "\n";
   }
   *passed = fail == 0 && pass > 0;
+  const bool routed = !embeddings.empty() || on_device;
   return "{\"passed\": " + std::string(*passed ? "true" : "false") + ", \"pass\": " + std::to_string(pass) +
          ", \"fail\": " + std::to_string(fail) + ", \"tolerance\": " + number(checks.tolerance) +
+         ", \"routing\": " + quote(on_device ? "on-device" : routed ? "embeddings" : "recorded-paths") +
+         ", \"routes_matched\": " + (routed ? std::to_string(routes_matched) : "null") +
+         ", \"tokens_matched\": " + std::to_string(tokens_matched) + ", \"tokens_total\": " + std::to_string(tokens_total) +
          ", \"results\": [" + results + "]}";
 }
 
@@ -393,6 +427,15 @@ std::string bench(const Args& args, const Checks& checks, const std::vector<std:
          ", \"decode_step_ms\": " + latency(steps) + ", \"peak_rss_mb\": " + number(peak_rss_mb()) + "}";
 }
 
+std::string generation_json(const hm::Generation& g) {
+  return "{\"path\": " + list(g.path) + ", \"fill\": " + update_json(g.update) + ", \"prompt_tokens\": " +
+         list(g.prompt_tokens) + ", \"new_tokens\": " + list(g.new_tokens) + ", \"text\": " + quote(g.text) +
+         ", \"stop_reason\": " + quote(g.stop_reason) + ", \"route_ms\": " + number(1e3 * g.route_seconds) +
+         ", \"fill_ms\": " + number(1e3 * g.fill_seconds) + ", \"prefill_ms\": " + number(1e3 * g.prefill_seconds) +
+         ", \"first_token_ms\": " + number(1e3 * g.first_token_seconds) + ", \"decode_ms\": " +
+         number(1e3 * g.decode_seconds) + "}";
+}
+
 // Embeddings [n, dim] of the checks' contexts, computed off device (the router's embedder is not exported yet).
 std::vector<std::vector<float>> load_embeddings(const std::string& file, size_t count) {
   if (file.empty()) return {};
@@ -425,7 +468,24 @@ int run(const Args& args) {
     checks = load_checks(args.bundle);
     embeddings = load_embeddings(args.embeddings, checks.checks.size());
   }
-  if (args.checks) json += ", \"checks\": " + replay_checks(runtime, checks, embeddings, &passed, &human);
+  if (args.checks)
+    json += ", \"checks\": " + replay_checks(runtime, checks, embeddings, args.route_on_device, &passed, &human);
+  if (args.has_context) {
+    const bool stream = !args.json;
+    if (!args.next_context.empty()) runtime.prefetch_text(args.next_context);  // read while this one decodes
+    hm::Generation first = runtime.generate(args.context, args.prompt, args.generate, [&](const std::string& piece) {
+      if (stream) std::cout << piece << std::flush;
+    });
+    json += ", \"generation\": " + generation_json(first);
+    if (stream) std::cout << "\n";
+    if (!args.next_context.empty()) {
+      const std::vector<int> prefetched = runtime.wait_prefetch();
+      hm::Generation next = runtime.generate(args.next_context, args.prompt, args.generate);
+      json += ", \"next\": " + generation_json(next) + ", \"prefetched_path\": " + list(prefetched);
+      if (stream) std::cout << next.text << "\n";
+    }
+    if (stream) human.clear();
+  }
   if (!args.fills.empty()) {
     json += ", \"fills\": [";
     for (size_t i = 0; i < args.fills.size(); ++i) {

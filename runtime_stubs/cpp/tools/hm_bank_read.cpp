@@ -1,0 +1,134 @@
+// hm_bank_read: verified-read throughput of a bank, natively (docs/native-runtime.md, "Verified reads").
+//
+//   hm_bank_read BANK_DIR [--blocks 256] [--rounds 5] [--cold] [--seed 0]
+//   hm_bank_read --crc-self-test
+//
+// Reads `--blocks` random blocks (seeded; every level, in proportion to its node count) as the loader reads
+// them (one aligned pread of header page + payload, header checked against the index), in rounds that
+// alternate between raw reads (no checksum) and verified reads (CRC-32 of every payload), and prints JSON:
+// GB/s of each and their ratio. Warm by default (the blocks are read once first, so both modes read from the
+// page cache: the case where the checksum costs most); --cold drops each block file's pages before each read.
+// --crc-self-test compares crc32() with zlib's on random buffers of many lengths and alignments.
+#include <fcntl.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bank.hpp"
+#include "files.hpp"
+#include "json.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int crc_self_test() {
+  std::mt19937_64 rng(1);
+  std::vector<uint8_t> data(1 << 20);
+  for (auto& b : data) b = static_cast<uint8_t>(rng());
+  int failures = 0, cases = 0;
+  for (size_t length : {0, 1, 15, 16, 63, 64, 65, 127, 128, 1000, 4096, 65536 + 7, 1 << 19})
+    for (size_t offset : {0, 1, 3, 8, 13}) {
+      const uint32_t want = static_cast<uint32_t>(::crc32(0, data.data() + offset, static_cast<uInt>(length)));
+      const uint32_t got = hm::crc32(data.data() + offset, length);
+      const size_t half = length / 3;  // continued over two calls, as verified reads do chunk by chunk
+      const uint32_t continued = hm::crc32(data.data() + offset + half, length - half, hm::crc32(data.data() + offset, half));
+      failures += (want != got) + (want != continued);
+      cases += 2;
+    }
+  std::cout << "{\"method\": \"" << hm::crc32_method() << "\", \"cases\": " << cases << ", \"failures\": " << failures
+            << "}\n";
+  return failures == 0 ? 0 : 1;
+}
+
+std::vector<int> ints(const hm::json::Value& model, const char* key) {
+  std::vector<int> out;
+  for (int64_t v : model.at(key, key).as_int_list(key)) out.push_back(static_cast<int>(v));
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    std::string dir;
+    int blocks = 256, rounds = 5;
+    uint64_t seed = 0;
+    bool cold = false;
+    for (int i = 1; i < argc; ++i) {
+      std::string arg = argv[i];
+      if (arg == "--crc-self-test") return crc_self_test();
+      if (arg == "--cold") cold = true;
+      else if (arg == "--blocks" && i + 1 < argc) blocks = std::stoi(argv[++i]);
+      else if (arg == "--rounds" && i + 1 < argc) rounds = std::stoi(argv[++i]);
+      else if (arg == "--seed" && i + 1 < argc) seed = std::stoull(argv[++i]);
+      else if (dir.empty() && arg[0] != '-') dir = arg;
+      else throw hm::Error("usage: hm_bank_read BANK_DIR [--blocks 256] [--rounds 5] [--cold] [--seed 0]");
+    }
+    if (dir.empty() || blocks < 1 || rounds < 1) throw hm::Error("usage: hm_bank_read BANK_DIR [--blocks N] ...");
+    const hm::json::Value index = hm::read_json(dir + "/index.json");
+    const hm::json::Value& model = index.at("model", "model");
+    hm::MemoryDims dims;
+    dims.d_model = static_cast<int>(model.at("d_model", "model").as_int("d_model"));
+    dims.branching = ints(model, "branching");
+    dims.widths = ints(model, "widths");
+    dims.layers = ints(model, "memory_layers");
+    const hm::Bank bank(dir, dims, index.at("schema_hash", "schema_hash").as_string("schema_hash"));
+    // Blocks drawn like random contexts' nodes: a uniform node over all levels' nodes.
+    std::mt19937_64 rng(seed);
+    int total = 0;
+    for (int level = 0; level < dims.num_levels(); ++level) total += dims.nodes_at(level);
+    std::vector<std::pair<int, int>> picks;
+    for (int i = 0; i < blocks; ++i) {
+      int node = std::uniform_int_distribution<int>(0, total - 1)(rng), level = 0;
+      while (node >= dims.nodes_at(level)) node -= dims.nodes_at(level++);
+      picks.emplace_back(level, node);
+    }
+    uint64_t largest = 0, bytes = 0;
+    for (const auto& [level, node] : picks) largest = std::max(largest, bank.block_size(level)), bytes += bank.block_size(level);
+    hm::AlignedBuffer buffer(largest);
+    auto drop = [&](int level, int node) {  // cold: the block's pages leave the page cache first
+      const int fd = ::open(bank.block_file(level, node).c_str(), O_RDONLY);
+      if (fd >= 0) ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), ::close(fd);
+    };
+    auto pass = [&](bool verify) {
+      double seconds = 0;
+      for (const auto& [level, node] : picks) {
+        if (cold) drop(level, node);
+        auto start = Clock::now();
+        bank.read(level, node, buffer.data(), verify);
+        seconds += std::chrono::duration<double>(Clock::now() - start).count();
+      }
+      return bytes / seconds / 1e9;
+    };
+    if (!cold) pass(true);  // warm the page cache (and check every block once)
+    std::vector<double> raw, verified;
+    for (int round = 0; round < rounds; ++round) {  // interleaved, order alternating per round
+      if (round % 2 == 0) raw.push_back(pass(false)), verified.push_back(pass(true));
+      else verified.push_back(pass(true)), raw.push_back(pass(false));
+    }
+    auto median = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    std::vector<double> ratios;
+    for (int round = 0; round < rounds; ++round) ratios.push_back(verified[round] / raw[round]);
+    std::printf(
+        "{\"bank\": \"%s\", \"blocks\": %d, \"bytes_per_pass\": %llu, \"rounds\": %d, \"page_cache\": \"%s\", "
+        "\"crc32\": \"%s\", \"raw_gb_per_s\": %.3f, \"verified_gb_per_s\": %.3f, \"ratio_median\": %.3f, "
+        "\"ratio_min\": %.3f}\n",
+        dir.c_str(), blocks, static_cast<unsigned long long>(bytes), rounds, cold ? "cold" : "warm", hm::crc32_method(),
+        median(raw), median(verified), median(ratios), *std::min_element(ratios.begin(), ratios.end()));
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 2;
+  }
+}

@@ -1,0 +1,139 @@
+"""Generate runtime_stubs/cpp/src/unicode_data.inc: the character tables of the native tokenizers.
+
+The C++ tokenizers (runtime_stubs/cpp/src/tokenizer.cpp) must give the ids the Hugging Face ``tokenizers``
+library gives, so their character classes are read off that library itself, one code point at a time (every
+code point but the surrogates), rather than from a Unicode database of another version:
+
+* ``L``, ``N``, ``S``, ``W``: ``\\p{L}``, ``\\p{N}``, ``\\s``, ``\\w`` of the regex engine behind the ByteLevel
+  and Whitespace pre-tokenizers (probed with ``Split`` on each class);
+* ``WS``, ``CTRL``: what ``BertNormalizer(clean_text)`` maps to a space / removes;
+* ``PUNCT``: what ``BertPreTokenizer`` isolates; ``MN``: what ``BertNormalizer(strip_accents)`` removes;
+  ``CJK``: what ``handle_chinese_chars`` pads with spaces;
+* decompositions (``NFD``) and lower-case mappings (``Lowercase``) where they change the character;
+* canonical combining classes (for NFD's reordering of marks) from Python's ``unicodedata``.
+
+Usage: ``python scripts/gen_unicode_tables.py [OUT]`` (about a minute); the tokenizer tests then compare the
+C++ tokenizers with the library on a varied corpus.
+"""
+
+from __future__ import annotations
+
+import sys
+import unicodedata
+from pathlib import Path
+
+import tokenizers
+from tokenizers import Regex, normalizers, pre_tokenizers
+
+OUT = Path(__file__).resolve().parent.parent / "runtime_stubs" / "cpp" / "src" / "unicode_data.inc"
+FLAGS = ("L", "N", "S", "WS", "CTRL", "PUNCT", "MN", "CJK", "W")
+
+
+def code_points() -> list[int]:
+    return [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+
+
+def classes(points: list[int]) -> list[int]:
+    regex = {
+        flag: pre_tokenizers.Split(Regex(pattern), behavior="removed")
+        for flag, pattern in (("L", r"\p{L}"), ("N", r"\p{N}"), ("S", r"\s"), ("W", r"\w"))
+    }
+
+    def bert_normalizer(clean: bool = False, chinese: bool = False, strip: bool = False) -> normalizers.Normalizer:
+        return normalizers.BertNormalizer(
+            clean_text=clean, handle_chinese_chars=chinese, strip_accents=strip, lowercase=False
+        )
+
+    clean = bert_normalizer(clean=True)
+    chinese = bert_normalizer(chinese=True)
+    bert = pre_tokenizers.BertPreTokenizer()
+    # BertNormalizer's accent stripping removes Mn only (StripAccents removes every mark: not the same set)
+    strip = bert_normalizer(strip=True)
+    masks = []
+    for cp in points:
+        c = chr(cp)
+        mask = 0
+        for flag in ("L", "N", "S", "W"):
+            if not regex[flag].pre_tokenize_str(c):
+                mask |= 1 << FLAGS.index(flag)
+        cleaned = clean.normalize_str(c)
+        if cleaned == " ":
+            mask |= 1 << FLAGS.index("WS")
+        elif cleaned == "":
+            mask |= 1 << FLAGS.index("CTRL")
+        if len(bert.pre_tokenize_str("a" + c + "a")) == 3:
+            mask |= 1 << FLAGS.index("PUNCT")
+        if strip.normalize_str(c) == "":
+            mask |= 1 << FLAGS.index("MN")
+        if chinese.normalize_str(c) == f" {c} ":
+            mask |= 1 << FLAGS.index("CJK")
+        masks.append(mask)
+    return masks
+
+
+HANGUL = range(0xAC00, 0xD7A4)  # syllables decompose algorithmically (tokenizer.cpp), not by table
+
+
+def mappings(points: list[int], normalizer: normalizers.Normalizer) -> list[tuple[int, list[int]]]:
+    out = []
+    for cp in points:
+        if cp in HANGUL and isinstance(normalizer, normalizers.NFD):
+            continue
+        mapped = normalizer.normalize_str(chr(cp))
+        if mapped != chr(cp):
+            out.append((cp, [ord(m) for m in mapped]))
+    return out
+
+
+def ranges(points: list[int], masks: list[int]) -> list[tuple[int, int, int]]:
+    """(first, last, mask) runs of equal masks; mask 0 runs are left out."""
+    runs: list[tuple[int, int, int]] = []
+    for cp, mask in zip(points, masks):
+        if runs and runs[-1][1] == cp - 1 and runs[-1][2] == mask:
+            runs[-1] = (runs[-1][0], cp, mask)
+        elif mask:
+            runs.append((cp, cp, mask))
+    return runs
+
+
+def table(name: str, entries: list[tuple[int, list[int]]]) -> str:
+    pool: list[int] = []
+    rows = []
+    for cp, mapped in entries:
+        rows.append(f"{{0x{cp:X}, {len(pool)}, {len(mapped)}}}")
+        pool += mapped
+    body = ",\n".join("  " + ", ".join(rows[i : i + 6]) for i in range(0, len(rows), 6))
+    values = ",\n".join("  " + ", ".join(f"0x{v:X}" for v in pool[i : i + 10]) for i in range(0, len(pool), 10))
+    return f"constexpr Mapping k{name}[] = {{\n{body}\n}};\nconstexpr char32_t k{name}Pool[] = {{\n{values}\n}};\n"
+
+
+def main() -> None:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else OUT
+    points = code_points()
+    runs = ranges(points, classes(points))
+    combining = [(cp, unicodedata.combining(chr(cp))) for cp in points if unicodedata.combining(chr(cp))]
+    text = [
+        f"// Generated by scripts/gen_unicode_tables.py from tokenizers {tokenizers.__version__} "
+        f"(Python unicodedata {unicodedata.unidata_version} for combining classes). Do not edit.",
+        "// Flags: " + ", ".join(f"{f} = 1 << {i}" for i, f in enumerate(FLAGS)),
+        "constexpr ClassRange kClasses[] = {",
+        ",\n".join(
+            "  " + ", ".join(f"{{0x{a:X}, 0x{b:X}, 0x{m:03X}}}" for a, b, m in runs[i : i + 5])
+            for i in range(0, len(runs), 5)
+        ),
+        "};",
+        table("Decompositions", mappings(points, normalizers.NFD())),
+        table("Lowercase", mappings(points, normalizers.Lowercase())),
+        "constexpr CombiningClass kCombining[] = {",
+        ",\n".join(
+            "  " + ", ".join(f"{{0x{cp:X}, {c}}}" for cp, c in combining[i : i + 8])
+            for i in range(0, len(combining), 8)
+        ),
+        "};",
+    ]
+    out.write_text("\n".join(text) + "\n")
+    print(f"{out}: {len(runs)} class ranges", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
