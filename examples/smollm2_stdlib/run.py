@@ -125,6 +125,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bank-scheme", default="int4-g32")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="verify: max |logit diff| allowed")
     parser.add_argument("--verify-contexts", type=int, default=8)
+    parser.add_argument(
+        "--no-router-program", action="store_true", help="do not ship the router's MiniLM program in the bundle"
+    )
     parser.add_argument("--skip-export", action="store_true")
     parser.add_argument(
         "--from-checkpoint", action="store_true", help="evaluate and export the checkpoint already in --work"
@@ -264,9 +267,15 @@ def export_and_verify(
         "".join(json.dumps({"tokens": rows[i].tolist(), "context": contexts[i]}) + "\n" for i in picked)
     )
     stderr_log(f"exporting {', '.join(targets)} with a {args.bank_scheme} bank to {bundle}")
-    recipe = ExportRecipe(targets=targets, bank_scheme=args.bank_scheme, check_contexts=contexts_file)
+    recipe = ExportRecipe(
+        targets=targets,
+        bank_scheme=args.bank_scheme,
+        check_contexts=contexts_file,
+        router_program=not args.no_router_program,
+    )
     exported = export_bundle(checkpoint, bundle, recipe, overwrite=True, embedder=embedder)
-    out: dict[str, Any] = {"bank_scheme": args.bank_scheme, "seconds": exported.seconds, "bytes": exported.sizes}
+    out: dict[str, Any] = {"bank_scheme": args.bank_scheme, "router_program": recipe.router_program}
+    out |= {"seconds": exported.seconds, "bytes": exported.sizes}
     out["verify"] = {}
     for target in targets:
         report = verify_bundle(bundle, checkpoint, contexts_file, args.verify_contexts, args.tolerance, target=target)
