@@ -31,6 +31,7 @@ import torch
 from hm_export.bundle import BundleError
 from hm_export.checks import check_contexts, load_checks
 from hm_export.config import MemoryConfig
+from hm_export.errors import UsageError, missing_extra
 from hm_export.router import Embedder
 from hm_export.runtime_stubs.block_cache import CachePolicy
 from hm_export.runtime_stubs.generate import Generator, Sampling, WindowDecoder
@@ -96,7 +97,7 @@ def _bench_contexts(
     """The contexts to switch between: from ``contexts_file``, else the bundle's golden checks, else derived."""
     entry = loader.manifest.get("checks")
     if contexts_file is None and entry is not None:
-        body, _ = load_checks(loader.root, entry)
+        body, _ = load_checks(loader.root, loader.manifest, loader.config)
         return [(c["context"], c["prompt"][:prompt_tokens]) for c in body["checks"]][:count]
     return check_contexts(contexts_file, loader.tokenizer, count, prompt_tokens)
 
@@ -115,9 +116,9 @@ def bench_bundle(
 ) -> BenchReport:
     """Measure ``bundle_dir`` with ``target``'s runtime (see the module docstring)."""
     if runs < 1 or contexts < 1 or prompt_tokens < 1 or new_tokens < 1:
-        raise ValueError("runs, contexts, prompt_tokens and new_tokens must be positive")
+        raise UsageError("runs, contexts, prompt_tokens and new_tokens must be positive")
     if cache not in CACHE_POLICIES:
-        raise ValueError(f"cache must be one of {sorted(CACHE_POLICIES)}, not {cache!r}")
+        raise UsageError(f"cache must be one of {sorted(CACHE_POLICIES)}, not {cache!r}")
     if threads:
         set_threads(threads)
     loader = BundleLoader(bundle_dir, target=None, embedder=embedder, cache=CACHE_POLICIES[cache])
@@ -207,13 +208,23 @@ def set_threads(threads: int) -> None:
     portable_lib._unsafe_reset_threadpool(threads)
 
 
+def check_plot_target(out: Path) -> None:
+    """Refuse a plot that could not be written, before the benchmark runs: no matplotlib, or a folder that
+    does not exist or is not writable."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise missing_extra("matplotlib", "bench", f"writing {out}") from None
+    folder = Path(out).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or Path(out).is_dir():
+        raise UsageError(f"{out}: cannot write the plot there (folder missing, not writable, or a directory)")
+
+
 def plot_report(report: BenchReport, out: Path) -> None:
     """PNG of the latency breakdown: time to first token after a context switch split into route, fetch +
     fill, prefill and first sample (mean ms), fetch + fill p50/p99 per level, and decode step p50/p99."""
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise RuntimeError(f"writing {out} needs matplotlib: pip install 'hm-export[bench]'") from exc
+    check_plot_target(out)
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -241,5 +252,8 @@ def plot_report(report: BenchReport, out: Path) -> None:
         f"{report.prefill_tokens_per_s['mean']:.0f} tok/s, decode {report.decode_tokens_per_s['mean']:.0f} tok/s"
     )
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    try:
+        fig.savefig(out, dpi=120)
+    except OSError as exc:
+        raise UsageError(f"{out}: cannot write the plot: {exc.strerror}") from None
     plt.close(fig)

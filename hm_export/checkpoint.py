@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 from hm_export.architectures import MemoryModel, build_model
 from hm_export.atomic import atomic_directory
 from hm_export.config import ConfigError, ModelConfig
+from hm_export.errors import CheckpointError
 from hm_export.formats import read_format_json
 from hm_export.router import MINILM_DIM, CentroidTree
 
@@ -36,10 +37,6 @@ STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 ANCHOR_FILE = "anchor.safetensors"
 ROUTER_FILE = "router.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing files, has the wrong tensors, or an unknown version."""
 
 
 def bank_file(level: int) -> str:
@@ -100,7 +97,7 @@ def save_checkpoint(
         if dtype_name not in STORAGE_DTYPES:
             raise CheckpointError(f"storage dtype {dtype_name!r} is not one of {sorted(STORAGE_DTYPES)}")
     dtype = STORAGE_DTYPES[storage_dtype]
-    with atomic_directory(Path(directory), overwrite=True) as tmp:
+    with atomic_directory(Path(directory), overwrite=True, replaceable=is_checkpoint, what="checkpoint") as tmp:
         cfg = model.cfg
         anchor = {n: t.detach().to(STORAGE_DTYPES[anchor_dtype]).contiguous() for n, t in anchor_state(model).items()}
         save_file(anchor, str(tmp / ANCHOR_FILE))
@@ -138,13 +135,22 @@ def save_checkpoint(
     return Path(directory)
 
 
+def is_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds an hm-export checkpoint (what saving a checkpoint may replace)."""
+    try:
+        read_format_json(Path(directory) / "config.json", FORMAT_NAME, FORMAT_VERSION, CheckpointError, "checkpoint")
+    except CheckpointError as exc:
+        return exc.field == "format_version"
+    return True
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     config = read_format_json(path, FORMAT_NAME, FORMAT_VERSION, CheckpointError, "an hm-export checkpoint directory")
     for key in ("storage_dtype", "anchor_dtype"):
         value = config.get(key, config.get("storage_dtype"))
         if value not in STORAGE_DTYPES:
-            raise CheckpointError(f"{path}: {key} {value!r} not in {sorted(STORAGE_DTYPES)}")
+            raise CheckpointError(f"{path}: {key} {value!r} not in {sorted(STORAGE_DTYPES)}", field=key)
     return config
 
 

@@ -12,15 +12,36 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from math import prod
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
+from hm_export.errors import ConfigError
+
 ANCHOR_ARCHITECTURE = "hm-anchor"
 HOST_ARCHITECTURE_PREFIX = "hf-"
+# Upper bounds of the sizes a configuration may declare: far above any model hm-export targets (Gemma's
+# 262k vocabulary, 64k-token windows), low enough that no product of them overflows 64 bits or a C int,
+# so a hostile manifest cannot make a reader allocate or index without bound.
+LIMITS = {
+    "vocab_size": 1 << 22,
+    "d_model": 1 << 16,
+    "n_layers": 1 << 10,
+    "n_heads": 1 << 10,
+    "n_kv_heads": 1 << 10,
+    "ffn_hidden": 1 << 18,
+    "max_seq_len": 1 << 20,
+    "branching": 1 << 16,
+    "width": 1 << 16,
+    "nodes": 1 << 24,  # blocks in a whole bank
+}
+
+__all__ = ["ConfigError", "MemoryConfig", "ModelConfig"]
 
 
-class ConfigError(ValueError):
-    """A configuration is inconsistent or does not describe this model family."""
+def _check_int(name: str, value: object, limit: int) -> None:
+    if not isinstance(value, Integral) or isinstance(value, bool) or not 1 <= value <= limit:
+        raise ConfigError(f"{name} must be an integer in [1, {limit}], got {value!r}", field=name)
 
 
 @dataclass(frozen=True)
@@ -32,16 +53,25 @@ class MemoryConfig:
     layers: tuple[int, ...]  # memory-carrying anchor layers, ascending
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "branching", tuple(int(k) for k in self.branching))
-        object.__setattr__(self, "widths", tuple(int(r) for r in self.widths))
-        object.__setattr__(self, "layers", tuple(int(j) for j in self.layers))
+        for name in ("branching", "widths", "layers"):
+            values = getattr(self, name)
+            if isinstance(values, str | bytes | dict) or not all(
+                isinstance(v, Integral) and not isinstance(v, bool) for v in values
+            ):
+                raise ConfigError(f"memory.{name} must be a list of integers, got {values!r}", field=f"memory.{name}")
+            object.__setattr__(self, name, tuple(int(v) for v in values))
         if not self.branching or len(self.branching) != len(self.widths):
             raise ConfigError(
                 f"memory.branching {self.branching} and memory.widths {self.widths} "
                 "must be non-empty and of equal length (one entry per level)"
             )
-        if any(k < 1 for k in self.branching) or any(r < 1 for r in self.widths):
-            raise ConfigError("memory branching factors and widths must be positive")
+        for k in self.branching:
+            _check_int("memory.branching", k, LIMITS["branching"])
+        for r in self.widths:
+            _check_int("memory.widths", r, LIMITS["width"])
+        nodes = sum(prod(self.branching[: level + 1]) for level in range(len(self.branching)))
+        if nodes > LIMITS["nodes"]:
+            raise ConfigError(f"memory tree of {nodes} nodes, more than {LIMITS['nodes']}", field="memory.branching")
         if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0:
             raise ConfigError(f"memory.layers {self.layers} must be non-empty, ascending, unique, non-negative")
 
@@ -105,8 +135,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            _check_int(name, getattr(self, name), LIMITS[name])
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}", field=name)
+        if not isinstance(self.architecture, str):
+            raise ConfigError(f"architecture must be a string, got {self.architecture!r}", field="architecture")
+        if self.attention_head_dim is not None:
+            _check_int("attention_head_dim", self.attention_head_dim, LIMITS["d_model"])
         if self.architecture == ANCHOR_ARCHITECTURE:
             if self.host is not None or self.attention_head_dim is not None:
                 raise ConfigError(f"architecture {ANCHOR_ARCHITECTURE!r} takes no host config or attention_head_dim")
@@ -143,6 +180,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict) or not isinstance(data.get("memory"), dict):
+            raise ConfigError("model config must be an object with a 'memory' object")
         data = dict(data)
         try:
             memory = MemoryConfig(**data.pop("memory"))

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from hm_export.architectures import MemoryModel
 from hm_export.config import ModelConfig
+from hm_export.errors import UsageError
 from hm_export.model import LayerMemory, MemoryLM, assemble_path
 from hm_export.passes.pipeline import PassPipeline
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract, SlotModule
@@ -100,7 +101,7 @@ class StaticKVCache(nn.Module):
 
     def init_cache(self, cfg: ModelConfig, cache: CacheForm) -> None:
         if cache not in ("state", "io"):
-            raise ValueError(f"cache must be 'state' or 'io', not {cache!r}")
+            raise UsageError(f"cache must be 'state' or 'io', not {cache!r}")
         self.cache_form = cache
         self.cache_spec = CacheSpec.for_model(cfg)
         if cache == "state":
@@ -116,7 +117,7 @@ class StaticKVCache(nn.Module):
         """The cache tensors of this call: the ``past`` inputs (``io``) or the state buffers."""
         caches = list(past) if self.cache_form == "io" else [getattr(self, n) for n in self.cache_spec.names("state")]
         if len(caches) != 2 * self.cache_spec.n_layers:
-            raise ValueError(f"expected {2 * self.cache_spec.n_layers} past cache tensors, got {len(caches)}")
+            raise UsageError(f"expected {2 * self.cache_spec.n_layers} past cache tensors, got {len(caches)}")
         return caches
 
     def write_cache(self, cache: Tensor, positions: Tensor, values: Tensor) -> Tensor:

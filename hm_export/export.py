@@ -5,20 +5,19 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from hm_export import __version__
 from hm_export.architectures import MemoryModel
-from hm_export.atomic import atomic_directory
+from hm_export.atomic import atomic_directory, check_replaceable
 from hm_export.bank import BankReader, check_preset, resolve_preset, write_bank
 from hm_export.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     file_record,
+    is_bundle,
     list_files,
     sha256_file,
     toolchain_versions,
@@ -26,7 +25,10 @@ from hm_export.bundle import (
 )
 from hm_export.checkpoint import ROUTER_FILE, TOKENIZER_FILE, load_checkpoint
 from hm_export.checks import check_contexts, check_lengths, record_checks
+from hm_export.console import progress_bar
 from hm_export.decode import CacheSpec, trace_decode_program
+from hm_export.errors import UsageError
+from hm_export.integrity import seal_body
 from hm_export.kernels.strategies import SlotLayout, check_strategy, layout_record, resolve_layout
 from hm_export.passes.pipeline import PIPELINES
 from hm_export.router import Embedder, MiniLMEmbedder
@@ -65,11 +67,11 @@ class ExportRecipe:
     def __post_init__(self) -> None:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
-            raise ValueError(f"unknown targets {unknown or self.targets}; available: {sorted(TARGETS)}")
+            raise UsageError(f"unknown targets {unknown or self.targets}; available: {sorted(TARGETS)}")
         check_preset(self.bank_scheme)
         check_strategy(self.options.slot_strategy, self.targets)
         if self.checks < 0 or self.check_new_tokens < 1:
-            raise ValueError(f"checks ({self.checks}) must be >= 0 and check_new_tokens ({self.check_new_tokens}) >= 1")
+            raise UsageError(f"checks ({self.checks}) must be >= 0 and check_new_tokens ({self.check_new_tokens}) >= 1")
 
 
 @dataclass
@@ -114,15 +116,23 @@ def export_bundle(
     overwrite: bool = False,
     progress: bool = False,
     embedder: Embedder | None = None,
+    sign_key: Path | None = None,
 ) -> ExportReport:
-    """Export ``checkpoint_dir`` into the bundle directory ``out`` (written atomically).
+    """Export ``checkpoint_dir`` into the bundle directory ``out`` (written atomically; an existing ``out``
+    is replaced only with ``overwrite`` and only if it holds a bundle).
 
-    ``embedder`` routes the golden checks' contexts (default: all-MiniLM-L6-v2, loaded only when needed).
+    ``embedder`` routes the golden checks' contexts (default: all-MiniLM-L6-v2, loaded only when needed);
+    ``sign_key``: an Ed25519 private key (PEM) that signs the manifest (``bundle.sig``).
     """
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    for name in recipe.targets:  # a missing extra, or an OUT that may not be replaced, is said now, not after work
+        TARGETS[name].check_installed()
+    check_replaceable(out, overwrite, is_bundle, "bundle")
+    if sign_key is not None:
+        seal_body(b"", sign_key)  # a missing or unreadable key fails now
     report = ExportReport(bundle=str(out))
     stages = ["load", *recipe.targets, *(["router"] if recipe.router_program else []), "bank", "checks", "manifest"]
-    bar = tqdm(total=len(stages), desc="export", unit="stage", disable=not progress)
+    bar = progress_bar(total=len(stages), enabled=progress, desc="export", unit="stage")
 
     def step(name: str, start: float) -> None:
         report.seconds[name] = round(time.perf_counter() - start, 2)
@@ -133,7 +143,7 @@ def export_bundle(
     ckpt = load_checkpoint(checkpoint_dir)
     seq_len = ckpt.config.max_seq_len if recipe.seq_len is None else recipe.seq_len
     if not 1 <= seq_len <= ckpt.config.max_seq_len:
-        raise ValueError(f"seq_len {seq_len} must be in [1, {ckpt.config.max_seq_len}]")
+        raise UsageError(f"seq_len {seq_len} must be in [1, {ckpt.config.max_seq_len}]")
     levels = resolve_preset(recipe.bank_scheme, ckpt.config.memory.num_levels)
     layout = resolve_layout(recipe.options.slot_strategy, recipe.targets, ckpt.config, levels)
     contract = layout.contract(ckpt.config, seq_len)
@@ -142,7 +152,7 @@ def export_bundle(
         pairs = check_contexts(recipe.check_contexts, ckpt.tokenizer, recipe.checks, prompt_tokens)
     step("load", start)
 
-    with atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite, replaceable=is_bundle, what="bundle") as tmp:
         targets: dict[str, Any] = {}
         programs: dict[str, SlotProgram] = {}  # one trace per distinct pass pipeline
         decode_programs: dict[tuple[str, str], SlotProgram] = {}  # one per pipeline and cache form
@@ -195,7 +205,7 @@ def export_bundle(
         manifest = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_VERSION,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": ckpt.config.to_dict(),
             "tokenizer": {"file": TOKENIZER_FILE},
             "router": {
@@ -228,7 +238,7 @@ def export_bundle(
             },
             "versions": {**toolchain_versions(), "hm-export": __version__},
         }
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest, sign_key)
         report.sizes = {f: r["bytes"] for f, r in manifest["files"].items()}
         report.sizes["bank_total"] = sum(p.stat().st_size for p in (tmp / BANK_DIR).rglob("*") if p.is_file())
         step("manifest", start)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hm_export.config import ModelConfig
+from hm_export.errors import UsageError
 
 if TYPE_CHECKING:
     from hm_export.kernels.strategies import SlotLayout
@@ -137,9 +138,9 @@ def memory_ffn(
 def check_forward_inputs(cfg: ModelConfig, tokens: Tensor, memory: Sequence[LayerMemory] | None) -> None:
     """The window fits ``max_seq_len`` and ``memory`` has one entry per memory layer."""
     if tokens.shape[1] > cfg.max_seq_len:
-        raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len {cfg.max_seq_len}")
+        raise UsageError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len {cfg.max_seq_len}")
     if memory is not None and len(memory) != len(cfg.memory.layers):
-        raise ValueError(f"memory has {len(memory)} layers, the model declares {len(cfg.memory.layers)}")
+        raise UsageError(f"memory has {len(memory)} layers, the model declares {len(cfg.memory.layers)}")
 
 
 def expand_paths(tokens: Tensor, paths: Tensor) -> Tensor:

@@ -21,15 +21,12 @@ from typing import Any
 
 from hm_export import kernels, runtime_stubs
 from hm_export.bundle import BundleError, read_manifest
+from hm_export.errors import NativeError
 from hm_export.router import Embedder, MiniLMEmbedder
 
 NATIVE_SOURCE = Path(runtime_stubs.__file__).resolve().parent / "cpp"  # shipped as package data
 KERNELS_SOURCE = Path(kernels.__file__).resolve().parent  # the fused kernel's C++ source (package data too)
 RUNNER = "hm_runner"
-
-
-class NativeError(RuntimeError):
-    """The native build failed, or ``hm_runner`` refused its input (the message is its error)."""
 
 
 def executorch_prefix() -> Path:
@@ -94,17 +91,24 @@ def native_detokenize(runner: Path, tokenizer: Path, ids: Sequence[Sequence[int]
     return _tokenize_tool(runner, tokenizer, [json.dumps(list(i)) for i in ids], "--decode")
 
 
+def check_contexts_of(bundle: Path) -> list[str]:
+    """The contexts of ``bundle``'s golden checks, read and validated as ``check`` reads them."""
+    from hm_export.checks import load_checks
+    from hm_export.runtime_stubs.loader import bundle_config
+
+    manifest = read_manifest(Path(bundle))
+    if "checks" not in manifest:
+        raise BundleError(f"{Path(bundle) / 'manifest.json'}: the bundle has no golden checks", field="checks")
+    body, _ = load_checks(Path(bundle), manifest, bundle_config(Path(bundle), manifest))
+    return [check["context"] for check in body["checks"]]
+
+
 def write_check_embeddings(bundle: Path, out: Path, embedder: Embedder | None = None) -> Path:
     """Embed the contexts of ``bundle``'s golden checks (the router's embedder) into ``out`` (safetensors
     ``embeddings`` ``float32 [checks, dim]``), for ``hm_runner --embeddings``."""
     from safetensors.numpy import save_file
 
-    manifest = read_manifest(Path(bundle))
-    if "checks" not in manifest:
-        raise BundleError(f"{Path(bundle) / 'manifest.json'}: the bundle has no golden checks")
-    body = json.loads((Path(bundle) / manifest["checks"]["file"]).read_text())
-    contexts = [check["context"] for check in body["checks"]]
-    vectors = (embedder or MiniLMEmbedder()).embed(contexts).astype("float32")
+    vectors = (embedder or MiniLMEmbedder()).embed(check_contexts_of(bundle)).astype("float32")
     save_file({"embeddings": vectors}, str(out))
     return Path(out)
 
@@ -121,6 +125,8 @@ def run_native_runner(
     threads: int | None = None,
     route_on_device: bool = False,
     extra: Sequence[str] = (),
+    verify_key: Path | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run ``hm_runner --json`` on ``bundle`` and return its report.
 
@@ -130,7 +136,9 @@ def run_native_runner(
     program (the routed path fills the slot); ``bench``: run the benchmark with these ``hm-export bench`` settings
     (``runs``, ``contexts``, ``prompt_tokens``, ``new_tokens``, ``cache``); ``extra``: more runner arguments.
     Raises NativeError with the runner's message when it refuses the bundle (exit code 2); a failed check is in
-    the report, not raised.
+    the report, not raised.  ``verify_key``: a public key file the bundle must be signed with; ``timeout``:
+    seconds before the runner is stopped (NativeError).  A runner killed by a signal is a NativeError naming the
+    signal.
     """
     command = [str(runner), str(bundle), "--json"]
     command += ["--checks"] if checks else []
@@ -142,16 +150,25 @@ def run_native_runner(
     command += list(extra)
     command += [] if verify_files else ["--no-verify-files"]
     command += ["--threads", str(threads)] if threads else []
+    command += ["--verify-key", str(verify_key)] if verify_key else []
     flags = {"runs": "--runs", "contexts": "-n", "prompt_tokens": "--prompt-tokens", "new_tokens": "--new-tokens"}
     if bench is not None:
         command.append("--bench")
         for key, value in bench.items():
             command += [flags[key], str(value)] if key in flags else ["--cache", str(value)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise NativeError(f"{runner}: no answer within {timeout} s on {bundle} (stopped)") from None
+    if done.returncode < 0:
+        raise NativeError(f"{runner}: killed by signal {-done.returncode} on {bundle} (a crash: please report it)")
     if done.returncode == 2 or not done.stdout.strip():
         errors = [line for line in done.stderr.splitlines() if not line.startswith("I ")]  # drop ExecuTorch info logs
         raise NativeError("\n".join(errors) or f"{runner} exited with {done.returncode}")
-    return json.loads(done.stdout)
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError as exc:
+        raise NativeError(f"{runner}: printed a report that is not JSON ({exc})") from None
 
 
 def compare_routing(bundle: Path, checks: dict[str, Any], embedder: Embedder | None = None) -> dict[str, Any]:
@@ -162,10 +179,16 @@ def compare_routing(bundle: Path, checks: dict[str, Any], embedder: Embedder | N
 
     from hm_export.runtime_stubs.loader import read_tree
 
-    body = json.loads((Path(bundle) / read_manifest(Path(bundle))["checks"]["file"]).read_text())
-    contexts = [check["context"] for check in body["checks"]]
-    device = np.array([result["embedding"] for result in checks["results"]], dtype=np.float32)
+    contexts = check_contexts_of(bundle)
     python = (embedder or MiniLMEmbedder()).embed(contexts)
+    try:
+        device = np.array([result["embedding"] for result in checks["results"]], dtype=np.float32)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NativeError(f"{bundle}: the runner's --route-on-device report has no usable embeddings ({exc})") from None
+    if device.shape != python.shape:
+        raise NativeError(
+            f"{bundle}: the runner routed with embeddings {list(device.shape)}, expected {list(python.shape)}"
+        )
     cosines = (device * python).sum(1) / np.linalg.norm(device, axis=1) / np.linalg.norm(python, axis=1)
     tree = read_tree(Path(bundle))
     margins = [tree.route_margin(vector) for vector in python]
@@ -187,6 +210,7 @@ def run_native(
     bench: dict[str, Any] | None = None,
     threads: int | None = None,
     route_on_device: bool = False,
+    verify_key: Path | None = None,
 ) -> dict[str, Any]:
     """Build the runner into ``build_dir`` (incremental) and run it on ``bundle``; with ``embed``, the checks'
     contexts are embedded here and routed natively; with ``route_on_device`` they are routed from their text by
@@ -198,7 +222,14 @@ def run_native(
     with tempfile.TemporaryDirectory() as scratch:
         embeddings = write_check_embeddings(bundle, Path(scratch) / "embeddings.safetensors") if embed else None
         report = run_native_runner(
-            runner, bundle, checks, embeddings=embeddings, bench=bench, threads=threads, route_on_device=route_on_device
+            runner,
+            bundle,
+            checks,
+            embeddings=embeddings,
+            bench=bench,
+            threads=threads,
+            route_on_device=route_on_device,
+            verify_key=verify_key,
         )
     if route_on_device and checks:
         report["routing"] = compare_routing(bundle, report["checks"])

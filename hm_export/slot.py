@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from hm_export.config import ModelConfig
+from hm_export.errors import BundleError
 from hm_export.model import LayerMemory, MemoryLM
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ class SlotContract:
             data["dtype"],
         )
         if data.get("schema_hash") != contract.schema_hash:
-            raise ValueError(
+            raise BundleError(
                 f"slot contract schema_hash {data.get('schema_hash')!r} does not match its fields "
                 f"({contract.schema_hash}): the manifest was edited or written by an incompatible tool"
             )

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hm_export.architectures import MemoryModel
+from hm_export.console import progress_bar
 
 LOG_EVERY = 50
 LOGIT_BUDGET = 1 << 26  # float32 logits per evaluation chunk (256 MB): bounds memory on large vocabularies
@@ -107,7 +108,7 @@ def train(
     the learning rate has decayed when either runs out.  With ``validate`` (a held-out NLL), it is measured
     every ``eval_every`` steps and at the end, and the parameters come back as they were at the best
     measurement (early stopping; step 0 is the parameters as given).  ``progress``: a tqdm bar on stderr
-    (default: when stderr is a terminal).
+    (:func:`~hm_export.console.progress_bar`; default: when stderr is a terminal).
     """
     log = log or stderr_log
     show_bar = sys.stderr.isatty() if progress is None else progress
@@ -119,7 +120,7 @@ def train(
         first = validate()
         result.validation.append((0, first))
         best = (first, 0, [p.detach().clone() for p in params])
-    bar = tqdm(total=steps, desc=label, unit="step", disable=not show_bar, file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total=steps, enabled=show_bar, desc=label, unit="step", dynamic_ncols=True)
 
     def measure(step: int) -> None:
         nonlocal best

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hm_export.errors import ExportError, UsageError
+
 NAMESPACE = "hm_export"
 LIBRARY_NAME = "libhm_export_kernels.so"
 SOURCE_DIR = Path(__file__).resolve().parent  # the C++ sources ship with the package (kernels/ in the repo)
@@ -76,9 +78,9 @@ def memory_swiglu_reference(
 def check_operands(x: Tensor, gate_up: Tensor, gate_up_scales: Tensor, down: Tensor, down_scales: Tensor) -> None:
     """Raise ValueError naming the operand whose dtype or shape breaks the layout in the module docstring."""
     if x.dtype != torch.float32 or x.dim() != 3:
-        raise ValueError(f"memory_swiglu: x must be float32 [B, T, d], got {x.dtype} {list(x.shape)}")
+        raise UsageError(f"memory_swiglu: x must be float32 [B, T, d], got {x.dtype} {list(x.shape)}")
     if gate_up.dtype != down.dtype or gate_up.dtype not in (torch.int8, torch.uint8):
-        raise ValueError(
+        raise UsageError(
             f"memory_swiglu: codes must both be int8 or both uint8 (int4), got {gate_up.dtype}, {down.dtype}"
         )
     d, width = x.shape[-1], down.shape[1]
@@ -88,9 +90,9 @@ def check_operands(x: Tensor, gate_up: Tensor, gate_up_scales: Tensor, down: Ten
         ("down", down, down_scales, width, d),
     ):
         if tuple(codes.shape) != (1, rows, cols // pack) or cols % pack:
-            raise ValueError(f"memory_swiglu: {name} codes {list(codes.shape)}, expected [1, {rows}, {cols // pack}]")
+            raise UsageError(f"memory_swiglu: {name} codes {list(codes.shape)}, expected [1, {rows}, {cols // pack}]")
         if scales.dtype != torch.float16 or scales.dim() != 3 or scales.shape[2] != cols or rows % scales.shape[1]:
-            raise ValueError(
+            raise UsageError(
                 f"memory_swiglu: {name} scales {scales.dtype} {list(scales.shape)}, "
                 f"expected float16 [1, {rows} / g, {cols}]"
             )
@@ -121,7 +123,7 @@ def memory_swiglu(x: Tensor, gate_up: Tensor, gate_up_scales: Tensor, down: Tens
     return torch.ops.hm_export.memory_swiglu(x, gate_up, gate_up_scales, down, down_scales)
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(ExportError):
     """The C++ kernel library could not be configured, built or loaded."""
 
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from hm_export.bank import BankError, BankReader, get_scheme
 from hm_export.config import ModelConfig
+from hm_export.errors import UsageError
 from hm_export.hf.families import memory_activation
 from hm_export.kernels import dequantize, memory_swiglu
 from hm_export.model import LayerMemory
@@ -74,7 +75,7 @@ PREFERENCE: dict[str, tuple[str, ...]] = {"executorch": ("fused-int4", "fused-in
 
 def get_strategy(name: str) -> SlotStrategy:
     if name not in STRATEGIES:
-        raise ValueError(f"unknown slot strategy {name!r}, expected one of {sorted(STRATEGIES)}")
+        raise UsageError(f"unknown slot strategy {name!r}, expected one of {sorted(STRATEGIES)}")
     return STRATEGIES[name]
 
 
@@ -85,7 +86,7 @@ def check_strategy(name: str, targets: Sequence[str]) -> None:
     strategy = get_strategy(name)
     unsupported = [t for t in targets if t not in strategy.targets]
     if unsupported:
-        raise ValueError(f"slot strategy {name!r} is not available for targets {unsupported} (only {strategy.targets})")
+        raise UsageError(f"slot strategy {name!r} is not available for targets {unsupported} (only {strategy.targets})")
 
 
 def resolve_layout(name: str, targets: Sequence[str], cfg: ModelConfig, level_schemes: Sequence[str]) -> SlotLayout:
@@ -119,7 +120,7 @@ class SlotLayout:
         ValueError when the bank cannot fill it (a quantized slot copies the bank's codes, never requantizes)."""
         strategy = get_strategy(name)
         if strategy.reader == "memory_swiglu" and (activation := memory_activation(cfg)) != "silu":
-            raise ValueError(
+            raise UsageError(
                 f"slot strategy {name!r} runs the SiLU memory kernel; this model's memory uses {activation!r}"
             )
         if not strategy.quantized:
@@ -128,13 +129,13 @@ class SlotLayout:
         bits = 8 if strategy.storage == "int8" else 4
         wrong = [s.name for s in schemes if getattr(s, "bits", None) != bits]
         if wrong:
-            raise ValueError(
+            raise UsageError(
                 f"slot strategy {name!r} needs every bank level in {strategy.storage}; "
                 f"the bank has {list(level_schemes)}"
             )
         d, widths = cfg.d_model, cfg.memory.widths
         if bits == 4 and (d % 2 or any(r % 2 for r in widths)):
-            raise ValueError(f"an int4 slot packs column pairs: d_model {d} and widths {widths} must be even")
+            raise UsageError(f"an int4 slot packs column pairs: d_model {d} and widths {widths} must be even")
         # A level's block groups: ``min(g, rows)`` rows (int8: all rows); the slot grid must refine all of them.
         gate_up = math.gcd(d, *(s.group(d) for s in schemes))
         down = math.gcd(*widths, *(s.group(r) for s, r in zip(schemes, widths)))

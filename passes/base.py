@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.export import ExportedProgram
 
+from hm_export.errors import ExportError
 
-class SlotPassError(RuntimeError):
+
+class SlotPassError(ExportError):
     """A pass found the program in a state that would make the exported bundle wrong or slow."""
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hm_export.errors import BundleError, UsageError
 from hm_export.runtime_stubs.block_cache import SlotUpdate
 from hm_export.runtime_stubs.loader import BundleLoader
 from hm_export.targets import Decoder
@@ -49,7 +50,7 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(
+            raise UsageError(
                 f"bad sampling settings {self}: need max_new_tokens >= 0, temperature >= 0, top_k >= 0, 0 < top_p <= 1"
             )
 
@@ -65,7 +66,11 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     """The next token for the logits ``[vocab]`` of the last position."""
     if sampling.temperature == 0:
         return int(logits.argmax())
-    scores = logits.float() / sampling.temperature
+    # A NaN or +inf (a damaged program or block) must not poison the distribution: NaN never, +inf the largest.
+    big = torch.finfo(torch.float32).max
+    scores = torch.nan_to_num(logits.float() / sampling.temperature, nan=float("-inf"), posinf=big)
+    if torch.isneginf(scores).all():
+        raise BundleError("the program returned no finite logit to sample from (a damaged program or memory block)")
     if 0 < sampling.top_k < scores.numel():
         kth = torch.topk(scores, sampling.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -130,7 +135,7 @@ class WindowDecoder:
         self.history = self.history[:input_pos] + tokens[0].tolist()
         window = self.loader.contract.seq_len
         if len(self.history) > window:
-            raise ValueError(f"sequence of {len(self.history)} tokens exceeds the program's {window}")
+            raise UsageError(f"sequence of {len(self.history)} tokens exceeds the program's {window}")
         return self.loader.logits(self.history)[input_pos:]
 
 
@@ -139,7 +144,7 @@ class Generator:
 
     def __init__(self, loader: BundleLoader, target: str = "executorch", reroute: str = "on-change") -> None:
         if reroute not in REROUTE:
-            raise ValueError(f"reroute must be one of {REROUTE}, not {reroute!r}")
+            raise UsageError(f"reroute must be one of {REROUTE}, not {reroute!r}")
         self.loader, self.reroute = loader, reroute
         self.context: str | None = None
         if loader.has_decoder(target):
@@ -161,10 +166,10 @@ class Generator:
     def prefill(self, tokens: Sequence[int]) -> torch.Tensor:
         """Start a new sequence: logits ``[n, vocab]`` of ``tokens`` fed from position 0 in one call."""
         if any(node is None for node in self.loader.path):
-            raise RuntimeError("no memory path set: call set_context() (or the loader's set_path()) first")
+            raise UsageError("no memory path set: call set_context() (or the loader's set_path()) first")
         tokens = list(tokens)
         if not 1 <= len(tokens) <= self.capacity:
-            raise ValueError(f"prompt of {len(tokens)} tokens: need 1 to {self.capacity}")
+            raise UsageError(f"prompt of {len(tokens)} tokens: need 1 to {self.capacity}")
         self.decoder.reset()
         return self.decoder(torch.tensor([tokens]), 0, self.loader.slot)
 
@@ -175,7 +180,7 @@ class Generator:
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
         """Continue ``prompt`` (text or token ids) with the memory of the current path."""
-        tokens = self.loader.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
+        tokens = self.loader.encode(prompt) if isinstance(prompt, str) else list(prompt)
         generator = sampling.torch_generator()
         stream = TextStream(self.loader.tokenizer.decode)
         start = time.perf_counter()

@@ -17,44 +17,123 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors.numpy import load as load_safetensors
 from tokenizers import Tokenizer
 
 from hm_export.bank import BankReader
-from hm_export.bundle import BundleError, read_manifest, safe_relative, verify_files
+from hm_export.bundle import MANIFEST, listed_size, read_listed, read_manifest, safe_relative, verify_files
 from hm_export.config import ModelConfig
+from hm_export.decode import CacheSpec
+from hm_export.errors import BankError, BundleError, HmExportError, HostUnsupported, UsageError, wrapped
 from hm_export.kernels.strategies import layout_from_record
 from hm_export.router import CentroidTree, Embedder, MiniLMEmbedder
 from hm_export.runtime_stubs.block_cache import CachePolicy, SlotFiller, SlotUpdate
+from hm_export.safeio import check_tree
 from hm_export.slot import SlotContract
-from hm_export.targets import TARGETS, Decoder, HostUnsupported, Runner
+from hm_export.targets import TARGETS, Decoder, Runner
 
 if TYPE_CHECKING:
     from hm_export.runtime_stubs.generate import Sampling
 
 
+MAX_TOKENIZER_BYTES = 256 << 20
+MAX_ROUTER_BYTES = 1 << 32
+
+
 def _target_entry(root: Path, manifest: dict, target: str) -> dict:
-    targets = manifest.get("targets", {})
+    targets = manifest["targets"]
     if target not in targets:
-        raise BundleError(f"{root / 'manifest.json'}: no target {target!r} (bundle has {sorted(targets)})")
+        raise BundleError(f"{root / MANIFEST}: no target {target!r} (bundle has {sorted(targets)})", field="targets")
     if target not in TARGETS:
-        raise BundleError(f"target {target!r} is unknown to this hm-export")
+        raise UsageError(f"target {target!r} is unknown to this hm-export (known: {sorted(TARGETS)})")
     return targets[target]
 
 
-def _open_runner(root: Path, manifest: dict, target: str, slot_names: list[str]) -> Runner:
-    entry = _target_entry(root, manifest, target)
-    open_runner = TARGETS[target].open_runner
-    if open_runner is None:
-        raise HostUnsupported(f"target {target!r} runs only on its device, not on this host")
-    return open_runner(target_files(root, manifest, target), slot_names, entry)
-
-
 def target_files(root: Path, manifest: dict, target: str, decode: bool = False) -> dict[str, Path]:
-    """A target's files (role -> path inside the bundle): its full-window program, or its decode program."""
+    """A target's files (role -> path inside the bundle): its full-window program, or its decode program.
+
+    Each is a regular file inside the bundle reached through no symlink, or a directory (``.mlpackage``)
+    holding only regular files and directories."""
     entry = manifest["targets"][target]["decode"] if decode else manifest["targets"][target]
-    return {role: safe_relative(root, f, f"{target} {role}") for role, f in entry["files"].items()}
+    what = f"{target} {'decode' if decode else 'window'} program"
+    return program_files(
+        root, manifest, entry["files"], what, TARGETS[target].side_files if target in TARGETS else None
+    )
+
+
+def program_files(
+    root: Path,
+    manifest: dict,
+    roles: dict[str, str],
+    what: str,
+    side_files: Callable[[Path], set[str]] | None = None,
+) -> dict[str, Path]:
+    """The files of one program (role -> bundle-relative path, as a manifest entry's ``files``): each a regular
+    file inside the bundle reached through no symlink, or a directory (``.mlpackage``) holding only regular
+    files and directories; ``side_files`` lists what else the program makes its runtime open (ONNX external
+    data), each of which must be a listed file of the bundle too."""
+    files = {}
+    for role, relative in roles.items():
+        kind = "file" if relative in manifest["files"] else "dir"
+        files[role] = safe_relative(root, relative, f"{what} ({role})", kind)
+        if kind == "dir":
+            check_tree(files[role], f"{what} ({role})")
+    if side_files is not None:
+        program = program_file(files)
+        with wrapped(program, f"cannot read the {what}"):
+            names = side_files(program)
+        folder = program.parent.relative_to(root).as_posix()
+        for name in sorted(names):
+            relative = name if folder == "." else f"{folder}/{name}"
+            if relative not in manifest["files"]:
+                raise BundleError(f"{program}: reads {name!r}, which is not a file listed in the manifest")
+            safe_relative(root, relative, f"data of {program.name}")
+    return files
+
+
+def program_file(files: dict[str, Path]) -> Path:
+    """The file (or package) a runtime opens among a program's files."""
+    return files.get("program") or files.get("package") or next(iter(files.values()))
+
+
+class _CheckedProgram:
+    """A runner or decoder whose every call is bounded: token ids in ``[0, vocab)`` and positions in range
+    before the call, any runtime failure reported as a BundleError naming the program file, and logits of
+    the model's vocabulary after it (a program that returns another shape is refused, never indexed)."""
+
+    def __init__(self, inner: Any, program: Path, vocab: int, positions: int) -> None:
+        self.inner, self.program, self.vocab, self.positions = inner, program, vocab, positions
+        if hasattr(inner, "io_bounds"):  # what the program was built for must cover what the manifest says
+            with wrapped(program, "cannot read the program's metadata"):
+                tokens, program_vocab = inner.io_bounds()
+            if program_vocab != vocab or tokens < positions:
+                raise BundleError(
+                    f"{program}: the program takes {tokens} positions with a vocabulary of {program_vocab}, the "
+                    f"manifest says {positions} and {vocab}"
+                )
+
+    def _check(self, tokens: torch.Tensor, input_pos: int = 0) -> None:
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab):
+            raise UsageError(f"token ids must be in [0, {self.vocab}), got {int(tokens.min())}..{int(tokens.max())}")
+        if not 0 <= input_pos <= self.positions - tokens.shape[-1]:
+            raise UsageError(f"positions {input_pos}..{input_pos + tokens.shape[-1]} exceed the {self.positions}")
+
+    def _logits(self, logits: Any, rows: int) -> torch.Tensor:
+        if not isinstance(logits, torch.Tensor) or logits.shape[-1] != self.vocab or logits.shape[-2] < rows:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise BundleError(f"{self.program}: the program returned logits {shape}, expected [..., {self.vocab}]")
+        return logits
+
+    def __call__(self, tokens: torch.Tensor, *args: Any) -> torch.Tensor:
+        self._check(tokens, *args[:-1])
+        with wrapped(self.program, "the program failed to run"):
+            logits = self.inner(tokens, *args)
+        return self._logits(logits, tokens.shape[-1])
+
+    def reset(self) -> None:
+        self.inner.reset()
 
 
 class BundleLoader:
@@ -69,56 +148,69 @@ class BundleLoader:
         embedder: Embedder | None = None,
         cache: CachePolicy | None = None,
         read_mode: str = "pread",
+        verify_key: bytes | None = None,
     ) -> None:
-        """``verify_blocks``: CRC-32 check of every block read (overrides ``cache.verify``); ``cache``: resident
-        levels and LRU cap (default :class:`CachePolicy`); ``read_mode``: ``pread``, ``readinto`` or ``mmap``."""
+        """``verify``: sha256 of every listed file at open (``False``: trusted storage, where sizes and file
+        types are still checked); ``verify_blocks``: CRC-32 check of every block read (overrides
+        ``cache.verify``); ``cache``: resident levels and LRU cap (default :class:`CachePolicy`); ``read_mode``:
+        ``pread``, ``readinto`` or ``mmap``; ``verify_key``: a trusted raw Ed25519 public key the bundle must be
+        signed with (:mod:`hm_export.integrity`).  Every failure is an :class:`~hm_export.errors.HmExportError`."""
         self.root = Path(bundle_dir)
-        self.manifest = read_manifest(self.root)
-        if verify:
-            verify_files(self.root, self.manifest)
-        sections = ("model", "slot", "bank", "tokenizer", "router", "targets")
-        missing = [key for key in sections if key not in self.manifest]
-        if missing:
-            raise BundleError(f"{self.root / 'manifest.json'}: malformed manifest, missing {missing}")
-        self.config = ModelConfig.from_dict(self.manifest["model"])
+        self.manifest = read_manifest(self.root, verify_key)
+        verify_files(self.root, self.manifest, hashes=verify)
+        manifest_path = self.root / MANIFEST
+        self.config = bundle_config(self.root, self.manifest)
         try:
             self.contract = SlotContract.from_dict(self.manifest["slot"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{self.root / 'manifest.json'}: bad slot contract: {exc}") from exc
-        try:
             self.layout = layout_from_record(self.manifest["slot"])
-        except ValueError as exc:
-            raise BundleError(f"{self.root / 'manifest.json'}: {exc}") from exc
-        expected = self.layout.contract(self.config, self.contract.seq_len)
-        if expected.schema_hash != self.contract.schema_hash:
+            expected = self.layout.contract(self.config, self.contract.seq_len)
+        except (HmExportError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise BundleError(f"{manifest_path}: bad slot contract: {exc}", field="slot") from exc
+        seq_len_ok = 1 <= self.contract.seq_len <= self.config.max_seq_len
+        if expected.schema_hash != self.contract.schema_hash or not seq_len_ok:
             raise BundleError(
-                f"{self.root / 'manifest.json'}: slot contract does not match the model config and slot strategy "
-                f"{self.layout.strategy.name!r}"
+                f"{manifest_path}: slot contract does not match the model config and slot strategy "
+                f"{self.layout.strategy.name!r}",
+                field="slot",
             )
-        self.bank = BankReader(safe_relative(self.root, self.manifest["bank"]["dir"], "bank"), read_mode)
+        bank_dir = safe_relative(self.root, self.manifest["bank"]["dir"], "bank", kind="dir", field="bank.dir")
+        index_bytes = listed_size(self.manifest, f"{self.manifest['bank']['dir']}/index.json")
+        self.bank = BankReader(bank_dir, read_mode, index_bytes=index_bytes)
         if self.bank.schema_hash != self.manifest["bank"]["schema_hash"]:
             raise BundleError(
                 f"{self.bank_dir}: bank schema hash {self.bank.schema_hash} does not match the manifest's "
-                f"{self.manifest['bank']['schema_hash']} (bank written for another model or scheme)"
+                f"{self.manifest['bank']['schema_hash']} (bank written for another model or scheme)",
+                field="bank.schema_hash",
             )
         policy = replace(cache or CachePolicy(), verify=verify_blocks)
         try:
             self.filler = SlotFiller(self.contract, self.bank, policy, self.layout)
-        except ValueError as exc:
-            raise BundleError(str(exc)) from exc
-        self.tokenizer = Tokenizer.from_file(
-            str(safe_relative(self.root, self.manifest["tokenizer"]["file"], "tokenizer"))
+        except (BankError, ValueError) as exc:
+            raise BundleError(f"{self.bank_dir}: {exc}") from exc
+        self.tokenizer = read_tokenizer(
+            self.root, self.manifest, self.manifest["tokenizer"]["file"], "tokenizer.file", self.config.vocab_size
         )
-        self.tree = read_tree(self.root, self.manifest)
+        self.tree = read_tree(self.root, self.manifest, self.config)
         self._embedder = embedder
         self.runner: Runner | None = None
         self.target: str | None = None
         if target is not None:
             self.use_target(target)
 
+    def _checked(self, inner: Any, files: dict[str, Path], positions: int) -> Any:
+        return _CheckedProgram(inner, program_file(files), self.config.vocab_size, positions)
+
     def use_target(self, target: str) -> None:
         """Run programs with ``target``'s runtime (raises HostUnsupported where it cannot run)."""
-        self.runner = _open_runner(self.root, self.manifest, target, self.contract.input_names)
+        entry = _target_entry(self.root, self.manifest, target)
+        open_runner = TARGETS[target].open_runner
+        if open_runner is None:
+            raise HostUnsupported(f"target {target!r} runs only on its device, not on this host")
+        TARGETS[target].check_installed()
+        files = target_files(self.root, self.manifest, target)
+        with wrapped(program_file(files), f"cannot load the {target} program"):
+            runner = open_runner(files, self.contract.input_names, entry)
+        self.runner = self._checked(runner, files, self.contract.seq_len)
         self.target = target
 
     def has_decoder(self, target: str) -> bool:
@@ -136,8 +228,21 @@ class BundleLoader:
             raise BundleError(f"{self.root / 'manifest.json'}: target {target!r} has no decode program")
         if support.open_decoder is None:
             raise HostUnsupported(f"target {target!r} decodes only on its device, not on this host")
+        TARGETS[target].check_installed()
         files = target_files(self.root, self.manifest, target, decode=True)
-        return support.open_decoder(files, self.contract.input_names, entry["decode"])
+        cache = entry["decode"].get("cache")
+        want = CacheSpec.for_model(self.config).to_dict()
+        if not isinstance(cache, dict) or [cache.get(k) for k in ("layers", "shape")] != [
+            want["layers"],
+            want["shape"],
+        ]:
+            raise BundleError(
+                f"{self.root / MANIFEST}: targets.{target}.decode.cache does not match the model config ({want})",
+                field=f"targets.{target}.decode.cache",
+            )
+        with wrapped(program_file(files), f"cannot load the {target} decode program"):
+            decoder = support.open_decoder(files, self.contract.input_names, entry["decode"])
+        return self._checked(decoder, files, self.config.max_seq_len)
 
     @property
     def bank_dir(self) -> Path:
@@ -159,9 +264,19 @@ class BundleLoader:
             self._embedder = MiniLMEmbedder()
         return self._embedder
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the bundle's tokenizer (UsageError for text that is not valid Unicode)."""
+        _check_text(text, "text")
+        return list(self.tokenizer.encode(text).ids)
+
     def route(self, context: str) -> tuple[int, ...]:
         """The memory path of a context (one node id per level)."""
-        return tuple(int(n) for n in self.tree.route(self.embedder.embed([context]))[0])
+        _check_text(context, "context")
+        embedding = np.asarray(self.embedder.embed([context]), dtype=np.float32)
+        if embedding.ndim != 2 or embedding.shape[1] != self.tree.dim:
+            shape, dim = list(embedding.shape), self.tree.dim
+            raise UsageError(f"the embedder gives {shape} vectors, the router expects dim {dim}")
+        return tuple(int(n) for n in self.tree.route(embedding)[0])
 
     def set_path(self, path: Sequence[int]) -> SlotUpdate:
         """Make the slot hold ``path``'s memory, fetching only the levels whose node changed."""
@@ -174,18 +289,27 @@ class BundleLoader:
     def logits(self, tokens: Sequence[int]) -> torch.Tensor:
         """Logits ``[n, vocab]`` for up to ``seq_len`` tokens (the program's fixed length; padded after)."""
         if any(p is None for p in self.path):
-            raise RuntimeError("no memory path set: call set_path() or route_and_set() first")
+            raise UsageError("no memory path set: call set_path() or route_and_set() first")
         if self.runner is None:
-            raise RuntimeError("no target selected: call use_target()")
+            raise UsageError("no target selected: call use_target()")
         tokens = list(tokens)[-self.contract.seq_len :]
         if not tokens:
-            raise ValueError("need at least one token")
+            raise UsageError("need at least one token")
         padded = torch.zeros(1, self.contract.seq_len, dtype=torch.long)
         padded[0, : len(tokens)] = torch.tensor(tokens)
         return self.runner(padded, self.slot)[0, : len(tokens)]
 
     def route_and_set(self, context: str) -> SlotUpdate:
         return self.set_path(self.route(context))
+
+
+def _check_text(text: object, what: str) -> None:
+    if not isinstance(text, str):
+        raise UsageError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"{what} is not valid UTF-8 text (undecodable byte at character {exc.start})") from None
 
 
 @dataclass(frozen=True)
@@ -202,12 +326,51 @@ class Completion:
     decode_tokens_per_s: float
 
 
-def read_tree(root: Path, manifest: dict[str, Any] | None = None) -> CentroidTree:
-    """The bundle's router tree (``router.safetensors``: one ``level{l}`` centroid matrix per level)."""
+def read_tokenizer(
+    root: Path, manifest: dict[str, Any], relative: str, field: str, max_tokens: int | None = None
+) -> Tokenizer:
+    """The tokenizer file ``relative`` of the bundle (named by the manifest's ``field``: ``tokenizer.file``,
+    ``router.tokenizer.file``): listed, read inside the bundle at its listed size, parsed by ``tokenizers``
+    (any failure a BundleError naming the file); with ``max_tokens``, no more tokens than that."""
+    data = read_listed(root, manifest, relative, field.rsplit(".", 1)[0].replace(".", " "), MAX_TOKENIZER_BYTES)
+    with wrapped(root / relative, "not a tokenizers tokenizer", field=field):
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if max_tokens is not None and size > max_tokens:
+        raise BundleError(
+            f"{root / relative}: {size} tokens, more than the model's vocab_size {max_tokens}", field=field
+        )
+    return tokenizer
+
+
+def bundle_config(root: Path, manifest: dict[str, Any]) -> ModelConfig:
+    """The model config of a bundle's (already read) manifest; a bad one is a BundleError naming the field."""
+    try:
+        return ModelConfig.from_dict(manifest["model"])
+    except HmExportError as exc:
+        raise BundleError(f"{root / MANIFEST}: model: {exc}", field=f"model.{exc.field or ''}".rstrip(".")) from exc
+
+
+def read_tree(root: Path, manifest: dict[str, Any] | None = None, config: ModelConfig | None = None) -> CentroidTree:
+    """The bundle's router tree (``router.safetensors``: one finite float32 ``level{l}`` centroid matrix per
+    level, of the shape the model config says), read inside the bundle with its listed size."""
+    root = Path(root)
     manifest = manifest or read_manifest(root)
-    memory = ModelConfig.from_dict(manifest["model"]).memory
-    with safe_open(str(safe_relative(root, manifest["router"]["file"], "router")), framework="np") as handle:
-        return CentroidTree(memory, [handle.get_tensor(f"level{lv}") for lv in range(memory.num_levels)])
+    config = config or bundle_config(root, manifest)
+    relative = manifest["router"]["file"]
+    path = root / relative
+    data = read_listed(root, manifest, relative, "router", MAX_ROUTER_BYTES)
+    with wrapped(path, "not a safetensors file of router centroids", field="router.file"):
+        tensors = load_safetensors(data)
+    dim, centroids = manifest["router"]["dim"], []
+    for level in range(config.memory.num_levels):
+        want = (config.memory.nodes_at(level), dim)
+        c = tensors.get(f"level{level}")
+        if c is None or c.dtype != np.float32 or c.shape != want or not np.isfinite(c).all():
+            got = "missing" if c is None else f"{c.dtype} {list(c.shape)}"
+            raise BundleError(f"{path}: level{level} centroids are {got}, expected finite float32 {list(want)}")
+        centroids.append(c)
+    return CentroidTree(config.memory, centroids)
 
 
 def complete(

@@ -84,8 +84,8 @@ VERIFY = """
 import json, sys
 from hm_export.verify import verify_bundle
 report = verify_bundle(sys.argv[1], sys.argv[2], sys.argv[3], target=sys.argv[4], limit=4)
-print(json.dumps({"passed": report.passed, "max_abs_diff": report.max_abs_diff, "top1": report.top1_agreement,
-                  "contexts": report.contexts}))
+print(json.dumps({"passed": report.passed, "max_abs_diff": report.export["max_abs"], "max_rel_diff":
+                  report.export["max_rel"], "top1": report.end_to_end["top1"], "contexts": report.contexts}))
 """
 
 

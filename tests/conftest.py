@@ -145,3 +145,73 @@ def decode_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     recipe = ExportRecipe(targets=("executorch", "onnx", "coreml"), check_contexts=contexts, check_new_tokens=12)
     export_bundle(checkpoint, work / "bundle", recipe)
     return checkpoint, work / "bundle"
+
+
+# The XNNPACK pipeline's passes, in order (what a bundle's manifest must record for its executorch target).
+XNNPACK_PASS_NAMES = [
+    "lift_memory_to_slot",
+    "verify_slot_split",
+    "fold_constant_subgraphs",
+    "drop_aliases",
+    "reduce_norm_means_to_4d",
+    "expand_tanh_gelu",
+    "check_slot_access",
+]
+
+
+def rehash(root: Path, *relative: str) -> None:
+    """Record modified files' new sizes and sha256 in the manifest and reseal it (a tamperer who also edits the
+    manifest)."""
+    from hm_export.fuzz import rerecord
+
+    rerecord(root, *relative)
+
+
+def rebank(
+    bundle: Path, checkpoint: Path, out: Path, scheme: str, wrong_block: tuple[int, int, int] | None = None
+) -> Path:
+    """A copy of ``bundle`` (float32 slot) at ``out`` whose bank is rewritten from ``checkpoint`` with ``scheme``
+    and whose golden checks are re-recorded on that bank, manifest updated: what an export with that bank writes
+    (the programs of a float32 slot do not depend on the bank).
+
+    ``wrong_block=(level, node, source)``: the bank is written from a copy of the checkpoint in which block
+    ``(level, node)`` holds block ``(level, source)``'s values: a bank written wrong but consistently (valid
+    checksums, index and schema; checks recorded from it), as a buggy exporter would write it.
+    """
+    import json
+    import shutil
+
+    from hm_export.bank import BankReader, write_bank
+    from hm_export.checkpoint import load_checkpoint
+    from hm_export.checks import CHECKS_FILE, EXPECTED_FILE, record_checks
+    from hm_export.kernels.strategies import layout_from_record
+    from hm_export.router import MiniLMEmbedder
+    from hm_export.runtime_stubs.block_cache import SlotFiller
+    from hm_export.slot import SlotContract
+
+    shutil.copytree(bundle, out)
+    ckpt = load_checkpoint(checkpoint)
+    source = checkpoint
+    if wrong_block is not None:
+        level, node, other = wrong_block
+        model = load_checkpoint(checkpoint).model
+        with torch.no_grad():
+            for name in ("gate", "up", "down"):
+                blocks = getattr(model.bank, name)[level]
+                blocks[node] = blocks[other]
+        source = save_checkpoint(
+            out.parent / f"{out.name}-source", model, ckpt.tree, ckpt.tokenizer, ckpt.storage_dtype
+        )
+    shutil.rmtree(out / "bank")
+    index = write_bank(out / "bank", source, scheme, workers=1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["bank"].update(scheme=scheme, levels=[s.name for s in index.level_schemes], schema_hash=index.schema_hash)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    body = json.loads((out / CHECKS_FILE).read_text())
+    pairs = [(check["context"], check["prompt"]) for check in body["checks"]]
+    contract = SlotContract.from_dict(manifest["slot"])
+    filler = SlotFiller(contract, BankReader(out / "bank"), layout=layout_from_record(manifest["slot"]))
+    new_tokens = len(body["checks"][0]["greedy"])
+    record_checks(ckpt.model, ckpt.tree, MiniLMEmbedder(), filler, pairs, new_tokens, out, scheme)
+    rehash(out, "bank/index.json", CHECKS_FILE, EXPECTED_FILE)
+    return out

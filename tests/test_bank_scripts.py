@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import tiny_checkpoint, tiny_config
 
 from hm_export.bank.accuracy import scheme_accuracy
@@ -18,6 +19,8 @@ from hm_export.config import MemoryConfig
 from hm_export.router import MINILM_DIM
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+pytestmark = pytest.mark.slow  # the scripts run at tiny scale in subprocesses; quantizes banks
 
 
 def run_script(name: str, *args: str) -> dict:
@@ -90,7 +93,12 @@ def test_scheme_accuracy_on_a_tiny_checkpoint(tmp_path: Path) -> None:
     assert rows["float32"]["perplexity"] == result["reference"]["perplexity"]
     assert rows["float32"]["top1_agreement"] == 1.0 and rows["float32"]["max_abs_logit_diff"] == 0.0
     assert rows["float32"]["weight_relative_rmse"] == {"gate": 0.0, "up": 0.0, "down": 0.0}
-    for scheme, limit in (("int8", 0.02), ("int4-g32", 0.2)):
-        assert 0 < max(rows[scheme]["weight_relative_rmse"].values()) < limit
-        assert rows[scheme]["bits_per_param"] < rows["float32"]["bits_per_param"]
-    assert abs(rows["int8"]["perplexity_change_pct"]) < abs(rows["int4-g32"]["perplexity_change_pct"]) + 0.5
+    int8, int4 = rows["int8"], rows["int4-g32"]
+    # Weight error ~ step / sqrt(12) of each scheme (int8 ~0.006, int4-g32 ~0.085 measured); the logits follow it.
+    assert all(0.003 < error < 0.01 for error in int8["weight_relative_rmse"].values())
+    assert all(0.05 < error < 0.12 for error in int4["weight_relative_rmse"].values())
+    assert (
+        5 * int8["max_abs_logit_diff"] < int4["max_abs_logit_diff"] and int8["top1_agreement"] > int4["top1_agreement"]
+    )
+    assert abs(int8["perplexity_change_pct"]) < 0.5 and abs(int4["perplexity_change_pct"]) < 3  # the bank targets
+    assert int4["bits_per_param"] < int8["bits_per_param"] < rows["float32"]["bits_per_param"]

@@ -219,7 +219,7 @@ CASES = {
     "n_kv_heads zero": (
         set_model("n_kv_heads", 0),
         "config.json",
-        r"invalid model config: n_kv_heads must be a positive integer",
+        r"invalid model config: n_kv_heads must be an integer in \[1, 1024\], got 0",
     ),
     "wrong architecture": (
         set_model("architecture", "llama"),

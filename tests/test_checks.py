@@ -6,7 +6,6 @@ tampered checks file, tampered expected logits or a tampered program fail with a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import DECODE_CONTEXTS, tiny_tokenizer
+from conftest import DECODE_CONTEXTS, rehash, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
+from hm_export.bundle import write_manifest
 from hm_export.checks import (
     CHECKS_FILE,
     EXPECTED_FILE,
@@ -37,19 +37,12 @@ def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(bundle, tmp_path / "copy"))
 
 
-def rehash(root: Path, relative: str) -> None:
-    """Record a modified file's new size and sha256 in the manifest (a tamperer who also edits the manifest)."""
-    manifest = json.loads((root / "manifest.json").read_text())
-    data = (root / relative).read_bytes()
-    manifest["files"][relative] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
-
-
 @pytest.fixture(scope="module")
 def bundle(decode_bundle) -> Path:
     return decode_bundle[1]
 
 
+@pytest.mark.slow
 def test_checks_are_recorded_from_the_given_contexts(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["checks"] == {"file": CHECKS_FILE, "expected": EXPECTED_FILE, "count": 4, "new_tokens": 12}
@@ -64,40 +57,60 @@ def test_checks_are_recorded_from_the_given_contexts(bundle):
     assert expected["check0.topk_ids"].shape == (n, 8) and expected["check0.last_logits"].shape == (64,)
 
 
+@pytest.mark.slow
 def test_fresh_bundle_passes_on_every_target_that_runs_here(bundle):
     report = run_checks(bundle)
-    assert report.passed, [r for r in report.results if r.status != "pass"]
+    assert report.status == "skipped" and not report.passed  # Core ML's numerics cannot run here
+    assert [r for r in report.results if r.status == "fail"] == []
     summary = report.summary()
     for name in ("executorch/window", "executorch/decode", "onnx/window", "onnx/decode", "router/route"):
         assert summary[name] == {"pass": 4, "fail": 0, "skipped": 0}, name
+    blocks = {
+        (level, path[level])
+        for path in (c["path"] for c in json.loads((bundle / CHECKS_FILE).read_text())["checks"])
+        for level in range(2)
+    }
+    assert summary["bank/blocks"] == {"pass": 1, "fail": 0, "skipped": 0}
+    assert summary["bank/memory"] == {"pass": len(blocks), "fail": 0, "skipped": 0}
     assert summary["coreml/structure"] == {"pass": 2, "fail": 0, "skipped": 0}  # window and decode packages
     assert summary["coreml/decode"] == {"pass": 0, "fail": 0, "skipped": 4}
     decode = [r for r in report.results if r.program == "decode" and r.status == "pass"]
     assert all(r.tokens_matched == 12 and r.max_abs_diff < 1e-4 for r in decode)
     result = invoke("check", bundle, "--target", "onnx", "--json")
     assert result.exit_code == 0, result.output
-    assert set(json.loads(result.stdout)["summary"]) == {"bundle/files", "router/route", "onnx/window", "onnx/decode"}
+    assert set(json.loads(result.stdout)["summary"]) == {
+        "bundle/files",
+        "bank/blocks",
+        "bank/memory",
+        "router/route",
+        "onnx/window",
+        "onnx/decode",
+    }
 
 
+@pytest.mark.slow
 def test_tampered_checks_file_fails_naming_it(bundle, tmp_path):
     root = copy_bundle(bundle, tmp_path)
     body = json.loads((root / CHECKS_FILE).read_text())
-    body["checks"][1]["greedy"][0] += 1
+    tolerance = body["tolerance"]["float32"]
+    # The first check whose first greedy token is no near-tie: a changed token there must fail.
+    index = next(i for i, c in enumerate(body["checks"]) if c["margins"][0] > 2 * tolerance)
+    check = body["checks"][index]
+    check["greedy"][0] += 1
     (root / CHECKS_FILE).write_text(json.dumps(body))
     result = invoke("check", root, "--target", "executorch")
     assert result.exit_code == 1
     assert f"FAIL bundle/files -: {root / CHECKS_FILE}: " in result.stdout  # size or sha256 differs
-    # With the manifest edited to match, the replay itself catches it (unless it sits on a near-tie).
+    # With the manifest edited to match, the replay itself catches it.
     rehash(root, CHECKS_FILE)
     report = run_checks(root, ["executorch"])
-    check = body["checks"][1]
     failed = [r for r in report.results if r.status == "fail"]
-    if check["margins"][0] > 2e-3:
-        assert {(r.program, r.check) for r in failed} == {("decode", "check1")}
-        want, got = check["greedy"][0], check["greedy"][0] - 1
-        assert failed[0].detail.endswith(f"greedy token 0 is {got}, expected {want} (margin {check['margins'][0]:.3g})")
+    assert {(r.program, r.check) for r in failed} == {("decode", check["name"])}
+    want, got = check["greedy"][0], check["greedy"][0] - 1
+    assert failed[0].detail.endswith(f"greedy token 0 is {got}, expected {want} (margin {check['margins'][0]:.3g})")
 
 
+@pytest.mark.slow
 def test_tampered_expected_logits_fail_beyond_tolerance(bundle, tmp_path):
     root = copy_bundle(bundle, tmp_path)
     expected = load_file(str(root / EXPECTED_FILE))
@@ -108,9 +121,11 @@ def test_tampered_expected_logits_fail_beyond_tolerance(bundle, tmp_path):
     failed = {(r.target, r.program, r.check) for r in report.results if r.status == "fail"}
     assert failed == {(t, p, "check2") for t in ("executorch", "onnx") for p in ("window", "decode")}
     detail = next(r.detail for r in report.results if r.status == "fail")
-    assert "(last-position logits) beyond tolerance 0.001" in detail and not report.passed
+    tolerance = json.loads((root / CHECKS_FILE).read_text())["tolerance"]["float32"]
+    assert f"(last-position logits) beyond tolerance {tolerance:g}" in detail and not report.passed
 
 
+@pytest.mark.slow
 def test_tampered_program_fails_only_where_it_runs(bundle, tmp_path):
     import onnx
 
@@ -132,11 +147,12 @@ def test_tampered_program_fails_only_where_it_runs(bundle, tmp_path):
         assert report["summary"][name]["fail"] == 0, name
 
 
+@pytest.mark.slow
 def test_bundle_without_checks_is_refused(bundle, tmp_path):
     root = copy_bundle(bundle, tmp_path)
     manifest = json.loads((root / "manifest.json").read_text())
     del manifest["checks"]
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(root, manifest)
     result = invoke("check", root)
     assert result.exit_code == 2 and "has no golden checks" in result.stderr
 
@@ -184,6 +200,7 @@ BENCH_FIELDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["executorch", "onnx"])
 def test_bench_json_reports_every_field(bundle, tmp_path, target):
     plot = tmp_path / "bench.png"
@@ -206,8 +223,13 @@ def test_bench_json_reports_every_field(bundle, tmp_path, target):
     assert table.exit_code == 0 and "first token after context switch" in table.stdout
 
 
+@pytest.mark.slow
 def test_checks_use_the_bundles_quantized_memory(decode_bundle, tmp_path):
-    """With an int8 bank the expected values are the eager model's with the int8 memory: checks still pass."""
+    """With an int8 bank the bundle's expected values are the eager model's on the int8 memory (built here from
+    the bank, independently of the recorder) and the checkpoint's are its float memory's: checks still pass."""
+    from hm_export.bank import BankReader
+    from hm_export.bank.accuracy import load_dequantized_bank
+    from hm_export.checkpoint import load_checkpoint
     from hm_export.export import ExportRecipe, export_bundle
 
     bundle = tmp_path / "int8"
@@ -216,5 +238,17 @@ def test_checks_use_the_bundles_quantized_memory(decode_bundle, tmp_path):
     )
     report = run_checks(bundle)
     assert report.passed and report.summary()["onnx/decode"]["pass"] == 2
-    assert json.loads((bundle / CHECKS_FILE).read_text())["bank_scheme"] == "int8"
-    assert torch.is_tensor(load_file(str(bundle / EXPECTED_FILE))["check1.logsumexp"])
+    body = json.loads((bundle / CHECKS_FILE).read_text())
+    assert body["bank_scheme"] == "int8"
+    expected = load_file(str(bundle / EXPECTED_FILE))
+    ckpt = load_checkpoint(decode_bundle[0])
+    dequantized = load_checkpoint(decode_bundle[0]).model
+    load_dequantized_bank(dequantized, BankReader(bundle / "bank"))
+    for index, check in enumerate(body["checks"]):
+        tokens, path = torch.tensor([check["prompt"]]), torch.tensor(check["path"])
+        with torch.no_grad():
+            quantized = dequantized.forward_path(tokens, path)[0]
+            floating = ckpt.model.forward_path(tokens, path)[0]
+        torch.testing.assert_close(expected[f"check{index}.last_logits"], quantized[-1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(expected[f"float.check{index}.last_logits"], floating[-1], rtol=0, atol=1e-5)
+        assert (quantized[-1] - floating[-1]).abs().max() > 1e-4  # the two references differ by the int8 error

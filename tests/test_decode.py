@@ -73,6 +73,7 @@ def test_decode_module_without_memory_is_the_bare_anchor():
         assert torch.allclose(module(tokens, torch.tensor([0]))[0], model(tokens)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_manifest_describes_the_decode_programs(decode_bundle):
     manifest = json.loads((decode_bundle[1] / "manifest.json").read_text())
     for target, cache in (("executorch", "state"), ("onnx", "io"), ("coreml", "state")):
@@ -93,6 +94,7 @@ def test_manifest_describes_the_decode_programs(decode_bundle):
     assert manifest["targets"]["executorch"]["files"] == {"program": "executorch/model.pte"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_decode_program_logits_equal_eager(loader, ckpt, target):
     decoder = loader.open_decoder(target)
@@ -108,6 +110,7 @@ def test_decode_program_logits_equal_eager(loader, ckpt, target):
     assert (decoder(torch.tensor([tokens[:3]]), 0, loader.slot) - want[:3]).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_greedy_generation_equals_eager_token_for_token(loader, ckpt, target):
     generator = Generator(loader, target)
@@ -120,6 +123,7 @@ def test_greedy_generation_equals_eager_token_for_token(loader, ckpt, target):
         assert result.stop_reason == "max_new_tokens" and len(result.step_seconds) == 15
 
 
+@pytest.mark.slow
 def test_window_fallback_generates_the_same_tokens(loader, ckpt, monkeypatch):
     generator = Generator(loader, "executorch")
     generator.set_context("cats and mats")
@@ -132,6 +136,7 @@ def test_window_fallback_generates_the_same_tokens(loader, ckpt, monkeypatch):
     assert fallback.generate(prompt, Sampling(max_new_tokens=8)).new_tokens == with_cache
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_with_a_seed(loader):
     generator = Generator(loader, "executorch")
     generator.set_context("memory trees")
@@ -160,6 +165,7 @@ def test_next_token_filters():
         Sampling(top_p=0)
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_generation(loader):
     generator = Generator(loader, "onnx")
     generator.set_context("a dog on a mat")
@@ -170,6 +176,7 @@ def test_stop_tokens_end_generation(loader):
     assert result.stop_reason == "stop_token" and result.new_tokens == free[: free.index(stop)]
 
 
+@pytest.mark.slow
 def test_generation_stops_when_the_cache_is_full(loader):
     generator = Generator(loader, "executorch")
     generator.set_context("lists of words")
@@ -194,6 +201,7 @@ class CountingEmbedder:
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_the_path_is_chosen_once_per_context(decode_bundle):
     embedder = CountingEmbedder()
     loader = BundleLoader(decode_bundle[1], target=None, embedder=embedder)
@@ -210,6 +218,7 @@ def test_the_path_is_chosen_once_per_context(decode_bundle):
         Generator(loader, "executorch", reroute="sometimes")
 
 
+@pytest.mark.slow
 def test_run_streams_the_continuation(decode_bundle, ckpt):
     bundle = decode_bundle[1]
     args = ["run", str(bundle), "--context", "cats and mats", "--prompt", "the cat sat", "--max-new-tokens", "6"]

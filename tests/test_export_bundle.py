@@ -7,6 +7,7 @@ with a 28x larger bank, which shows that the program does not grow with the bank
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 from dataclasses import replace
@@ -17,17 +18,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_checkpoint, tiny_config, tiny_model, tiny_tree
+from conftest import XNNPACK_PASS_NAMES, tiny_checkpoint, tiny_config, tiny_model, tiny_tree
 
 from hm_export import __version__
 from hm_export.bank import BankError, BankReader, schema_hash
-from hm_export.bundle import BundleError
+from hm_export.bundle import BundleError, write_manifest
 from hm_export.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from hm_export.config import MemoryConfig, ModelConfig
+from hm_export.errors import UsageError
 from hm_export.export import ExportRecipe, export_bundle
 from hm_export.model import assemble_path
-from hm_export.passes.pipeline import PIPELINES
-from hm_export.router import MINILM_DIM
+from hm_export.router import MINILM_DIM, MiniLMEmbedder
 from hm_export.runtime_stubs.loader import BundleLoader, complete
 from hm_export.slot import SlotContract, slot_tensors
 from hm_export.verify import verify_bundle
@@ -38,6 +39,8 @@ BIG_CFG = tiny_config(max_seq_len=SEQ, memory=MemoryConfig((16, 16), (8, 4), (0,
 PROGRAM = "executorch/model.pte"
 PROGRAM_MARGIN = 64 * 1024  # tied embedding stored twice, RoPE/mask tables, XNNPACK graph, 4 KiB segment padding
 NO_ROUTER = ExportRecipe(router_program=False)  # the router program is tested on the session decode bundle
+
+pytestmark = pytest.mark.slow  # every test here needs an exported bundle or a C++ build
 
 
 def leaves(memory: MemoryConfig) -> list[tuple[int, int]]:
@@ -116,10 +119,10 @@ def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
 
 
 def edit_manifest(root: Path, edit) -> None:
-    path = root / "manifest.json"
-    manifest = json.loads(path.read_text())
+    """A consistent edit: the manifest rewritten and its seal (bundle.sig) recomputed, as a tamperer would."""
+    manifest = json.loads((root / "manifest.json").read_text())
     edit(manifest)
-    path.write_text(json.dumps(manifest, indent=2))
+    write_manifest(root, manifest)
 
 
 class FakeEmbedder:
@@ -157,8 +160,9 @@ def test_manifest_describes_the_bundle(bundle, manifest, exported):
     assert manifest["tokenizer"] == {"file": "tokenizer.json"}
     assert manifest["router"]["file"] == "router.safetensors" and manifest["router"]["dim"] == MINILM_DIM
     assert manifest["targets"]["executorch"]["pipeline"]["name"] == "xnnpack_slot"
-    recorded = [p["name"] for p in manifest["targets"]["executorch"]["pipeline"]["passes"]]
-    assert recorded == [p.__name__ for p in PIPELINES["xnnpack_slot"].passes]  # the list: test_passes.py
+    records = manifest["targets"]["executorch"]["pipeline"]["passes"]
+    assert [r["name"] for r in records] == XNNPACK_PASS_NAMES
+    assert all(r["nodes_before"] == previous["nodes_after"] for previous, r in itertools.pairwise(records))
     assert report.slot_schema_hash == manifest["slot"]["schema_hash"]
 
 
@@ -336,7 +340,7 @@ def test_missing_bank_block_is_named(bundle, tmp_path):
     (root / "bank/level1/node000004.hmb").unlink()
     loader = BundleLoader(root)
     loader.set_path((0, 0))  # other blocks still load
-    with pytest.raises(BankError, match=r"level1/node000004\.hmb: block file missing"):
+    with pytest.raises(BankError, match=r"level1/node000004\.hmb: missing \(block file \(level 1, node 4\)\)"):
         loader.set_path((1, 4))
 
 
@@ -367,7 +371,7 @@ def test_consistent_but_foreign_slot_contract_is_refused(bundle, tmp_path):
 
 def test_export_refuses_an_existing_bundle(bundle, checkpoint_dir):
     manifest = (bundle / "manifest.json").read_bytes()
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(UsageError, match="already exists"):
         export_bundle(checkpoint_dir, bundle, NO_ROUTER)
     assert (bundle / "manifest.json").read_bytes() == manifest
 
@@ -447,30 +451,38 @@ def test_failed_rename_keeps_the_old_bundle(bundle, checkpoint_dir, tmp_path, mo
 # --- verify -------------------------------------------------------------------------------------------
 
 
-def test_verify_bundle_passes_on_held_out_contexts(bundle, checkpoint_dir, tmp_path):
+def test_verify_bundle_passes_on_held_out_contexts(bundle, checkpoint_dir, ckpt, tmp_path):
     contexts = tmp_path / "contexts.jsonl"
     lines = [
         {"text": "the cat sat on the mat ."},
         {"text": "a dog sat on a tree , the memory", "context": "dogs and trees"},
         {"tokens": [1, 3, 5, 6, 1, 7, 10, 2, 4, 5, 6, 2, 9, 10, 1, 8, 11]},  # longer than seq_len: truncated
-        {"text": "memory tree memory tree"},
+        {"text": "memory tree memory tree", "context_tokens": 2},  # scored after its first 2 tokens
     ]
     contexts.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
     report = verify_bundle(bundle, checkpoint_dir, contexts)
     assert report.passed and report.contexts == 4
-    assert report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0
     assert [r.tokens for r in report.results] == [7, 9, SEQ, 4]
-    for result in report.results:
-        CFG.memory.validate_path(result.path)
-        assert result.perplexity_bundle == pytest.approx(result.perplexity_eager, rel=1e-3)
-    assert report.distinct_paths == len({r.path for r in report.results}) >= 1
+    assert [r.scored_tokens for r in report.results] == [6, 8, SEQ - 1, 2]
+    texts = ["the cat sat on the mat .", "dogs and trees", ckpt.tokenizer.decode(lines[2]["tokens"]), lines[3]["text"]]
+    routes = [tuple(int(n) for n in p) for p in ckpt.tree.route(MiniLMEmbedder().embed(texts))]
+    assert [r.path for r in report.results] == routes
+    assert report.distinct_paths == len(set(routes))
+    for result, line in zip(report.results, lines):
+        tokens = line.get("tokens") or ckpt.tokenizer.encode(line["text"]).ids
+        tokens = tokens[:SEQ]
+        want = eager_logits(ckpt, tokens, result.path)
+        first = line.get("context_tokens", 1) - 1
+        nll = torch.nn.functional.cross_entropy(want[first:-1], torch.tensor(tokens[first + 1 :]))
+        assert result.perplexity["checkpoint"] == pytest.approx(float(nll.exp()), rel=1e-5)
+        assert result.perplexity["bundle"] == pytest.approx(result.perplexity["checkpoint"], rel=1e-4)
+        assert result.export.max_abs <= 1e-5 + 1e-4 * float(want.abs().max())
+    assert report.export["max_abs"] > 0  # the program ran: XNNPACK is not bit-exact with eager
 
 
 def test_loader_names_missing_manifest_sections(bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    del manifest["model"]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(copy, lambda manifest: manifest.pop("model"))
     with pytest.raises(BundleError, match=r"manifest.json: malformed manifest, missing \['model'\]"):
         BundleLoader(copy, target=None, verify=False)

@@ -131,10 +131,12 @@ def lower_to_pte(operands, path: Path, dynamic_tokens: bool = False) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_kernel_library_registers_the_out_variant(kernel_library):
     assert registered_in_runtime("hm_export::memory_swiglu.out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_cpp_kernel_matches_the_reference(kernel_library, tmp_path, case):
     from executorch.runtime import Runtime
@@ -148,6 +150,7 @@ def test_cpp_kernel_matches_the_reference(kernel_library, tmp_path, case):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
+@pytest.mark.slow
 def test_cpp_kernel_follows_a_dynamic_token_count(kernel_library, tmp_path):
     from executorch.runtime import Runtime
 
@@ -203,6 +206,7 @@ def test_quantized_filler_holds_the_bank_memory_exactly(tmp_path, strategy, sche
         ("host-fp16", "float32", ("onnx",)),
     ],
 )
+@pytest.mark.slow
 def test_bundle_with_a_slot_strategy_matches_eager(kernel_library, tmp_path, strategy, scheme, targets):
     checkpoint = tiny_checkpoint(tmp_path)
     bundle = tmp_path / "bundle"
@@ -264,6 +268,7 @@ def delegate_inputs_and_leftovers(partitioner) -> tuple[set[str], set[str]]:
     return inputs, leftovers
 
 
+@pytest.mark.slow
 def test_slot_weight_rule_delegates_slot_matmuls_and_keeps_anchor_weights_static():
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 

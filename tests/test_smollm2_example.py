@@ -30,6 +30,7 @@ def load_script():
     return module
 
 
+@pytest.mark.slow
 def test_the_example_runs_end_to_end_on_a_tiny_gguf_host(tmp_path: Path) -> None:
     tokenizer = byte_bpe(list(stdlib_documents().values())[:30], 384)
     model = tiny_llama(tokenizer.get_vocab_size())
@@ -37,7 +38,7 @@ def test_the_example_runs_end_to_end_on_a_tiny_gguf_host(tmp_path: Path) -> None
     args = ["--gguf", str(gguf_path), "--work", str(tmp_path / "work"), "--eval-json", str(tmp_path / "eval.json")]
     args += ["--docs", "10", "--branching", "2,2", "--widths", "4,4", "--layers", "1", "--seq-len", "32"]
     args += ["--steps", "4", "--eval-every", "2", "--validation-docs", "0.2", "--validation-limit", "2"]
-    args += ["--eval-windows", "4", "--verify-contexts", "2", "--tolerance", "1e-4", "--targets", "onnx"]
+    args += ["--eval-windows", "4", "--verify-contexts", "2", "--targets", "onnx"]
     args += ["--no-router-program"]  # the router programs are tested by tests/test_router_program.py
     result = load_script().main(args)
 
@@ -56,6 +57,7 @@ def test_the_example_runs_end_to_end_on_a_tiny_gguf_host(tmp_path: Path) -> None
     exported = result["export"]
     assert exported["bank_scheme"] == "int4-g32" and exported["golden_checks"]["passed"]
     assert list(exported["verify"]) == ["onnx"]
-    assert exported["verify"]["onnx"]["passed"] and exported["verify"]["onnx"]["top1_agreement"] == 1.0
+    verified = exported["verify"]["onnx"]
+    assert verified["passed"] and verified["contexts"] == 2 and verified["export"]["max_rel"] <= 1e-4
     manifest = json.loads((tmp_path / "work" / "bundle" / "manifest.json").read_text())
     assert manifest["source"]["host"]["format"] == "gguf" and manifest["source"]["anchor_dtype"] == "float32"

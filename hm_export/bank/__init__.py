@@ -10,7 +10,6 @@
 The runtime side (level-aware cache, prefetch, filling the slot) is ``hm_export.runtime_stubs.block_cache``.
 """
 
-from hm_export.bank.errors import BankError
 from hm_export.bank.format import (
     FORMAT_VERSION,
     HEADER,
@@ -25,6 +24,7 @@ from hm_export.bank.format import (
 from hm_export.bank.quantize import QuantizeReport, quantize_bank, write_bank
 from hm_export.bank.reader import READ_MODES, BankReader, aligned_buffer
 from hm_export.bank.schemes import SCHEMES, BlockArrays, Scheme, check_preset, get_scheme, resolve_preset
+from hm_export.errors import BankError
 
 __all__ = [
     "FORMAT_VERSION",

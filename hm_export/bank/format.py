@@ -23,10 +23,10 @@ from typing import Any, NamedTuple
 
 from isal import isal_zlib
 
-from hm_export.bank.errors import BankError
 from hm_export.bank.schemes import SCHEMES, Scheme, check_preset, resolve_preset
-from hm_export.config import ConfigError, MemoryConfig
-from hm_export.formats import read_format_json
+from hm_export.config import LIMITS, ConfigError, MemoryConfig
+from hm_export.errors import BankError
+from hm_export.formats import Fields, read_format_json
 
 FORMAT_NAME = "hm-export-bank"
 FORMAT_VERSION = 2
@@ -166,14 +166,16 @@ class BankIndex:
         }
 
     @classmethod
-    def load(cls, path: Path) -> BankIndex:
-        """Read and validate ``index.json``; every problem is a :class:`BankError` naming ``path``."""
+    def load(cls, path: Path, exact: int | None = None) -> BankIndex:
+        """Read and validate ``index.json`` (of exactly ``exact`` bytes, when a manifest declares its size);
+        every problem is a :class:`BankError` naming ``path``."""
         raw = read_format_json(
             path,
             FORMAT_NAME,
             FORMAT_VERSION,
             BankError,
             "a complete hm-export bank: no index, or quantization unfinished",
+            exact=exact,
         )
         try:
             check_preset(raw.get("scheme"))
@@ -184,12 +186,16 @@ class BankIndex:
         try:
             model = raw["model"]
             memory = MemoryConfig(tuple(model["branching"]), tuple(model["widths"]), tuple(model["memory_layers"]))
+            d_model = Fields(path, BankError).get(model, "d_model", "model.d_model", int, 1, LIMITS["d_model"])
+            blocks = Fields(path, BankError).get(raw, "blocks", "blocks", list)
+            if len(blocks) > LIMITS["nodes"]:
+                raise BankError(f"{len(blocks)} blocks, more than {LIMITS['nodes']}")
             index = cls(
                 raw["scheme"],
-                int(model["d_model"]),
+                d_model,
                 memory,
                 raw["layout"],
-                tuple(BlockEntry(**{k: b[k] for k in BlockEntry.__dataclass_fields__}) for b in raw["blocks"]),
+                tuple(BlockEntry(**{k: b[k] for k in BlockEntry.__dataclass_fields__}) for b in blocks),
                 str(raw.get("source", {}).get("fingerprint", "")),
             )
             nodes, levels = list(model["nodes"]), list(raw["levels"])
@@ -211,7 +217,9 @@ class BankIndex:
 
     def _check_blocks(self, path: Path) -> None:
         expected = [(lv, i) for lv in range(self.memory.num_levels) for i in range(self.memory.nodes_at(lv))]
-        if [(b.level, b.node) for b in self.blocks] != expected:
+        if [(b.level, b.node) for b in self.blocks] != expected or not all(
+            type(b.level) is int and type(b.node) is int for b in self.blocks
+        ):
             raise BankError(f"{path}: blocks must list each of the {len(expected)} (level, node) once, in order")
         schemes = self.level_schemes
         for b in self.blocks:
@@ -224,11 +232,11 @@ class BankIndex:
             length = scheme.payload_length(self.layers, self.d_model, self.memory.widths[b.level])
             if b.length != length:
                 raise BankError(f"{where}: length {b.length}, expected {length}")
-            if not isinstance(b.offset, int) or b.offset < PAYLOAD_ALIGNMENT or b.offset % PAYLOAD_ALIGNMENT:
+            if type(b.offset) is not int or not PAYLOAD_ALIGNMENT <= b.offset < 2**62 or b.offset % PAYLOAD_ALIGNMENT:
                 raise BankError(
                     f"{where}: payload offset {b.offset!r} is not a positive multiple of {PAYLOAD_ALIGNMENT}"
                 )
-            if not isinstance(b.crc32, int) or not 0 <= b.crc32 < 2**32:
+            if type(b.crc32) is not int or not 0 <= b.crc32 < 2**32:
                 raise BankError(f"{where}: crc32 {b.crc32!r} is not a 32-bit unsigned integer")
 
 

@@ -30,9 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from hm_export.bank.errors import BankError
 from hm_export.bank.format import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -51,6 +49,8 @@ from hm_export.bank.format import (
 from hm_export.bank.schemes import SCHEMES, BlockArrays, resolve_preset
 from hm_export.checkpoint import CheckpointError, bank_file, expected_bank_shapes, read_config
 from hm_export.config import ConfigError, ModelConfig
+from hm_export.console import progress_bar
+from hm_export.errors import BankError
 
 STATE_FILE = ".quantize-state.json"
 SOURCE_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
@@ -301,7 +301,7 @@ def quantize_bank(
     written = resumed = source_bytes = 0
     with (
         ProcessPoolExecutor(workers) if workers > 1 else _InProcess() as pool,
-        tqdm(total=total, disable=not progress, unit="block", desc=f"quantize {scheme}") as bar,
+        progress_bar(total=total, enabled=progress, unit="block", desc=f"quantize {scheme}") as bar,
     ):
         for level in range(mem.num_levels):
             jobs = _level_jobs(bank_dir, checkpoint_dir, cfg, level, names[level], sources[level], layout, resume)

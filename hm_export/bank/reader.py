@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hm_export.bank.errors import BankError
 from hm_export.bank.format import INDEX_FILE, PAYLOAD_ALIGNMENT, BankIndex, BlockEntry, check_header, payload_crc32
 from hm_export.bank.schemes import BlockArrays, Destination
+from hm_export.errors import BankError
+from hm_export.safeio import ContainedTree
 
 READ_MODES = ("pread", "readinto", "mmap")
 
@@ -56,17 +57,47 @@ class BankReader:
     Thread-safe: concurrent reads of different blocks (e.g. a prefetch thread) share the open level packs.
     """
 
-    def __init__(self, bank_dir: Path | str, read_mode: str = "pread") -> None:
+    def __init__(
+        self, bank_dir: Path | str, read_mode: str = "pread", index_bytes: int | None = None, check_files: bool = True
+    ) -> None:
+        """``index_bytes``: the size a bundle manifest declares for ``index.json`` (its read is capped by it);
+        ``check_files``: check at open that each level's first block is on disk as the index says (see
+        :meth:`_check_level_files`; ``bank check`` reports each block instead).
+
+        Block files are opened below ``bank_dir`` through no symlink and must be regular files (a FIFO in
+        place of a block is refused, not waited on)."""
         if read_mode not in READ_MODES:
             raise BankError(f"unknown read mode {read_mode!r}, expected one of {list(READ_MODES)}")
         self.bank_dir = Path(bank_dir)
-        self.index = BankIndex.load(self.bank_dir / INDEX_FILE)
+        self.index = BankIndex.load(self.bank_dir / INDEX_FILE, exact=index_bytes)
+        self._tree = ContainedTree(self.bank_dir, "bank", BankError)
         self.schemes = self.index.level_schemes
         self.read_mode = read_mode
         self._read = _READERS[read_mode]
         self._packs: dict[str, int] = {}
         self._lock = threading.Lock()
         self._seek_lock = threading.Lock()
+        if check_files:
+            self._check_level_files()
+
+    def _check_level_files(self) -> None:
+        """Each level's first block is really on disk, as large as the index says: buffers sized from the index
+        (block cache, slot) are then bounded by data in the bank, whatever the index claims.  (Every other block
+        is checked when it is read.)"""
+        for level in range(self.index.memory.num_levels):
+            first = self.index.entry(level, 0)
+            need = first.offset + first.length
+            if self.index.layout == "per-level":
+                have = os.fstat(self._pack_fd(first)).st_size
+            else:
+                fd = self._tree.open(first.file, f"block file (level {level}, node 0)")
+                have = os.fstat(fd).st_size
+                os.close(fd)
+            if have < need:
+                raise BankError(
+                    f"{self.bank_dir / first.file}: {have} bytes, the index needs {need} (truncated, or an index "
+                    "that does not describe this bank)"
+                )
 
     @property
     def schema_hash(self) -> str:
@@ -79,11 +110,17 @@ class BankReader:
     def _where(self, entry: BlockEntry) -> str:
         return f"{self.bank_dir / entry.file}: block (level {entry.level}, node {entry.node})"
 
-    def _pack_fd(self, path: Path) -> int:
+    def _pack_fd(self, entry: BlockEntry) -> int:
         with self._lock:
-            if str(path) not in self._packs:
-                self._packs[str(path)] = os.open(path, os.O_RDONLY)
-            return self._packs[str(path)]
+            if entry.file in self._packs:
+                return self._packs[entry.file]
+        fd = self._tree.open(entry.file, f"level {entry.level} pack")
+        with self._lock:
+            if entry.file in self._packs:  # another thread opened it meanwhile
+                os.close(fd)
+            else:
+                self._packs[entry.file] = fd
+            return self._packs[entry.file]
 
     def read_into(self, level: int, node: int, buffer: np.ndarray | memoryview, verify: bool = True) -> memoryview:
         """Read block ``(level, node)`` with one read into ``buffer``; return its payload (a view of ``buffer``).
@@ -96,10 +133,8 @@ class BankReader:
         if len(view) != size:
             raise BankError(f"{self._where(entry)}: buffer of {len(view)} bytes, the block needs {size}")
         packed = self.index.layout == "per-level"
-        try:
-            fd = self._pack_fd(path) if packed else os.open(path, os.O_RDONLY)
-        except FileNotFoundError as exc:
-            raise BankError(f"{path}: block file missing (level {level}, node {node})") from exc
+        what = f"block file (level {level}, node {node})"
+        fd = self._pack_fd(entry) if packed else self._tree.open(entry.file, what)
         try:
             actual = size if packed else os.fstat(fd).st_size
             if actual != size:
@@ -109,6 +144,8 @@ class BankReader:
                     got = self._read(fd, view, entry.offset - PAYLOAD_ALIGNMENT)
             else:
                 got = self._read(fd, view, entry.offset - PAYLOAD_ALIGNMENT)
+        except OSError as exc:
+            raise BankError(f"{path}: cannot read block (level {level}, node {node}): {exc.strerror}") from None
         finally:
             if not packed:
                 os.close(fd)
@@ -141,6 +178,7 @@ class BankReader:
             for fd in self._packs.values():
                 os.close(fd)
             self._packs.clear()
+        self._tree.close()
 
     def __enter__(self) -> BankReader:
         return self

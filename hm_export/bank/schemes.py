@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from hm_export.bank.errors import BankError
+from hm_export.errors import BankError
 
 SECTION_ALIGNMENT = 16
 ENCODE_CHUNK = 1 << 17  # float32 elements per vectorized encode call (512 KB: temporaries stay in cache)

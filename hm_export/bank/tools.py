@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,15 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from hm_export.bank.errors import BankError
 from hm_export.bank.format import FORMAT_VERSION, PAYLOAD_ALIGNMENT, BlockEntry
 from hm_export.bank.reader import BankReader, aligned_buffer
 from hm_export.bank.schemes import bits_per_parameter
+from hm_export.errors import BankError
 
 
 def inspect_bank(bank_dir: Path | str) -> dict[str, Any]:
     """Format, layout, per-level schemes, block sizes and bytes on disk of a bank (reads only the index)."""
-    with BankReader(bank_dir) as reader:
+    with BankReader(bank_dir, check_files=False) as reader:
         index = reader.index
     mem, layers = index.memory, index.layers
     levels = []
@@ -78,14 +79,17 @@ class CheckReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def check_bank(bank_dir: Path | str, workers: int | None = None) -> CheckReport:
-    """Read every block once and verify its header and CRC-32; collect (not raise) the failures.
+def check_bank(
+    bank_dir: Path | str, workers: int | None = None, blocks: Collection[tuple[int, int]] | None = None
+) -> CheckReport:
+    """Read every block (or only the ``(level, node)`` of ``blocks``) once and verify its header and CRC-32;
+    collect (not raise) the failures.
 
     An unreadable index raises :class:`BankError`.  Reads and CRCs release the GIL, so threads use every core.
     """
     start = time.perf_counter()
     local = threading.local()  # one reusable read buffer per thread and level
-    with BankReader(bank_dir) as reader:
+    with BankReader(bank_dir, check_files=False) as reader:
 
         def check(entry: BlockEntry) -> tuple[int, dict[str, Any] | None]:
             buffers: dict[int, np.ndarray] = local.__dict__.setdefault("buffers", {})
@@ -98,7 +102,9 @@ def check_bank(bank_dir: Path | str, workers: int | None = None) -> CheckReport:
             return reader.block_size(entry.level), None
 
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            results = list(pool.map(check, reader.index.blocks))
+            wanted = None if blocks is None else set(blocks)
+            entries = [e for e in reader.index.blocks if wanted is None or (e.level, e.node) in wanted]
+            results = list(pool.map(check, entries))
     return CheckReport(
         str(bank_dir),
         len(results),

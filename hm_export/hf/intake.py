@@ -24,6 +24,7 @@ from torch import nn
 
 from hm_export.checkpoint import STORAGE_DTYPES
 from hm_export.config import ConfigError
+from hm_export.errors import InputError
 from hm_export.hf.families import HostRefused
 
 GGUF_SUFFIX = ".gguf"
@@ -98,21 +99,22 @@ class HostSource:
         host = Path(host)
         if gguf_file is not None:
             if not host.is_dir():
-                raise FileNotFoundError(f"{host}: not a directory (--gguf-file names a file inside one)")
+                raise InputError(f"{host}: not a directory (--gguf-file names a file inside one)", path=host)
             path = host / gguf_file
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: no such GGUF file")
+                raise InputError(f"{path}: no such GGUF file", path=path)
             return cls(path, True)
         if host.is_file():
             if host.suffix.lower() != GGUF_SUFFIX:
                 raise ConfigError(f"{host}: a host is a transformers model folder or a {GGUF_SUFFIX} file")
             return cls(host, True)
         if not host.is_dir():
-            raise FileNotFoundError(f"{host}: no such file or directory")
+            raise InputError(f"{host}: no such file or directory", path=host)
         if not (host / "config.json").is_file():
             ggufs = sorted(p.name for p in host.glob(f"*{GGUF_SUFFIX}"))
             hint = f"; it holds {', '.join(ggufs)}: pass --gguf-file" if ggufs else ""
-            raise FileNotFoundError(f"{host / 'config.json'}: missing (not a transformers model folder{hint})")
+            config = host / "config.json"
+            raise InputError(f"{config}: missing (not a transformers model folder{hint})", path=config)
         return cls(host, False)
 
     @property

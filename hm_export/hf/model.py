@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from hm_export.config import ModelConfig
+from hm_export.errors import ConfigError
 from hm_export.hf.families import SWITCHING_ROPE, causal_lm_class, config_from_dict, host_structure
 from hm_export.model import LayerMemory, MemoryBank, check_forward_inputs, expand_paths, memory_ffn
 from hm_export.slot import SlotParameters
@@ -107,7 +108,9 @@ def check_host_config(host_config: Any, cfg: ModelConfig) -> None:
         ("intermediate_size", cfg.ffn_hidden),
     ):
         if getattr(host_config, field) != expected:
-            raise ValueError(f"host config {field} {getattr(host_config, field)} does not match the model's {expected}")
+            got = getattr(host_config, field)
+            message = f"host config {field} {got} does not match the model's {expected}"
+            raise ConfigError(message, field=f"model.host.{field}")
 
 
 def run_host(host: nn.Module, active: ActiveMemory, cfg: ModelConfig, tokens: Tensor, memory: Any) -> Tensor:
@@ -167,7 +170,7 @@ class HostMemoryLM(nn.Module):
         """
         if adopt:
             if type(host) is not causal_lm_class(host_structure(cfg).model_type):
-                raise ValueError(f"host {type(host).__name__} is not the class of the model config's host")
+                raise ConfigError(f"host {type(host).__name__} is not the class of the model config's host")
             check_host_config(host.config, cfg)
             if any(p.dtype != torch.float32 for p in host.parameters()):
                 host = host.float()  # hm-export computes hosts in float32 (a GGUF host already is)
@@ -176,7 +179,7 @@ class HostMemoryLM(nn.Module):
         try:
             model.host.load_state_dict(host.state_dict())
         except RuntimeError as exc:
-            raise ValueError(f"host weights do not match the memory model's host config: {exc}") from exc
+            raise ConfigError(f"host weights do not match the memory model's host config: {exc}") from exc
         return model
 
 

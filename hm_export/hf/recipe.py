@@ -28,6 +28,7 @@ from torch import nn
 from hm_export.checkpoint import STORAGE_DTYPES, save_checkpoint
 from hm_export.config import ConfigError, MemoryConfig
 from hm_export.corpus import read_corpus
+from hm_export.errors import InputError
 from hm_export.hf.families import host_model_config  # refuses a model that cannot host memories, naming why
 from hm_export.hf.intake import HostSource
 from hm_export.hf.model import HostMemoryLM
@@ -134,11 +135,13 @@ def train_memories(
     host_record: dict[str, Any] | None = None,
     adopt: bool = False,
     log: Callable[[str], None] = stderr_log,
+    progress: bool | None = None,
 ) -> RecipeReport:
     """Attach memories to ``host``, train them on ``documents`` and save an hm-export checkpoint at ``out``.
 
     ``host_record``: where the host came from (:meth:`HostSource.record`), kept in the checkpoint metadata;
-    ``adopt``: use ``host`` itself rather than a copy (it is frozen and switched to eager attention).
+    ``adopt``: use ``host`` itself rather than a copy (it is frozen and switched to eager attention);
+    ``log``: where progress lines go; ``progress``: the step bar (default: when stderr is a terminal).
     """
     model = attach_memories(host, recipe, adopt)
     memory, cfg = model.cfg.memory, model.cfg
@@ -153,7 +156,7 @@ def train_memories(
             f"tokens) cannot fill {memory.nodes_at(memory.num_levels - 1)} leaves"
         )
     if not len(split["validation"][0]):
-        raise ValueError(
+        raise InputError(
             f"no validation window: a document needs at least {VALIDATION_OFFSET + 1} windows of "
             f"{recipe.max_seq_len + 1} tokens (window {VALIDATION_OFFSET} of every {recipe.validation_stride})"
         )
@@ -190,6 +193,7 @@ def train_memories(
         eval_every=recipe.eval_every,
         max_seconds=recipe.max_seconds,
         log=log,
+        progress=progress,
     )
     memory_nll = nll(list(held_out), True)
     report = RecipeReport(
@@ -243,6 +247,7 @@ def train_memories_from_source(
     gguf_file: str | None = None,
     embedder: Embedder | None = None,
     log: Callable[[str], None] = stderr_log,
+    progress: bool | None = None,
 ) -> RecipeReport:
     """:func:`train_memories` on a host on disk, as ``hm-export hf attach`` runs it.
 
@@ -260,4 +265,6 @@ def train_memories_from_source(
     tokenizer = source.load_tokenizer()
     log(f"loading the host from {source.path}")
     model = source.load_model()
-    return train_memories(model, tokenizer, documents, out, recipe, embedder, record, adopt=True, log=log)
+    return train_memories(
+        model, tokenizer, documents, out, recipe, embedder, record, adopt=True, log=log, progress=progress
+    )

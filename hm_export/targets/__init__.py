@@ -7,6 +7,7 @@ program's KV cache and how to run that program.  Heavy toolchains are imported o
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from hm_export.errors import missing_extra
 from hm_export.slot import SlotContract
 from hm_export.trace import SlotProgram
 
@@ -28,10 +30,6 @@ class Decoder(Protocol):
     def __call__(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor: ...
 
     def reset(self) -> None: ...
-
-
-class HostUnsupported(RuntimeError):
-    """The target's runtime does not run on this host (e.g. Core ML prediction off macOS)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +60,17 @@ class Target:
     open_runner: Callable[[dict[str, Path], list[str], dict[str, Any]], Runner] | None  # None: never runs here
     check_structure: Callable[[dict[str, Path], SlotContract, dict[str, Any]], dict[str, Any]] | None = None
     decode: DecodeSupport | None = None  # None: no decode program for this target
+    requires: tuple[tuple[str, str], ...] = ()  # (module, pip extra) the target's toolchain needs
+    # Files a program makes its runtime open besides itself, relative to the program's folder (ONNX external
+    # data): the loader checks each is a listed regular file before the runtime sees the program.
+    side_files: Callable[[Path], set[str]] | None = None
+
+    def check_installed(self) -> None:
+        """Raise MissingExtraError naming the extra when a module this target needs is not installed (the
+        modules are imported only when the target is used: an ONNX-only install never imports ExecuTorch)."""
+        for module, extra in self.requires:
+            if importlib.util.find_spec(module) is None:
+                raise missing_extra(module, extra, f"the {self.name} target")
 
 
 def _emit_executorch(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dict[str, Any]:
@@ -99,6 +108,12 @@ def _decode_onnx(files: dict[str, Path], slot_names: list[str], entry: dict[str,
     from hm_export.targets.onnx import OnnxDecoder
 
     return OnnxDecoder(files["program"], slot_names, CacheSpec.from_dict(entry["cache"]))
+
+
+def _onnx_side_files(program: Path) -> set[str]:
+    from hm_export.targets.onnx import external_data_files
+
+    return external_data_files(program)
 
 
 def _emit_coreml(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dict[str, Any]:
@@ -141,9 +156,17 @@ TARGETS: dict[str, Target] = {
         _emit_executorch,
         _run_executorch,
         decode=DecodeSupport("state", _emit_executorch, _decode_executorch),
+        requires=(("executorch", "executorch"),),
     ),
     "onnx": Target(
-        "onnx", "folded_slot", "onnx", _emit_onnx, _run_onnx, decode=DecodeSupport("io", _emit_onnx, _decode_onnx)
+        "onnx",
+        "folded_slot",
+        "onnx",
+        _emit_onnx,
+        _run_onnx,
+        decode=DecodeSupport("io", _emit_onnx, _decode_onnx),
+        requires=(("onnx", "onnx"), ("onnxruntime", "onnx"), ("onnxscript", "onnx")),
+        side_files=_onnx_side_files,
     ),
     "coreml": Target(
         "coreml",
@@ -153,7 +176,15 @@ TARGETS: dict[str, Target] = {
         _run_coreml,
         _check_coreml,
         decode=DecodeSupport("state", _emit_coreml, _decode_coreml),
+        requires=(("coremltools", "coreml"),),
     ),
     # ExecuTorch with the Core ML delegate: lowers on Linux, runs only on Apple devices.
-    "executorch-coreml": Target("executorch-coreml", "folded_slot", "executorch_coreml", _emit_executorch_coreml, None),
+    "executorch-coreml": Target(
+        "executorch-coreml",
+        "folded_slot",
+        "executorch_coreml",
+        _emit_executorch_coreml,
+        None,
+        requires=(("executorch", "executorch"), ("coremltools", "coreml")),
+    ),
 }

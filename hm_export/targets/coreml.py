@@ -5,8 +5,8 @@ constant weights, so only the anchor can be compressed).  The decode program's K
 Core ML states (``ct.StateType``, iOS18+: ``read_state`` / ``write_state`` in the program) and its
 token axis a ``RangeDim``; ``int64`` inputs become ``int32`` (Core ML has no int64 inputs).
 ``MLModel.predict`` exists only on macOS: on other hosts :func:`check_coreml_package` verifies the
-package's structure against the program's I/O and reports numerical checks as skipped;
-``scripts/check_coreml_macos.py`` runs them.
+package's structure against the program's I/O and ``hm-export verify`` / ``check`` report the numerical
+checks as skipped (exit code 3); on macOS the same commands run them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from hm_export.decode import POSITION_INPUT
+from hm_export.errors import ExportError, UsageError
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract
 from hm_export.trace import SlotProgram, TensorIO
 
@@ -43,7 +44,7 @@ def _compress_anchor(model: Any, scheme: str) -> Any:
     if scheme == "palettize4":
         config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=4))
         return cto.palettize_weights(model, config)
-    raise ValueError(f"unknown anchor compression {scheme!r}; choose from {ANCHOR_COMPRESSION}")
+    raise UsageError(f"unknown anchor compression {scheme!r}; choose from {ANCHOR_COMPRESSION}")
 
 
 def emit_coreml(
@@ -56,9 +57,9 @@ def emit_coreml(
     import coremltools as ct
 
     if precision not in PRECISIONS or deployment_target not in DEPLOYMENT_TARGETS:
-        raise ValueError(f"Core ML precision must be one of {PRECISIONS}, target one of {DEPLOYMENT_TARGETS}")
+        raise UsageError(f"Core ML precision must be one of {PRECISIONS}, target one of {DEPLOYMENT_TARGETS}")
     if slot_program.states and deployment_target == "iOS17":
-        raise ValueError(
+        raise UsageError(
             "the decode program's KV cache needs Core ML states: use deployment target iOS18, or --no-decode"
         )
     start = time.perf_counter()
@@ -93,7 +94,7 @@ def emit_coreml(
     io = slot_program.io_dict()
     structure = check_coreml_package(out_dir / package, slot_program.contract, io, precision, anchor_params)
     if not structure["passed"]:
-        raise RuntimeError(f"{out_dir / package}: structural check failed: {structure['problems']}")
+        raise ExportError(f"{out_dir / package}: structural check failed: {structure['problems']}")
     return {
         "runtime": "coreml",
         "files": {"package": package},
@@ -197,7 +198,7 @@ class CoreMLRunner:
     def __init__(self, package: Path, slot_names: list[str], precision: str) -> None:
         import coremltools as ct
 
-        from hm_export.targets import HostUnsupported
+        from hm_export.errors import HostUnsupported
 
         if platform.system() != "Darwin":
             raise HostUnsupported("Core ML prediction needs macOS; on this host only the structure is checked")

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from hm_export.errors import ExportError
 from hm_export.passes.base import SlotPassError
 from hm_export.trace import WINDOW_STEM, SlotProgram
 
@@ -124,7 +125,7 @@ def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: 
         et_program.write_tensor_data_to_file(str(out_dir))
         files["data"] = f"{tag}.ptd"
         if not (out_dir / files["data"]).is_file():
-            raise RuntimeError(f"ExecuTorch did not write {out_dir / files['data']}")
+            raise ExportError(f"ExecuTorch did not write {out_dir / files['data']}")
     seconds["emit"] = time.perf_counter() - start
     return {
         "runtime": "executorch",
@@ -150,11 +151,21 @@ def _load_method(program: Path, data: Path | None, custom_ops: list[str] | None 
     return loaded.load_method("forward")
 
 
+def _io_bounds(method: Any) -> tuple[int, int]:
+    """(most token positions per call, vocabulary of the logits) from the method's metadata: what the program
+    was really built for, whatever a manifest says."""
+    meta = method.metadata
+    return int(meta.input_tensor_meta(0).sizes()[-1]), int(meta.output_tensor_meta(0).sizes()[-1])
+
+
 class ExecuTorchRunner:
     """Runs a bundle's ``.pte`` with the slot tensors bound as inputs."""
 
     def __init__(self, program: Path, data: Path | None = None, custom_ops: list[str] | None = None) -> None:
         self.method = _load_method(program, data, custom_ops)
+
+    def io_bounds(self) -> tuple[int, int]:
+        return _io_bounds(self.method)
 
     def __call__(self, tokens: torch.Tensor, slot: list[torch.Tensor]) -> torch.Tensor:
         return self.method.execute([tokens, *slot])[0]
@@ -172,6 +183,9 @@ class ExecuTorchDecoder:
 
     def reset(self) -> None:
         """Nothing to clear: see the class docstring."""
+
+    def io_bounds(self) -> tuple[int, int]:
+        return _io_bounds(self.method)
 
     def __call__(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor:
         return self.method.execute([tokens, torch.tensor([input_pos]), *slot])[0][0]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from hm_export.decode import POSITION_INPUT, CacheSpec
+from hm_export.errors import BundleError, ExportError, UsageError
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT
 from hm_export.trace import SlotProgram
 
@@ -53,16 +54,27 @@ def emit_onnx(slot_program: SlotProgram, out_dir: Path) -> dict[str, Any]:
     graph = onnx.load(str(out_dir / program_file), load_external_data=False).graph
     graph_inputs = [i.name for i in graph.input]
     if graph_inputs != names:
-        raise RuntimeError(f"{out_dir / program_file}: inputs {graph_inputs} differ from the program's {names}")
+        raise ExportError(f"{out_dir / program_file}: inputs {graph_inputs} differ from the program's {names}")
     initializers = {i.name for i in graph.initializer}
     leaked = [n for n in slot_program.contract.input_names if n in initializers]
     if leaked:
-        raise RuntimeError(f"{out_dir / program_file}: slot tensors stored as weights: {leaked}")
+        raise ExportError(f"{out_dir / program_file}: slot tensors stored as weights: {leaked}")
     return {
         "files": {"program": program_file, "data": f"{program_file}.data"},
         "opset": OPSET,
         "nodes": len(graph.node),
         "seconds": {"export": round(time.perf_counter() - start, 2)},
+    }
+
+
+def external_data_files(program: Path) -> set[str]:
+    """The files, relative to the program's folder, that ``program``'s initializers keep their data in (ONNX
+    Runtime opens them itself: the loader checks first that each is a listed regular file of the bundle)."""
+    import onnx
+
+    model = onnx.load(str(program), load_external_data=False)
+    return {
+        entry.value for tensor in model.graph.initializer for entry in tensor.external_data if entry.key == "location"
     }
 
 
@@ -86,7 +98,7 @@ class _BoundSession:
     def _bind_slot(self, slot: list[torch.Tensor]) -> None:
         for name, tensor in zip(self.slot_names, slot):
             if not tensor.is_contiguous() or tensor.dtype not in _NUMPY_DTYPES:
-                raise ValueError(f"slot input {name} must be a contiguous tensor of {sorted(map(str, _NUMPY_DTYPES))}")
+                raise UsageError(f"slot input {name} must be a contiguous tensor of {sorted(map(str, _NUMPY_DTYPES))}")
             self._bind(name, tensor)
         self._bound = [t.data_ptr() for t in slot]
 
@@ -122,6 +134,11 @@ class OnnxDecoder(_BoundSession):
 
     def __init__(self, program: Path, slot_names: list[str], cache: CacheSpec, threads: int | None = None) -> None:
         super().__init__(program, slot_names, threads)
+        declared = {i.name: i.shape for i in self.session.get_inputs()}
+        for name in cache.names("past"):  # the program's own cache shapes, before allocating the recorded ones
+            if declared.get(name) != list(cache.shape):
+                got, want = declared.get(name), list(cache.shape)
+                raise BundleError(f"{program}: input {name} is {got}, the manifest says {want}")
         self.cache = cache
         self._past, self._present = cache.empty(), cache.empty()
 

@@ -34,6 +34,9 @@ hm_options hm_default_options(void);
 const char* hm_last_error(void);
 
 int hm_open(const char* bundle_dir, const hm_options* options, hm_runtime** out);
+/* As hm_open, and the bundle's manifest must carry an Ed25519 signature by `public_key` (32 raw bytes): the key
+ * the app trusts. Fails when the runtime was built without OpenSSL. */
+int hm_open_signed(const char* bundle_dir, const hm_options* options, const uint8_t public_key[32], hm_runtime** out);
 void hm_close(hm_runtime* runtime);
 
 int hm_num_levels(const hm_runtime* runtime);

@@ -1,7 +1,8 @@
 // hm-export native runtime, C++ API: open a bundle, fill the memory slot level by level, run decode.pte.
 //
 // One Runtime per bundle; not thread-safe (one consumer thread, like executorch::extension::Module).
-// Every failure throws hm::Error whose message names the file and the problem.
+// Every failure throws hm::Error whose message names the file and the problem; no input, however damaged
+// or hostile, makes it read outside the bundle, block, or crash.
 #pragma once
 
 #include <cstdint>
@@ -9,6 +10,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace hm {
@@ -26,7 +28,12 @@ struct CachePolicy {
 };
 
 struct Options {
-  bool verify_files = true;  // size + sha256 of every file listed in the manifest, at open
+  // sha256 of every file listed in the manifest, at open. Off (trusted storage) skips only the hashes: the
+  // manifest's seal, every size, every file type and ExecuTorch's program verification are always checked.
+  bool verify_files = true;
+  // A trusted Ed25519 public key (32 bytes) the bundle's manifest must be signed with; empty: no signature
+  // needed (the manifest's sha256 seal is still checked).
+  std::vector<uint8_t> verify_key;
   CachePolicy cache;
   int threads = 0;  // XNNPACK threadpool size; 0 = leave ExecuTorch's default
 };
@@ -114,6 +121,12 @@ class Runtime {
   // The slot buffers in contract order, e.g. to compare against another loader: float32 for host-fp32;
   // int8 / uint8 (packed int4) codes and float16 scales for fused-int8 / fused-int4.
   const std::string& slot_strategy() const;  // the manifest's slot.strategy (host-fp32 when none recorded)
+
+  // A file the checked manifest lists (e.g. "checks/checks.json"), read inside the bundle through no symlink,
+  // of exactly its declared size.
+  std::string read_listed(const std::string& relative) const;
+  // The manifest's golden checks: {checks file, expected-logits file}, both listed; empty strings when none.
+  std::pair<std::string, std::string> checks_files() const;
   size_t slot_count() const;
   const std::string& slot_name(size_t index) const;
   const std::string& slot_dtype(size_t index) const;  // float32, float16, int8 or uint8

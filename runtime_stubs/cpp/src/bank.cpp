@@ -21,6 +21,7 @@ constexpr uint16_t kBlockVersion = 2;
 constexpr uint16_t kHeaderLength = 52;
 constexpr uint64_t kSectionAlignment = 16;
 constexpr uint64_t kVerifyChunk = 1 << 20;  // verified reads: bytes per pread, checksummed while cache-hot
+constexpr uint64_t kMaxIndexBytes = 256 << 20;
 
 uint64_t pad16(uint64_t n) { return (n + kSectionAlignment - 1) / kSectionAlignment * kSectionAlignment; }
 
@@ -83,10 +84,11 @@ float half_to_float(uint16_t h) {
   return value;
 }
 
-Bank::Bank(const std::string& dir, const MemoryDims& dims, const std::string& expected_schema_hash)
-    : dir_(dir), dims_(dims) {
-  const std::string index_path = dir + "/index.json";
-  json::Value index = read_json(index_path);
+Bank::Bank(std::unique_ptr<Tree> tree, const MemoryDims& dims, const std::string& expected_schema_hash,
+           int64_t index_bytes)
+    : tree_(std::move(tree)), dir_(tree_->root()), dims_(dims) {
+  const std::string index_path = dir_ + "/index.json";
+  json::Value index = parse_json(tree_->read("index.json", "bank index", kMaxIndexBytes, index_bytes), index_path);
   try {
     if (index.at("format", "format").as_string("format") != "hm-export-bank" ||
         index.at("format_version", "format_version").as_int("format_version") != 2)
@@ -140,13 +142,17 @@ Bank::Bank(const std::string& dir, const MemoryDims& dims, const std::string& ex
         if (block.at("level", where).as_int(where) != level || block.at("node", where).as_int(where) != node)
           throw Error(where + ": expected level " + std::to_string(level) + " node " + std::to_string(node));
         Entry entry;
-        entry.file = safe_join(dir, block.at("file", where).as_string(where + ".file"), index_path);
-        entry.offset = static_cast<uint64_t>(block.at("offset", where).as_int(where + ".offset"));
-        entry.crc32 = static_cast<uint32_t>(block.at("crc32", where).as_int(where + ".crc32"));
-        uint64_t length = static_cast<uint64_t>(block.at("length", where).as_int(where + ".length"));
-        if (entry.offset < kPageSize || entry.offset % kPageSize != 0)
-          throw Error(where + ": offset " + std::to_string(entry.offset) + " is not a positive multiple of 4096");
-        if (length != levels_[level].payload_length)
+        entry.file = block.at("file", where).as_string(where + ".file");
+        safe_join(dir_, entry.file, index_path + ": " + where + ".file");
+        const int64_t offset = block.at("offset", where).as_int(where + ".offset");
+        const int64_t crc = block.at("crc32", where).as_int(where + ".crc32");
+        const int64_t length = block.at("length", where).as_int(where + ".length");
+        if (offset < static_cast<int64_t>(kPageSize) || offset % kPageSize != 0 || offset > (1ll << 50))
+          throw Error(where + ": offset " + std::to_string(offset) + " is not a positive multiple of 4096");
+        if (crc < 0 || crc > 0xFFFFFFFFll) throw Error(where + ": crc32 is not a 32-bit unsigned integer");
+        entry.offset = static_cast<uint64_t>(offset);
+        entry.crc32 = static_cast<uint32_t>(crc);
+        if (length < 0 || static_cast<uint64_t>(length) != levels_[level].payload_length)
           throw Error(where + ": length " + std::to_string(length) + ", the level's scheme and dims give " +
                       std::to_string(levels_[level].payload_length));
         if (block.at("scheme", where).as_string(where) != levels_[level].scheme)
@@ -156,14 +162,47 @@ Bank::Bank(const std::string& dir, const MemoryDims& dims, const std::string& ex
     }
     if (position != blocks.size()) throw Error("blocks: more entries than the tree has nodes");
   } catch (const std::runtime_error& e) {
-    throw Error(index_path + ": " + e.what());
+    const std::string what = e.what();
+    throw Error(what.rfind(index_path, 0) == 0 ? what : index_path + ": " + what);
   }
-  if (packed_)
-    for (int level = 0; level < dims.num_levels(); ++level) {
-      const std::string& pack = entries_[level].front().file;
-      levels_[level].pack_fd = ::open(pack.c_str(), O_RDONLY | O_CLOEXEC);
-      if (levels_[level].pack_fd < 0) throw Error(pack + ": cannot open: " + std::strerror(errno));
+  try {
+    if (packed_)
+      for (int level = 0; level < dims.num_levels(); ++level) {
+        const std::string& pack = entries_[level].front().file;
+        levels_[level].pack_fd = tree_->open(pack, "level " + std::to_string(level) + " pack");
+      }
+    check_level_files();
+  } catch (...) {
+    for (Level& level : levels_)
+      if (level.pack_fd >= 0) ::close(level.pack_fd), level.pack_fd = -1;
+    throw;
+  }
+}
+
+uint64_t Bank::file_size(const std::string& file) const {
+  const int fd = tree_->open(file, "block file");
+  struct stat info {};
+  ::fstat(fd, &info);
+  ::close(fd);
+  return static_cast<uint64_t>(info.st_size);
+}
+
+void Bank::check_level_files() const {
+  for (int level = 0; level < dims_.num_levels(); ++level) {
+    const Entry& first = entries_[level].front();  // every other block is checked when it is read
+    const uint64_t need = first.offset + levels_[level].payload_length;
+    uint64_t have = 0;
+    if (packed_) {
+      struct stat info {};
+      ::fstat(levels_[level].pack_fd, &info);
+      have = static_cast<uint64_t>(info.st_size);
+    } else {
+      have = file_size(first.file);
     }
+    if (have < need)
+      throw Error(dir_ + "/" + first.file + ": " + std::to_string(have) + " bytes, the index needs " +
+                  std::to_string(need) + " (truncated, or an index that does not describe this bank)");
+  }
 }
 
 Bank::~Bank() {
@@ -195,11 +234,9 @@ void Bank::read(int level, int node, uint8_t* buffer, bool verify) const {
   const Entry& e = entry(level, node);
   const Level& scheme = levels_[level];
   const std::string block = "block (level " + std::to_string(level) + ", node " + std::to_string(node) + ")";
+  const std::string path = dir_ + "/" + e.file;
   int fd = scheme.pack_fd;
-  if (fd < 0) {
-    fd = ::open(e.file.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) throw Error(e.file + ": cannot open " + block + ": " + std::strerror(errno));
-  }
+  if (fd < 0) fd = tree_->open(e.file, block);
   const uint64_t size = block_size(level), start = e.offset - kPageSize;
   uint64_t done = 0;
   uint32_t crc = 0;  // running CRC-32 of the payload read so far
@@ -221,16 +258,16 @@ void Bank::read(int level, int node, uint8_t* buffer, bool verify) const {
   struct stat info {};
   ::fstat(fd, &info);
   if (scheme.pack_fd < 0) ::close(fd);
-  if (read_errno) throw Error(e.file + ": cannot read " + block + ": " + std::strerror(read_errno));
+  if (read_errno) throw Error(path + ": cannot read " + block + ": " + std::strerror(read_errno));
   if (done < size)
-    throw Error(e.file + ": truncated: " + block + " needs bytes [" + std::to_string(start) + ", " +
+    throw Error(path + ": truncated: " + block + " needs bytes [" + std::to_string(start) + ", " +
                 std::to_string(start + size) + "), the file has " + std::to_string(info.st_size));
   auto mismatch = [&](const char* field, uint64_t got, uint64_t want) {
     if (got != want)
-      throw Error(e.file + ": " + block + " header " + field + " is " + std::to_string(got) + ", the index says " +
+      throw Error(path + ": " + block + " header " + field + " is " + std::to_string(got) + ", the index says " +
                   std::to_string(want));
   };
-  if (std::memcmp(buffer, "HMBK", 4) != 0) throw Error(e.file + ": " + block + ": bad magic (not an HMBK block)");
+  if (std::memcmp(buffer, "HMBK", 4) != 0) throw Error(path + ": " + block + ": bad magic (not an HMBK block)");
   mismatch("version", load_u16(buffer + 4), kBlockVersion);
   mismatch("header_length", load_u16(buffer + 6), kHeaderLength);
   mismatch("scheme_id", load_u16(buffer + 8), scheme.scheme_id);
@@ -245,7 +282,7 @@ void Bank::read(int level, int node, uint8_t* buffer, bool verify) const {
   mismatch("crc32", load_u32(buffer + 48), e.crc32);
   if (verify) {
     if (crc != e.crc32)
-      throw Error(e.file + ": " + block + ": checksum mismatch (payload CRC-32 " + std::to_string(crc) +
+      throw Error(path + ": " + block + ": checksum mismatch (payload CRC-32 " + std::to_string(crc) +
                   ", expected " + std::to_string(e.crc32) + "): the block is corrupt");
   }
 }

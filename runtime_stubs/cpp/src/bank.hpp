@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "files.hpp"
 #include "hm_runtime.hpp"
 
 namespace hm {
@@ -65,8 +66,11 @@ float half_to_float(uint16_t bits);
 
 class Bank {
  public:
-  // Parses and checks `dir`/index.json against the model dims and the manifest's bank schema hash.
-  Bank(const std::string& dir, const MemoryDims& dims, const std::string& expected_schema_hash);
+  // Parses and checks index.json in `tree` (exactly `index_bytes` long, as the manifest declares) against the
+  // model dims and the manifest's bank schema hash, and checks each level's first block file (or pack) is as
+  // large as the index says, so buffers sized from the index are bounded by data really on disk.
+  Bank(std::unique_ptr<Tree> tree, const MemoryDims& dims, const std::string& expected_schema_hash,
+       int64_t index_bytes);
   ~Bank();
   Bank(const Bank&) = delete;
   Bank& operator=(const Bank&) = delete;
@@ -91,7 +95,7 @@ class Bank {
     int pack_fd = -1;  // layout per-level: the level's pack, kept open
   };
   struct Entry {
-    std::string file;
+    std::string file;  // relative to the bank directory
     uint64_t offset = 0;
     uint32_t crc32 = 0;
   };
@@ -101,6 +105,10 @@ class Bank {
   int block_group(int level, int rows) const;  // rows per block scale (int8: all rows)
   const Entry& entry(int level, int node) const;
 
+  void check_level_files() const;
+  uint64_t file_size(const std::string& file) const;
+
+  std::unique_ptr<Tree> tree_;
   std::string dir_;
   MemoryDims dims_;
   bool packed_ = false;

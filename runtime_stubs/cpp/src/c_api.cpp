@@ -45,15 +45,20 @@ hm_options hm_default_options(void) {
 
 const char* hm_last_error(void) { return last_error.c_str(); }
 
-int hm_open(const char* bundle_dir, const hm_options* options, hm_runtime** out) {
+int hm_open_signed(const char* bundle_dir, const hm_options* options, const uint8_t public_key[32], hm_runtime** out) {
   return guarded([&] {
     hm_options given = options ? *options : hm_default_options();
     hm::Options converted;
     converted.verify_files = given.verify_files != 0;
     converted.cache = {given.resident_levels, given.cache_bytes, given.verify_blocks != 0};
     converted.threads = given.threads;
+    if (public_key != nullptr) converted.verify_key.assign(public_key, public_key + 32);
     *out = new hm_runtime(bundle_dir, converted);
   });
+}
+
+int hm_open(const char* bundle_dir, const hm_options* options, hm_runtime** out) {
+  return hm_open_signed(bundle_dir, options, nullptr, out);
 }
 
 void hm_close(hm_runtime* runtime) { delete runtime; }

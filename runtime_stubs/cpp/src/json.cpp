@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <stdexcept>
+#include <unordered_set>
 
 namespace hm::json {
 namespace {
@@ -58,9 +59,11 @@ class Parser {
       value.kind = Value::Kind::Object;
       ++pos_;
       if (consume('}')) return value;
+      std::unordered_set<std::string> keys;  // a duplicate key would mean one thing here, another in Python
       do {
         skip_space();
         std::string key = parse_string();
+        if (!keys.insert(key).second) fail("duplicate key '" + key.substr(0, 80) + "'");
         expect(':');
         value.object.emplace_back(std::move(key), parse_value(depth + 1));
       } while (consume(','));
@@ -100,6 +103,7 @@ class Parser {
     char* end = nullptr;
     double number = std::strtod(digits.c_str(), &end);
     if (digits.empty() || end != digits.c_str() + digits.size()) fail("bad number");
+    if (!std::isfinite(number)) fail("number out of range");
     return number;
   }
 

@@ -1,5 +1,7 @@
 // A tiny JSON reader (RFC 8259; numbers as double, exact for integers up to 2^53).
 // Enough for manifest.json, index.json, checks.json and safetensors headers; not a general library.
+// Strict like hm_export.formats.parse_json: nesting deeper than 64, non-finite numbers and duplicate keys
+// are refused, so a file cannot mean one thing to this reader and another to Python's.
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,13 @@
-// hm::Runtime: bundle validation (manifest, files, slot contract), slot filling, decode.pte through
+// hm::Runtime: bundle validation (seal, manifest, files, slot contract), slot filling, decode.pte through
 // executorch::extension::Module with the XNNPACK delegate.
+//
+// Nothing read from the bundle is trusted before it is checked: the manifest's bytes against bundle.sig
+// (and a signature, given a key), every size and count against fixed limits and the files on disk, every
+// file opened inside the bundle through no symlink (Tree), the program with ExecuTorch's full verification.
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
+
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -13,12 +19,14 @@
 #include <numeric>
 #include <optional>
 #include <random>
+#include <regex>
 #include <set>
 #include <thread>
 
 #include "bank.hpp"
 #include "files.hpp"
 #include "hm_runtime.hpp"
+#include "integrity.hpp"
 #include "slot.hpp"
 #include "tokenizer.hpp"
 
@@ -40,6 +48,12 @@ using executorch::runtime::EValue;
 using Clock = std::chrono::steady_clock;
 
 constexpr size_t kInputPadding = 16;  // XNNPACK may read up to 16 bytes past an input (XNN_EXTRA_BYTES)
+// The bounds of hm_export.config.LIMITS: far above any model, low enough that no product overflows.
+constexpr int64_t kMaxVocab = 1 << 22, kMaxDModel = 1 << 16, kMaxLayers = 1 << 10, kMaxSeqLen = 1 << 20;
+constexpr int64_t kMaxBranching = 1 << 16, kMaxWidth = 1 << 16, kMaxNodes = 1 << 24, kMaxLevels = 16;
+constexpr uint64_t kMaxManifestBytes = 64 << 20, kMaxRouterBytes = 1ull << 32;
+constexpr int64_t kMaxRouterTokens = 1 << 16;
+constexpr int64_t kMaxFileBytes = 1ll << 44;
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -53,10 +67,24 @@ executorch::aten::ScalarType scalar_type(const std::string& dtype) {
   return ScalarType::Float;
 }
 
-std::vector<int> to_ints(const json::Value& value, const std::string& what) {
+// A list of integers each in [lo, hi] (so the cast to int is exact); throws naming `what`.
+std::vector<int> to_ints(const json::Value& value, const std::string& what, int64_t lo = 0, int64_t hi = INT32_MAX) {
   std::vector<int> out;
-  for (int64_t v : value.as_int_list(what)) out.push_back(static_cast<int>(v));
+  for (int64_t v : value.as_int_list(what)) {
+    if (v < lo || v > hi)
+      throw std::runtime_error(what + ": " + std::to_string(v) + " is outside [" + std::to_string(lo) + ", " +
+                               std::to_string(hi) + "]");
+    out.push_back(static_cast<int>(v));
+  }
   return out;
+}
+
+int bounded(const json::Value& value, const std::string& what, int64_t lo, int64_t hi) {
+  const int64_t v = value.as_int(what);
+  if (v < lo || v > hi)
+    throw std::runtime_error(what + ": " + std::to_string(v) + " is outside [" + std::to_string(lo) + ", " +
+                             std::to_string(hi) + "]");
+  return static_cast<int>(v);
 }
 
 // The next token from the last position's logits: argmax at temperature 0 (the first maximum, like torch's
@@ -236,6 +264,8 @@ struct SlotBuffer {
 
 struct Runtime::Impl {
   std::string root, manifest_path;
+  std::unique_ptr<Tree> tree;  // every bundle file is opened through it
+  std::vector<int> program_fds;  // the programs ExecuTorch maps, held open (it opens them by fd path)
   json::Value manifest;
   MemoryDims dims;
   SlotLayout layout;
@@ -253,17 +283,29 @@ struct Runtime::Impl {
   std::mutex router_mutex, tokenizer_mutex;
   std::unique_ptr<Tokenizer> router_tokenizer, lm_tokenizer;
   std::unique_ptr<Module> router_module;
+  int64_t router_min_tokens = 0, router_max_tokens = 0;  // the router program's token axis (program_io)
+  std::string router_program_path, router_tokenizer_path;  // for errors
   std::string last_context;
   std::vector<int> last_route;
   std::unique_ptr<Prefetcher> prefetcher;  // last: its thread stops before the bank and cache go
 
+  ~Impl() {
+    prefetcher.reset();  // its thread may be running the router program
+    router_module.reset();
+    module.reset();
+    for (int fd : program_fds) ::close(fd);
+  }
   [[noreturn]] void refuse(const std::string& why) const { throw Error(manifest_path + ": " + why); }
-  void verify_files() const;
+  void check_files(bool hashes) const;
+  int64_t listed_size(const std::string& relative) const;
+  std::string read_listed(const std::string& relative, const std::string& what, uint64_t limit) const;
+  std::string open_program(const std::string& relative, const std::string& what);
   void read_model();
   void check_slot_contract();
   void check_tensor(const json::Value& tensor, const TensorSpec& want, const std::string& where) const;
   void bind_views(const SlotBuffer& codes, const SlotBuffer* scales);
   void open_program(const Options& options);
+  void check_method(const std::string& program) const;
   void read_router();
   void load_router_program();
   std::vector<float> embed(const std::string& context);
@@ -271,37 +313,81 @@ struct Runtime::Impl {
   std::vector<float> run(const std::vector<int64_t>& tokens, int64_t input_pos);
 };
 
-void Runtime::Impl::verify_files() const {
+// Every listed file: a regular file inside the bundle of its declared size; with `hashes`, also its sha256
+// (trusted storage skips only the hashes).
+void Runtime::Impl::check_files(bool hashes) const {
+  const json::Value& files = manifest.at("files", "files");
+  if (files.kind != json::Value::Kind::Object) refuse("files: expected an object");
+  static const std::regex sha256("^[0-9a-f]{64}$");
   std::string problems;
-  for (const auto& [relative, entry] : manifest.at("files", "files").object) {
-    std::string path = safe_join(root, relative, manifest_path + ": files");
-    uint64_t size = 0;
-    std::string digest;
+  for (const auto& [relative, entry] : files.object) {
+    const int64_t bytes = entry.at("bytes", relative).as_int("files." + relative + ".bytes");
+    const std::string& digest = entry.at("sha256", relative).as_string("files." + relative + ".sha256");
+    if (bytes < 0 || bytes > kMaxFileBytes || !std::regex_match(digest, sha256))
+      refuse("files." + relative + ": bytes or sha256 out of range");
+    const std::string path = root + "/" + relative;
     try {
-      digest = sha256_file(path, &size);
+      const int fd = tree->open(relative, "a listed file");
+      struct Close {
+        int fd;
+        ~Close() { ::close(fd); }
+      } close{fd};
+      const int64_t size = static_cast<int64_t>(::lseek(fd, 0, SEEK_END));
+      if (size != bytes)
+        problems += "\n  " + path + ": " + std::to_string(size) + " bytes, the manifest records " + std::to_string(bytes);
+      else if (hashes && sha256_fd(fd, path, static_cast<uint64_t>(size)) != digest)
+        problems += "\n  " + path + ": sha256 differs from the manifest's (file modified)";
     } catch (const Error& e) {
       problems += std::string("\n  ") + e.what();
-      continue;
     }
-    if (static_cast<int64_t>(size) != entry.at("bytes", relative).as_int(relative + ".bytes"))
-      problems += "\n  " + path + ": " + std::to_string(size) + " bytes, the manifest records " +
-                  std::to_string(entry.at("bytes", relative).as_int(relative));
-    else if (digest != entry.at("sha256", relative).as_string(relative + ".sha256"))
-      problems += "\n  " + path + ": sha256 differs from the manifest's (file modified)";
   }
   if (!problems.empty()) refuse("files do not match the manifest:" + problems);
 }
 
+// The declared size of a file the manifest names elsewhere (tokenizer, router, checks, programs): it must be
+// listed, so it was checked by check_files and its reads are capped by it.
+int64_t Runtime::Impl::listed_size(const std::string& relative) const {
+  const json::Value* entry = manifest.at("files", "files").find(relative);
+  if (entry == nullptr) refuse("'" + relative + "' is not listed in 'files' (no size or sha256 to check it by)");
+  return entry->at("bytes", relative).as_int("files." + relative + ".bytes");
+}
+
 void Runtime::Impl::read_model() {
   const json::Value& model = manifest.at("model", "model");
-  dims.d_model = static_cast<int>(model.at("d_model", "model").as_int("model.d_model"));
-  vocab = static_cast<int>(model.at("vocab_size", "model").as_int("model.vocab_size"));
-  max_seq_len = static_cast<int>(model.at("max_seq_len", "model").as_int("model.max_seq_len"));
+  dims.d_model = bounded(model.at("d_model", "model"), "model.d_model", 1, kMaxDModel);
+  vocab = bounded(model.at("vocab_size", "model"), "model.vocab_size", 1, kMaxVocab);
+  max_seq_len = bounded(model.at("max_seq_len", "model"), "model.max_seq_len", 1, kMaxSeqLen);
+  const int n_layers = bounded(model.at("n_layers", "model"), "model.n_layers", 1, kMaxLayers);
   const json::Value& memory = model.at("memory", "model.memory");
-  dims.branching = to_ints(memory.at("branching", "model.memory"), "model.memory.branching");
-  dims.widths = to_ints(memory.at("widths", "model.memory"), "model.memory.widths");
-  dims.layers = to_ints(memory.at("layers", "model.memory"), "model.memory.layers");
-  if (dims.branching.size() != dims.widths.size() || dims.widths.empty()) refuse("model.memory: bad tree");
+  dims.branching = to_ints(memory.at("branching", "model.memory"), "model.memory.branching", 1, kMaxBranching);
+  dims.widths = to_ints(memory.at("widths", "model.memory"), "model.memory.widths", 1, kMaxWidth);
+  dims.layers = to_ints(memory.at("layers", "model.memory"), "model.memory.layers", 0, n_layers - 1);
+  if (dims.branching.size() != dims.widths.size() || dims.widths.empty() ||
+      dims.widths.size() > static_cast<size_t>(kMaxLevels))
+    refuse("model.memory: branching and widths must have one entry per level (1 to 16 levels)");
+  int64_t nodes = 0, level_nodes = 1;
+  for (int k : dims.branching) {
+    level_nodes *= k;  // <= kMaxNodes * kMaxBranching before the check below: no overflow
+    nodes += level_nodes;
+    if (nodes > kMaxNodes) refuse("model.memory.branching: more than " + std::to_string(kMaxNodes) + " nodes");
+  }
+  if (dims.layers.empty()) refuse("model.memory.layers: empty");
+  for (size_t i = 1; i < dims.layers.size(); ++i)
+    if (dims.layers[i] <= dims.layers[i - 1]) refuse("model.memory.layers: not strictly ascending");
+}
+
+// Opens a program file inside the bundle (no symlink, regular, listed) and returns the path ExecuTorch opens:
+// the descriptor's own path, so what it maps is exactly the file checked here.
+std::string Runtime::Impl::open_program(const std::string& relative, const std::string& what) {
+  listed_size(relative);
+  program_fds.push_back(tree->open(relative, what));
+  return fd_path(program_fds.back());
+}
+
+// A file the manifest names (tokenizer, router, checks): listed, read inside the bundle, exactly its listed
+// size and at most `limit` bytes.
+std::string Runtime::Impl::read_listed(const std::string& relative, const std::string& what, uint64_t limit) const {
+  return tree->read(relative, what, limit, listed_size(relative));
 }
 
 // The slot contract must be exactly what SlotLayout.contract (SlotContract.for_model for a float32 slot) gives
@@ -392,6 +478,7 @@ void Runtime::Impl::open_program(const Options& options) {
     refuse("no executorch decode program (export with --target executorch and without --no-decode)");
   const json::Value& decode = target->at("decode", "targets.executorch.decode");
   const json::Value& files = decode.at("files", "targets.executorch.decode.files");
+  if (files.kind != json::Value::Kind::Object) refuse("targets.executorch.decode.files: expected an object");
   // The decode program's inputs: tokens, input_pos, then the slot in contract order.
   std::vector<std::string> inputs;
   for (const json::Value& input : decode.at("io", "decode").at("inputs", "decode.io").as_array("decode.io.inputs"))
@@ -399,27 +486,59 @@ void Runtime::Impl::open_program(const Options& options) {
   std::vector<std::string> expected = {"tokens", "input_pos"};
   for (const SlotBuffer& buffer : slot) expected.push_back(buffer.spec.name);
   if (inputs != expected) refuse("decode program inputs differ from tokens, input_pos and the slot contract");
-  const std::string program =
-      safe_join(root, files.at("program", "decode.files").as_string("decode.files.program"), manifest_path);
+  const std::string relative = files.at("program", "decode.files").as_string("decode.files.program");
+  const std::string program = root + "/" + relative, program_fd = open_program(relative, "decode program");
   if (const json::Value* data = files.find("data"))
-    module = std::make_unique<Module>(program, safe_join(root, data->as_string("data"), manifest_path),
-                                      Module::LoadMode::Mmap);
+    module = std::make_unique<Module>(
+        program_fd, open_program(data->as_string("decode.files.data"), "decode program data"), Module::LoadMode::Mmap);
   else
-    module = std::make_unique<Module>(program, Module::LoadMode::Mmap);
+    module = std::make_unique<Module>(program_fd, Module::LoadMode::Mmap);
   if (options.threads > 0) executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(options.threads);
+  // Full verification always: trusted storage (verify_files off) skips the sha256s, not this.
+  if (module->load(executorch::runtime::Program::Verification::InternalConsistency) != executorch::runtime::Error::Ok)
+    throw Error(program + ": ExecuTorch refuses the program (it fails verification: corrupt or not a .pte)");
   if (module->load_method("forward") != executorch::runtime::Error::Ok)
     throw Error(program + ": ExecuTorch cannot load method 'forward' (corrupt program or a missing kernel/backend)");
+  check_method(program);
   for (SlotBuffer& buffer : slot)  // bound once: filling the slot writes into these buffers
     buffer.tensor = executorch::extension::from_blob(
         buffer.data.data(), {buffer.spec.shape[0], buffer.spec.shape[1], buffer.spec.shape[2]},
         scalar_type(buffer.spec.dtype));
 }
 
+// The program must be the one the manifest describes: tokens of up to max_seq_len positions (its KV cache),
+// float32 logits of the manifest's vocabulary, the slot tensors with their shapes and dtypes. A manifest that
+// disagrees (an edited vocab_size, a larger max_seq_len) is refused here rather than trusted at run time.
+void Runtime::Impl::check_method(const std::string& program) const {
+  auto meta = module->method_meta("forward");
+  if (!meta.ok()) throw Error(program + ": no metadata for method 'forward'");
+  auto refuse_program = [&](const std::string& why) { throw Error(program + ": " + why); };
+  if (meta->num_inputs() != 2 + slot.size() || meta->num_outputs() < 1)
+    refuse_program("inputs or outputs differ from tokens, input_pos, the slot -> logits");
+  auto tokens = meta->input_tensor_meta(0);
+  if (!tokens.ok() || tokens->sizes().size() != 2 || tokens->sizes()[1] < max_seq_len)
+    refuse_program("its tokens input holds fewer than the manifest's max_seq_len " + std::to_string(max_seq_len) +
+                   " positions");
+  auto logits = meta->output_tensor_meta(0);
+  if (!logits.ok() || logits->sizes().size() != 3 || logits->sizes()[2] != vocab ||
+      logits->scalar_type() != executorch::aten::ScalarType::Float)
+    refuse_program("its logits are not float32 [1, n, " + std::to_string(vocab) + "] (the manifest's vocab_size)");
+  for (size_t t = 0; t < slot.size(); ++t) {
+    auto input = meta->input_tensor_meta(2 + t);
+    const TensorSpec& spec = slot[t].spec;
+    bool same = input.ok() && input->sizes().size() == spec.shape.size() &&
+                input->scalar_type() == scalar_type(spec.dtype);
+    for (size_t d = 0; same && d < spec.shape.size(); ++d) same = input->sizes()[d] == spec.shape[d];
+    if (!same) refuse_program("slot input " + spec.name + " differs from the slot contract");
+  }
+}
+
 void Runtime::Impl::read_router() {
   const json::Value& router = manifest.at("router", "router");
-  const std::string file = safe_join(root, router.at("file", "router").as_string("router.file"), manifest_path);
-  embed_dim = static_cast<int>(router.at("dim", "router").as_int("router.dim"));
-  auto tensors = read_safetensors(file);
+  const std::string relative = router.at("file", "router").as_string("router.file");
+  const std::string file = root + "/" + relative;
+  embed_dim = bounded(router.at("dim", "router"), "router.dim", 1, 1 << 16);
+  auto tensors = parse_safetensors(read_listed(relative, "router", kMaxRouterBytes), file);
   for (int level = 0; level < dims.num_levels(); ++level) {
     auto it = tensors.find("level" + std::to_string(level));
     if (it == tensors.end() || it->second.shape != std::vector<int64_t>{dims.nodes_at(level), embed_dim})
@@ -429,6 +548,9 @@ void Runtime::Impl::read_router() {
   }
 }
 
+// The router tokenizer and the ExecuTorch router program (manifest router.tokenizer, router.program_io,
+// router.programs.executorch), read like every other bundle file: listed, inside the bundle, capped by their
+// listed sizes, the program fully verified by ExecuTorch and its method checked against program_io.
 void Runtime::Impl::load_router_program() {
   if (router_module) return;
   const json::Value& router = manifest.at("router", "router");
@@ -437,31 +559,71 @@ void Runtime::Impl::load_router_program() {
   if (program == nullptr || router.find("tokenizer") == nullptr)
     refuse("the bundle has no executorch router program (re-export with --target executorch, without "
            "--no-router-program), or route with an embedding (route()) or a path (set_path())");
-  const json::Value& tokenizer = router.at("tokenizer", "router.tokenizer");
-  router_tokenizer = std::make_unique<Tokenizer>(
-      safe_join(root, tokenizer.at("file", "router.tokenizer").as_string("router.tokenizer.file"), manifest_path));
-  const std::string file = safe_join(
-      root, program->at("files", "router.programs.executorch").at("program", "files").as_string("program"), manifest_path);
-  auto loaded = std::make_unique<Module>(file, Module::LoadMode::Mmap);
-  if (loaded->load_method("forward") != executorch::runtime::Error::Ok)
-    throw Error(file + ": ExecuTorch cannot load method 'forward' (corrupt program or a missing kernel/backend)");
-  router_module = std::move(loaded);
+  try {
+    const std::string tokenizer_file =
+        router.at("tokenizer", "router").at("file", "router.tokenizer").as_string("router.tokenizer.file");
+    const json::Value& input = router.at("program_io", "router")
+                                   .at("inputs", "router.program_io")
+                                   .as_array("router.program_io.inputs")
+                                   .at(0);
+    const std::vector<int64_t> tokens = input.at("tokens", "router.program_io.inputs[0]")
+                                            .as_int_list("router.program_io.inputs[0].tokens");
+    if (tokens.size() != 2 || tokens[0] < 1 || tokens[1] < tokens[0] || tokens[1] > kMaxRouterTokens)
+      refuse("router.program_io.inputs[0].tokens: expected [min, max] with 1 <= min <= max <= " +
+             std::to_string(kMaxRouterTokens));
+    router_min_tokens = tokens[0], router_max_tokens = tokens[1];
+    const std::string relative = program->at("files", "router.programs.executorch")
+                                     .at("program", "router.programs.executorch.files")
+                                     .as_string("router.programs.executorch.files.program");
+    auto tokenizer = std::make_unique<Tokenizer>(
+        read_listed(tokenizer_file, "router tokenizer", Tokenizer::kMaxBytes), root + "/" + tokenizer_file);
+    const std::string file = root + "/" + relative;
+    auto loaded = std::make_unique<Module>(open_program(relative, "router program"), Module::LoadMode::Mmap);
+    if (loaded->load(executorch::runtime::Program::Verification::InternalConsistency) != executorch::runtime::Error::Ok)
+      throw Error(file + ": ExecuTorch refuses the router program (it fails verification: corrupt or not a .pte)");
+    if (loaded->load_method("forward") != executorch::runtime::Error::Ok)
+      throw Error(file + ": ExecuTorch cannot load method 'forward' (corrupt program or a missing kernel/backend)");
+    auto meta = loaded->method_meta("forward");
+    if (!meta.ok() || meta->num_inputs() != 1 || meta->num_outputs() < 1)
+      throw Error(file + ": the router program does not take input_ids and return an embedding");
+    auto in = meta->input_tensor_meta(0);
+    auto out = meta->output_tensor_meta(0);
+    if (!in.ok() || in->sizes().size() != 2 || in->scalar_type() != executorch::aten::ScalarType::Long ||
+        !out.ok() || out->scalar_type() != executorch::aten::ScalarType::Float)
+      throw Error(file + ": the router program's I/O is not int64 input_ids [1, n] -> float32 embedding");
+    router_tokenizer = std::move(tokenizer);
+    router_module = std::move(loaded);
+    router_program_path = file, router_tokenizer_path = root + "/" + tokenizer_file;
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {  // a field of the wrong type or missing
+    refuse(e.what());
+  }
 }
 
 std::vector<float> Runtime::Impl::embed(const std::string& context) {
   std::lock_guard<std::mutex> lock(router_mutex);
   load_router_program();
   std::vector<int64_t> ids = router_tokenizer->encode(context);
-  const int n = static_cast<int>(ids.size());
-  auto input = executorch::extension::make_tensor_ptr({1, n}, std::move(ids));
+  const int64_t n = static_cast<int64_t>(ids.size());
+  if (n < router_min_tokens || n > router_max_tokens)
+    throw Error(router_tokenizer_path + ": gave " + std::to_string(n) + " tokens, the router program takes " +
+                std::to_string(router_min_tokens) + " to " + std::to_string(router_max_tokens));
+  auto input = executorch::extension::make_tensor_ptr({1, static_cast<int>(n)}, std::move(ids));
   auto result = router_module->forward({EValue(*input)});
   if (!result.ok())
-    throw Error("router program failed (ExecuTorch error " + std::to_string(static_cast<int>(result.error())) + ")");
+    throw Error(router_program_path + ": the router program failed (ExecuTorch error " +
+                std::to_string(static_cast<int>(result.error())) + ")");
+  if (result->empty() || !result->at(0).isTensor())
+    throw Error(router_program_path + ": the router program returned no embedding tensor");
   const auto& out = result->at(0).toTensor();
-  if (out.numel() != embed_dim)
-    throw Error("router program returned " + std::to_string(out.numel()) + " values, the tree has dim " +
-                std::to_string(embed_dim));
-  return std::vector<float>(out.const_data_ptr<float>(), out.const_data_ptr<float>() + out.numel());
+  if (out.scalar_type() != executorch::aten::ScalarType::Float || out.numel() != embed_dim)
+    throw Error(router_program_path + ": the router program returned " + std::to_string(out.numel()) +
+                " values, the tree has dim " + std::to_string(embed_dim));
+  std::vector<float> embedding(out.const_data_ptr<float>(), out.const_data_ptr<float>() + out.numel());
+  for (float v : embedding)
+    if (!std::isfinite(v)) throw Error(router_program_path + ": the router program returned a non-finite embedding");
+  return embedding;
 }
 
 const Tokenizer& Runtime::Impl::lm() {
@@ -469,14 +631,28 @@ const Tokenizer& Runtime::Impl::lm() {
   if (!lm_tokenizer) {
     const json::Value* tokenizer = manifest.find("tokenizer");
     if (tokenizer == nullptr) refuse("no tokenizer section");
-    lm_tokenizer = std::make_unique<Tokenizer>(
-        safe_join(root, tokenizer->at("file", "tokenizer").as_string("tokenizer.file"), manifest_path));
+    try {
+      const std::string relative = tokenizer->at("file", "tokenizer").as_string("tokenizer.file");
+      auto loaded = std::make_unique<Tokenizer>(read_listed(relative, "tokenizer", Tokenizer::kMaxBytes),
+                                                root + "/" + relative);
+      if (loaded->vocab_size() > vocab)
+        throw Error(root + "/" + relative + ": " + std::to_string(loaded->vocab_size()) +
+                    " tokens, more than the model's vocab_size " + std::to_string(vocab));
+      lm_tokenizer = std::move(loaded);
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      refuse(e.what());
+    }
   }
   return *lm_tokenizer;
 }
 
 std::vector<float> Runtime::Impl::run(const std::vector<int64_t>& tokens, int64_t input_pos) {
   const int n = static_cast<int>(tokens.size());
+  for (int64_t token : tokens)  // an id outside the vocabulary would index the embedding out of bounds
+    if (token < 0 || token >= vocab)
+      throw Error("token id " + std::to_string(token) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
   auto token_tensor = executorch::extension::make_tensor_ptr({1, n}, std::vector<int64_t>(tokens));
   auto pos_tensor = executorch::extension::make_tensor_ptr({1}, std::vector<int64_t>{input_pos});
   std::vector<EValue> inputs = {EValue(*token_tensor), EValue(*pos_tensor)};
@@ -484,7 +660,12 @@ std::vector<float> Runtime::Impl::run(const std::vector<int64_t>& tokens, int64_
   auto result = module->forward(inputs);
   if (!result.ok())
     throw Error("decode program failed (ExecuTorch error " + std::to_string(static_cast<int>(result.error())) + ")");
+  if (result->empty() || !result->at(0).isTensor())
+    throw Error("decode program returned no logits tensor");
   const auto& logits = result->at(0).toTensor();
+  if (logits.scalar_type() != executorch::aten::ScalarType::Float || logits.numel() != static_cast<ssize_t>(n) * vocab)
+    throw Error("decode program returned " + std::to_string(logits.numel()) + " logits for " + std::to_string(n) +
+                " tokens, expected " + std::to_string(static_cast<int64_t>(n) * vocab) + " float32 values");
   const float* data = logits.const_data_ptr<float>();
   return std::vector<float>(data, data + logits.numel());
 }
@@ -494,7 +675,12 @@ Runtime::Runtime(const std::string& bundle_dir, const Options& options) : impl_(
   m.options = options;
   m.root = bundle_dir;
   m.manifest_path = bundle_dir + "/manifest.json";
-  m.manifest = read_json(m.manifest_path);
+  m.tree = std::make_unique<Tree>(bundle_dir, "bundle");
+  {  // the seal is checked on the manifest's bytes before a single field is read
+    const std::string bytes = m.tree->read("manifest.json", "bundle manifest", kMaxManifestBytes);
+    check_seal(*m.tree, bytes, options.verify_key);
+    m.manifest = parse_json(bytes, m.manifest_path);
+  }
   try {
     const json::Value* format = m.manifest.find("format");
     const json::Value* version = m.manifest.find("format_version");
@@ -502,12 +688,16 @@ Runtime::Runtime(const std::string& bundle_dir, const Options& options) : impl_(
       m.refuse("not an hm-export-bundle format_version 1 manifest");
     for (const char* section : {"model", "slot", "bank", "router", "targets", "files"})
       if (!m.manifest.find(section)) m.refuse(std::string("malformed manifest, missing '") + section + "'");
-    if (options.verify_files) m.verify_files();
+    m.check_files(options.verify_files);
     m.read_model();
-    m.check_slot_contract();
+    // The bank first: it checks its files on disk are as large as the dims say, which bounds every buffer
+    // allocated from the dims below (slot, block cache) by data really in the bundle.
     const json::Value& bank = m.manifest.at("bank", "bank");
-    m.bank = std::make_unique<Bank>(safe_join(m.root, bank.at("dir", "bank").as_string("bank.dir"), m.manifest_path),
-                                    m.dims, bank.at("schema_hash", "bank").as_string("bank.schema_hash"));
+    const std::string bank_dir = bank.at("dir", "bank").as_string("bank.dir");
+    m.bank = std::make_unique<Bank>(std::make_unique<Tree>(*m.tree, bank_dir, "bank"), m.dims,
+                                    bank.at("schema_hash", "bank").as_string("bank.schema_hash"),
+                                    m.listed_size(bank_dir + "/index.json"));
+    m.check_slot_contract();
     if (m.layout.quantized()) m.bank->check_quantized_slot(m.layout.storage, m.layout.gate_up_group, m.layout.down_group);
     m.cache = std::make_unique<BlockCache>(*m.bank, m.dims.num_levels(), options.cache);
     m.path.assign(m.dims.num_levels(), -1);
@@ -535,6 +725,27 @@ const std::string& Runtime::slot_dtype(size_t index) const { return impl_->slot.
 const void* Runtime::slot_data(size_t index) const { return impl_->slot.at(index).data.data(); }
 size_t Runtime::slot_nbytes(size_t index) const { return impl_->slot.at(index).spec.nbytes(); }
 const std::string& Runtime::slot_strategy() const { return impl_->layout.strategy; }
+
+std::string Runtime::read_listed(const std::string& relative) const {
+  return impl_->read_listed(relative, "listed file", std::numeric_limits<uint64_t>::max());
+}
+
+std::pair<std::string, std::string> Runtime::checks_files() const {
+  const Impl& m = *impl_;
+  const json::Value* checks = m.manifest.find("checks");
+  if (checks == nullptr) return {};
+  try {
+    std::pair<std::string, std::string> files{checks->at("file", "checks").as_string("checks.file"),
+                                              checks->at("expected", "checks").as_string("checks.expected")};
+    m.listed_size(files.first);
+    m.listed_size(files.second);
+    return files;
+  } catch (const Error&) {
+    throw;
+  } catch (const std::runtime_error& e) {
+    m.refuse(e.what());
+  }
+}
 
 std::vector<int> Runtime::route(const float* embedding, size_t dim) const {
   const Impl& m = *impl_;

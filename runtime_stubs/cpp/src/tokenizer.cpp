@@ -109,6 +109,13 @@ struct Tokenizer::Impl {
   size_t max_length = 0;  // 0: no truncation
 
   [[noreturn]] void refuse(const std::string& why) const { throw Error(path + ": " + why); }
+  // An id, length or count from the file, in [0, kMaxId] (every table sized from one stays bounded).
+  static constexpr int64_t kMaxId = 1 << 24;
+  size_t bounded(const json::Value& value, const std::string& what) const {
+    const int64_t v = value.as_int(what);
+    if (v < 0 || v > kMaxId) refuse(what + " " + std::to_string(v) + " is outside [0, " + std::to_string(kMaxId) + "]");
+    return static_cast<size_t>(v);
+  }
   void read_added(const json::Value& root);
   void read_normalizer(const json::Value* normalizer);
   void read_pre_tokenizer(const json::Value* pre);
@@ -130,14 +137,14 @@ void Tokenizer::Impl::read_added(const json::Value& root) {
   if (const json::Value* list = root.find("added_tokens"); list && list->kind == json::Value::Kind::Array) {
     for (const json::Value& token : list->array) {
       AddedToken t{token.at("content", "added_tokens").as_string("added_tokens[].content"),
-                   token.at("id", "added_tokens").as_int("added_tokens[].id"),
+                   static_cast<int64_t>(bounded(token.at("id", "added_tokens"), "added_tokens[].id")),
                    token.find("special") && token.find("special")->boolean};
       for (const char* flag : {"lstrip", "rstrip", "single_word"})
         if (const json::Value* v = token.find(flag); v && v->boolean)
           refuse("added token '" + t.content + "' has " + flag + ", which this tokenizer does not implement");
       if (const json::Value* v = token.find("normalized"); v && v->boolean && bert_normalizer)
         refuse("added token '" + t.content + "' is matched after normalization, which this tokenizer does not implement");
-      if (t.content.empty() || t.id < 0) refuse("added token with empty content or a negative id");
+      if (t.content.empty()) refuse("added token with empty content");
       added.push_back(std::move(t));
     }
   }
@@ -186,9 +193,7 @@ void Tokenizer::Impl::read_pre_tokenizer(const json::Value* pre) {
 void Tokenizer::Impl::read_model(const json::Value& m) {
   model = m.at("type", "model").as_string("model.type");
   for (const auto& [token, id] : m.at("vocab", "model").object) {
-    const int64_t value = id.as_int("model.vocab");
-    if (value < 0 || value > (1 << 24)) refuse("vocabulary id " + std::to_string(value) + " out of range");
-    vocab[token] = static_cast<int>(value);
+    vocab[token] = static_cast<int>(bounded(id, "model.vocab id of '" + token + "'"));
   }
   if (const json::Value* u = m.find("unk_token"); u && u->kind == json::Value::Kind::String)
     unk = id_of(u->string, "unk_token");
@@ -220,7 +225,7 @@ void Tokenizer::Impl::read_model(const json::Value& m) {
     if (const json::Value* p = m.find("continuing_subword_prefix"); p && p->kind == json::Value::Kind::String)
       prefix = p->string;
     if (const json::Value* n = m.find("max_input_chars_per_word"))
-      max_chars = static_cast<size_t>(n->as_int("max_input_chars_per_word"));
+      max_chars = bounded(*n, "max_input_chars_per_word");
     if (unk < 0) refuse("WordPiece needs an unk_token");
   } else if (model == "WordLevel") {
     if (unk < 0) refuse("WordLevel needs an unk_token");
@@ -234,8 +239,8 @@ void Tokenizer::Impl::read_post(const json::Value* post) {
   const std::string& type = post->at("type", "post_processor").as_string("post_processor.type");
   if (type == "ByteLevel") return;  // offsets only
   if (type == "BertProcessing") {
-    before = {post->at("cls", "post_processor").as_array("cls").at(1).as_int("cls id")};
-    after = {post->at("sep", "post_processor").as_array("sep").at(1).as_int("sep id")};
+    before = {static_cast<int64_t>(bounded(post->at("cls", "post_processor").as_array("cls").at(1), "cls id"))};
+    after = {static_cast<int64_t>(bounded(post->at("sep", "post_processor").as_array("sep").at(1), "sep id"))};
     return;
   }
   if (type != "TemplateProcessing") refuse("post-processor " + type + " is not supported");
@@ -248,7 +253,8 @@ void Tokenizer::Impl::read_post(const json::Value* post) {
     }
     const std::string& name = item.at("SpecialToken", "single").at("id", "SpecialToken").as_string("SpecialToken.id");
     const json::Value& entry = specials.at(name, "post_processor.special_tokens");
-    for (int64_t id : entry.at("ids", name).as_int_list(name + ".ids")) (sequence ? after : before).push_back(id);
+    for (const json::Value& id : entry.at("ids", name).as_array(name + ".ids"))
+      (sequence ? after : before).push_back(static_cast<int64_t>(bounded(id, name + ".ids[]")));
   }
 }
 
@@ -435,10 +441,10 @@ void Tokenizer::Impl::encode_segment(const std::string& text, std::vector<int64_
   }
 }
 
-Tokenizer::Tokenizer(const std::string& path) : impl_(std::make_unique<Impl>()) {
+Tokenizer::Tokenizer(const std::string& json_text, const std::string& path) : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   m.path = path;
-  json::Value root = read_json(path);
+  json::Value root = parse_json(json_text, path);
   try {
     m.read_normalizer(root.find("normalizer"));
     m.read_added(root);
@@ -446,7 +452,7 @@ Tokenizer::Tokenizer(const std::string& path) : impl_(std::make_unique<Impl>()) 
     m.read_model(root.at("model", "model"));
     m.read_post(root.find("post_processor"));
     if (const json::Value* t = root.find("truncation"); t && t->kind == json::Value::Kind::Object)
-      m.max_length = static_cast<size_t>(t->at("max_length", "truncation").as_int("truncation.max_length"));
+      m.max_length = m.bounded(t->at("max_length", "truncation"), "truncation.max_length");
     if (const json::Value* p = root.find("padding"); p && p->kind != json::Value::Kind::Null)
       m.refuse("padding is set: a runtime tokenizer must not pad (save the tokenizer with no_padding())");
     if (const json::Value* d = root.find("decoder"); d && d->kind == json::Value::Kind::Object) {
@@ -461,12 +467,19 @@ Tokenizer::Tokenizer(const std::string& path) : impl_(std::make_unique<Impl>()) 
   int size = 0;
   for (const auto& [token, id] : m.vocab) size = std::max(size, id + 1);
   for (const AddedToken& t : m.added) size = std::max<int>(size, static_cast<int>(t.id) + 1);
+  for (const std::vector<int64_t>* ids : {&m.before, &m.after})
+    for (int64_t id : *ids)  // every id encode() gives is below vocab_size()
+      if (id >= size) m.refuse("post-processor id " + std::to_string(id) + " is not a token of the vocabulary");
   m.tokens.resize(size);
   m.special.assign(size, false);
   for (const auto& [token, id] : m.vocab) m.tokens[id] = token;
   for (const AddedToken& t : m.added) m.tokens[t.id] = t.content, m.special[t.id] = t.special;
   for (int b = 0; b < 256; ++b) m.alphabet_bytes[byte_alphabet()[b]] = static_cast<uint8_t>(b);
   for (const AddedToken& t : m.added) m.added_first_byte[static_cast<unsigned char>(t.content[0])] = true;
+}
+
+std::unique_ptr<Tokenizer> Tokenizer::from_file(const std::string& path) {
+  return std::make_unique<Tokenizer>(read_file(path, kMaxBytes), path);
 }
 
 Tokenizer::~Tokenizer() = default;

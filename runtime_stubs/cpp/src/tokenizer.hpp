@@ -15,8 +15,13 @@ namespace hm {
 
 class Tokenizer {
  public:
-  // Parses and checks `path`; throws hm::Error naming the file and what it cannot handle.
-  explicit Tokenizer(const std::string& path);
+  static constexpr uint64_t kMaxBytes = 256ull << 20;  // the Python loader's MAX_TOKENIZER_BYTES
+
+  // Parses and checks a tokenizer.json held in memory (a bundle's, read through its Tree with the listed
+  // size); throws hm::Error naming `path` and what it cannot handle.
+  Tokenizer(const std::string& json_text, const std::string& path);
+  // A tokenizer.json a user named (hm_tokenize): followed if a symlink, a regular file of at most kMaxBytes.
+  static std::unique_ptr<Tokenizer> from_file(const std::string& path);
   ~Tokenizer();
   Tokenizer(const Tokenizer&) = delete;
   Tokenizer& operator=(const Tokenizer&) = delete;

@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -28,6 +29,7 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
+constexpr uint64_t kMaxIndexBytes = 256 << 20;  // as the runtime's bank reader
 
 int crc_self_test() {
   std::mt19937_64 rng(1);
@@ -48,9 +50,13 @@ int crc_self_test() {
   return failures == 0 ? 0 : 1;
 }
 
-std::vector<int> ints(const hm::json::Value& model, const char* key) {
+// Dims from the index, bounded as the runtime bounds the manifest's (hm_export.config.LIMITS).
+std::vector<int> ints(const hm::json::Value& model, const char* key, int64_t lo, int64_t hi) {
   std::vector<int> out;
-  for (int64_t v : model.at(key, key).as_int_list(key)) out.push_back(static_cast<int>(v));
+  for (int64_t v : model.at(key, key).as_int_list(key)) {
+    if (v < lo || v > hi) throw hm::Error(std::string("index.json: model.") + key + ": " + std::to_string(v) + " out of range");
+    out.push_back(static_cast<int>(v));
+  }
   return out;
 }
 
@@ -73,14 +79,23 @@ int main(int argc, char** argv) {
       else throw hm::Error("usage: hm_bank_read BANK_DIR [--blocks 256] [--rounds 5] [--cold] [--seed 0]");
     }
     if (dir.empty() || blocks < 1 || rounds < 1) throw hm::Error("usage: hm_bank_read BANK_DIR [--blocks N] ...");
-    const hm::json::Value index = hm::read_json(dir + "/index.json");
+    const std::string index_path = dir + "/index.json";
+    const hm::json::Value index = hm::parse_json(hm::read_file(index_path, kMaxIndexBytes), index_path);
     const hm::json::Value& model = index.at("model", "model");
     hm::MemoryDims dims;
-    dims.d_model = static_cast<int>(model.at("d_model", "model").as_int("d_model"));
-    dims.branching = ints(model, "branching");
-    dims.widths = ints(model, "widths");
-    dims.layers = ints(model, "memory_layers");
-    const hm::Bank bank(dir, dims, index.at("schema_hash", "schema_hash").as_string("schema_hash"));
+    const int64_t d_model = model.at("d_model", "model").as_int("d_model");
+    if (d_model < 1 || d_model > (1 << 16)) throw hm::Error(index_path + ": model.d_model out of range");
+    dims.d_model = static_cast<int>(d_model);
+    dims.branching = ints(model, "branching", 1, 1 << 16);
+    dims.widths = ints(model, "widths", 1, 1 << 16);
+    dims.layers = ints(model, "memory_layers", 0, 1 << 10);
+    int64_t nodes = 0, level_nodes = 1;
+    for (int k : dims.branching) level_nodes = std::min<int64_t>(level_nodes * k, 1ll << 40), nodes += level_nodes;
+    if (dims.widths.empty() || dims.widths.size() > 16 || dims.branching.size() != dims.widths.size() ||
+        nodes > (1 << 24))
+      throw hm::Error(index_path + ": model.branching/widths: 1 to 16 levels and at most 2^24 nodes expected");
+    const hm::Bank bank(std::make_unique<hm::Tree>(dir, "bank"), dims,
+                        index.at("schema_hash", "schema_hash").as_string("schema_hash"), -1);
     // Blocks drawn like random contexts' nodes: a uniform node over all levels' nodes.
     std::mt19937_64 rng(seed);
     int total = 0;
@@ -95,7 +110,7 @@ int main(int argc, char** argv) {
     for (const auto& [level, node] : picks) largest = std::max(largest, bank.block_size(level)), bytes += bank.block_size(level);
     hm::AlignedBuffer buffer(largest);
     auto drop = [&](int level, int node) {  // cold: the block's pages leave the page cache first
-      const int fd = ::open(bank.block_file(level, node).c_str(), O_RDONLY);
+      const int fd = ::open((dir + "/" + bank.block_file(level, node)).c_str(), O_RDONLY);
       if (fd >= 0) ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), ::close(fd);
     };
     auto pass = [&](bool verify) {

@@ -20,6 +20,7 @@
 
 #include "files.hpp"
 #include "hm_runtime.hpp"
+#include "integrity.hpp"
 
 namespace {
 
@@ -27,7 +28,7 @@ using Clock = std::chrono::steady_clock;
 double since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 struct Args {
-  std::string bundle, embeddings, dump_slot, cache = "stream", context, prompt, next_context;
+  std::string bundle, embeddings, dump_slot, verify_key, cache = "stream", context, prompt, next_context;
   bool checks = false, bench = false, json = false, verify_files = true, route_on_device = false, has_context = false;
   hm::GenerateOptions generate;
   std::vector<std::vector<int>> fills;
@@ -39,7 +40,7 @@ const char* kUsage =
     "       [--context TEXT --prompt TEXT [--next-context TEXT] [--max-new-tokens 32] [--temperature 0]\n"
     "        [--top-k 0] [--top-p 1] [--seed 0] [--stop-token ID (repeat)]] [--dump-slot FILE]\n"
     "       [--bench [--runs 3] [-n 8] [--prompt-tokens 64] [--new-tokens 32] [--cache stream|default]]\n"
-    "       [--threads N] [--no-verify-files] [--json]\n";
+    "       [--threads N] [--no-verify-files] [--verify-key PUBLIC_KEY] [--json]\n";
 
 std::vector<int> parse_path(const std::string& text) {
   std::vector<int> path;
@@ -71,6 +72,7 @@ Args parse_args(int argc, char** argv) {
     else if (arg == "--top-p") args.generate.top_p = std::stof(value(i));
     else if (arg == "--seed") args.generate.seed = std::stoull(value(i));
     else if (arg == "--stop-token") args.generate.stop_tokens.push_back(std::stoll(value(i)));
+    else if (arg == "--verify-key") args.verify_key = value(i);
     else if (arg == "--fill") args.fills.push_back(parse_path(value(i)));
     else if (arg == "--dump-slot") args.dump_slot = value(i);
     else if (arg == "--cache") args.cache = value(i);
@@ -160,12 +162,21 @@ struct Checks {
   std::map<std::string, hm::Tensor> expected;
 };
 
-Checks load_checks(const std::string& bundle) {
-  hm::json::Value manifest = hm::read_json(bundle + "/manifest.json");
-  const hm::json::Value* entry = manifest.find("checks");
-  if (entry == nullptr) throw hm::Error(bundle + "/manifest.json: the bundle has no golden checks (--checks 0)");
-  std::string file = hm::safe_join(bundle, entry->at("file", "checks").as_string("checks.file"), "checks");
-  hm::json::Value body = hm::read_json(file);
+// Every id in [0, vocab) (a token id indexes the embedding and the logits).
+void check_ids(const std::vector<int64_t>& ids, int vocab, const std::string& what) {
+  for (int64_t id : ids)
+    if (id < 0 || id >= vocab) throw std::runtime_error(what + ": token id " + std::to_string(id) + " is outside [0, " +
+                                                        std::to_string(vocab) + ")");
+}
+
+// The golden checks of the bundle `runtime` opened (its manifest already checked), every field range-checked
+// against the model so that a damaged checks file is refused here, never indexed out of bounds later.
+Checks load_checks(const hm::Runtime& runtime, const std::string& bundle) {
+  const auto [file, expected_file] = runtime.checks_files();
+  if (file.empty()) throw hm::Error(bundle + "/manifest.json: the bundle has no golden checks (--checks 0)");
+  const std::string path = bundle + "/" + file, expected_path = bundle + "/" + expected_file;
+  hm::json::Value body = hm::parse_json(runtime.read_listed(file), path);
+  const int vocab = runtime.vocab_size();
   Checks out;
   try {
     if (body.at("format", "format").as_string("format") != "hm-export-checks" ||
@@ -176,17 +187,44 @@ Checks load_checks(const std::string& bundle) {
       Check check;
       check.name = item.at("name", "checks[]").as_string("checks[].name");
       check.context = item.at("context", check.name).as_string(check.name + ".context");
-      for (int64_t node : item.at("path", check.name).as_int_list(check.name + ".path")) check.path.push_back(node);
+      for (int64_t node : item.at("path", check.name).as_int_list(check.name + ".path")) {
+        if (node < 0 || node > INT32_MAX) throw hm::Error(check.name + ".path: node out of range");
+        check.path.push_back(static_cast<int>(node));
+      }
       check.prompt = item.at("prompt", check.name).as_int_list(check.name + ".prompt");
       check.greedy = item.at("greedy", check.name).as_int_list(check.name + ".greedy");
+      check_ids(check.prompt, vocab, check.name + ".prompt");
+      check_ids(check.greedy, vocab, check.name + ".greedy");
+      if (check.prompt.empty() || check.prompt.size() + check.greedy.size() > static_cast<size_t>(runtime.max_seq_len()))
+        throw hm::Error(check.name + ": prompt and greedy tokens do not fit the " + std::to_string(runtime.max_seq_len()) +
+                        " positions");
       for (const auto& m : item.at("margins", check.name).as_array(check.name)) check.margins.push_back(m.as_number("margin"));
+      if (check.margins.size() != check.greedy.size())
+        throw hm::Error(check.name + ": " + std::to_string(check.margins.size()) + " margins for " +
+                        std::to_string(check.greedy.size()) + " greedy tokens");
       out.checks.push_back(std::move(check));
     }
   } catch (const std::runtime_error& e) {
-    throw hm::Error(file + ": " + e.what());
+    throw hm::Error(path + ": " + e.what());
   }
-  out.expected = hm::read_safetensors(
-      hm::safe_join(bundle, entry->at("expected", "checks").as_string("checks.expected"), "checks"));
+  out.expected = hm::parse_safetensors(runtime.read_listed(expected_file), expected_path);
+  for (const Check& check : out.checks) {  // the digest shapes logits_diff relies on
+    const int64_t rows = static_cast<int64_t>(check.prompt.size());
+    auto require = [&](const std::string& key, std::vector<int64_t> shape, bool ids) -> const hm::Tensor& {
+      auto it = out.expected.find(check.name + "." + key);
+      if (it == out.expected.end() || it->second.shape != shape ||
+          (ids ? it->second.i64.size() : it->second.f32.size()) == 0)
+        throw hm::Error(expected_path + ": tensor " + check.name + "." + key + " is missing or has the wrong shape");
+      return it->second;
+    };
+    auto ids = out.expected.find(check.name + ".topk_ids");
+    const int64_t k = ids != out.expected.end() && ids->second.shape.size() == 2 ? ids->second.shape[1] : 0;
+    if (k < 1 || k > vocab) throw hm::Error(expected_path + ": tensor " + check.name + ".topk_ids has a bad shape");
+    check_ids(require("topk_ids", {rows, k}, true).i64, vocab, expected_path + ": " + check.name + ".topk_ids");
+    require("topk_values", {rows, k}, false);
+    require("logsumexp", {rows}, false);
+    require("last_logits", {vocab}, false);
+  }
   return out;
 }
 
@@ -354,6 +392,7 @@ uint64_t slot_bytes(const hm::Runtime& runtime) {
 std::string bench(const Args& args, const Checks& checks, const std::vector<std::vector<float>>& embeddings) {
   hm::Options options;
   options.verify_files = false;
+  if (!args.verify_key.empty()) options.verify_key = hm::read_public_key(args.verify_key);
   options.threads = args.threads;
   if (args.cache == "stream") options.cache = {0, 0, true};
   hm::Runtime runtime(args.bundle, options);
@@ -439,9 +478,10 @@ std::string generation_json(const hm::Generation& g) {
 // Embeddings [n, dim] of the checks' contexts, computed off device (the router's embedder is not exported yet).
 std::vector<std::vector<float>> load_embeddings(const std::string& file, size_t count) {
   if (file.empty()) return {};
-  auto tensors = hm::read_safetensors(file);
+  auto tensors = hm::parse_safetensors(hm::read_file(file, 1ull << 32), file);
   auto it = tensors.find("embeddings");
-  if (it == tensors.end() || it->second.shape.size() != 2 || static_cast<size_t>(it->second.shape[0]) < count)
+  if (it == tensors.end() || it->second.shape.size() != 2 || static_cast<size_t>(it->second.shape[0]) < count ||
+      it->second.f32.size() != static_cast<size_t>(it->second.shape[0] * it->second.shape[1]))
     throw hm::Error(file + ": expected a float32 tensor 'embeddings' [contexts, dim] with a row per check");
   std::vector<std::vector<float>> rows;
   const size_t dim = it->second.shape[1];
@@ -453,6 +493,7 @@ std::vector<std::vector<float>> load_embeddings(const std::string& file, size_t 
 int run(const Args& args) {
   hm::Options options;
   options.verify_files = args.verify_files;
+  if (!args.verify_key.empty()) options.verify_key = hm::read_public_key(args.verify_key);
   options.threads = args.threads;
   auto open_start = Clock::now();
   hm::Runtime runtime(args.bundle, options);
@@ -465,7 +506,7 @@ int run(const Args& args) {
   Checks checks;
   std::vector<std::vector<float>> embeddings;
   if (args.checks || args.bench) {
-    checks = load_checks(args.bundle);
+    checks = load_checks(runtime, args.bundle);
     embeddings = load_embeddings(args.embeddings, checks.checks.size());
   }
   if (args.checks)

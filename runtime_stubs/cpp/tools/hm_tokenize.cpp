@@ -6,6 +6,7 @@
 // --decode: each input line is a JSON list of ids; each output line the JSON string of their text.
 // Exit code 2 on bad input (message on stderr).
 #include <iostream>
+#include <memory>
 #include <string>
 
 #include "files.hpp"
@@ -32,17 +33,17 @@ int main(int argc, char** argv) {
   try {
     if (argc < 2 || argc > 3 || (argc == 3 && std::string(argv[2]) != "--decode"))
       throw hm::Error("usage: hm_tokenize TOKENIZER_JSON [--decode] < lines");
-    const hm::Tokenizer tokenizer(argv[1]);
+    const std::unique_ptr<hm::Tokenizer> tokenizer = hm::Tokenizer::from_file(argv[1]);
     const bool decode = argc == 3;
     std::string line;
     for (size_t number = 1; std::getline(std::cin, line); ++number) {
       const hm::json::Value value = hm::json::parse(line);
       if (decode) {
-        std::cout << quote(tokenizer.decode(value.as_int_list("ids"))) << "\n";
+        std::cout << quote(tokenizer->decode(value.as_int_list("ids"))) << "\n";
         continue;
       }
       std::string out = "[";
-      for (int64_t id : tokenizer.encode(value.as_string("line " + std::to_string(number))))
+      for (int64_t id : tokenizer->encode(value.as_string("line " + std::to_string(number))))
         out += (out.size() > 1 ? "," : "") + std::to_string(id);
       std::cout << out << "]\n";
     }
