@@ -649,6 +649,9 @@ def bank_check(bank_dir: Path, as_json: bool) -> None:
 # ---- Hugging Face hosts ------------------------------------------------------------------------------------
 
 
+STORED_DTYPE = click.Choice(["float32", "bfloat16", "float16"])  # a checkpoint's stored dtypes
+
+
 def _ints(value: str, option: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in value.split(",") if v.strip())
@@ -746,13 +749,12 @@ def hf_inspect(host: Path, gguf_file: str | None, seq_len: int | None, as_json: 
 )
 @click.option(
     "--host-dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default=None,
+    type=STORED_DTYPE,
     help="dtype the host is stored in (default: the source's; a GGUF's dequantized weights: float32).",
 )
 @click.option(
     "--bank-dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
+    type=STORED_DTYPE,
     default="float32",
     show_default=True,
     help="dtype the bank is stored in (export quantizes it with --bank-scheme).",
