@@ -2,7 +2,7 @@
 
 ::
 
-    config.json               format marker, version, model config, storage dtype, router, file names
+    config.json               format marker, version, model config, storage dtypes, router, file names
     anchor.safetensors        anchor weights (embedding, blocks, final norm)
     bank_level{l}.safetensors level l blocks: gate, up [n_l, layers, d, r_l]; down [n_l, layers, r_l, d]
     router.safetensors        level{l}: centroids [n_l, embed_dim]
@@ -52,8 +52,12 @@ class Checkpoint:
     model: MemoryModel
     tree: CentroidTree
     tokenizer: Tokenizer
-    storage_dtype: str
+    storage_dtype: str  # the bank's (and, unless ``anchor_dtype`` differs, the anchor's)
     metadata: dict[str, Any]
+    anchor_dtype: str = ""  # the anchor's (a host's) stored dtype; empty: ``storage_dtype``
+
+    def __post_init__(self) -> None:
+        self.anchor_dtype = self.anchor_dtype or self.storage_dtype
 
 
 def expected_bank_shapes(cfg: ModelConfig, level: int) -> dict[str, tuple[int, ...]]:
@@ -82,14 +86,20 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     storage_dtype: str = "float32",
     metadata: dict[str, Any] | None = None,
+    anchor_dtype: str | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (temp directory, then rename over ``directory``)."""
-    if storage_dtype not in STORAGE_DTYPES:
-        raise CheckpointError(f"storage dtype {storage_dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
+    """Write a checkpoint directory atomically (temp directory, then rename over ``directory``).
+
+    ``storage_dtype`` is the bank's dtype and, unless ``anchor_dtype`` is given, the anchor's.
+    """
+    anchor_dtype = anchor_dtype or storage_dtype
+    for dtype_name in (storage_dtype, anchor_dtype):
+        if dtype_name not in STORAGE_DTYPES:
+            raise CheckpointError(f"storage dtype {dtype_name!r} is not one of {sorted(STORAGE_DTYPES)}")
     dtype = STORAGE_DTYPES[storage_dtype]
     with atomic_directory(Path(directory), overwrite=True, replaceable=is_checkpoint, what="checkpoint") as tmp:
         cfg = model.cfg
-        anchor = {n: t.detach().to(dtype).contiguous() for n, t in anchor_state(model).items()}
+        anchor = {n: t.detach().to(STORAGE_DTYPES[anchor_dtype]).contiguous() for n, t in anchor_state(model).items()}
         save_file(anchor, str(tmp / ANCHOR_FILE))
         for level in range(cfg.memory.num_levels):
             tensors = {
@@ -111,6 +121,7 @@ def save_checkpoint(
             "format_version": FORMAT_VERSION,
             "model": cfg.to_dict(),
             "storage_dtype": storage_dtype,
+            **({"anchor_dtype": anchor_dtype} if anchor_dtype != storage_dtype else {}),
             "router": {"embedder": "all-MiniLM-L6-v2", "dim": tree.dim, "pooling": "mean", "normalize": True},
             "files": {
                 "anchor": ANCHOR_FILE,
@@ -136,8 +147,10 @@ def is_checkpoint(directory: Path) -> bool:
 def read_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     config = read_format_json(path, FORMAT_NAME, FORMAT_VERSION, CheckpointError, "an hm-export checkpoint directory")
-    if config.get("storage_dtype") not in STORAGE_DTYPES:
-        raise CheckpointError(f"{path}: storage_dtype {config.get('storage_dtype')!r} not in {sorted(STORAGE_DTYPES)}")
+    for key in ("storage_dtype", "anchor_dtype"):
+        value = config.get(key, config.get("storage_dtype"))
+        if value not in STORAGE_DTYPES:
+            raise CheckpointError(f"{path}: {key} {value!r} not in {sorted(STORAGE_DTYPES)}", field=key)
     return config
 
 
@@ -195,4 +208,13 @@ def load_checkpoint(directory: Path | str) -> Checkpoint:
     model.load_state_dict(state, strict=False)  # rope/mask buffers are derived (non-persistent), not stored
     model.eval()
     tree = CentroidTree(cfg.memory, [router[f"level{lv}"].numpy() for lv in range(cfg.memory.num_levels)])
-    return Checkpoint(directory, cfg, model, tree, tokenizer, raw["storage_dtype"], raw.get("metadata", {}))
+    return Checkpoint(
+        directory,
+        cfg,
+        model,
+        tree,
+        tokenizer,
+        raw["storage_dtype"],
+        raw.get("metadata", {}),
+        raw.get("anchor_dtype", ""),
+    )

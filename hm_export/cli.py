@@ -667,6 +667,9 @@ def bank_check(bank_dir: Path, as_json: bool) -> None:
 # ---- Hugging Face hosts ------------------------------------------------------------------------------------
 
 
+STORED_DTYPE = click.Choice(["float32", "bfloat16", "float16"])  # a checkpoint's stored dtypes
+
+
 def _ints(value: str, option: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in value.split(",") if v.strip())
@@ -676,24 +679,61 @@ def _ints(value: str, option: str) -> tuple[int, ...]:
 
 @main.group()
 def hf() -> None:
-    """Post-hoc memories for Hugging Face transformers models (Llama, Qwen2, Gemma 3, Phi-3)."""
+    """Post-hoc memories for Hugging Face transformers models with a gated MLP (folders or GGUF files)."""
 
 
 @hf.command("families")
 @click.option("--json", "as_json", is_flag=True)
 def hf_families(as_json: bool) -> None:
-    """List the supported host families and their MLP forms."""
-    from hm_export.hf import FAMILIES
+    """How hosts are recognised, and the families the test suite exports end to end."""
+    from hm_export.hf.families import TESTED_MODEL_TYPES, architecture_name
 
-    rows = [
-        {"architecture": f.architecture, "model_type": f.model_type, "class": f.causal_lm, "mlp": f.mlp}
-        for f in FAMILIES.values()
-    ]
-    _emit({"families": rows}, as_json, "\n".join(f"{r['architecture']:12s} {r['class']:20s} {r['mlp']}" for r in rows))
+    rule = (
+        "any transformers causal LM whose decoder layers carry a gated MLP, down(act(gate x) * up x) with "
+        "gate_proj/up_proj/down_proj or a fused gate_up_proj, act from ACT2FN; `hm-export hf inspect HOST` tells "
+        "for one model"
+    )
+    rows = [{"model_type": t, "architecture": architecture_name(t)} for t in TESTED_MODEL_TYPES]
+    human = [f"hosts: {rule}", "tested end to end (attach, export ExecuTorch + ONNX, verify, golden checks):"]
+    human += [f"  {r['architecture']:12s} model_type {r['model_type']}" for r in rows]
+    _emit({"rule": rule, "tested": rows}, as_json, "\n".join(human))
+
+
+def _host_options(command: Any) -> Any:
+    command = click.option(
+        "--gguf-file",
+        default=None,
+        help="With a folder as HOST: the GGUF file in it to load (else a transformers folder).",
+    )(command)
+    return click.argument("host", type=click.Path(exists=True, path_type=Path))(command)
+
+
+@hf.command("inspect")
+@_host_options
+@click.option("--seq-len", type=POSITIVE, default=None, help="Also check a window of this many positions.")
+@click.option("--json", "as_json", is_flag=True)
+def hf_inspect(host: Path, gguf_file: str | None, seq_len: int | None, as_json: bool) -> None:
+    """Can HOST (a transformers folder or a .gguf file) take memories? Reads its config only, no weights.
+
+    Exits 0 with the structure found (MLP form, activation, mask, quirks), 2 naming the reason it is refused."""
+    from hm_export.hf.families import inspect_host
+    from hm_export.hf.intake import HostSource
+
+    source = HostSource.locate(host, gguf_file)
+    config = source.read_config()
+    structure = inspect_host(config, seq_len)
+    report = {"host": str(source.path), **structure.to_dict(), "source_dtype": source.source_dtype(config)}
+    quirks = ", ".join(structure.quirks) or "none"
+    _emit(
+        report,
+        as_json,
+        f"{source.path}: {structure.architecture} ({structure.causal_lm}), MLP {structure.formula} at "
+        f"{structure.layers}[i].{structure.mlp}; mask {structure.mask}; quirks: {quirks}",
+    )
 
 
 @hf.command("attach")
-@click.argument("host_dir", metavar="HOST", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_host_options
 @click.argument("corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Checkpoint to write.")
 @click.option("--branching", default="4,4", show_default=True, help="Children per level (comma-separated).")
@@ -701,12 +741,46 @@ def hf_families(as_json: bool) -> None:
 @click.option("--layers", default="all", show_default=True, help="Memory layers (comma-separated) or 'all'.")
 @click.option("--seq-len", type=POSITIVE, default=128, show_default=True, help="Training window = exported window.")
 @click.option("--steps", type=click.IntRange(min=0), default=300, show_default=True, help="Training steps (0: D = 0).")
+@click.option(
+    "--time-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop training after this many minutes (the schedule decays by then).",
+)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-3, show_default=True)
 @click.option("--batch", type=POSITIVE, default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--eval-every", type=POSITIVE, default=50, show_default=True, help="Steps between validations.")
+@click.option(
+    "--validation-docs",
+    type=click.FloatRange(min=0, max=0.5, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Fraction of the documents held out whole (never trained) to validate on unseen documents.",
+)
+@click.option(
+    "--early-stopping",
+    type=click.Choice(["validation", "documents", "both"]),
+    default="both",
+    show_default=True,
+    help="Keep the bank of the best NLL on validation windows, held-out documents, or their mean.",
+)
+@click.option(
+    "--host-dtype",
+    type=STORED_DTYPE,
+    help="dtype the host is stored in (default: the source's; a GGUF's dequantized weights: float32).",
+)
+@click.option(
+    "--bank-dtype",
+    type=STORED_DTYPE,
+    default="float32",
+    show_default=True,
+    help="dtype the bank is stored in (export quantizes it with --bank-scheme).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout (progress stays on stderr).")
 def hf_attach(
-    host_dir: Path,
+    host: Path,
+    gguf_file: str | None,
     corpus: Path,
     out: Path,
     branching: str,
@@ -714,27 +788,50 @@ def hf_attach(
     layers: str,
     seq_len: int,
     steps: int,
+    time_budget: float | None,
     lr: float,
     batch: int,
     seed: int,
+    eval_every: int,
+    validation_docs: float,
+    early_stopping: str,
+    host_dtype: str | None,
+    bank_dtype: str,
     as_json: bool,
 ) -> None:
-    """Attach memories to the transformers model in HOST, train them on CORPUS (JSON lines with 'text' and
-    optional 'context'), host frozen, and write an hm-export checkpoint to --out."""
-    from hm_export.hf.recipe import MemoryRecipe, train_memories_from_pretrained
+    """Attach memories to HOST (a transformers folder, a .gguf file, or a folder with --gguf-file), train them
+    on CORPUS (JSON lines with 'text' and optional 'context'), host frozen, and write a checkpoint to --out."""
+    from hm_export.hf.recipe import MemoryRecipe, train_memories_from_source
 
-    memory_layers = None if layers == "all" else _ints(layers, "--layers")
     recipe = MemoryRecipe(
-        _ints(branching, "--branching"), _ints(widths, "--widths"), memory_layers, seq_len, steps, lr, batch, seed
+        branching=_ints(branching, "--branching"),
+        widths=_ints(widths, "--widths"),
+        layers=None if layers == "all" else _ints(layers, "--layers"),
+        max_seq_len=seq_len,
+        steps=steps,
+        lr=lr,
+        batch=batch,
+        seed=seed,
+        storage_dtype=bank_dtype,
+        host_dtype=host_dtype,
+        max_seconds=None if time_budget is None else time_budget * 60,
+        eval_every=eval_every,
+        validation_documents=validation_docs,
+        early_stopping=early_stopping,  # type: ignore[arg-type]
     )
-    report = train_memories_from_pretrained(host_dir, corpus, out, recipe)
-    nll = report.validation_nll
-    _emit(
-        report.to_dict(),
-        as_json,
-        f"wrote {out} ({report.architecture}, {report.bank_params / 1e6:.2f} M bank "
-        f"params): validation NLL host {nll['host']:.4f} -> with memory {nll['host_with_memory']:.4f}",
-    )
+    report = train_memories_from_source(host, corpus, out, recipe, gguf_file, log=_note, progress=_streams().progress)
+    lines = [
+        f"wrote {out} ({report.architecture}, {report.bank_params / 1e6:.2f} M bank params, memory "
+        f"{100 * report.memory_share_of_ffn:.1f} % of the FFN width; {report.steps} steps, "
+        f"kept step {report.kept_step})"
+    ]
+    labels = {"validation": "validation windows", "documents": "held-out documents", "test": "test windows"}
+    for name, nll in report.held_out_nll.items():
+        lines.append(
+            f"  {labels[name]}: NLL host {nll['host']:.4f} -> with memory {nll['host_with_memory']:.4f} "
+            f"(perplexity {100 * nll['perplexity_change']:+.1f} %)"
+        )
+    _emit(report.to_dict(), as_json, "\n".join(lines))
 
 
 # ---- native runtime ----------------------------------------------------------------------------------------

@@ -274,6 +274,8 @@ def export_bundle(
                 "checkpoint": str(checkpoint_dir),
                 "config_sha256": sha256_file(checkpoint_dir / "config.json"),
                 "storage_dtype": ckpt.storage_dtype,
+                "anchor_dtype": ckpt.anchor_dtype,
+                **({"host": ckpt.metadata["host"]} if isinstance(ckpt.metadata.get("host"), dict) else {}),
             },
             "versions": {**toolchain_versions(), "hm-export": __version__},
         }

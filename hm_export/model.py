@@ -215,7 +215,9 @@ class MemoryBank(nn.Module):
         downs = [self.down[lv][paths[:, lv]] for lv in levels]
         gate_up = torch.cat(gates + ups, dim=-1)  # [B, n_mem, d, 2R]
         down = torch.cat(downs, dim=-2)  # [B, n_mem, R, d]
-        return [(gate_up[:, j], down[:, j]) for j in range(len(self.cfg.memory.layers))]
+        # unbind, not gate_up[:, j] per layer: one backward node for all layers instead of one full-size
+        # gradient per layer (that cost grew with the square of the number of memory layers)
+        return list(zip(gate_up.unbind(1), down.unbind(1)))
 
 
 class MemoryLM(nn.Module):

@@ -1,4 +1,5 @@
-"""Post-hoc memories on Hugging Face hosts: Llama, Qwen2, Gemma 3, Phi-3 (tiny configs, random weights)."""
+"""Post-hoc memories on Hugging Face hosts, one tiny random config per family tested end to end (Llama, Qwen2,
+Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3, SmolLM3), each with the quirk it is known for; refused models."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from hm_export.bench import bench_bundle  # noqa: E402
 from hm_export.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from hm_export.checks import run_checks  # noqa: E402
 from hm_export.cli import main  # noqa: E402
-from hm_export.config import ConfigError, MemoryConfig  # noqa: E402
+from hm_export.config import MemoryConfig  # noqa: E402
 from hm_export.export import ExportRecipe, export_bundle  # noqa: E402
-from hm_export.hf import FAMILIES, HostMemoryLM, host_model_config  # noqa: E402
+from hm_export.hf import TESTED_MODEL_TYPES, HostMemoryLM, HostRefused, host_model_config, inspect_host  # noqa: E402
+from hm_export.hf.families import _structure_of, causal_lm_class  # noqa: E402
 from hm_export.model import assemble_path  # noqa: E402
 from hm_export.passes.base import SlotPassContext  # noqa: E402
 from hm_export.passes.expand_tanh_gelu import expand_tanh_gelu  # noqa: E402
@@ -40,20 +42,39 @@ COMMON = {
     "eos_token_id": 2,
     "pad_token_id": 0,
 }
-HOSTS = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),  # attention bias
-    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, {"head_dim": 16, "sliding_window": 16}),
-    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {}),  # fused qkv and gate_up
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": [1.0, 1.1, 1.3, 1.6],
+    "long_factor": [2.0, 3.0, 4.0, 6.0],
 }
+# Per family: its config class and the quirk it brings (each family is exported once, in hf_bundle).
+HOSTS = {
+    # dynamic NTK RoPE: static inside max_position_embeddings, held fixed
+    "llama": (transformers.LlamaConfig, {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}),
+    "qwen2": (transformers.Qwen2Config, {}),  # attention bias, per-layer-type masks
+    "qwen3": (transformers.Qwen3Config, {"head_dim": 8}),  # q/k norms
+    "mistral": (transformers.MistralConfig, {"sliding_window": 12}),  # one window (12 < 32 positions) on all layers
+    # tanh-GELU, sandwich norms, scaled embeddings, attention and final-logit soft-capping, sliding layers
+    "gemma2": (transformers.Gemma2Config, {"head_dim": 16, "sliding_window": 12}),
+    "gemma3": (transformers.Gemma3TextConfig, {"head_dim": 16, "sliding_window": 16}),  # + q/k norms, 2 RoPEs
+    # fused qkv and gate_up, longrope (short factors up to 32 positions = the window)
+    "phi3": (transformers.Phi3Config, {"original_max_position_embeddings": SEQ, "rope_parameters": LONGROPE}),
+    "smollm3": (transformers.SmolLM3Config, {"no_rope_layer_interval": 2}),  # NoPE layers
+}
+
+
+def host_config(family: str, **overrides: object) -> object:
+    config_class, extra = HOSTS[family]
+    return config_class(**{**COMMON, **overrides}, **extra, attn_implementation="eager")
 
 
 def tiny_host(family: str, seed: int = 0) -> torch.nn.Module:
     """A host with eager attention, as hm-export runs and exports every host (sdpa differs in rounding)."""
-    config_class, model_class, extra = HOSTS[family]
+    config = host_config(family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return model_class(config_class(**COMMON, **extra, attn_implementation="eager")).eval()
+        return causal_lm_class(config.model_type)(config).eval()
 
 
 def memory_model(family: str, seed: int = 0) -> HostMemoryLM:
@@ -68,8 +89,52 @@ def memory_model(family: str, seed: int = 0) -> HostMemoryLM:
     return model
 
 
-def test_every_family_is_tested() -> None:
-    assert set(HOSTS) == set(FAMILIES)
+def test_every_listed_family_is_tested() -> None:
+    assert sorted(host_config(f).model_type for f in HOSTS) == sorted(TESTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("family", sorted(HOSTS))
+def test_structure_is_found_from_the_config(family: str) -> None:
+    structure = inspect_host(host_config(family), SEQ)
+    assert structure.architecture == f"hf-{family}" and structure.layers == "model.layers"
+    assert structure.mlp_form == ("fused gate_up/down" if family == "phi3" else "gate/up/down")
+    assert structure.activation == ("gelu_pytorch_tanh" if family.startswith("gemma") else "silu")
+    expected_quirks = {
+        "llama": "rope dynamic",
+        "qwen2": "attention bias",
+        "qwen3": "q/k norms",
+        "mistral": "sliding window 12 (all layers)",
+        "gemma2": "logit soft-capping",
+        "gemma3": "sandwich norms",
+        "phi3": "rope longrope",
+        "smollm3": "NoPE layers",
+    }
+    assert any(q.startswith(expected_quirks[family]) for q in structure.quirks), structure.quirks
+
+
+def test_models_that_cannot_host_memories_are_refused_by_reason() -> None:
+    """From the config alone: what the model is instead of a host, in one line."""
+    gpt2 = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    with pytest.raises(
+        HostRefused,
+        match=r"transformer\.h\.0\.mlp \(GPT2MLP, children: c_fc, c_proj, act, dropout\) "
+        r"is not a gated MLP",
+    ):
+        inspect_host(gpt2)
+    mixtral = transformers.MixtralConfig(**COMMON, num_local_experts=2)
+    with pytest.raises(HostRefused, match=r"model\.layers\.0\.mlp is a mixture of experts"):
+        inspect_host(mixtral)
+    with pytest.raises(HostRefused, match="is a multimodal wrapper: attach memories to its text model"):
+        inspect_host(transformers.Gemma3Config())
+    with pytest.raises(HostRefused, match="model_type 't5' is not a causal language model"):
+        inspect_host(transformers.T5Config())
+    phi3 = host_config("phi3")
+    with pytest.raises(
+        HostRefused,
+        match=r"^rope_type 'longrope' switches to its long factors beyond "
+        r"original_max_position_embeddings 32: .*use --seq-len <= 32$",
+    ):
+        host_model_config(phi3, MEMORY, 48)
 
 
 @pytest.mark.parametrize("family", sorted(HOSTS))
@@ -88,9 +153,9 @@ def test_zero_memory_leaves_the_host_logits_unchanged(family: str) -> None:
 
 def widened_host(model: HostMemoryLM, family: str, path: list[int]) -> torch.nn.Module:
     """The host with the path's blocks appended to every memory layer's MLP as extra hidden units."""
-    config_class, model_class, extra = HOSTS[family]
     width = MEMORY.total_width
-    wide = model_class(config_class(**{**COMMON, "intermediate_size": COMMON["intermediate_size"] + width}, **extra))
+    config = host_config(family, intermediate_size=COMMON["intermediate_size"] + width)
+    wide = causal_lm_class(config.model_type)(config)
     state = model.host.state_dict()
     memory = dict(zip(MEMORY.layers, assemble_path(model, path)))
     for name, tensor in wide.state_dict().items():
@@ -142,6 +207,7 @@ def test_checkpoint_round_trip_is_exact(family: str, tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "ckpt", model, tiny_tree(MEMORY), tiny_tokenizer())
     stored = json.loads((path / "config.json").read_text())["model"]
     assert stored["architecture"] == f"hf-{family}" and stored["host"]["model_type"] == model.host.config.model_type
+    _structure_of.cache_clear()  # as in a fresh process (load_checkpoint probes the MLP under `meta`)
     loaded = load_checkpoint(path)
     tokens = torch.randint(0, 64, (2, SEQ))
     with torch.no_grad():
@@ -192,19 +258,16 @@ def test_a_host_config_of_another_family_is_refused(tmp_path: Path) -> None:
     config["model"]["architecture"] = "hf-qwen2"
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        CheckpointError, match=r"config\.json: invalid model config: host config has model_type 'llama'"
+        CheckpointError,
+        match=r"config\.json: invalid model config: host config has model_type 'llama' "
+        r"\(architecture 'hf-llama'\), the model config says 'hf-qwen2'",
     ):
         load_checkpoint(path)
-    config["model"]["architecture"] = "hf-mamba"
+    config["model"]["architecture"] = "hf-gpt2"
+    config["model"]["host"] = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64).to_dict()
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"'hf-mamba' is not a supported Hugging Face host \(hf-llama, hf-qwen2"):
+    with pytest.raises(CheckpointError, match=r"invalid model config: transformer\.h\.0\.mlp .* is not a gated MLP"):
         load_checkpoint(path)
-
-
-def test_unsupported_transformers_model_is_named() -> None:
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(ConfigError, match="model_type 'gpt2' has no hm-export host family"):
-        host_model_config(gpt2.config, MEMORY, SEQ)
 
 
 def test_tanh_gelu_is_expanded_and_exact_gelu_kept() -> None:
@@ -221,7 +284,7 @@ def test_tanh_gelu_is_expanded_and_exact_gelu_kept() -> None:
     assert (ep.module()(x) - Activations()(x)).abs().max() < 1e-6
 
 
-def contexts_file(directory: Path, count: int = 32) -> Path:
+def contexts_file(directory: Path, count: int = 16) -> Path:
     rng = random.Random(0)
     words = TINY_WORDS[1:]
     lines = [
@@ -251,7 +314,7 @@ def hf_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 def test_bundle_matches_the_eager_host_with_memory(hf_bundle, target: str, tmp_path: Path) -> None:
     family, checkpoint, bundle = hf_bundle
     report = verify_bundle(bundle, checkpoint, contexts_file(tmp_path), target=target)
-    assert report.contexts == 32 and report.distinct_paths >= 2
+    assert report.contexts == 16 and report.distinct_paths >= 2
     assert report.passed, (family, target, report.failures)
     assert report.export["max_rel"] <= 1e-4 and report.quantization["max_abs"] == 0.0  # float32 bank: exact
     assert report.end_to_end["top1"] == 1.0 and report.memory["max_relative_rmse"] == [0.0, 0.0]
@@ -273,7 +336,7 @@ def test_bundle_golden_checks_and_manifest(hf_bundle) -> None:
     executorch = manifest["targets"]["executorch"]
     assert executorch["decode"]["delegation"]["slot_inputs_delegated"]
     assert "aten_alias_copy_default" not in executorch["decode"]["delegation"]["non_delegated_ops"]
-    assert executorch["decode"]["cache"]["shape"] == [2, SEQ, 8 if family != "gemma3" else 16]
+    assert executorch["decode"]["cache"]["shape"] == [2, SEQ, getattr(host_config(family), "head_dim", None) or 8]
     if family == "gemma3":
         assert summary["coreml/structure"]["pass"] >= 1
 
@@ -303,11 +366,16 @@ def test_attach_recipe_trains_memories_that_lower_the_loss(tmp_path: Path) -> No
     args = ["hf", "attach", str(host_dir), str(corpus_file(tmp_path)), "--branching", "2,2", "--widths", "8,4"]
     args += ["--seq-len", "32", "--batch", "4", "--json"]
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "trained"), "--steps", "60"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output[result.output.index("{") :])
-    nll = report["validation_nll"]
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.stdout)  # stdout holds only the JSON; progress went to stderr
+    nll = report["held_out_nll"]["test"]
     assert nll["host_with_memory"] < nll["host"] - 0.1, nll
-    assert report["architecture"] == "hf-llama" and report["train_windows"] > report["validation_windows"] > 0
+    assert (
+        report["architecture"] == "hf-llama"
+        and report["train_windows"] > report["held_out_nll"]["validation"]["windows"] > 0
+    )
+    assert report["memory_share_of_ffn"] == round(12 / 48, 4) and report["host"]["format"] == "transformers"
+    assert "validation nll" in result.stderr
 
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "untrained"), "--steps", "0"])
     assert result.exit_code == 0, result.output
@@ -325,6 +393,22 @@ def test_attach_refuses_a_bad_corpus(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["hf", "attach", str(host_dir), str(corpus), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and f"{corpus}:2: a document needs a string 'text'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_inspect_reads_the_config_only(tmp_path: Path) -> None:
+    host_dir = tmp_path / "gemma2"
+    host_config("gemma2").save_pretrained(host_dir)  # a config and no weights at all
+    result = CliRunner().invoke(main, ["hf", "inspect", str(host_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["architecture"] == "hf-gemma2" and report["formula"] == "down(gelu_pytorch_tanh(gate x) * up x)"
+    assert "attention soft-capping" in report["quirks"] and report["mask"] == "per-layer-type"
+    gpt2_dir = tmp_path / "gpt2"
+    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(gpt2_dir)
+    result = CliRunner().invoke(main, ["hf", "inspect", str(gpt2_dir)])
+    assert (
+        result.exit_code == 2 and "(GPT2MLP, children: c_fc, c_proj, act, dropout) is not a gated MLP" in result.output
+    )
 
 
 @pytest.mark.slow

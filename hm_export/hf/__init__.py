@@ -1,14 +1,23 @@
-"""Post-hoc memories for Hugging Face ``transformers`` decoders (Llama, Qwen2, Gemma 3, Phi-3)."""
+"""Post-hoc memories for Hugging Face ``transformers`` causal decoders with a gated MLP (any family, see
+:func:`~hm_export.hf.families.inspect_host`), loaded from a model folder or a GGUF file."""
 
-from hm_export.hf.families import FAMILIES, HostFamily, family_for_model_type, family_of, host_model_config
+from hm_export.hf.families import (
+    TESTED_MODEL_TYPES,
+    HostRefused,
+    HostStructure,
+    host_model_config,
+    host_structure,
+    inspect_host,
+)
 from hm_export.hf.model import HostMemoryLM, HostSlotModule
 
 __all__ = [
-    "FAMILIES",
-    "HostFamily",
+    "TESTED_MODEL_TYPES",
     "HostMemoryLM",
+    "HostRefused",
     "HostSlotModule",
-    "family_for_model_type",
-    "family_of",
+    "HostStructure",
     "host_model_config",
+    "host_structure",
+    "inspect_host",
 ]

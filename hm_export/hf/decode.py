@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from hm_export.decode import Attention, CacheForm, StaticKVCache
-from hm_export.hf.families import family_of
+from hm_export.hf.families import host_structure
 from hm_export.hf.model import HostMemoryLM, HostSlotModule
 from hm_export.kernels import attend_cache
 from hm_export.model import LayerMemory
@@ -58,7 +58,7 @@ class _CacheWriter:
         self.owner, self.caches, self.positions = owner, caches, positions
         self.present: list[Tensor] = [torch.empty(0)] * len(caches)
 
-    def update(self, keys: Tensor, values: Tensor, layer_idx: int, **_: Any) -> tuple[Tensor, Tensor]:
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *_: Any, **__: Any) -> tuple[Tensor, Tensor]:
         for offset, tensor in enumerate((keys, values)):
             slot = 2 * layer_idx + offset
             self.present[slot] = self.owner.write_cache(self.caches[slot], self.positions, tensor[0])
@@ -134,15 +134,16 @@ class HostDecodeModule(HostSlotModule, StaticKVCache):
     ) -> None:
         super().__init__(model, memory, layout)
         self.init_cache(model.cfg, cache, attention)
-        self.per_layer_type = family_of(model.cfg.architecture).mask_by_layer_type
+        mask = host_structure(model.cfg).mask
+        self.per_layer_type = mask == "per-layer-type"
         window = getattr(self.host.config, "sliding_window", None)
         length = self.cfg.max_seq_len
         if attention == "kernel":  # the kernel masks by position itself
             tables = {}
         elif self.per_layer_type:
             tables = {"full_attention": mask_table(length), "sliding_attention": mask_table(length, window)}
-        else:  # one mask for every layer, windowed when the whole model is (Phi-3)
-            tables = {"all_layers": mask_table(length, window)}
+        else:  # one mask for every layer, windowed when the whole model is (Mistral, Phi-3)
+            tables = {"all_layers": mask_table(length, window if mask == "windowed" else None)}
         for kind, table in tables.items():
             self.register_buffer(f"mask_{kind}", table, persistent=False)
         self.mask_kinds = tuple(tables)
