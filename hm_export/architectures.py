@@ -23,6 +23,7 @@ class MemoryModel(Protocol):
 
     cfg: ModelConfig
     bank: MemoryBank
+    kernel_attention: bool  # whether ``hm_export::attend_cache`` computes this model's attention exactly
 
     def __call__(self, tokens: Tensor, memory: Sequence[LayerMemory] | None = None) -> Tensor: ...
 

@@ -104,18 +104,20 @@ def _emit_decode(
 ) -> dict[str, Any]:
     """Trace (once per pipeline, cache form and attention, cached in ``traced``) and emit ``target``'s decode
     program."""
-    key = (target.pipeline, support.cache, support.attention, id(model))
+    # The attention kernel has no logit soft-capping: such a host (Gemma 2) attends with masks on every target.
+    attention = support.attention if support.attention != "kernel" or model.kernel_attention else "masked"
+    key = (target.pipeline, support.cache, attention, id(model))
     if key not in traced:
         pipeline = PIPELINES[target.pipeline]
         traced[key] = trace_decode_program(
-            model, contract, pipeline, support.cache, layout=layout, attention=support.attention
+            model, contract, pipeline, support.cache, layout=layout, attention=attention
         )  # type: ignore[arg-type]
     program = traced[key]
     emitted = support.emit(program, out_dir / target.directory, options)
     emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
     emitted["io"] = program.io_dict()
     emitted["cache"] = {**CacheSpec.for_model(model.cfg).to_dict(), "form": support.cache}
-    emitted["attention"] = support.attention
+    emitted["attention"] = attention
     emitted["pipeline"] = {"name": target.pipeline, "passes": [asdict(r) for r in program.pass_records]}
     return emitted
 

@@ -269,6 +269,8 @@ class MemoryLM(nn.Module):
 
         return SlotModule(self, memory, layout)
 
+    kernel_attention = True  # plain scaled-dot-product attention: the attention kernel's
+
     def decode_module(
         self,
         memory: Sequence[LayerMemory],

@@ -21,15 +21,20 @@ def _manifest(bundle: Path) -> dict:
     return json.loads((bundle / "manifest.json").read_text())
 
 
+def _program(manifest: dict) -> dict:
+    """The Core ML target's one program (the decode package serves the window too: docs/bundle-format.md)."""
+    entry = manifest["targets"]["coreml"]
+    return entry["decode"] if entry.get("window") == "decode" else entry
+
+
 def test_package_inputs_match_the_slot_contract(decode_bundle: tuple[Path, Path]) -> None:
     checkpoint, bundle = decode_bundle
     manifest = _manifest(bundle)
     contract = SlotContract.from_dict(manifest["slot"])
-    entry = manifest["targets"]["coreml"]
+    entry = _program(manifest)
     spec = ct.models.MLModel(str(bundle / entry["files"]["package"]), skip_model_load=True).get_spec()
     inputs = {f.name: f.type.multiArrayType for f in spec.description.input}
-    assert list(inputs) == ["tokens", *contract.input_names]
-    assert list(inputs["tokens"].shape) == [1, contract.seq_len]
+    assert list(inputs) == ["tokens", "input_pos", *contract.input_names]
     assert inputs["tokens"].dataType == ft.ArrayFeatureType.INT32
     for tensor in contract.tensors:
         assert list(inputs[tensor.name].shape) == list(tensor.shape), tensor.name
@@ -59,19 +64,20 @@ def test_structural_check_fails_on_a_contract_mismatch(decode_bundle: tuple[Path
     _, bundle = decode_bundle
     manifest = _manifest(bundle)
     contract = SlotContract.from_dict(manifest["slot"])
-    entry = manifest["targets"]["coreml"]
+    entry = _program(manifest)
     package, io, precision, params = (
         bundle / entry["files"]["package"],
         entry["io"],
         entry["precision"],
         entry["anchor_params"],
     )
+    first_slot = [i["name"] for i in io["inputs"]].index(contract.input_names[0])
     wrong_shape = json.loads(json.dumps(io))
-    wrong_shape["inputs"][1]["shape"][-1] += 1
+    wrong_shape["inputs"][first_slot]["shape"][-1] += 1
     report = check_coreml_package(package, contract, wrong_shape, precision, params)
-    assert not report["passed"] and any(f"input {io['inputs'][1]['name']}" in p for p in report["problems"])
+    assert not report["passed"] and any(f"input {contract.input_names[0]}" in p for p in report["problems"])
     renamed = json.loads(json.dumps(io))
-    renamed["inputs"][2]["name"] = "slot_renamed"
+    renamed["inputs"][first_slot + 1]["name"] = "slot_renamed"
     report = check_coreml_package(package, contract, renamed, precision, params)
     assert not report["passed"] and any("differ from the program's" in p for p in report["problems"])
     report = check_coreml_package(package, contract, io, "float32", params)

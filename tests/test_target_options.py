@@ -46,18 +46,18 @@ def export(work: Path, name: str, targets: tuple[str, ...], options: EmitOptions
 def test_separate_weights_put_the_anchor_in_ptd_files_that_the_runtime_loads(work):
     bundle = export(work, "separate", ("executorch",), EmitOptions(separate_weights=True))
     entry = json.loads((bundle / "manifest.json").read_text())["targets"]["executorch"]
-    assert entry["files"] == {"program": "executorch/model.pte", "data": "executorch/anchor.ptd"}
+    # One program (docs/bundle-format.md): the decode program serves the window, its weights in one .ptd.
+    assert entry["files"] == {} and entry["window"] == "decode"
     assert entry["decode"]["files"] == {"program": "executorch/decode.pte", "data": "executorch/decode.ptd"}
     from hm_export.checkpoint import load_checkpoint
 
     model = load_checkpoint(work / "ckpt").model
     weight = model.blocks[0].attn.wq.weight.detach().numpy().astype("<f4").tobytes()
     anchor_bytes = 4 * sum(p.numel() for p in model.anchor_parameters())
-    for program, data in (("model.pte", "anchor.ptd"), ("decode.pte", "decode.ptd")):
-        pte, ptd = (bundle / "executorch" / program).read_bytes(), (bundle / "executorch" / data).read_bytes()
-        assert weight in ptd and weight not in pte, program  # the weights moved, the program kept none
-        assert len(pte) < anchor_bytes <= len(ptd)  # the .pte: graph and XNNPACK metadata (~24 KB here)
-    # The runtime loads program + data: golden checks (window and decode) and verify pass.
+    pte, ptd = (bundle / "executorch/decode.pte").read_bytes(), (bundle / "executorch/decode.ptd").read_bytes()
+    assert weight in ptd and weight not in pte  # the weights moved, the program kept none
+    assert len(pte) < anchor_bytes <= len(ptd)  # the .pte: graph and XNNPACK metadata
+    # The runtime loads program + data: golden checks and verify pass.
     report = run_checks(bundle)
     assert report.passed, [r for r in report.results if r.status != "pass"]
     assert report.summary()["executorch/decode"]["pass"] == 2

@@ -161,6 +161,11 @@ class HostMemoryLM(nn.Module):
     def slot_module(self, memory: Sequence[LayerMemory], layout: SlotLayout | None = None) -> nn.Module:
         return HostSlotModule(self, memory, layout)
 
+    @property
+    def kernel_attention(self) -> bool:
+        """Whether ``hm_export::attend_cache`` computes this host's attention: it has no logit soft-capping."""
+        return getattr(self.host.config, "attn_logit_softcapping", None) is None
+
     def decode_module(
         self,
         memory: Sequence[LayerMemory],
