@@ -7,6 +7,11 @@
 //   x [tokens, rows] float32 -> xq int8, xs float32 per token: xs = max|x| / 127, xq = round(x * (127 / max|x|))
 //   out[t, c] = sum over row groups g, in order, of float(sum_{i in g} xq[t, i] * code[i, c]) * (scale[g, c] * xs[t])
 //
+// Asymmetric int4 (``mins`` set, llama.cpp's Q4_1 grid: w = scale * q + min, q = the nibble in 0..15, one float16
+// scale and one float16 min per group and column): per group the term is
+//   float(sum_{i in g} xq[t, i] * q[i, c]) * (scale[g, c] * xs[t]) + min[g, c] * (xs[t] * float(sum_{i in g} xq[t, i]))
+// (the min's integer factor, the token's group sum, is computed once per token and group), then out = out + term.
+//
 // Every path (scalar, AVX2, AVX-512, NEON) accumulates each group exactly in int32 and then adds the group's float
 // term with one multiply and one add (no fused multiply-add), in the same order: all paths give the same
 // bits. The SIMD paths unpack a tile of (two rows x 32 columns) once and apply it to every token, so a
@@ -135,15 +140,32 @@ struct QMatrix {
   int64_t cols;
   int64_t group;
   bool int4;
+  const uint16_t* mins = nullptr;  // asymmetric int4 only: float16 bits [rows / group, cols] (see the header)
 
+  // The integer factor of row i, column c: int4 code - 8 (symmetric), the nibble (asymmetric), or the int8 code.
   int code(int64_t i, int64_t c) const {
     if (int4) {
       const uint8_t byte = codes[i * (cols / 2) + c / 2];
-      return (c % 2 ? byte >> 4 : byte & 15) - 8;
+      return (c % 2 ? byte >> 4 : byte & 15) - (mins != nullptr ? 0 : 8);
     }
     return static_cast<int8_t>(codes[i * cols + c]);
   }
+
+  // What the integer sums of a group lose to the stored +8 (symmetric int4: 8 * the token's group sum), else 0.
+  int32_t offset(int32_t group_sum) const { return int4 && mins == nullptr ? 8 * group_sum : 0; }
 };
+
+// xs[t] * float(the token's group sum): the min term's per-token factor (0 when there are no mins).
+inline float min_factor(const QMatrix& w, float xs, int32_t group_sum) {
+  return w.mins != nullptr ? xs * static_cast<float>(group_sum) : 0.0f;
+}
+
+// out = out + (float(sum) * (scale * xs) [+ min * xg]): one column's group term, the scalar form of every path.
+inline void finish1(int32_t sum, uint16_t scale, const uint16_t* min, float xs, float xg, float* out) {
+  float term = static_cast<float>(sum) * (half_to_float(scale) * xs);
+  if (min != nullptr) term = term + half_to_float(*min) * xg;
+  *out = *out + term;
+}
 
 // out [tokens, cols] (stride out_stride) = xq [tokens, rows] (stride xq_stride, even-padded) @ W, see the header.
 inline void qmatmul_scalar(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs, int64_t tokens,
@@ -155,15 +177,17 @@ inline void qmatmul_scalar(const QMatrix& w, const int8_t* xq, int64_t xq_stride
     const int8_t* q = xq + t * xq_stride;
     for (int64_t g = 0; g < w.rows / w.group; ++g) {
       std::fill(acc.begin(), acc.end(), 0);
+      int32_t group_sum = 0;
       for (int64_t i = g * w.group; i < (g + 1) * w.group; ++i) {
         const int32_t a = q[i];
+        group_sum += a;
         if (a == 0) continue;
         for (int64_t c = 0; c < w.cols; ++c) acc[c] += a * w.code(i, c);
       }
+      const float xg = min_factor(w, xs[t], group_sum);
+      const uint16_t* mins = w.mins != nullptr ? w.mins + g * w.cols : nullptr;
       for (int64_t c = 0; c < w.cols; ++c) {
-        const float scale = half_to_float(w.scales[g * w.cols + c]) * xs[t];
-        const float term = static_cast<float>(acc[c]) * scale;
-        o[c] = o[c] + term;
+        finish1(acc[c], w.scales[g * w.cols + c], mins != nullptr ? mins + c : nullptr, xs[t], xg, o + c);
       }
     }
   }
@@ -172,11 +196,15 @@ inline void qmatmul_scalar(const QMatrix& w, const int8_t* xq, int64_t xq_stride
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
 #define HM_AVX2 __attribute__((target("avx2,f16c")))
 
-// Adds float(acc) * (scale * xs) to out for 8 columns (acc int32 x8, scales 8 float16 at `scales`).
-HM_AVX2 inline void finish8(__m256i acc, const uint16_t* scales, float xs, float* out) {
+// finish1 for 8 columns (acc int32 x8, scales and mins 8 float16 at `scales` / `mins`; mins may be null).
+HM_AVX2 inline void finish8(__m256i acc, const uint16_t* scales, const uint16_t* mins, float xs, float xg, float* out) {
   const __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales))),
                                      _mm256_set1_ps(xs));
-  const __m256 term = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);
+  __m256 term = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);
+  if (mins != nullptr) {
+    const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins)));
+    term = _mm256_add_ps(term, _mm256_mul_ps(low, _mm256_set1_ps(xg)));
+  }
   _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), term));
 }
 
@@ -186,8 +214,9 @@ HM_AVX2 inline void finish8(__m256i acc, const uint16_t* scales, float xs, float
 // 49..63. maddubs with the token's (x_i, x_i+1) byte pair gives 16 int16 sums per register; at most 8 pairs are
 // summed in int16 (8 * 2 * 15 * 127 < 32767) before widening into int32. The +8 offset is removed per group:
 // sum -= 8 * sum_{i in g} x_i.
-// Per token: 8 * the sum of the group's codes (the +8 offset to remove), and the group's (x_i, x_i+1) byte pairs
-// as int16 (a missing partner is 0), which the inner loops broadcast.
+// Per token: the sum of the group's activation codes (8 times it is the +8 offset to remove; asymmetric weights
+// multiply it by the min), and the group's (x_i, x_i+1) byte pairs as int16 (a missing partner is 0), which the
+// inner loops broadcast.
 inline void group_pairs(const int8_t* xq, int64_t xq_stride, int64_t tokens, int64_t r0, int64_t group,
                         int32_t* xsum, int16_t* xpairs) {
   const int64_t pairs = (group + 1) / 2;
@@ -195,7 +224,7 @@ inline void group_pairs(const int8_t* xq, int64_t xq_stride, int64_t tokens, int
     const int8_t* q = xq + t * xq_stride + r0;
     int32_t sum = 0;
     for (int64_t i = 0; i < group; ++i) sum += q[i];
-    xsum[t] = 8 * sum;
+    xsum[t] = sum;
     for (int64_t p = 0; p < pairs; ++p) {
       const int8_t second = (2 * p + 1 < group) ? q[2 * p + 1] : 0;
       xpairs[t * pairs + p] = static_cast<int16_t>(static_cast<uint8_t>(q[2 * p]) |
@@ -232,9 +261,10 @@ HM_AVX2 inline void widen_add(const __m256i e0, const __m256i e1, const __m256i 
   }
 }
 
-// Adds a block's sums (minus the offset) times the group's scales to out, columns c0 .. c0 + width - 1.
-HM_AVX2 inline void finish_block64(const Int4Sums& s, int32_t offset, const uint16_t* scales, float xs, float* out,
-                                   int64_t width) {
+// Adds a block's sums (minus the offset) times the group's scales (plus mins * xg) to out, columns c0 .. c0 + width
+// - 1 (`scales` and `mins` point at column c0; mins may be null).
+HM_AVX2 inline void finish_block64(const Int4Sums& s, int32_t offset, const uint16_t* scales, const uint16_t* mins,
+                                   float xs, float xg, float* out, int64_t width) {
   alignas(32) int32_t lanes[64];
   const __m256i off = _mm256_set1_epi32(offset);
   // Even/odd runs of the same 8 columns interleave back into column order (unpack per half, then fix halves).
@@ -246,8 +276,11 @@ HM_AVX2 inline void finish_block64(const Int4Sums& s, int32_t offset, const uint
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 16 * k + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
   }
   int64_t c = 0;
-  for (; c + 8 <= width; c += 8) finish8(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + c)), scales + c, xs, out + c);
-  for (; c < width; ++c) out[c] = out[c] + static_cast<float>(lanes[c]) * (half_to_float(scales[c]) * xs);
+  for (; c + 8 <= width; c += 8) {
+    finish8(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + c)), scales + c,
+            mins != nullptr ? mins + c : nullptr, xs, xg, out + c);
+  }
+  for (; c < width; ++c) finish1(lanes[c], scales[c], mins != nullptr ? mins + c : nullptr, xs, xg, out + c);
 }
 
 // Columns [c_begin, c_end) (c_begin a multiple of 64) in 64-column blocks; out's other columns are not touched.
@@ -313,7 +346,9 @@ HM_AVX2 inline void qmatmul_int4_avx2(const QMatrix& w, const int8_t* xq, int64_
           }
           widen_add(e0, e1, o0, o1, sums);
         }
-        finish_block64(sums, xsum[t], w.scales + g * w.cols + c0, xs[t], out + t * out_stride + c0, width);
+        finish_block64(sums, w.offset(xsum[t]), w.scales + g * w.cols + c0,
+                       w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr, xs[t], min_factor(w, xs[t], xsum[t]),
+                       out + t * out_stride + c0, width);
       }
     }
   }
@@ -324,10 +359,15 @@ HM_AVX2 inline void qmatmul_int4_avx2(const QMatrix& w, const int8_t* xq, int64_
 // int4 blocks of 128 columns (64 bytes per row) with 512-bit registers: the AVX2 scheme above, each register
 // holding four 128-bit lanes of it (lane L covers columns 32L .. 32L + 31 of the block). Full blocks only; the
 // last columns (fewer than 128) go to the AVX2 path. Same integer sums, same float finish: the same bits.
-HM_AVX512 inline void finish16(__m512i sums, const uint16_t* scales, float xs, float* out) {
+HM_AVX512 inline void finish16(__m512i sums, const uint16_t* scales, const uint16_t* mins, float xs, float xg,
+                               float* out) {
   const __m512 scale = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales))),
                                      _mm512_set1_ps(xs));
-  const __m512 term = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), scale);
+  __m512 term = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), scale);
+  if (mins != nullptr) {
+    const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins)));
+    term = _mm512_add_ps(term, _mm512_mul_ps(low, _mm512_set1_ps(xg)));
+  }
   _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), term));
 }
 
@@ -404,8 +444,10 @@ HM_AVX512 inline void qmatmul_int4_avx512(const QMatrix& w, const int8_t* xq, in
                 _mm512_add_epi32(sums[2 * k + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(acc[k], 1)));
           }
         }
-        const __m512i offset = _mm512_set1_epi32(xsum[t]);
+        const __m512i offset = _mm512_set1_epi32(w.offset(xsum[t]));
         const uint16_t* sc = w.scales + g * w.cols + c0;
+        const uint16_t* mn = w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr;
+        const float xg = min_factor(w, xs[t], xsum[t]);
         float* o = out + t * out_stride + c0;
         // sums[2k + h] holds lanes 2h, 2h + 1 of e0 (k = 0), e1 (1), o0 (2), o1 (3): per 128-bit sublane four
         // columns; unpacking even (e) with odd (o) and permuting gives 16 consecutive columns per pair of lanes.
@@ -415,9 +457,11 @@ HM_AVX512 inline void qmatmul_int4_avx512(const QMatrix& w, const int8_t* xq, in
             const __m512i odd = _mm512_sub_epi32(sums[2 * (k + 2) + h], offset);
             const __m512i lo = _mm512_unpacklo_epi32(even, odd), hi = _mm512_unpackhi_epi32(even, odd);
             const int64_t lane0 = 2 * h;  // this register's first lane: columns 32 * lane0 ..
-            finish16(_mm512_permutex2var_epi32(lo, first, hi), sc + 32 * lane0 + 16 * k, xs[t], o + 32 * lane0 + 16 * k);
-            finish16(_mm512_permutex2var_epi32(lo, second, hi), sc + 32 * (lane0 + 1) + 16 * k, xs[t],
-                     o + 32 * (lane0 + 1) + 16 * k);
+            const int64_t at0 = 32 * lane0 + 16 * k, at1 = 32 * (lane0 + 1) + 16 * k;
+            finish16(_mm512_permutex2var_epi32(lo, first, hi), sc + at0, mn != nullptr ? mn + at0 : nullptr, xs[t],
+                     xg, o + at0);
+            finish16(_mm512_permutex2var_epi32(lo, second, hi), sc + at1, mn != nullptr ? mn + at1 : nullptr, xs[t],
+                     xg, o + at1);
           }
         }
       }
@@ -459,10 +503,10 @@ HM_AVX2 inline void qmatmul_int8_avx2(const QMatrix& w, const int8_t* xq, int64_
         float* o = out + t * out_stride + c0;
         const uint16_t* sc = w.scales + g * w.cols + c0;
         if (width == 8) {
-          finish8(acc, sc, xs[t], o);
+          finish8(acc, sc, nullptr, xs[t], 0.0f, o);
         } else {
           _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
-          for (int64_t c = 0; c < width; ++c) o[c] = o[c] + static_cast<float>(lanes[c]) * (half_to_float(sc[c]) * xs[t]);
+          for (int64_t c = 0; c < width; ++c) finish1(lanes[c], sc[c], nullptr, xs[t], 0.0f, o + c);
         }
       }
     }
@@ -471,13 +515,14 @@ HM_AVX2 inline void qmatmul_int8_avx2(const QMatrix& w, const int8_t* xq, int64_
 #endif  // x86
 
 #if defined(HM_KERNELS_NEON)
-// 16 codes of row `i`, columns c0 .. c0 + 15, as int8 (int4: the code, not code + 8); zeros past `width`.
+// 16 codes of row `i`, columns c0 .. c0 + 15, as int8 (the integer factors of QMatrix::code); zeros past `width`.
 inline int8x16_t load_codes16(const QMatrix& w, int64_t i, int64_t c0, int64_t width) {
   if (width == 16) {
     if (!w.int4) return vld1q_s8(reinterpret_cast<const int8_t*>(w.codes + i * w.cols + c0));
     const uint8x8_t bytes = vld1_u8(w.codes + i * (w.cols / 2) + c0 / 2);
     const uint8x8x2_t zipped = vzip_u8(vand_u8(bytes, vdup_n_u8(15)), vshr_n_u8(bytes, 4));  // column order
-    return vsubq_s8(vreinterpretq_s8_u8(vcombine_u8(zipped.val[0], zipped.val[1])), vdupq_n_s8(8));
+    const int8x16_t nibbles = vreinterpretq_s8_u8(vcombine_u8(zipped.val[0], zipped.val[1]));
+    return w.mins != nullptr ? nibbles : vsubq_s8(nibbles, vdupq_n_s8(8));
   }
   alignas(16) int8_t codes[16] = {0};
   for (int64_t c = 0; c < width; ++c) codes[c] = static_cast<int8_t>(w.code(i, c0 + c));
@@ -518,7 +563,11 @@ inline void qmatmul_neon(const QMatrix& w, const int8_t* xq, int64_t xq_stride, 
         for (int k = 0; k < 4; ++k) vst1q_s32(lanes + 4 * k, acc[k]);
         float* o = out + t * out_stride + c0;
         const uint16_t* sc = w.scales + g * w.cols + c0;
-        for (int64_t c = 0; c < width; ++c) o[c] = o[c] + static_cast<float>(lanes[c]) * (half_to_float(sc[c]) * xs[t]);
+        const uint16_t* mn = w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr;
+        int32_t group_sum = 0;
+        for (int64_t i = 0; i < w.group; ++i) group_sum += q[i];
+        const float xg = min_factor(w, xs[t], group_sum);
+        for (int64_t c = 0; c < width; ++c) finish1(lanes[c], sc[c], mn != nullptr ? mn + c : nullptr, xs[t], xg, o + c);
       }
     }
   }

@@ -238,13 +238,23 @@ QMATMUL_CASES = [  # storage, rows, cols, group, tokens
     ("int4", 30, 50, 15, 4),  # odd group (a row without a partner), narrow block
     ("int8", 48, 40, 48, 5),
     ("int8", 20, 24, 5, 3),
+    ("asym4", 576, 200, 32, 1),  # asymmetric int4 (Q4_1 grid): one 128-column block + a 72-column AVX2 tail
+    ("asym4", 96, 384, 32, 5),
+    ("asym4", 45, 22, 15, 3),  # odd group, narrow block
 ]
 
 
 def qmatmul_problem(storage: str, rows: int, cols: int, group: int, tokens: int):
-    codes, scales = quantize(torch.randn(1, rows, cols), group, storage)
+    """Codes, float16 scales and mins (None unless asymmetric), int8 activations and their scales."""
+    mins = None
+    if storage == "asym4":  # random nibbles and float16 scales / mins of both signs (Q4_1 blocks)
+        codes = torch.randint(0, 256, (1, rows, cols // 2), dtype=torch.uint8)
+        scales = (torch.rand(1, rows // group, cols) * 0.05).half()
+        mins = (torch.randn(1, rows // group, cols) * 0.2).half()
+    else:
+        codes, scales = quantize(torch.randn(1, rows, cols), group, storage)
     xq, xs = quantize_rows(torch.randn(tokens, rows) * 3)
-    return codes, scales, xq, xs
+    return codes, scales, mins, xq, xs
 
 
 def padded_int8(xq: torch.Tensor) -> np.ndarray:
@@ -258,22 +268,24 @@ def padded_int8(xq: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("isa", [0, 1, 3])
 def test_qmatmul_paths_are_bit_exact(kernel_library, case, isa):
     storage, rows, cols, group, tokens = case
-    codes, scales, xq, xs = qmatmul_problem(*case)
+    codes, scales, mins, xq, xs = qmatmul_problem(*case)
     library = ctypes.CDLL(str(kernel_library))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.hm_kernels_qmatmul.argtypes = [pointer, pointer, size, size, size, ctypes.c_int, pointer, size, pointer,
-                                           size, pointer, ctypes.c_int]  # fmt: skip
+    library.hm_kernels_qmatmul.argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int, pointer, size,
+                                           pointer, size, pointer, ctypes.c_int]  # fmt: skip
     code_bytes = np.ascontiguousarray(codes[0].numpy())
     scale_bits = np.ascontiguousarray(scales[0].numpy().view(np.uint16))
+    min_bits = None if mins is None else np.ascontiguousarray(mins[0].numpy().view(np.uint16))
     xq_rows, xs_rows = padded_int8(xq), np.ascontiguousarray(xs.numpy().reshape(-1), np.float32)
     out = np.zeros((tokens, cols), np.float32)
     used = library.hm_kernels_qmatmul(
-        code_bytes.ctypes.data, scale_bits.ctypes.data, rows, cols, group, int(storage == "int4"),
-        xq_rows.ctypes.data, xq_rows.shape[1], xs_rows.ctypes.data, tokens, out.ctypes.data, isa,
+        code_bytes.ctypes.data, scale_bits.ctypes.data, None if min_bits is None else min_bits.ctypes.data, rows, cols,
+        group, int(storage != "int8"), xq_rows.ctypes.data, xq_rows.shape[1], xs_rows.ctypes.data, tokens,
+        out.ctypes.data, isa,
     )  # fmt: skip
     if used < 0:
         pytest.skip(f"this CPU does not run path {isa}")
-    assert torch.equal(torch.from_numpy(out), qmatmul_reference(xq, xs, codes, scales))
+    assert torch.equal(torch.from_numpy(out), qmatmul_reference(xq, xs, codes, scales, mins))
 
 
 @pytest.fixture(scope="session")
@@ -293,14 +305,15 @@ def neon_harness(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("case", QMATMUL_CASES)
 def test_qmatmul_neon_path_is_bit_exact_under_qemu(neon_harness, case):
     storage, rows, cols, group, tokens = case
-    codes, scales, xq, xs = qmatmul_problem(*case)
-    head = np.array([rows, cols, group, int(storage == "int4"), tokens, 2], np.int64).tobytes()
-    body = codes[0].numpy().tobytes() + scales[0].numpy().view(np.uint16).tobytes() + padded_int8(xq).tobytes()
+    codes, scales, mins, xq, xs = qmatmul_problem(*case)
+    head = np.array([rows, cols, group, int(storage != "int8"), tokens, 2, int(mins is not None)], np.int64).tobytes()
+    low = b"" if mins is None else mins[0].numpy().view(np.uint16).tobytes()
+    body = codes[0].numpy().tobytes() + scales[0].numpy().view(np.uint16).tobytes() + low + padded_int8(xq).tobytes()
     stdin = head + body + xs.numpy().reshape(-1).astype(np.float32).tobytes()
     result = subprocess.run(["qemu-aarch64", str(neon_harness)], input=stdin, capture_output=True, check=True).stdout
     assert np.frombuffer(result[:8], np.int64)[0] == 2  # the NEON path ran
     out = torch.from_numpy(np.frombuffer(result[8:], np.float32).reshape(tokens, cols).copy())
-    assert torch.equal(out, qmatmul_reference(xq, xs, codes, scales))
+    assert torch.equal(out, qmatmul_reference(xq, xs, codes, scales, mins))
 
 
 class CacheAttention(torch.nn.Module):
