@@ -61,7 +61,8 @@ from hm_export.errors import ExportError, UsageError
 NAMESPACE = "hm_export"
 LIBRARY_NAME = "libhm_export_kernels.so"
 SOURCE_DIR = Path(__file__).resolve().parent  # the C++ sources ship with the package (kernels/ in the repo)
-OPERATORS = ("memory_swiglu.out", "attend_cache.out", "tied_head.out", "qlinear.out", "qembedding.out")  # the ExecuTorch kernels of the library
+# the ExecuTorch kernels of the library
+OPERATORS = ("memory_swiglu.out", "attend_cache.out", "tied_head.out", "qlinear.out", "qembedding.out")
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define("memory_swiglu(Tensor x, Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales) -> Tensor")
@@ -141,9 +142,7 @@ def check_table(op: str, codes: Tensor, scales: Tensor, mins: Tensor) -> None:
     rows, cols = codes.shape[0], 2 * codes.shape[1]
     for name, tensor in (("scales", scales), ("mins", mins)):
         if tensor.dtype != torch.float16 or tensor.dim() != 2 or tensor.shape[1] != cols or rows % tensor.shape[0]:
-            raise UsageError(
-                f"{op}: {name} {tensor.dtype} {list(tensor.shape)}, expected float16 [{rows} / g, {cols}]"
-            )
+            raise UsageError(f"{op}: {name} {tensor.dtype} {list(tensor.shape)}, expected float16 [{rows} / g, {cols}]")
     if scales.shape != mins.shape:
         raise UsageError(f"{op}: scales {list(scales.shape)} and mins {list(mins.shape)} differ")
 
