@@ -24,14 +24,15 @@ layer of the KV-cache decode program: it writes ``k``/``v`` (``[1, Hkv, S, D]``)
 query head ``h`` reading KV head ``h // (Hq / Hkv)``; returns ``[1, S, Hq, D]``.  Nothing past the last
 written position is read, no mask tensor exists and grouped KV heads are never repeated.
 
-``hm_export::qlinear(x, codes, scales, mins) -> Tensor`` is an anchor linear of the ``8da4w-g32-asym`` preset
-(:mod:`hm_export.anchor_quant`): ``x [..., in]`` times asymmetric int4 weights in llama.cpp's Q4_1 grid, ``w =
-scale * q + min`` with ``q`` in ``0..15`` and one float16 scale and min per group of ``g`` input rows and column:
+``hm_export::qlinear(x, codes, scales, mins) -> Tensor`` is an anchor linear of the ``8da4w-g32-asym`` presets
+(:mod:`hm_export.anchor_quant`): ``x [..., in]`` times weights in llama.cpp's grids, one float16 scale (and min)
+per group of ``g`` input rows and column: asymmetric int4 (Q4_1, ``w = scale * q + min``, ``q`` in ``0..15``):
 ``codes`` uint8 ``[in, out / 2]`` (``q`` of columns ``2c`` / ``2c + 1`` in the low / high nibble, no offset),
-``scales`` and ``mins`` float16 ``[in / g, out]``.  Activations are quantized per token to int8 as for
-``memory_swiglu``; each group adds ``float(sum xq * q) * (scale * xs) + min * (xs * float(sum xq))``.
+``scales`` and ``mins`` float16 ``[in / g, out]``; or symmetric int8 (Q8_0, ``w = scale * q``): ``codes`` int8
+``[in, out]``, ``mins`` empty (``[0]``).  Activations are quantized per token to int8 as for ``memory_swiglu``;
+each group adds ``float(sum xq * q) * (scale * xs)`` (int4: ``+ min * (xs * float(sum xq))``).
 ``hm_export::qembedding(tokens, codes, scales, mins) -> Tensor`` looks tokens up in the same table (column ``v``
-is token ``v``'s embedding, ``scale * q + min`` per element), so a tied embedding and its head share one table.
+is token ``v``'s embedding, ``scale * q (+ min)`` per element), so a tied embedding and its head share one table.
 
 ``hm_export::tied_head(h, weight) -> Tensor`` is the output head of a float32 model whose head is tied to its
 token embedding: ``h @ weight^T`` read from the embedding's own table ``[V, d]``, so a program stores that table
@@ -137,14 +138,19 @@ def qmatmul_reference(xq: Tensor, xs: Tensor, codes: Tensor, scales: Tensor, min
 
 def check_table(op: str, codes: Tensor, scales: Tensor, mins: Tensor) -> None:
     """Raise UsageError naming the operand of a ``qlinear`` / ``qembedding`` table that breaks its layout."""
-    if codes.dtype != torch.uint8 or codes.dim() != 2:
-        raise UsageError(f"{op}: codes must be uint8 [in, out / 2], got {codes.dtype} {list(codes.shape)}")
-    rows, cols = codes.shape[0], 2 * codes.shape[1]
-    for name, tensor in (("scales", scales), ("mins", mins)):
+    if codes.dtype not in (torch.uint8, torch.int8) or codes.dim() != 2:
+        raise UsageError(
+            f"{op}: codes must be uint8 [in, out / 2] (int4) or int8 [in, out], got {codes.dtype} {list(codes.shape)}"
+        )
+    int4 = codes.dtype == torch.uint8
+    rows, cols = codes.shape[0], codes.shape[1] * (2 if int4 else 1)
+    for name, tensor in (("scales", scales), ("mins", mins))[: 2 if int4 else 1]:
         if tensor.dtype != torch.float16 or tensor.dim() != 2 or tensor.shape[1] != cols or rows % tensor.shape[0]:
             raise UsageError(f"{op}: {name} {tensor.dtype} {list(tensor.shape)}, expected float16 [{rows} / g, {cols}]")
-    if scales.shape != mins.shape:
+    if int4 and scales.shape != mins.shape:
         raise UsageError(f"{op}: scales {list(scales.shape)} and mins {list(mins.shape)} differ")
+    if not int4 and (mins.numel() or mins.dtype != torch.float16):
+        raise UsageError(f"{op}: int8 codes take no mins (an empty float16 tensor), got {list(mins.shape)}")
 
 
 def qlinear_reference(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
@@ -153,18 +159,21 @@ def qlinear_reference(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) ->
     if x.dtype != torch.float32 or x.shape[-1] != codes.shape[0]:
         raise UsageError(f"qlinear: x must be float32 [..., {codes.shape[0]}], got {x.dtype} {list(x.shape)}")
     rows = x.reshape(-1, x.shape[-1])
-    out = qmatmul_reference(*quantize_rows(rows), codes[None], scales[None], mins[None])
+    low = mins[None] if codes.dtype == torch.uint8 else None
+    out = qmatmul_reference(*quantize_rows(rows), codes[None], scales[None], low)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def qembedding_reference(tokens: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
-    """What ``hm_export::qembedding`` computes: ``[..., in]`` = columns ``tokens`` of the table, ``scale * q + min``."""
+    """What ``hm_export::qembedding`` computes: ``[..., in]`` = the columns ``tokens``, ``scale * q (+ min)``."""
     check_table("qembedding", codes, scales, mins)
     ids = tokens.reshape(-1)
     group = codes.shape[0] // scales.shape[0]
+    scale = scales[:, ids].float().repeat_interleave(group, dim=0)
+    if codes.dtype == torch.int8:
+        return (scale * codes[:, ids].float()).t().reshape(*tokens.shape, codes.shape[0])
     nibbles = codes[:, torch.div(ids, 2, rounding_mode="floor")].to(torch.int32)  # [in, N]
     q = torch.where(ids % 2 == 1, torch.div(nibbles, 16, rounding_mode="floor"), torch.remainder(nibbles, 16))
-    scale = scales[:, ids].float().repeat_interleave(group, dim=0)
     low = mins[:, ids].float().repeat_interleave(group, dim=0)
     return (scale * q.float() + low).t().reshape(*tokens.shape, codes.shape[0])
 
@@ -319,7 +328,7 @@ def _qlinear_out(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor, *, out:
 
 @torch.library.register_fake(f"{NAMESPACE}::qlinear")
 def _qlinear_fake(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
-    return x.new_empty((*x.shape[:-1], 2 * codes.shape[1]))
+    return x.new_empty((*x.shape[:-1], scales.shape[1]))
 
 
 @torch.library.impl(_lib, "qembedding", "CompositeExplicitAutograd")

@@ -1,15 +1,17 @@
 // hm_export::qlinear.out and hm_export::qembedding.out for the ExecuTorch runtime: the anchor of the
-// `8da4w-g32-asym` preset (hm_export/anchor_quant.py), asymmetric int4 weights in llama.cpp's Q4_1 grid
-// (w = scale * q + min, q in 0..15, one float16 scale and one float16 min per group of input rows and column).
+// `8da4w-g32-asym` presets (hm_export/anchor_quant.py), in llama.cpp's grids: asymmetric int4 (Q4_1: w = scale * q
+// + min, q in 0..15) or symmetric int8 (Q8_0: w = scale * q), one float16 scale (and min) per group of input rows
+// and column.
 //
-//   codes   uint8 [in, out / 2]: q of columns 2c (low nibble) and 2c + 1 (high nibble) of input row i
+//   codes   uint8 [in, out / 2]: int4 q of columns 2c (low nibble) and 2c + 1 (high nibble) of input row i;
+//           or int8 [in, out]
 //   scales  float16 [in / g, out]
-//   mins    float16 [in / g, out]
+//   mins    float16 [in / g, out] (int4), or empty [0] (int8)
 //
 // qlinear: x float32 [..., in] -> out float32 [..., out] = qmatmul(q8(x), W) (qmatmul.h: activations int8 per token,
 // each group's sums exact in int32, the min term from the token's group sum).
 // qembedding: tokens int64 [...] -> out float32 [..., in]: column v of the same table, out[..., i] =
-// float(scale[i / g, v]) * q[i, v] + float(min[i / g, v]). A tied embedding and its output head read one table:
+// float(scale[i / g, v]) * q[i, v] (+ float(min[i / g, v]) for int4). A tied embedding and its output head read one table:
 // the head is qlinear over [d, V], the lookup is qembedding over the same tensors.
 // The reference implementations are in kernels/__init__.py (qlinear_reference, qembedding_reference).
 
@@ -33,17 +35,24 @@ using hm_kernels::QMatrix;
 
 // The table as a QMatrix (rows = in, cols = out), or an error message when shapes or dtypes disagree.
 const char* table_matrix(const Tensor& codes, const Tensor& scales, const Tensor& mins, QMatrix& m) {
-  if (codes.scalar_type() != ScalarType::Byte || codes.dim() != 2) return "codes must be uint8 [in, out / 2]";
+  const bool int4 = codes.scalar_type() == ScalarType::Byte;
+  if ((!int4 && codes.scalar_type() != ScalarType::Char) || codes.dim() != 2) {
+    return "codes must be uint8 [in, out / 2] (int4) or int8 [in, out]";
+  }
   if (scales.scalar_type() != ScalarType::Half || mins.scalar_type() != ScalarType::Half) {
     return "scales and mins must be float16";
   }
-  const int64_t rows = codes.size(0), cols = 2 * codes.size(1);
+  const int64_t rows = codes.size(0), cols = int4 ? 2 * codes.size(1) : codes.size(1);
   if (scales.dim() != 2 || scales.size(0) < 1 || rows % scales.size(0) != 0 || scales.size(1) != cols) {
     return "scales must be [in / group, out]";
   }
-  if (mins.dim() != 2 || mins.size(0) != scales.size(0) || mins.size(1) != cols) return "mins must match scales";
+  if (int4 && (mins.dim() != 2 || mins.size(0) != scales.size(0) || mins.size(1) != cols)) {
+    return "mins must match scales";
+  }
+  if (!int4 && mins.numel() != 0) return "int8 codes take no mins (an empty tensor)";
   m = QMatrix{codes.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.const_data_ptr<Half>()),
-              rows, cols, rows / scales.size(0), true, reinterpret_cast<const uint16_t*>(mins.const_data_ptr<Half>())};
+              rows, cols, rows / scales.size(0), int4,
+              int4 ? reinterpret_cast<const uint16_t*>(mins.const_data_ptr<Half>()) : nullptr};
   return nullptr;
 }
 
@@ -86,16 +95,19 @@ Tensor& qembedding_out(KernelRuntimeContext& ctx, const Tensor& tokens, const Te
   ET_KERNEL_CHECK(ctx, resize_like(tokens, w.rows, true, out), InvalidArgument, out);
   const int64_t* ids = tokens.const_data_ptr<int64_t>();
   float* o = out.mutable_data_ptr<float>();
-  const int64_t row_bytes = w.cols / 2;
   for (int64_t t = 0; t < tokens.numel(); ++t) {
     const int64_t v = ids[t];
     ET_KERNEL_CHECK_MSG(ctx, v >= 0 && v < w.cols, InvalidArgument, out, "qembedding: token %lld outside [0, %lld)",
                         static_cast<long long>(v), static_cast<long long>(w.cols));
-    const int shift = v % 2 ? 4 : 0;
+    float* row = o + t * w.rows;
     for (int64_t i = 0; i < w.rows; ++i) {
       const int64_t at = i / w.group * w.cols + v;
-      const float q = static_cast<float>((w.codes[i * row_bytes + v / 2] >> shift) & 15);
-      o[t * w.rows + i] = hm_kernels::half_to_float(w.scales[at]) * q + hm_kernels::half_to_float(w.mins[at]);
+      const float scale = hm_kernels::half_to_float(w.scales[at]);
+      if (w.int4) {  // the nibble itself: no offset in the asymmetric grid
+        row[i] = scale * static_cast<float>(w.code(i, v)) + hm_kernels::half_to_float(w.mins[at]);
+      } else {
+        row[i] = scale * static_cast<float>(w.code(i, v));
+      }
     }
   }
   return out;

@@ -2,9 +2,10 @@
 
 "Stored once" is a byte search over every file of the bundle, as the bank-bytes test searches the programs: the
 float32 bytes of each float anchor weight, or the codes of each quantized one in the layout the runtime stores
-(XNNPACK's int4: two codes + 8 per byte along the input, even index in the low nibble; int8 as is), must occur
-exactly once.  The one exception is documented: a quantized tied embedding is stored as the lookup table and
-again as the head's XNNPACK weights (each of those once).
+(XNNPACK's int4: two codes + 8 per byte along the input, even index in the low nibble; int8 as is; the ``-asym``
+presets' tables as ``hm_export::qlinear`` reads them), must occur exactly once.  The one exception is documented:
+an XNNPACK-quantized tied embedding is stored as the lookup table and again as the head's XNNPACK weights (each of
+those once); the ``-asym`` presets store it once, the lookup reading the head's table.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import pytest
 import torch
 from conftest import DECODE_CONTEXTS, tiny_checkpoint, tiny_config
 
-from hm_export.anchor_quant import PRESETS, QuantizedEmbedding, WeightQuant, exported_model, get_preset
+from hm_export.anchor_quant import (
+    PRESETS,
+    GridLinear,
+    QuantizedEmbedding,
+    WeightQuant,
+    asymmetric_codes,
+    exported_model,
+    get_preset,
+)
 from hm_export.checkpoint import load_checkpoint
 from hm_export.checks import run_checks
 from hm_export.export import ExportRecipe, export_bundle
@@ -49,6 +58,8 @@ def stored_forms(module: torch.nn.Module) -> dict[str, bytes]:
                     forms[name] = codes.numpy().tobytes()
             else:
                 forms[name] = weight.detach().numpy().astype("<f4").tobytes()
+        elif isinstance(child, GridLinear):  # the codes as the kernel reads them (a tied table: once, here)
+            forms[name] = child.codes.numpy().tobytes()
         elif isinstance(child, QuantizedEmbedding):
             forms[name] = child.weight.numpy().tobytes()
         elif isinstance(child, torch.nn.Embedding):
