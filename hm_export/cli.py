@@ -23,7 +23,15 @@ from hm_export.console import Streams, library_output
 from hm_export.errors import HmExportError, UsageError
 
 # hm_export.anchor_quant.PRESETS, spelled out so that the CLI starts without importing torch (a test keeps them equal)
-ANCHOR_QUANT_PRESETS = ("none", "int8-weight", "8da4w-g32", "8da4w-g128", "8da4w-g32-e8")
+ANCHOR_QUANT_PRESETS = (
+    "none",
+    "int8-weight",
+    "8da4w-g32",
+    "8da4w-g128",
+    "8da4w-g32-e8",
+    "8da4w-g32-asym",
+    "8da4w-g32-asym-e8",
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -225,7 +233,8 @@ BUNDLE = click.Path(exists=True, file_okay=False, path_type=Path)
     default="none",
     show_default=True,
     help="How the anchor's weights are stored (docs/anchor-quant.md): ExecuTorch 8da via torchao + XNNPACK and a "
-    "quantized embedding; ONNX weight-only MatMulNBits / GatherBlockQuantized; Core ML weight compression.",
+    "quantized embedding; ONNX weight-only MatMulNBits / GatherBlockQuantized; Core ML weight compression. "
+    "-asym: llama.cpp's Q4_1 (and Q8_0 for -e8) grids on hm-export's kernels, ExecuTorch only.",
 )
 @click.option(
     "--no-decode",

@@ -31,6 +31,8 @@ from hm_export.kernels import (
     build_kernel_library,
     load_kernel_library,
     memory_swiglu,
+    qembedding,
+    qlinear,
     qmatmul_reference,
     quantize_rows,
     registered_in_runtime,
@@ -228,6 +230,29 @@ def test_cpp_kernel_follows_a_dynamic_token_count(kernel_library, tmp_path):
         got = method.execute(list(resized))[0]
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=0, atol=h_step_bound(*resized))
+
+
+class GridLayer(torch.nn.Module):
+    """A lookup and a product over one asymmetric int4 / int8 table, as the ``-asym`` anchors call them."""
+
+    def forward(self, tokens, x, codes, scales, mins):
+        return qembedding(tokens, codes, scales, mins), qlinear(x, codes, scales, mins)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpp_grid_ops_match_the_reference_bit_for_bit(kernel_library, tmp_path, bits):
+    from executorch.runtime import Runtime
+
+    from hm_export.anchor_quant import GridLinear, WeightQuant
+
+    # 200 outputs: one 128-column AVX-512 block and a 72-column AVX2 tail (int4); input 96 = three groups of 32
+    table = GridLinear(torch.randn(200, 96), WeightQuant(4, 32, asymmetric=True) if bits == 4 else WeightQuant(8, 32))
+    operands = (torch.tensor([[0, 199, 7, 120]]), torch.randn(1, 3, 96) * 2, table.codes, table.scales, table.mins)
+    pte = lower_to_pte(GridLayer(), operands, tmp_path / "grid.pte")
+    got = Runtime.get().load_program(str(pte)).load_method("forward").execute(list(operands))
+    want = GridLayer()(*operands)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 # One quantized product per path through the library's C entry point (0 scalar, 1 AVX2, 3 AVX-512), or the NEON path
