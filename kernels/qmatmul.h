@@ -63,7 +63,7 @@ inline float half_to_float(uint16_t h) {
   return out;
 }
 
-enum class Isa { Scalar = 0, Avx2 = 1, Neon = 2, Avx512 = 3 };
+enum class Isa { Scalar = 0, Avx2 = 1, Neon = 2, Avx512 = 3, Avx512Vnni = 4 };
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {
@@ -73,6 +73,8 @@ inline const char* isa_name(Isa isa) {
       return "neon";
     case Isa::Avx512:
       return "avx512";
+    case Isa::Avx512Vnni:
+      return "avx512vnni";
     default:
       return "scalar";
   }
@@ -82,7 +84,7 @@ inline const char* isa_name(Isa isa) {
 inline Isa best_isa() {
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
   if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c")) {
-    return Isa::Avx512;
+    return __builtin_cpu_supports("avx512vnni") ? Isa::Avx512Vnni : Isa::Avx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return Isa::Avx2;
 #endif
@@ -92,10 +94,12 @@ inline Isa best_isa() {
   return Isa::Scalar;
 }
 
-// Whether this CPU runs path `isa` (AVX-512 machines also run the AVX2 path).
+// Whether this CPU runs path `isa` (AVX-512 machines also run the AVX2 path, VNNI ones the plain AVX-512 path).
 inline bool supports(Isa isa) {
   const Isa best = best_isa();
-  return isa == Isa::Scalar || isa == best || (isa == Isa::Avx2 && best == Isa::Avx512);
+  if (isa == Isa::Scalar || isa == best) return true;
+  if (isa == Isa::Avx2) return best == Isa::Avx512 || best == Isa::Avx512Vnni;
+  return isa == Isa::Avx512 && best == Isa::Avx512Vnni;
 }
 
 // The path the ops run: the best one, unless HM_KERNELS_ISA names another this CPU supports ("scalar" forces the
@@ -104,7 +108,7 @@ inline Isa active_isa() {
   static const Isa isa = [] {
     const char* forced = std::getenv("HM_KERNELS_ISA");
     if (forced != nullptr) {
-      for (Isa candidate : {Isa::Scalar, Isa::Avx2, Isa::Neon, Isa::Avx512}) {
+      for (Isa candidate : {Isa::Scalar, Isa::Avx2, Isa::Neon, Isa::Avx512, Isa::Avx512Vnni}) {
         if (std::strcmp(forced, isa_name(candidate)) == 0 && supports(candidate)) return candidate;
       }
     }
@@ -469,6 +473,108 @@ HM_AVX512 inline void qmatmul_int4_avx512(const QMatrix& w, const int8_t* xq, in
   }
 }
 
+#define HM_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,f16c")))
+
+// AVX-512 VNNI (vpdpbusd: four unsigned x signed byte products summed into each int32 lane): int4 blocks of 128
+// columns, groups of a multiple of 4 rows. Four rows a..d of a block interleave into quads [a_j, b_j, c_j, d_j] of
+// byte j (columns 2j and 2j + 1 of the block's lane); masking and shifting give the even and the odd columns' quads,
+// four registers each (k = 0..3: bytes 4k .. 4k + 3 of every 128-bit lane), applied to the token's broadcast quad
+// of int8 activations. Each group's sums are exact in int32 (no int16 stage), then the same finish as the other
+// paths: the same bits.
+HM_VNNI inline void int4_quad128(const uint8_t* a, const uint8_t* b, const uint8_t* c, const uint8_t* d,
+                                 __m512i* u) {
+  const __m512i low = _mm512_set1_epi8(15);
+  const __m512i ra = _mm512_loadu_si512(a), rb = _mm512_loadu_si512(b);
+  const __m512i rc = _mm512_loadu_si512(c), rd = _mm512_loadu_si512(d);
+  const __m512i ab_lo = _mm512_unpacklo_epi8(ra, rb), ab_hi = _mm512_unpackhi_epi8(ra, rb);
+  const __m512i cd_lo = _mm512_unpacklo_epi8(rc, rd), cd_hi = _mm512_unpackhi_epi8(rc, rd);
+  const __m512i quads[4] = {_mm512_unpacklo_epi16(ab_lo, cd_lo), _mm512_unpackhi_epi16(ab_lo, cd_lo),
+                            _mm512_unpacklo_epi16(ab_hi, cd_hi), _mm512_unpackhi_epi16(ab_hi, cd_hi)};
+  for (int k = 0; k < 4; ++k) {
+    _mm512_storeu_si512(u + k, _mm512_and_si512(quads[k], low));                             // even columns
+    _mm512_storeu_si512(u + 4 + k, _mm512_and_si512(_mm512_srli_epi16(quads[k], 4), low));  // odd columns
+  }
+}
+
+HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                      int64_t tokens, float* out, int64_t out_stride) {
+  const int64_t full = w.cols / 128 * 128;
+  if (full < w.cols) qmatmul_int4_avx2(w, xq, xq_stride, xs, tokens, out, out_stride, full, w.cols);
+  if (full == 0) return;
+  const int64_t quads = w.group / 4;
+  const int64_t row_bytes = w.cols / 2;
+  std::vector<uint8_t> tile_bytes(tokens > 1 ? static_cast<size_t>(quads * 8 * 64) : 0);
+  __m512i* tile = reinterpret_cast<__m512i*>(tile_bytes.data());  // unaligned loads/stores only
+  std::vector<int32_t> xsum(static_cast<size_t>(tokens));
+  // Element indices: (lo, hi) = unpack(even, odd) of register k hold, per 128-bit lane L, columns 32L + 8k + 0..3
+  // (lo) and + 4..7 (hi). `pair01` / `pair23` gather lanes 0-1 / 2-3 (8 columns each), `first` / `second` then
+  // join k and k + 1 into 16 consecutive columns of the first / second lane of the pair.
+  const __m512i pair01 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i pair23 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + full, 0.0f);
+  for (int64_t g = 0; g < w.rows / w.group; ++g) {
+    const int64_t r0 = g * w.group;
+    for (int64_t t = 0; t < tokens; ++t) {
+      int32_t sum = 0;
+      for (int64_t i = 0; i < w.group; ++i) sum += xq[t * xq_stride + r0 + i];
+      xsum[t] = sum;
+    }
+    for (int64_t c0 = 0; c0 < full; c0 += 128) {
+      const uint8_t* base = w.codes + r0 * row_bytes + c0 / 2;
+      if (tokens > 1) {
+        for (int64_t k = 0; k < quads; ++k) {
+          const uint8_t* a = base + 4 * k * row_bytes;
+          int4_quad128(a, a + row_bytes, a + 2 * row_bytes, a + 3 * row_bytes, tile + 8 * k);
+        }
+      }
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int8_t* q = xq + t * xq_stride + r0;
+        __m512i acc[8];
+        for (auto& v : acc) v = _mm512_setzero_si512();
+        for (int64_t k = 0; k < quads; ++k) {
+          int32_t packed;
+          std::memcpy(&packed, q + 4 * k, sizeof(packed));
+          const __m512i x = _mm512_set1_epi32(packed);
+          __m512i u[8];
+          if (tokens > 1) {
+            for (int r = 0; r < 8; ++r) u[r] = _mm512_loadu_si512(tile + 8 * k + r);
+          } else {
+            const uint8_t* a = base + 4 * k * row_bytes;
+            int4_quad128(a, a + row_bytes, a + 2 * row_bytes, a + 3 * row_bytes, u);
+          }
+          for (int r = 0; r < 8; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], u[r], x);
+        }
+        const __m512i offset = _mm512_set1_epi32(w.offset(xsum[t]));
+        const uint16_t* sc = w.scales + g * w.cols + c0;
+        const uint16_t* mn = w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr;
+        const float xg = min_factor(w, xs[t], xsum[t]);
+        float* o = out + t * out_stride + c0;
+        __m512i low_lanes[4], high_lanes[4];  // per k: columns of lanes 0-1, of lanes 2-3 (8 + 8 each)
+        for (int k = 0; k < 4; ++k) {
+          const __m512i even = _mm512_sub_epi32(acc[k], offset), odd = _mm512_sub_epi32(acc[4 + k], offset);
+          const __m512i lo = _mm512_unpacklo_epi32(even, odd), hi = _mm512_unpackhi_epi32(even, odd);
+          low_lanes[k] = _mm512_permutex2var_epi32(lo, pair01, hi);
+          high_lanes[k] = _mm512_permutex2var_epi32(lo, pair23, hi);
+        }
+        for (int half = 0; half < 2; ++half) {  // k = 0, 1: columns 0..15 of a lane; k = 2, 3: 16..31
+          const int k = 2 * half;
+          const __m512i* pairs[2] = {low_lanes, high_lanes};
+          for (int p = 0; p < 2; ++p) {  // lanes 0-1, lanes 2-3
+            const int64_t lane = 2 * p;
+            const int64_t at0 = 32 * lane + 16 * half, at1 = 32 * (lane + 1) + 16 * half;
+            finish16(_mm512_permutex2var_epi32(pairs[p][k], first, pairs[p][k + 1]), sc + at0,
+                     mn != nullptr ? mn + at0 : nullptr, xs[t], xg, o + at0);
+            finish16(_mm512_permutex2var_epi32(pairs[p][k], second, pairs[p][k + 1]), sc + at1,
+                     mn != nullptr ? mn + at1 : nullptr, xs[t], xg, o + at1);
+          }
+        }
+      }
+    }
+  }
+}
+
 // int8: per group and block of 8 columns, a tile of int16 pairs [code_i[c], code_i+1[c]]; madd with the token's
 // (x_i, x_i+1) pair gives 8 int32 sums directly.
 HM_AVX2 inline void qmatmul_int8_avx2(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
@@ -613,7 +719,7 @@ HM_AVX2 inline void quantize_rows_avx2(const float* x, int64_t tokens, int64_t n
 inline void quantize_rows(const float* x, int64_t tokens, int64_t n, int64_t stride, int8_t* xq, int64_t xq_stride,
                           float* xs, Isa isa = active_isa()) {
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
-  if (isa == Isa::Avx2 || isa == Isa::Avx512) {
+  if (isa == Isa::Avx2 || isa == Isa::Avx512 || isa == Isa::Avx512Vnni) {
     quantize_rows_avx2(x, tokens, n, stride, xq, xq_stride, xs);
     return;
   }
@@ -625,11 +731,15 @@ inline void quantize_rows(const float* x, int64_t tokens, int64_t n, int64_t str
 inline void qmatmul(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs, int64_t tokens, float* out,
                     int64_t out_stride, Isa isa = active_isa()) {
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
-  if (isa == Isa::Avx512 && w.int4) {
+  if (isa == Isa::Avx512Vnni && w.int4 && w.group % 4 == 0) {
+    qmatmul_int4_vnni(w, xq, xq_stride, xs, tokens, out, out_stride);
+    return;
+  }
+  if ((isa == Isa::Avx512 || isa == Isa::Avx512Vnni) && w.int4) {
     qmatmul_int4_avx512(w, xq, xq_stride, xs, tokens, out, out_stride);
     return;
   }
-  if (isa == Isa::Avx2 || isa == Isa::Avx512) {  // int8 has no 512-bit variant: the AVX2 one
+  if (isa == Isa::Avx2 || isa == Isa::Avx512 || isa == Isa::Avx512Vnni) {  // int8 has no 512-bit variant: the AVX2 one
     if (w.int4) {
       qmatmul_int4_avx2(w, xq, xq_stride, xs, tokens, out, out_stride);
     } else {

@@ -255,8 +255,8 @@ def test_cpp_grid_ops_match_the_reference_bit_for_bit(kernel_library, tmp_path, 
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-# One quantized product per path through the library's C entry point (0 scalar, 1 AVX2, 3 AVX-512), or the NEON path
-# of the same source cross-compiled for AArch64 and run under qemu (tests/native/qmatmul_harness.cpp).
+# One quantized product per path through the library's C entry point (0 scalar, 1 AVX2, 3 AVX-512, 4 AVX-512 VNNI), or
+# the NEON path of the same source cross-compiled for AArch64 and run under qemu (tests/native/qmatmul_harness.cpp).
 QMATMUL_CASES = [  # storage, rows, cols, group, tokens
     ("int4", 576, 288, 32, 1),  # SmolLM2's gate_up: 64-column blocks (AVX2) or two 128-column ones + AVX2 tail
     ("int4", 144, 576, 16, 3),
@@ -290,7 +290,7 @@ def padded_int8(xq: torch.Tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case", QMATMUL_CASES)
-@pytest.mark.parametrize("isa", [0, 1, 3])
+@pytest.mark.parametrize("isa", [0, 1, 3, 4])
 def test_qmatmul_paths_are_bit_exact(kernel_library, case, isa):
     storage, rows, cols, group, tokens = case
     codes, scales, mins, xq, xs = qmatmul_problem(*case)
