@@ -390,6 +390,7 @@ def _quantize_to_grids(module: nn.Module, preset: AnchorQuant) -> dict[str, Any]
             "weights": _grid_weights(preset.embedding),
             "group": group,
             "kernel": "hm_export::qembedding" + (" (reads the head's table)" if tied else ""),
+            "shared_with_head": tied,
         }
         if tied:
             _untie_to(module, heads, grid)

@@ -703,9 +703,10 @@ def embedding_table_bytes(vocab: int, d_model: int, quant: dict[str, Any] | None
     """Bytes of a program's token-embedding table stored apart from the output head (a decode step reads one
     row of it): the preset's int4/int8 codes plus one float16 scale per group (``quant``:
     ``anchor_quant.embedding``).  Without ``quant`` the anchor is float and its tied table *is* the head
-    (``hm_export::tied_head``, read whole every step): nothing apart, 0."""
+    (``hm_export::tied_head``, read whole every step): nothing apart, 0; so with ``shared_with_head`` (the
+    ``-asym`` presets: ``hm_export::qembedding`` reads ``hm_export::qlinear``'s table)."""
     values = vocab * d_model
-    if not quant:
+    if not quant or quant.get("shared_with_head"):  # the -asym presets' lookup reads the head's own table
         return 0
     bits = 4 if "int4" in quant["weights"] else 8
     return values * bits // 8 + 2 * values // (quant.get("group") or d_model)
