@@ -51,6 +51,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -314,38 +315,28 @@ def _tied_head_fake(h: Tensor, weight: Tensor) -> Tensor:
     return h.new_empty((*h.shape[:-1], weight.shape[0]))
 
 
-@torch.library.impl(_lib, "qlinear", "CompositeExplicitAutograd")
-def _qlinear(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
-    return qlinear_reference(x, codes, scales, mins)
+def _register_table_op(name: str, reference: Callable[..., Tensor], fake: Callable[..., Tensor]) -> None:
+    """Register ``hm_export::name`` and its out variant, both computed by ``reference(a, codes, scales, mins)``,
+    and its fake kernel (the ops over one ``qlinear`` / ``qembedding`` table)."""
+
+    def out_variant(a: Tensor, codes: Tensor, scales: Tensor, mins: Tensor, *, out: Tensor) -> Tensor:
+        result = reference(a, codes, scales, mins)
+        out.resize_(result.shape).copy_(result)
+        return out
+
+    torch.library.impl(_lib, name, "CompositeExplicitAutograd")(reference)
+    torch.library.impl(_lib, f"{name}.out", "CompositeExplicitAutograd")(out_variant)
+    torch.library.register_fake(f"{NAMESPACE}::{name}")(fake)
 
 
-@torch.library.impl(_lib, "qlinear.out", "CompositeExplicitAutograd")
-def _qlinear_out(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor, *, out: Tensor) -> Tensor:
-    result = qlinear_reference(x, codes, scales, mins)
-    out.resize_(result.shape).copy_(result)
-    return out
-
-
-@torch.library.register_fake(f"{NAMESPACE}::qlinear")
-def _qlinear_fake(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
-    return x.new_empty((*x.shape[:-1], scales.shape[1]))
-
-
-@torch.library.impl(_lib, "qembedding", "CompositeExplicitAutograd")
-def _qembedding(tokens: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
-    return qembedding_reference(tokens, codes, scales, mins)
-
-
-@torch.library.impl(_lib, "qembedding.out", "CompositeExplicitAutograd")
-def _qembedding_out(tokens: Tensor, codes: Tensor, scales: Tensor, mins: Tensor, *, out: Tensor) -> Tensor:
-    result = qembedding_reference(tokens, codes, scales, mins)
-    out.resize_(result.shape).copy_(result)
-    return out
-
-
-@torch.library.register_fake(f"{NAMESPACE}::qembedding")
-def _qembedding_fake(tokens: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
-    return scales.new_empty((*tokens.shape, codes.shape[0]), dtype=torch.float32)
+_register_table_op(
+    "qlinear", qlinear_reference, lambda x, codes, scales, mins: x.new_empty((*x.shape[:-1], scales.shape[1]))
+)
+_register_table_op(
+    "qembedding",
+    qembedding_reference,
+    lambda tokens, codes, scales, mins: scales.new_empty((*tokens.shape, codes.shape[0]), dtype=torch.float32),
+)
 
 
 def qlinear(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
