@@ -125,15 +125,18 @@ def qmatmul_reference(xq: Tensor, xs: Tensor, codes: Tensor, scales: Tensor, min
         values = values + 8.0  # the nibble itself
     groups = scales.shape[1]
     rows, cols = values.shape
-    grouped = xq.double().view(-1, groups, rows // groups)
-    sums = torch.einsum("tgi,gic->tgc", grouped, values.double().view(groups, -1, cols)).float()  # exact: < 2^24
-    group_sums = grouped.sum(-1).float()  # [T, groups], exact
+    # Every product and partial sum is an integer below 2^24 when a group has at most 1024 rows (1024 * 127 * 128),
+    # so float32 sums are exact in any order; larger groups sum in float64 (exact), then round once (< 2^24 too).
+    exact = torch.float32 if rows // groups <= 1024 else torch.float64
+    grouped = xq.to(exact).view(-1, groups, rows // groups)
+    sums = torch.einsum("tgi,gic->tgc", grouped, values.to(exact).view(groups, -1, cols)).float()
+    terms = sums * (scales[0].float()[None] * xs[:, :, None])  # [T, groups, cols]: the same float ops per element
+    if mins is not None:
+        factor = xs * grouped.sum(-1).float()  # [T, groups]: xs * the group's activation sum (exact)
+        terms = terms + mins[0].float()[None] * factor[:, :, None]
     out = torch.zeros(xq.shape[0], cols)
-    for group in range(groups):
-        term = sums[:, group] * (scales[0, group].float()[None, :] * xs)
-        if mins is not None:
-            term = term + mins[0, group].float()[None, :] * (xs * group_sums[:, group : group + 1])
-        out = out + term
+    for group in range(groups):  # added group after group, as the kernels do
+        out = out + terms[:, group]
     return out
 
 
