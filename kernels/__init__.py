@@ -29,8 +29,9 @@ written position is read, no mask tensor exists and grouped KV heads are never r
 per group of ``g`` input rows and column: asymmetric int4 (Q4_1, ``w = scale * q + min``, ``q`` in ``0..15``):
 ``codes`` uint8 ``[in, out / 2]`` (``q`` of columns ``2c`` / ``2c + 1`` in the low / high nibble, no offset),
 ``scales`` and ``mins`` float16 ``[in / g, out]``; or symmetric int8 (Q8_0, ``w = scale * q``): ``codes`` int8
-``[in, out]``, ``mins`` empty (``[0]``).  Activations are quantized per token to int8 as for ``memory_swiglu``;
-each group adds ``float(sum xq * q) * (scale * xs)`` (int4: ``+ min * (xs * float(sum xq))``).
+``[in, out]``, ``mins`` empty (``[0]``).  Activations are quantized to int8 as for ``memory_swiglu`` but with one
+scale per token *and group of g inputs* (llama.cpp's Q8_1 / Q8_0 activation blocks); each group adds
+``float(sum xq * q) * (scale * xs_g)`` (int4: ``+ min * (xs_g * float(sum xq))``).
 ``hm_export::qembedding(tokens, codes, scales, mins) -> Tensor`` looks tokens up in the same table (column ``v``
 is token ``v``'s embedding, ``scale * q (+ min)`` per element), so a tied embedding and its head share one table.
 
@@ -114,8 +115,16 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return codes, amax / 127.0
 
 
+def quantize_groups(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_rows` per ``group`` consecutive values of each row of ``[T, n]``: (codes ``[T, n]``, scales
+    ``[T, n / group]``), the activations of ``hm_export::qlinear`` (one scale per token and weight group)."""
+    codes, scales = quantize_rows(x.reshape(x.shape[0], -1, group))
+    return codes.reshape(x.shape), scales[..., 0]
+
+
 def qmatmul_reference(xq: Tensor, xs: Tensor, codes: Tensor, scales: Tensor, mins: Tensor | None = None) -> Tensor:
-    """``[T, cols]`` = int8 rows ``xq [T, rows]`` (float32 codes, scales ``xs [T, 1]``) times a quantized matrix
+    """``[T, cols]`` = int8 rows ``xq [T, rows]`` (float32 codes, scales ``xs [T, 1]``, or ``[T, rows / g]``: one
+    per token and group) times a quantized matrix
     (``codes [1, rows, cols or cols / 2]``, float16 ``scales [1, rows / g, cols]``), as the kernels compute it:
     each group's sum exact, then ``out = out + float(sum) * (scale * xs)`` group after group in float32.  With
     ``mins`` (float16, shaped as ``scales``) the int4 codes are asymmetric (``q`` = the nibble, ``w = scale * q +
@@ -164,7 +173,7 @@ def qlinear_reference(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) ->
         raise UsageError(f"qlinear: x must be float32 [..., {codes.shape[0]}], got {x.dtype} {list(x.shape)}")
     rows = x.reshape(-1, x.shape[-1])
     low = mins[None] if codes.dtype == torch.uint8 else None
-    out = qmatmul_reference(*quantize_rows(rows), codes[None], scales[None], low)
+    out = qmatmul_reference(*quantize_groups(rows, rows.shape[1] // scales.shape[0]), codes[None], scales[None], low)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -472,6 +481,7 @@ __all__ = [
     "qembedding_reference",
     "qlinear",
     "qlinear_reference",
+    "quantize_groups",
     "registered_in_runtime",
     "unpack_int4",
 ]

@@ -8,8 +8,10 @@
 //   scales  float16 [in / g, out]
 //   mins    float16 [in / g, out] (int4), or empty [0] (int8)
 //
-// qlinear: x float32 [..., in] -> out float32 [..., out] = qmatmul(q8(x), W) (qmatmul.h: activations int8 per token,
-// each group's sums exact in int32, the min term from the token's group sum).
+// qlinear: x float32 [..., in] -> out float32 [..., out] = qmatmul(q8(x), W) (qmatmul.h: activations int8 with one
+// scale per token and group of g inputs, the weights' groups, as llama.cpp's Q8_1 / Q8_0 activation blocks; each
+// group's sums exact in int32, scaled by the weight's and the activation's scale, the min term from the token's
+// group sum).
 // qembedding: tokens int64 [...] -> out float32 [..., in]: column v of the same table, out[..., i] =
 // float(scale[i / g, v]) * q[i, v] (+ float(min[i / g, v]) for int4). A tied embedding and its output head read one table:
 // the head is qlinear over [d, V], the lookup is qembedding over the same tensors.
@@ -79,8 +81,9 @@ Tensor& qlinear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& co
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> xs;
   xq.resize(tokens * pad);
-  xs.resize(tokens);
-  hm_kernels::quantize_rows(x.const_data_ptr<float>(), tokens, w.rows, w.rows, xq.data(), pad, xs.data());
+  xs.resize(tokens * (w.rows / w.group));
+  w.group_scales = true;
+  hm_kernels::quantize_groups(x.const_data_ptr<float>(), tokens, w.rows, w.rows, w.group, xq.data(), pad, xs.data());
   hm_kernels::qmatmul(w, xq.data(), pad, xs.data(), tokens, out.mutable_data_ptr<float>(), w.cols);
   return out;
 }

@@ -4,13 +4,15 @@
 //
 //   W [rows, cols]: int4 codes + 8 packed two columns per byte (column 2c in the low nibble, 2c + 1 in the
 //                   high nibble), or int8 codes; scales float16 [rows / group, cols]
-//   x [tokens, rows] float32 -> xq int8, xs float32 per token: xs = max|x| / 127, xq = round(x * (127 / max|x|))
+//   x [tokens, rows] float32 -> xq int8, xs float32 per token: xs = max|x| / 127, xq = round(x * (127 / max|x|));
+//   or (QMatrix::group_scales, quantize_groups) one such scale per token and group of rows: xs [tokens, rows / group]
 //   out[t, c] = sum over row groups g, in order, of float(sum_{i in g} xq[t, i] * code[i, c]) * (scale[g, c] * xs[t])
 //
 // Asymmetric int4 (``mins`` set, llama.cpp's Q4_1 grid: w = scale * q + min, q = the nibble in 0..15, one float16
 // scale and one float16 min per group and column): per group the term is
 //   float(sum_{i in g} xq[t, i] * q[i, c]) * (scale[g, c] * xs[t]) + min[g, c] * (xs[t] * float(sum_{i in g} xq[t, i]))
 // (the min's integer factor, the token's group sum, is computed once per token and group), then out = out + term.
+// With QMatrix::group_scales, xs[t] above is the token's scale for group g (activations quantized per group).
 //
 // Every path (scalar, AVX2, AVX-512, NEON) accumulates each group exactly in int32 and then adds the group's float
 // term with one multiply and one add (no fused multiply-add), in the same order: all paths give the same
@@ -145,6 +147,8 @@ struct QMatrix {
   int64_t group;
   bool int4;
   const uint16_t* mins = nullptr;  // asymmetric int4 only: float16 bits [rows / group, cols] (see the header)
+  // Activations carry one scale per token and row group (xs [tokens, rows / group]) instead of one per token.
+  bool group_scales = false;
 
   // The integer factor of row i, column c: int4 code - 8 (symmetric), the nibble (asymmetric), or the int8 code.
   int code(int64_t i, int64_t c) const {
@@ -159,7 +163,12 @@ struct QMatrix {
   int32_t offset(int32_t group_sum) const { return int4 && mins == nullptr ? 8 * group_sum : 0; }
 };
 
-// xs[t] * float(the token's group sum): the min term's per-token factor (0 when there are no mins).
+// The activation scale of token t in row group g: xs[t], or xs[t, g] with group_scales.
+inline float act_scale(const QMatrix& w, const float* xs, int64_t t, int64_t g) {
+  return w.group_scales ? xs[t * (w.rows / w.group) + g] : xs[t];
+}
+
+// xs * float(the token's group sum): the min term's factor (0 when there are no mins).
 inline float min_factor(const QMatrix& w, float xs, int32_t group_sum) {
   return w.mins != nullptr ? xs * static_cast<float>(group_sum) : 0.0f;
 }
@@ -188,10 +197,11 @@ inline void qmatmul_scalar(const QMatrix& w, const int8_t* xq, int64_t xq_stride
         if (a == 0) continue;
         for (int64_t c = 0; c < w.cols; ++c) acc[c] += a * w.code(i, c);
       }
-      const float xg = min_factor(w, xs[t], group_sum);
+      const float xs_tg = act_scale(w, xs, t, g);
+      const float xg = min_factor(w, xs_tg, group_sum);
       const uint16_t* mins = w.mins != nullptr ? w.mins + g * w.cols : nullptr;
       for (int64_t c = 0; c < w.cols; ++c) {
-        finish1(acc[c], w.scales[g * w.cols + c], mins != nullptr ? mins + c : nullptr, xs[t], xg, o + c);
+        finish1(acc[c], w.scales[g * w.cols + c], mins != nullptr ? mins + c : nullptr, xs_tg, xg, o + c);
       }
     }
   }
@@ -350,8 +360,9 @@ HM_AVX2 inline void qmatmul_int4_avx2(const QMatrix& w, const int8_t* xq, int64_
           }
           widen_add(e0, e1, o0, o1, sums);
         }
+        const float xs_tg = act_scale(w, xs, t, g);
         finish_block64(sums, w.offset(xsum[t]), w.scales + g * w.cols + c0,
-                       w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr, xs[t], min_factor(w, xs[t], xsum[t]),
+                       w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr, xs_tg, min_factor(w, xs_tg, xsum[t]),
                        out + t * out_stride + c0, width);
       }
     }
@@ -451,7 +462,8 @@ HM_AVX512 inline void qmatmul_int4_avx512(const QMatrix& w, const int8_t* xq, in
         const __m512i offset = _mm512_set1_epi32(w.offset(xsum[t]));
         const uint16_t* sc = w.scales + g * w.cols + c0;
         const uint16_t* mn = w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr;
-        const float xg = min_factor(w, xs[t], xsum[t]);
+        const float xs_tg = act_scale(w, xs, t, g);
+        const float xg = min_factor(w, xs_tg, xsum[t]);
         float* o = out + t * out_stride + c0;
         // sums[2k + h] holds lanes 2h, 2h + 1 of e0 (k = 0), e1 (1), o0 (2), o1 (3): per 128-bit sublane four
         // columns; unpacking even (e) with odd (o) and permuting gives 16 consecutive columns per pair of lanes.
@@ -462,9 +474,9 @@ HM_AVX512 inline void qmatmul_int4_avx512(const QMatrix& w, const int8_t* xq, in
             const __m512i lo = _mm512_unpacklo_epi32(even, odd), hi = _mm512_unpackhi_epi32(even, odd);
             const int64_t lane0 = 2 * h;  // this register's first lane: columns 32 * lane0 ..
             const int64_t at0 = 32 * lane0 + 16 * k, at1 = 32 * (lane0 + 1) + 16 * k;
-            finish16(_mm512_permutex2var_epi32(lo, first, hi), sc + at0, mn != nullptr ? mn + at0 : nullptr, xs[t],
+            finish16(_mm512_permutex2var_epi32(lo, first, hi), sc + at0, mn != nullptr ? mn + at0 : nullptr, xs_tg,
                      xg, o + at0);
-            finish16(_mm512_permutex2var_epi32(lo, second, hi), sc + at1, mn != nullptr ? mn + at1 : nullptr, xs[t],
+            finish16(_mm512_permutex2var_epi32(lo, second, hi), sc + at1, mn != nullptr ? mn + at1 : nullptr, xs_tg,
                      xg, o + at1);
           }
         }
@@ -549,7 +561,8 @@ HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_
         const __m512i offset = _mm512_set1_epi32(w.offset(xsum[t]));
         const uint16_t* sc = w.scales + g * w.cols + c0;
         const uint16_t* mn = w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr;
-        const float xg = min_factor(w, xs[t], xsum[t]);
+        const float xs_tg = act_scale(w, xs, t, g);
+        const float xg = min_factor(w, xs_tg, xsum[t]);
         float* o = out + t * out_stride + c0;
         __m512i low_lanes[4], high_lanes[4];  // per k: columns of lanes 0-1, of lanes 2-3 (8 + 8 each)
         for (int k = 0; k < 4; ++k) {
@@ -565,9 +578,9 @@ HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_
             const int64_t lane = 2 * p;
             const int64_t at0 = 32 * lane + 16 * half, at1 = 32 * (lane + 1) + 16 * half;
             finish16(_mm512_permutex2var_epi32(pairs[p][k], first, pairs[p][k + 1]), sc + at0,
-                     mn != nullptr ? mn + at0 : nullptr, xs[t], xg, o + at0);
+                     mn != nullptr ? mn + at0 : nullptr, xs_tg, xg, o + at0);
             finish16(_mm512_permutex2var_epi32(pairs[p][k], second, pairs[p][k + 1]), sc + at1,
-                     mn != nullptr ? mn + at1 : nullptr, xs[t], xg, o + at1);
+                     mn != nullptr ? mn + at1 : nullptr, xs_tg, xg, o + at1);
           }
         }
       }
@@ -608,11 +621,12 @@ HM_AVX2 inline void qmatmul_int8_avx2(const QMatrix& w, const int8_t* xq, int64_
         }
         float* o = out + t * out_stride + c0;
         const uint16_t* sc = w.scales + g * w.cols + c0;
+        const float xs_tg = act_scale(w, xs, t, g);
         if (width == 8) {
-          finish8(acc, sc, nullptr, xs[t], 0.0f, o);
+          finish8(acc, sc, nullptr, xs_tg, 0.0f, o);
         } else {
           _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
-          for (int64_t c = 0; c < width; ++c) finish1(lanes[c], sc[c], nullptr, xs[t], 0.0f, o + c);
+          for (int64_t c = 0; c < width; ++c) finish1(lanes[c], sc[c], nullptr, xs_tg, 0.0f, o + c);
         }
       }
     }
@@ -672,8 +686,9 @@ inline void qmatmul_neon(const QMatrix& w, const int8_t* xq, int64_t xq_stride, 
         const uint16_t* mn = w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr;
         int32_t group_sum = 0;
         for (int64_t i = 0; i < w.group; ++i) group_sum += q[i];
-        const float xg = min_factor(w, xs[t], group_sum);
-        for (int64_t c = 0; c < width; ++c) finish1(lanes[c], sc[c], mn != nullptr ? mn + c : nullptr, xs[t], xg, o + c);
+        const float xs_tg = act_scale(w, xs, t, g);
+        const float xg = min_factor(w, xs_tg, group_sum);
+        for (int64_t c = 0; c < width; ++c) finish1(lanes[c], sc[c], mn != nullptr ? mn + c : nullptr, xs_tg, xg, o + c);
       }
     }
   }
@@ -725,6 +740,20 @@ inline void quantize_rows(const float* x, int64_t tokens, int64_t n, int64_t str
   }
 #endif
   quantize_rows_scalar(x, tokens, n, stride, xq, xq_stride, xs);
+}
+
+// quantize_rows per token and group of `group` values (n a multiple of it): xs [tokens, n / group], the same float
+// operations per group as per row (the scalar loop: a group is short).
+inline void quantize_groups(const float* x, int64_t tokens, int64_t n, int64_t stride, int64_t group, int8_t* xq,
+                            int64_t xq_stride, float* xs) {
+  const int64_t groups = n / group;
+  for (int64_t t = 0; t < tokens; ++t) {
+    int8_t* q = xq + t * xq_stride;
+    std::memset(q, 0, static_cast<size_t>(xq_stride));
+    for (int64_t g = 0; g < groups; ++g) {
+      quantize_rows_scalar(x + t * stride + g * group, 1, group, group, q + g * group, group, xs + t * groups + g);
+    }
+  }
 }
 
 // Dispatch to `isa` (default: the active path).

@@ -211,14 +211,16 @@ def test_int8_grid_recovers_q80_blocks_exactly():
 
 @pytest.mark.parametrize("quant", [WeightQuant(4, 32, asymmetric=True), WeightQuant(8, 32)])
 def test_grid_ops_compute_the_dequantized_product_and_lookup(quant):
-    """qlinear = int8 rows times the dequantized weights (to float32 rounding); qembedding = the dequantized rows."""
-    from hm_export.kernels import qembedding, qlinear, quantize_rows
+    """qlinear = int8 activations (one scale per token and group of 32) times the dequantized weights (to float32
+    rounding); qembedding = the dequantized rows."""
+    from hm_export.kernels import qembedding, qlinear, quantize_groups
 
     weight = torch.randn(48, 96)
     table = GridLinear(weight, quant, bias=torch.randn(48))
     x = torch.randn(2, 5, 96)
-    xq, xs = quantize_rows(x.reshape(-1, 96))
-    want = ((xq * xs) @ table.dequantized().t()).view(2, 5, 48) + table.bias
+    xq, xs = quantize_groups(x.reshape(-1, 96), 32)
+    activations = (xq.view(10, 3, 32) * xs[:, :, None]).view(10, 96)
+    want = (activations @ table.dequantized().t()).view(2, 5, 48) + table.bias
     torch.testing.assert_close(table(x), want, rtol=1e-5, atol=1e-5)
     tokens = torch.tensor([[0, 47, 3], [12, 12, 1]])
     assert torch.equal(qembedding(tokens, table.codes, table.scales, table.mins), table.dequantized()[tokens])

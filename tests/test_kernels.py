@@ -34,6 +34,7 @@ from hm_export.kernels import (
     qembedding,
     qlinear,
     qmatmul_reference,
+    quantize_groups,
     quantize_rows,
     registered_in_runtime,
 )
@@ -270,15 +271,17 @@ QMATMUL_CASES = [  # storage, rows, cols, group, tokens
 
 
 def qmatmul_problem(storage: str, rows: int, cols: int, group: int, tokens: int):
-    """Codes, float16 scales and mins (None unless asymmetric), int8 activations and their scales."""
-    mins = None
+    """Codes, float16 scales and mins (None unless asymmetric), int8 activations and their scales (asymmetric: one
+    per token and group, as hm_export::qlinear quantizes them; else one per token)."""
+    mins, x = None, torch.randn(tokens, rows) * 3
     if storage == "asym4":  # random nibbles and float16 scales / mins of both signs (Q4_1 blocks)
         codes = torch.randint(0, 256, (1, rows, cols // 2), dtype=torch.uint8)
         scales = (torch.rand(1, rows // group, cols) * 0.05).half()
         mins = (torch.randn(1, rows // group, cols) * 0.2).half()
+        xq, xs = quantize_groups(x, group)
     else:
         codes, scales = quantize(torch.randn(1, rows, cols), group, storage)
-    xq, xs = quantize_rows(torch.randn(tokens, rows) * 3)
+        xq, xs = quantize_rows(x)
     return codes, scales, mins, xq, xs
 
 
@@ -297,7 +300,7 @@ def test_qmatmul_paths_are_bit_exact(kernel_library, case, isa):
     library = ctypes.CDLL(str(kernel_library))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.hm_kernels_qmatmul.argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int, pointer, size,
-                                           pointer, size, pointer, ctypes.c_int]  # fmt: skip
+                                           pointer, ctypes.c_int, size, pointer, ctypes.c_int]  # fmt: skip
     code_bytes = np.ascontiguousarray(codes[0].numpy())
     scale_bits = np.ascontiguousarray(scales[0].numpy().view(np.uint16))
     min_bits = None if mins is None else np.ascontiguousarray(mins[0].numpy().view(np.uint16))
@@ -305,8 +308,8 @@ def test_qmatmul_paths_are_bit_exact(kernel_library, case, isa):
     out = np.zeros((tokens, cols), np.float32)
     used = library.hm_kernels_qmatmul(
         code_bytes.ctypes.data, scale_bits.ctypes.data, None if min_bits is None else min_bits.ctypes.data, rows, cols,
-        group, int(storage != "int8"), xq_rows.ctypes.data, xq_rows.shape[1], xs_rows.ctypes.data, tokens,
-        out.ctypes.data, isa,
+        group, int(storage != "int8"), xq_rows.ctypes.data, xq_rows.shape[1], xs_rows.ctypes.data,
+        int(xs.shape[1] > 1), tokens, out.ctypes.data, isa,
     )  # fmt: skip
     if used < 0:
         pytest.skip(f"this CPU does not run path {isa}")
@@ -331,7 +334,8 @@ def neon_harness(tmp_path_factory) -> Path:
 def test_qmatmul_neon_path_is_bit_exact_under_qemu(neon_harness, case):
     storage, rows, cols, group, tokens = case
     codes, scales, mins, xq, xs = qmatmul_problem(*case)
-    head = np.array([rows, cols, group, int(storage != "int8"), tokens, 2, int(mins is not None)], np.int64).tobytes()
+    flags = [int(storage != "int8"), tokens, 2, int(mins is not None), int(xs.shape[1] > 1)]
+    head = np.array([rows, cols, group, *flags], np.int64).tobytes()
     low = b"" if mins is None else mins[0].numpy().view(np.uint16).tobytes()
     body = codes[0].numpy().tobytes() + scales[0].numpy().view(np.uint16).tobytes() + low + padded_int8(xq).tobytes()
     stdin = head + body + xs.numpy().reshape(-1).astype(np.float32).tobytes()
