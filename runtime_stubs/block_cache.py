@@ -11,7 +11,7 @@
   block being prefetched waits for it instead of reading it twice.
 
 Every block read from storage is one read of its header page + payload, checked against the index and,
-unless ``policy.verify`` is off (trusted storage), CRC-32 checked; cached blocks are not re-checked.
+unless ``policy.verify`` is off (trusted storage), CRC-32 and sha256 checked; cached blocks are not re-checked.
 
 :class:`SlotFiller` owns the slot buffers of a :class:`~hm_export.slot.SlotContract` and makes them hold a
 path: only levels whose node changed are touched, and each is dequantized straight from the block payload
@@ -43,7 +43,7 @@ BlockKey = tuple[int, int]  # (level, node)
 @dataclass(frozen=True)
 class CachePolicy:
     """``resident_levels``: levels ``0 .. resident_levels-1`` are kept once read; ``cache_bytes``: LRU cap
-    (header pages included) for deeper levels; ``verify``: CRC-32 check of blocks read from storage."""
+    (header pages included) for deeper levels; ``verify``: CRC-32 and sha256 check of blocks read from storage."""
 
     resident_levels: int = 1
     cache_bytes: int = 256 << 20

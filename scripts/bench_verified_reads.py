@@ -29,6 +29,7 @@ from hm_export.bank.format import (
     make_header,
     pack_file,
     payload_crc32,
+    payload_sha256,
 )
 from hm_export.bank.schemes import SCHEMES, resolve_preset
 from hm_export.config import MemoryConfig
@@ -57,7 +58,9 @@ def write_synthetic_bank(out: Path, scheme: str, memory: MemoryConfig = PAPER, d
                 )
                 pack.seek(offset - 4096)
                 pack.write(header_page(header) + payload)
-                blocks.append(BlockEntry(level, node, pack_file(level), offset, length, name, crc))
+                blocks.append(
+                    BlockEntry(level, node, pack_file(level), offset, length, name, crc, payload_sha256(payload))
+                )
             pack.truncate(memory.nodes_at(level) * stride)
     index = BankIndex(scheme, d_model, memory, "per-level", tuple(blocks), source="synthetic")
     (out / "index.json").write_text(json.dumps(index.to_dict()))
