@@ -115,6 +115,42 @@ class BlockEntry:
 
 
 @dataclass(frozen=True)
+class LevelRecord:
+    scheme: str
+    scheme_id: int
+    group_size: int
+
+
+@dataclass(frozen=True)
+class IndexModel:
+    d_model: int
+    memory_layers: list[int]
+    branching: list[int]
+    widths: list[int]
+    nodes: list[int]  # derived from branching (checked)
+
+
+@dataclass(frozen=True)
+class IndexSource:
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """``index.json`` as written (docs/bank-format.md; its JSON Schema: docs/schemas/bank-index.schema.json)."""
+
+    format: str
+    format_version: int
+    scheme: str
+    levels: list[LevelRecord]
+    layout: str
+    schema_hash: str
+    model: IndexModel
+    source: IndexSource
+    blocks: list[BlockEntry]
+
+
+@dataclass(frozen=True)
 class BankIndex:
     """The contents of ``index.json``; ``blocks`` is ordered level by level, node by node."""
 
@@ -156,24 +192,28 @@ class BankIndex:
             entry.crc32,
         )
 
+    def record(self) -> IndexRecord:
+        return IndexRecord(
+            FORMAT_NAME,
+            FORMAT_VERSION,
+            self.scheme,
+            [LevelRecord(s.name, s.id, s.group_size) for s in self.level_schemes],
+            self.layout,
+            self.schema_hash,
+            IndexModel(
+                self.d_model,
+                list(self.memory.layers),
+                list(self.memory.branching),
+                list(self.memory.widths),
+                [self.memory.nodes_at(lv) for lv in range(self.memory.num_levels)],
+            ),
+            IndexSource(self.source),
+            list(self.blocks),
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "scheme": self.scheme,
-            "levels": [{"scheme": s.name, "scheme_id": s.id, "group_size": s.group_size} for s in self.level_schemes],
-            "layout": self.layout,
-            "schema_hash": self.schema_hash,
-            "model": {
-                "d_model": self.d_model,
-                "memory_layers": list(self.memory.layers),
-                "branching": list(self.memory.branching),
-                "widths": list(self.memory.widths),
-                "nodes": [self.memory.nodes_at(lv) for lv in range(self.memory.num_levels)],
-            },
-            "source": {"fingerprint": self.source},
-            "blocks": [asdict(b) for b in self.blocks],
-        }
+        """The JSON body of ``index.json``."""
+        return asdict(self.record())
 
     @classmethod
     def load(cls, path: Path, exact: int | None = None) -> BankIndex:

@@ -23,7 +23,7 @@ import json
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from hm_export.atomic import write_atomic
 from hm_export.bank.format import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -198,18 +199,6 @@ def _quantize(job: _Job) -> tuple[tuple[int, str], bool, int]:
     else:
         write_atomic(Path(job.target), [header_page(header), payload])
     return (crc, payload_sha256(payload)), False, sum(t.node_bytes for t in job.tensors)
-
-
-def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write ``chunks`` to a temp file next to ``path`` (umask permissions), then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.writelines(chunks)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass
