@@ -33,9 +33,10 @@ from torch import Tensor
 
 from hm_export.bank import PAYLOAD_ALIGNMENT, BankError, BankReader, aligned_buffer
 from hm_export.bank.schemes import Destination
+from hm_export.formats.slot_contract import SlotContract
 from hm_export.kernels.strategies import DEFAULT_STRATEGY, QuantizedLevelWriter, SlotLayout, get_strategy
 from hm_export.model import LayerMemory
-from hm_export.slot import SlotContract
+from hm_export.slot import empty_slot
 
 BlockKey = tuple[int, int]  # (level, node)
 
@@ -286,7 +287,7 @@ class SlotFiller:
         if contract.dtype != self.layout.name:
             raise BankError(f"slot dtype {contract.dtype!r} does not match slot strategy {self.layout.strategy.name!r}")
         self.contract, self.memory = contract, index.memory
-        self.slot = contract.empty_slot()
+        self.slot = empty_slot(contract)
         self.blocks = BlockCache(reader, policy)
         if self.layout.strategy.quantized:
             self._fill_level: Callable[[int, memoryview], None] = QuantizedLevelWriter(

@@ -87,7 +87,7 @@ def schemas() -> dict[str, dict[str, Any]]:
     """File name -> schema of every versioned JSON format hm-export writes into a bundle."""
     from hm_export.bank.format import FORMAT_NAME, FORMAT_VERSION, IndexRecord
     from hm_export.formats import manifest
-    from hm_export.slot import SLOT_SCHEMA_VERSION, SlotContract
+    from hm_export.formats.slot_contract import SLOT_SCHEMA_VERSION, SlotContract
 
     return {
         "manifest.schema.json": json_schema(
