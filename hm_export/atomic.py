@@ -20,7 +20,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -166,3 +166,15 @@ def _swap(new: Path, destination: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     finally:
         _unlock(lock)
+
+
+def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to a temp file next to ``path`` (umask permissions), then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.writelines(chunks)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -95,8 +95,7 @@ def _bench_contexts(
     loader: BundleLoader, contexts_file: Path | None, count: int, prompt_tokens: int
 ) -> list[tuple[str, list[int]]]:
     """The contexts to switch between: from ``contexts_file``, else the bundle's golden checks, else derived."""
-    entry = loader.manifest.get("checks")
-    if contexts_file is None and entry is not None:
+    if contexts_file is None and loader.manifest.checks is not None:
         body, _ = load_checks(loader.root, loader.manifest, loader.config)
         return [(c["context"], c["prompt"][:prompt_tokens]) for c in body["checks"]][:count]
     return check_contexts(contexts_file, loader.tokenizer, count, prompt_tokens)

@@ -47,6 +47,7 @@ from hm_export.bundle import MANIFEST, file_problems, read_listed, read_manifest
 from hm_export.config import LIMITS, ModelConfig
 from hm_export.errors import BankError, BundleError, HmExportError, HostUnsupported, MissingExtraError, wrapped
 from hm_export.formats import MAX_JSON_BYTES, Fields, read_format_json
+from hm_export.formats.manifest import ChecksRef, Manifest
 from hm_export.reference import (
     PROGRAM_TOLERANCE,
     as_exported,
@@ -290,15 +291,17 @@ def _expect_tensor(
 
 
 def load_checks(
-    root: Path, manifest: dict[str, Any], config: ModelConfig, entry: dict[str, Any] | None = None
+    root: Path, manifest: Manifest, config: ModelConfig, entry: ChecksRef | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The parsed ``checks.json`` and expected tensors of a bundle whose (checked) manifest has a ``checks``
     entry (or of ``entry``, a target's own checks: ``targets.<t>.checks``); every field a replay uses is type-
     and range-checked against the model ``config`` (token ids in the vocabulary, paths of the tree's depth,
     tensor shapes), so a damaged file is a BundleError naming it and the field, never an index error later."""
-    entry = entry or manifest["checks"]
-    path = root / entry["file"]
-    data = read_listed(root, manifest, entry["file"], "golden checks", MAX_JSON_BYTES)
+    entry = entry or manifest.checks
+    if entry is None:
+        raise BundleError(f"{root / MANIFEST}: the bundle has no golden checks (exported with --checks 0)")
+    path = root / entry.file
+    data = read_listed(root, manifest, entry.file, "golden checks", MAX_JSON_BYTES)
     body = read_format_json(path, CHECKS_FORMAT, CHECKS_VERSION, BundleError, "golden checks", "version", data=data)
     fields, vocab = Fields(path, BundleError), config.vocab_size
     tolerance = fields.get(body, "tolerance", "tolerance", dict)
@@ -306,8 +309,8 @@ def load_checks(
         fields.get(tolerance, precision, f"tolerance.{precision}", float, 0.0, 1e6)
     top_k = min(fields.get(body, "top_k", "top_k", int, 1, 1 << 20), vocab)
     checks = fields.get(body, "checks", "checks", list)
-    if len(checks) != entry["count"]:
-        raise fields.refuse("checks", f"{len(checks)} checks, the manifest says {entry['count']}")
+    if len(checks) != entry.count:
+        raise fields.refuse("checks", f"{len(checks)} checks, the manifest says {entry.count}")
     for index, check in enumerate(checks):
         where = f"checks[{index}]"
         fields.get(checks, index, where, dict)
@@ -323,8 +326,8 @@ def load_checks(
             raise fields.refuse(f"{where}.margins", f"{len(margins)} margins for {len(greedy)} greedy tokens")
         for step in range(len(margins)):
             fields.get(margins, step, f"{where}.margins[{step}]", float)
-    expected_path = root / entry["expected"]
-    data = read_listed(root, manifest, entry["expected"], "expected logits", MAX_EXPECTED_BYTES)
+    expected_path = root / entry.expected
+    data = read_listed(root, manifest, entry.expected, "expected logits", MAX_EXPECTED_BYTES)
     with wrapped(expected_path, "not a safetensors file of expected logits", field="checks.expected"):
         expected = load_safetensors(data)
     if checks and f"{FLOAT_PREFIX}check0.topk_ids" not in expected:
@@ -461,17 +464,17 @@ def _structure(loader: Any, target: str) -> list[CheckResult]:
     from hm_export.runtime_stubs.loader import target_files
 
     check_structure = TARGETS[target].check_structure
-    entry = loader.manifest["targets"][target]
+    entry = loader.manifest.targets[target]
     if check_structure is None:
         return []
     TARGETS[target].check_installed()
     results = []
-    for program, program_entry, decode in (("window", entry, False), ("decode", entry.get("decode"), True)):
-        if program_entry is None or (program == "window" and entry.get("window") == "decode"):
+    for program, program_entry, decode in (("window", entry, False), ("decode", entry.decode, True)):
+        if program_entry is None or (program == "window" and entry.window == "decode"):
             continue
         files = target_files(loader.root, loader.manifest, target, decode=decode)
         with wrapped(next(iter(files.values())), f"cannot check the {program} program's structure"):
-            report = check_structure(files, loader.contract, program_entry)
+            report = check_structure(files, loader.contract, program_entry.record)
         detail = f"{program} program: " + (
             "; ".join(report["problems"]) or "inputs, outputs, states and ops as expected"
         )
@@ -512,7 +515,7 @@ def _bank(loader: Any, body: dict, expected: dict[str, torch.Tensor], full: bool
             detail = f"probe.level{level}.index holds positions outside the block's {block.size} values"
             results.append(
                 CheckResult(
-                    "bank", "memory", name, "fail", f"{loader.root / loader.manifest['checks']['expected']}: {detail}"
+                    "bank", "memory", name, "fail", f"{loader.root / loader.manifest.checks.expected}: {detail}"
                 )
             )
             continue
@@ -556,17 +559,17 @@ def run_checks(
         report = ChecksReport(str(root), 0)
         report.results.append(CheckResult("bundle", "manifest", "-", "fail", str(exc)))
         return report
-    entry = manifest.get("checks")
+    entry = manifest.checks
     if entry is None:
         raise BundleError(f"{root / MANIFEST}: the bundle has no golden checks (exported with --checks 0)")
-    unknown = [t for t in targets or () if t not in manifest["targets"]]
+    unknown = [t for t in targets or () if t not in manifest.targets]
     if unknown:
-        raise BundleError(f"{root / MANIFEST}: no target {unknown} (bundle has {sorted(manifest['targets'])})")
-    report = ChecksReport(str(root), entry["count"])
+        raise BundleError(f"{root / MANIFEST}: no target {unknown} (bundle has {sorted(manifest.targets)})")
+    report = ChecksReport(str(root), entry.count)
     problems = list(file_problems(root, manifest))
     report.results += [CheckResult("bundle", "files", "-", "fail", problem) for problem in problems]
     if not problems:
-        detail = f"{len(manifest['files'])} files match their sizes and sha256"
+        detail = f"{len(manifest.files)} files match their sizes and sha256"
         report.results.append(CheckResult("bundle", "files", "-", "pass", detail))
     try:
         loader = BundleLoader(root, target=None, verify=False, embedder=embedder, verify_key=verify_key)
@@ -587,9 +590,9 @@ def run_checks(
         report.results.append(CheckResult("router", "route", check["name"], "pass" if ok else "fail", detail))
     schemes = effective_schemes([s.name for s in loader.bank.schemes], loader.layout.strategy.storage)
     exact = all(scheme_tolerance(s).exact for s in schemes)
-    bodies = {entry["file"]: (body, expected)}
-    for target in targets or manifest["targets"]:
-        target_entry = manifest["targets"][target]
+    bodies = {entry.file: (body, expected)}
+    for target in targets or manifest.targets:
+        target_entry = manifest.targets[target]
         if target not in TARGETS:
             detail = f"target {target!r} is unknown to this hm-export"
             report.results.append(CheckResult(target, "-", "-", "fail", detail))
@@ -600,20 +603,20 @@ def run_checks(
             report.results.append(CheckResult(target, "structure", "-", "skipped", str(exc)))
         except HmExportError as exc:
             report.results.append(CheckResult(target, "structure", "-", "fail", str(exc)))
-        own = target_entry.get("checks", entry)  # a target computing differently (quantized) has its own
-        if own["file"] not in bodies:
+        own = target_entry.checks or entry  # a target computing differently (quantized) has its own
+        if own.file not in bodies:
             try:
-                bodies[own["file"]] = load_checks(root, manifest, loader.config, own)
+                bodies[own.file] = load_checks(root, manifest, loader.config, own)
             except HmExportError as exc:
                 report.results.append(CheckResult(target, "files", "-", "fail", str(exc)))
                 continue
-        target_body, target_expected = bodies[own["file"]]
+        target_body, target_expected = bodies[own.file]
         # A target whose one program is the decode program replays its prefill logits in the decode replay.
-        replays = [("window", _replay_window, target_entry)] if target_entry.get("window") != "decode" else []
-        if "decode" in target_entry:
-            replays.append(("decode", _replay_decode, target_entry["decode"]))
+        replays = [("window", _replay_window, target_entry)] if target_entry.window != "decode" else []
+        if target_entry.decode is not None:
+            replays.append(("decode", _replay_decode, target_entry.decode))
         for program, replay, program_entry in replays:
-            precision = program_precision(program_entry, target_entry.get("anchor_quant"))
+            precision = program_precision(program_entry.record, target_entry.get("anchor_quant"))
             tolerance = target_body["tolerance"][precision]
             try:
                 report.results += replay(loader, target, target_body, _Expected(target_expected, tolerance, exact))

@@ -9,10 +9,11 @@ bars are drawn only on a terminal, never with ``--quiet``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,32 @@ import click
 from hm_export.console import Streams, library_output
 from hm_export.errors import HmExportError, UsageError
 
-# hm_export.anchor_quant.PRESETS, spelled out so that the CLI starts without importing torch (a test keeps them equal)
-ANCHOR_QUANT_PRESETS = (
-    "none",
-    "int8-weight",
-    "8da4w-g32",
-    "8da4w-g128",
-    "8da4w-g32-e8",
-    "8da4w-g32-asym",
-    "8da4w-g32-asym-e8",
-)
+
+class RegistryChoice(click.Choice):
+    """A choice among the names of a registry (``module.attribute``: a dict or a tuple of names), read from it
+    the first time click needs them (parsing the option, help), so the CLI starts without importing torch and
+    no list of names is copied here."""
+
+    def __init__(self, module: str, attribute: str, first: tuple[str, ...] = ()) -> None:
+        self._source, self._names = (module, attribute, first), None
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if self._names is None:
+            module, attribute, first = self._source
+            self._names = (*first, *getattr(importlib.import_module(module), attribute))
+        return self._names
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click.Choice.__init__ assigns the (empty) sequence it was given
+        pass
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.choices)
+
+
+ANCHOR_QUANT_PRESETS = RegistryChoice("hm_export.anchor_quant", "PRESETS")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -210,18 +227,28 @@ BUNDLE = click.Path(exists=True, file_okay=False, path_type=Path)
     help="Bank preset: float32, float16, bfloat16, int8, int4-g32/64/128, mixed-int8-int4, or one per level.",
 )
 @click.option("--separate-weights", is_flag=True, help="ExecuTorch: anchor weights in a separate .ptd file.")
-@click.option("--coreml-precision", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--coreml-target", type=click.Choice(["iOS17", "iOS18"]), default="iOS18", show_default=True)
+@click.option(
+    "--coreml-precision",
+    type=RegistryChoice("hm_export.targets.coreml", "PRECISIONS"),
+    default="float16",
+    show_default=True,
+)
+@click.option(
+    "--coreml-target",
+    type=RegistryChoice("hm_export.targets.coreml", "DEPLOYMENT_TARGETS"),
+    default="iOS18",
+    show_default=True,
+)
 @click.option(
     "--coreml-compress-anchor",
-    type=click.Choice(["none", "int8", "int4-block32", "palettize4"]),
+    type=RegistryChoice("hm_export.targets.coreml", "ANCHOR_COMPRESSION"),
     default="none",
     show_default=True,
     help="Compress the anchor's constant weights with coremltools.optimize (the slot stays fp16).",
 )
 @click.option(
     "--slot-strategy",
-    type=click.Choice(["auto", "host-fp32", "host-fp16", "graph-int8", "graph-int4", "fused-int8", "fused-int4"]),
+    type=RegistryChoice("hm_export.kernels.strategies", "STRATEGIES", first=("auto",)),
     default="auto",
     show_default=True,
     help="Form of the memory slot (docs/kernels.md). auto: ExecuTorch alone with an int4/int8 bank uses the "
@@ -229,7 +256,7 @@ BUNDLE = click.Path(exists=True, file_okay=False, path_type=Path)
 )
 @click.option(
     "--anchor-quant",
-    type=click.Choice(ANCHOR_QUANT_PRESETS),
+    type=ANCHOR_QUANT_PRESETS,
     default="none",
     show_default=True,
     help="How the anchor's weights are stored (docs/anchor-quant.md): ExecuTorch 8da via torchao + XNNPACK and a "
@@ -552,7 +579,7 @@ def check(
 @click.option("--prompt-tokens", type=POSITIVE, default=64, show_default=True)
 @click.option("--new-tokens", type=POSITIVE, default=32, show_default=True)
 @click.option("--threads", type=POSITIVE, default=None, help="torch and ExecuTorch threads (default: torch's).")
-@click.option("--cache", type=click.Choice(["stream", "default"]), default="stream", show_default=True)
+@click.option("--cache", type=RegistryChoice("hm_export.bench", "CACHE_POLICIES"), default="stream", show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG here.")
 @click.option("--json", "as_json", is_flag=True)
 def bench(
@@ -676,7 +703,7 @@ def bank_check(bank_dir: Path, as_json: bool) -> None:
 # ---- Hugging Face hosts ------------------------------------------------------------------------------------
 
 
-STORED_DTYPE = click.Choice(["float32", "bfloat16", "float16"])  # a checkpoint's stored dtypes
+STORED_DTYPE = RegistryChoice("hm_export.checkpoint", "STORAGE_DTYPES")  # a checkpoint's stored dtypes
 
 
 def _ints(value: str, option: str) -> tuple[int, ...]:
@@ -769,7 +796,7 @@ def hf_inspect(host: Path, gguf_file: str | None, seq_len: int | None, as_json: 
 )
 @click.option(
     "--early-stopping",
-    type=click.Choice(["validation", "documents", "both"]),
+    type=RegistryChoice("hm_export.hf.recipe", "EARLY_STOPPING"),
     default="both",
     show_default=True,
     help="Keep the bank of the best NLL on validation windows, held-out documents, or their mean.",
@@ -874,7 +901,7 @@ def native_build(build_dir: Path) -> None:
 @click.option("-n", "count", type=POSITIVE, default=8, show_default=True, help="Contexts per run.")
 @click.option("--prompt-tokens", type=POSITIVE, default=64, show_default=True)
 @click.option("--new-tokens", type=POSITIVE, default=32, show_default=True)
-@click.option("--cache", type=click.Choice(["stream", "default"]), default="stream", show_default=True)
+@click.option("--cache", type=RegistryChoice("hm_export.bench", "CACHE_POLICIES"), default="stream", show_default=True)
 @click.option("--threads", type=POSITIVE, default=None, help="XNNPACK threads (default: ExecuTorch's).")
 @verify_key_option()
 @click.option("--json", "as_json", is_flag=True)

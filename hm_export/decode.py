@@ -22,20 +22,17 @@ computed at export, and the cache update is one ``index_put`` per tensor.  The c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from hm_export.architectures import MemoryModel
 from hm_export.config import ModelConfig
 from hm_export.errors import UsageError
 from hm_export.kernels import attend_cache
-from hm_export.model import LayerMemory, MemoryLM, assemble_path
-from hm_export.passes.pipeline import PassPipeline
-from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract, SlotModule
-from hm_export.trace import SlotProgram, TensorIO, example_path, export_slot_module, slot_io
+from hm_export.model import LayerMemory, MemoryLM
+from hm_export.slot import SlotModule
 
 if TYPE_CHECKING:
     from hm_export.kernels.strategies import SlotLayout
@@ -190,55 +187,3 @@ class DecodeModule(SlotModule, StaticKVCache):
                 x = block.feed_forward(x + block.attn.attend(q, keys, values, mask, 1, seq), memory.get(index))
         logits = self.output_logits(self.norm(x))
         return (logits, *present) if self.cache_form == "io" else logits
-
-
-DECODE_STEM = "decode"
-TOKENS_AXIS = "n"  # the dynamic number of tokens per call
-
-
-def trace_decode_program(
-    model: MemoryModel,
-    contract: SlotContract,
-    pipeline: PassPipeline,
-    cache: CacheForm,
-    memory: bool = True,
-    layout: SlotLayout | None = None,
-    attention: Attention = "masked",
-) -> SlotProgram:
-    """Export the :class:`DecodeModule` of ``model`` (cache form ``cache``) and run the slot ``pipeline`` on it.
-
-    The program's inputs are ``tokens [1, n]`` (``1 <= n <= max_seq_len``), ``input_pos [1]``, the past
-    cache (``io`` form) and the slot; the slot passes hold exactly as for the full-window program.
-    ``memory=False`` exports the same program without the memory FFN and without slot inputs (the baseline
-    of ``scripts/bench_decode.py``).
-    """
-    cfg = model.cfg
-    layers = assemble_path(model, example_path(cfg.memory)) if memory else ()
-    module = model.decode_module(layers, cache, layout, attention).eval()
-    contract = contract if memory else replace(contract, tensors=())
-    spec = module.cache_spec
-    n = torch.export.Dim(TOKENS_AXIS, min=1, max=cfg.max_seq_len)
-    past = spec.empty() if cache == "io" else []
-    args = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long), *past)
-    cache_io = [TensorIO(name, spec.shape, spec.dtype) for name in spec.names("past")] if cache == "io" else []
-    present = [TensorIO(name, spec.shape, spec.dtype) for name in spec.names("present")] if cache == "io" else []
-    states = [TensorIO(name, spec.shape, spec.dtype) for name in spec.names("state")] if cache == "state" else []
-    rest = (None,) * (len(past) + len(contract.tensors))
-    return export_slot_module(
-        module,
-        args,
-        contract,
-        pipeline,
-        stem=DECODE_STEM,
-        inputs=(
-            TensorIO(TOKENS_INPUT, (1, TOKENS_AXIS), "int64"),
-            TensorIO(POSITION_INPUT, (1,), "int64"),
-            *cache_io,
-            *slot_io(contract),
-        ),
-        outputs=(TensorIO(LOGITS_OUTPUT, (1, TOKENS_AXIS, cfg.vocab_size), "float32"), *present),
-        states=tuple(states),
-        dynamic_shapes=({1: n}, None, *rest),
-        export_dynamic_shapes=({1: n}, None, (None,) * len(past)) if past else ({1: n}, None),
-        axes={TOKENS_AXIS: (1, cfg.max_seq_len)},
-    )

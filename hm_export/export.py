@@ -28,7 +28,7 @@ from hm_export.bundle import (
 from hm_export.checkpoint import ROUTER_FILE, TOKENIZER_FILE, load_checkpoint
 from hm_export.checks import CHECKS_DIR, check_contexts, check_lengths, record_checks
 from hm_export.console import progress_bar
-from hm_export.decode import CacheSpec, trace_decode_program
+from hm_export.decode import CacheSpec
 from hm_export.errors import UsageError
 from hm_export.integrity import seal_body
 from hm_export.kernels.strategies import SlotLayout, check_strategy, layout_record, resolve_layout
@@ -38,7 +38,7 @@ from hm_export.router_program import emit_router_programs, router_files
 from hm_export.runtime_stubs.block_cache import SlotFiller
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract
 from hm_export.targets import TARGETS, DecodeSupport, EmitOptions, Target
-from hm_export.trace import SlotProgram, trace_slot_program
+from hm_export.trace import SlotProgram, trace_decode_program, trace_slot_program
 
 BANK_DIR = "bank"
 
@@ -245,6 +245,7 @@ def export_bundle(
         shutil.copyfile(checkpoint_dir / ROUTER_FILE, tmp / ROUTER_FILE)
         listed += [f for t in targets.values() for f in t["files"].values()]
         listed += [f for t in targets.values() if "decode" in t for f in t["decode"]["files"].values()]
+        files = {f: file_record(tmp, f) for f in list_files(tmp, listed)}
         manifest = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_VERSION,
@@ -271,7 +272,7 @@ def export_bundle(
             },
             "targets": targets,
             **({"checks": checks} if checks else {}),
-            "files": {f: file_record(tmp, f) for f in list_files(tmp, listed)},
+            "files": files,
             "source": {
                 "checkpoint": str(checkpoint_dir),
                 "config_sha256": sha256_file(checkpoint_dir / "config.json"),
@@ -282,7 +283,7 @@ def export_bundle(
             "versions": {**toolchain_versions(), "hm-export": __version__},
         }
         write_manifest(tmp, manifest, sign_key)
-        report.sizes = {f: r["bytes"] for f, r in manifest["files"].items()}
+        report.sizes = {f: r["bytes"] for f, r in files.items()}
         report.sizes["bank_total"] = sum(p.stat().st_size for p in (tmp / BANK_DIR).rglob("*") if p.is_file())
         step("manifest", start)
     bar.close()

@@ -118,7 +118,7 @@ def rerecord(root: Path, *relatives: str) -> None:
 
 
 def recrc(root: Path, index_file: str = "bank/index.json") -> None:
-    """Recompute every block's payload CRC-32 in the bank index, then record the index and reseal."""
+    """Recompute every block's payload CRC-32 and sha256 in the bank index, then record the index and reseal."""
     import zlib
 
     index_path = root / index_file
@@ -126,7 +126,8 @@ def recrc(root: Path, index_file: str = "bank/index.json") -> None:
     for block in index.get("blocks", []):
         try:
             data = (index_path.parent / block["file"]).read_bytes()
-            block["crc32"] = zlib.crc32(data[block["offset"] : block["offset"] + block["length"]])
+            payload = data[block["offset"] : block["offset"] + block["length"]]
+            block["crc32"], block["sha256"] = zlib.crc32(payload), hashlib.sha256(payload).hexdigest()
         except (OSError, KeyError, TypeError):
             continue
     index_path.write_text(json.dumps(index, indent=2))
@@ -334,14 +335,14 @@ def _forged_block(rng: random.Random, block: str) -> Mutation:
         want = zlib.crc32(payload)
         position = local.randrange(0, len(payload) - 8)
         payload[position] ^= 0xFF
-        payload[position + 4 : position + 8] = _crc_patch(bytes(payload), position + 4, want)
+        payload[position + 4 : position + 8] = crc_patch(bytes(payload), position + 4, want)
         data[4096:] = payload
         path.write_bytes(bytes(data))
 
     return Mutation("blocks", f"{block}: payload edit keeping its CRC-32 (forgery, seed {seed})", True, edit)
 
 
-def _crc_patch(data: bytes, at: int, want: int) -> bytes:
+def crc_patch(data: bytes, at: int, want: int) -> bytes:
     """The 4 bytes to put at ``at`` so that crc32(data) == want: CRC-32 is affine in the data, so flipping bit
     ``i`` of those bytes xors a fixed column into the CRC; solve for the columns that give ``want`` over GF(2)."""
     import zlib

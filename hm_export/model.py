@@ -31,7 +31,7 @@ from hm_export.config import ModelConfig
 from hm_export.errors import UsageError
 
 if TYPE_CHECKING:
-    from hm_export.kernels.strategies import SlotLayout
+    pass
 
 # One memory layer's assembled memory: (gate_up [B, d, 2R], down [B, R, d]).
 LayerMemory = tuple[Tensor, Tensor]
@@ -262,26 +262,7 @@ class MemoryLM(nn.Module):
         bank_ids = {id(p) for p in self.bank.parameters()}
         return [p for p in self.parameters() if id(p) not in bank_ids]
 
-    def slot_module(self, memory: Sequence[LayerMemory], layout: SlotLayout | None = None) -> nn.Module:
-        """The anchor with ``memory`` held as parameters (in ``layout``'s slot strategy): what the export
-        passes lift into the slot."""
-        from hm_export.slot import SlotModule  # slot.py builds on this module
-
-        return SlotModule(self, memory, layout)
-
     kernel_attention = True  # plain scaled-dot-product attention: the attention kernel's
-
-    def decode_module(
-        self,
-        memory: Sequence[LayerMemory],
-        cache: str = "state",
-        layout: SlotLayout | None = None,
-        attention: str = "masked",
-    ) -> nn.Module:
-        """The KV-cache decode module (:mod:`hm_export.decode`) with ``memory`` (``()``: none)."""
-        from hm_export.decode import DecodeModule
-
-        return DecodeModule(self, memory, cache, layout, attention)  # type: ignore[arg-type]
 
 
 def assemble_path(model: nn.Module, path: Sequence[int]) -> list[LayerMemory]:

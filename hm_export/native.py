@@ -97,7 +97,7 @@ def check_contexts_of(bundle: Path) -> list[str]:
     from hm_export.runtime_stubs.loader import bundle_config
 
     manifest = read_manifest(Path(bundle))
-    if "checks" not in manifest:
+    if manifest.checks is None:
         raise BundleError(f"{Path(bundle) / 'manifest.json'}: the bundle has no golden checks", field="checks")
     body, _ = load_checks(Path(bundle), manifest, bundle_config(Path(bundle), manifest))
     return [check["context"] for check in body["checks"]]

@@ -252,26 +252,26 @@ def open_router_program(
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle, verify_key)
-    router = manifest["router"]
-    entry = router.get("programs", {}).get(target)
-    if entry is None:
+    router = manifest.router
+    entry = router.programs.get(target)
+    if entry is None or router.tokenizer is None:
         raise BundleError(
             f"{bundle / 'manifest.json'}: no {target} router program (exported without it?)", field="router.programs"
         )
-    runtime = entry["runtime"]
+    runtime = entry.runtime
     if runtime == "coreml" and platform.system() != "Darwin":
         raise HostUnsupported(f"the {target} router program does not run on this host (check its structure instead)")
     if target in TARGETS:
         TARGETS[target].check_installed()
     what = f"{target} router program"
     files = program_files(
-        bundle, manifest, entry["files"], what, TARGETS[target].side_files if target in TARGETS else None
+        bundle, manifest, entry.files, what, TARGETS[target].side_files if target in TARGETS else None
     )
-    roots = [router["tokenizer"]["file"], *entry["files"].values()]
+    roots = [router.tokenizer.file, *entry.files.values()]
     verify_files(
-        bundle, manifest, verify, {f for f in manifest["files"] if any(f == r or f.startswith(f"{r}/") for r in roots)}
+        bundle, manifest, verify, {f for f in manifest.files if any(f == r or f.startswith(f"{r}/") for r in roots)}
     )
-    tokenizer = read_tokenizer(bundle, manifest, router["tokenizer"]["file"], "router.tokenizer.file")
+    tokenizer = read_tokenizer(bundle, manifest, router.tokenizer.file, "router.tokenizer.file")
     program = program_file(files)
     with wrapped(program, f"cannot load the {what}"):
         if runtime == "executorch":

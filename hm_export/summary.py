@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from hm_export.bundle import MANIFEST, read_manifest, safe_relative
 from hm_export.errors import BundleError
+from hm_export.formats.manifest import Manifest
 from hm_export.integrity import seal_signer
 
 MODEL_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden")
@@ -25,13 +27,13 @@ def summarize_bundle(bundle_dir: Path, verify_key: bytes | None = None) -> dict[
         raise BundleError(f"{root / MANIFEST}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 
 
-def _summarize(bundle_dir: Path, manifest: dict[str, Any], verified: bool) -> dict[str, Any]:
-    model, slot = manifest["model"], manifest["slot"]
-    bank_dir = safe_relative(bundle_dir, manifest["bank"]["dir"], "bank", kind="dir")
+def _summarize(bundle_dir: Path, manifest: Manifest, verified: bool) -> dict[str, Any]:
+    model, slot = manifest.model, manifest.slot
+    bank_dir = safe_relative(bundle_dir, manifest.bank.dir, "bank", kind="dir")
     return {
         "bundle": str(bundle_dir),
-        "format_version": manifest["format_version"],
-        "created": manifest.get("created"),
+        "format_version": manifest.format_version,
+        "created": manifest.created,
         "integrity": {"signed_by": seal_signer(bundle_dir), "signature_verified": verified},
         "model": {k: model.get(k) for k in MODEL_FIELDS},
         "memory": model["memory"],
@@ -45,28 +47,28 @@ def _summarize(bundle_dir: Path, manifest: dict[str, Any], verified: bool) -> di
             ],
         },
         "bank": {
-            **manifest["bank"],
+            **manifest.record["bank"],
             "bytes_on_disk": _regular_bytes(bank_dir),
         },
         "targets": {
             name: {
-                "files": t["files"],
-                "window": t.get("window", "program"),
+                "files": t.files,
+                "window": t.window,
                 "anchor_quant": t.get("anchor_quant", {"preset": "none"}),
-                "delegation": t.get("delegation") or t.get("decode", {}).get("delegation"),
-                "decode": {"files": t["decode"]["files"], "cache": t["decode"].get("cache")} if "decode" in t else None,
+                "delegation": t.get("delegation") or (t.decode.get("delegation") if t.decode else None),
+                "decode": {"files": t.decode.files, "cache": t.decode.get("cache")} if t.decode else None,
             }
-            for name, t in manifest["targets"].items()
+            for name, t in manifest.targets.items()
         },
         "router": {
-            "embedder": manifest["router"]["embedder"],
-            "dim": manifest["router"]["dim"],
-            "tokenizer": manifest["router"].get("tokenizer", {}).get("file"),
-            "programs": {name: p["files"] for name, p in manifest["router"].get("programs", {}).items()},
+            "embedder": manifest.router.embedder,
+            "dim": manifest.router.dim,
+            "tokenizer": manifest.router.tokenizer.file if manifest.router.tokenizer else None,
+            "programs": {name: p.files for name, p in manifest.router.programs.items()},
         },
-        "checks": manifest.get("checks"),
-        "files": manifest["files"],
-        "versions": manifest.get("versions"),
+        "checks": manifest.record.get("checks"),
+        "files": {name: asdict(record) for name, record in manifest.files.items()},
+        "versions": manifest.record.get("versions"),
     }
 
 

@@ -1,21 +1,24 @@
-"""Trace a checkpoint's model into a ``torch.export`` program whose memory is a slot."""
+"""Trace a checkpoint's model into a ``torch.export`` program whose memory is a slot: the full-window program
+(:func:`trace_slot_program`) and the KV-cache decode program (:func:`trace_decode_program`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.export import ExportedProgram
 
-from hm_export.architectures import MemoryModel
+from hm_export.architectures import decode_module, slot_module
 from hm_export.config import MemoryConfig
+from hm_export.decode import POSITION_INPUT, Attention, CacheForm
 from hm_export.model import assemble_path
 from hm_export.passes.base import SlotPassContext
 from hm_export.passes.pipeline import PassPipeline, PassRecord
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT, SlotContract, SlotParameters
 
 if TYPE_CHECKING:
+    from hm_export.architectures import MemoryModel
     from hm_export.kernels.strategies import SlotLayout
 
 WINDOW_STEM = "model"  # file name stem of the full-window program (model.pte, model.onnx, ...)
@@ -118,7 +121,7 @@ def trace_slot_program(
 
     The path only provides example values: after the lift, the slot is an input and any path can be fed.
     """
-    module = model.slot_module(assemble_path(model, example_path(model.cfg.memory)), layout).eval()
+    module = slot_module(model, assemble_path(model, example_path(model.cfg.memory)), layout).eval()
     tokens = torch.zeros(1, contract.seq_len, dtype=torch.long)
     return export_slot_module(
         module,
@@ -128,4 +131,56 @@ def trace_slot_program(
         stem=WINDOW_STEM,
         inputs=(TensorIO(TOKENS_INPUT, (1, contract.seq_len), "int64"), *slot_io(contract)),
         outputs=(TensorIO(LOGITS_OUTPUT, (1, contract.seq_len, model.cfg.vocab_size), "float32"),),
+    )
+
+
+DECODE_STEM = "decode"
+TOKENS_AXIS = "n"  # the dynamic number of tokens per call
+
+
+def trace_decode_program(
+    model: MemoryModel,
+    contract: SlotContract,
+    pipeline: PassPipeline,
+    cache: CacheForm,
+    memory: bool = True,
+    layout: SlotLayout | None = None,
+    attention: Attention = "masked",
+) -> SlotProgram:
+    """Export the :class:`DecodeModule` of ``model`` (cache form ``cache``) and run the slot ``pipeline`` on it.
+
+    The program's inputs are ``tokens [1, n]`` (``1 <= n <= max_seq_len``), ``input_pos [1]``, the past
+    cache (``io`` form) and the slot; the slot passes hold exactly as for the full-window program.
+    ``memory=False`` exports the same program without the memory FFN and without slot inputs (the baseline
+    of ``scripts/bench_decode.py``).
+    """
+    cfg = model.cfg
+    layers = assemble_path(model, example_path(cfg.memory)) if memory else ()
+    module = decode_module(model, layers, cache, layout, attention).eval()
+    contract = contract if memory else replace(contract, tensors=())
+    spec = module.cache_spec
+    n = torch.export.Dim(TOKENS_AXIS, min=1, max=cfg.max_seq_len)
+    past = spec.empty() if cache == "io" else []
+    args = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long), *past)
+    cache_io = [TensorIO(name, spec.shape, spec.dtype) for name in spec.names("past")] if cache == "io" else []
+    present = [TensorIO(name, spec.shape, spec.dtype) for name in spec.names("present")] if cache == "io" else []
+    states = [TensorIO(name, spec.shape, spec.dtype) for name in spec.names("state")] if cache == "state" else []
+    rest = (None,) * (len(past) + len(contract.tensors))
+    return export_slot_module(
+        module,
+        args,
+        contract,
+        pipeline,
+        stem=DECODE_STEM,
+        inputs=(
+            TensorIO(TOKENS_INPUT, (1, TOKENS_AXIS), "int64"),
+            TensorIO(POSITION_INPUT, (1,), "int64"),
+            *cache_io,
+            *slot_io(contract),
+        ),
+        outputs=(TensorIO(LOGITS_OUTPUT, (1, TOKENS_AXIS, cfg.vocab_size), "float32"), *present),
+        states=tuple(states),
+        dynamic_shapes=({1: n}, None, *rest),
+        export_dynamic_shapes=({1: n}, None, (None,) * len(past)) if past else ({1: n}, None),
+        axes={TOKENS_AXIS: (1, cfg.max_seq_len)},
     )

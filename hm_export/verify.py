@@ -213,22 +213,22 @@ def verify_bundle(
     items = read_contexts(contexts_file)[:limit]
     if not items:
         raise InputError(f"{contexts_file}: no contexts")
-    entry = loader.manifest["targets"].get(target)
+    entry = loader.manifest.targets.get(target)
     if entry is None:
         raise BundleError(
-            f"{bundle_dir / 'manifest.json'}: no target {target!r} (bundle has {sorted(loader.manifest['targets'])})",
+            f"{bundle_dir / 'manifest.json'}: no target {target!r} (bundle has {sorted(loader.manifest.targets)})",
             field="targets",
         )
     bank_schemes = [s.name for s in loader.bank.schemes]
     anchor_record = entry.get("anchor_quant") or {}
     preset = get_preset(anchor_record.get("preset", "none"))
-    program_entry = entry["decode"] if entry.get("window") == "decode" else entry  # the target's one program
-    slot_storage, precision = loader.layout.strategy.storage, program_precision(program_entry, anchor_record)
+    program_entry = entry.one_program  # the target's one program
+    slot_storage, precision = loader.layout.strategy.storage, program_precision(program_entry.record, anchor_record)
     tolerances = default_tolerances(bank_schemes, slot_storage, precision, preset).with_overrides(overrides or {})
     structure = None
     if target in TARGETS and TARGETS[target].check_structure is not None:
         files = target_files(loader.root, loader.manifest, target, decode=program_entry is not entry)
-        structure = TARGETS[target].check_structure(files, loader.contract, program_entry)
+        structure = TARGETS[target].check_structure(files, loader.contract, program_entry.record)
     skipped = None
     try:
         loader.use_target(target)

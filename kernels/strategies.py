@@ -28,9 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from hm_export.bank import BankError, BankReader, get_scheme
-from hm_export.config import ModelConfig
+from hm_export.config import ANCHOR_ARCHITECTURE, ModelConfig
 from hm_export.errors import UsageError
-from hm_export.hf.families import memory_activation
 from hm_export.kernels import dequantize, memory_swiglu
 from hm_export.model import LayerMemory
 from hm_export.slot import SlotContract, SlotTensor
@@ -119,7 +118,7 @@ class SlotLayout:
         """The layout of strategy ``name`` for ``cfg``'s memory and a bank whose levels use ``level_schemes``;
         ValueError when the bank cannot fill it (a quantized slot copies the bank's codes, never requantizes)."""
         strategy = get_strategy(name)
-        if strategy.reader == "memory_swiglu" and (activation := memory_activation(cfg)) != "silu":
+        if strategy.reader == "memory_swiglu" and (activation := _memory_activation(cfg)) != "silu":
             raise UsageError(
                 f"slot strategy {name!r} runs the SiLU memory kernel; this model's memory uses {activation!r}"
             )
@@ -302,3 +301,13 @@ def _level_views(
         for (layer, matrix, is_scale), view in found.items()
         if not is_scale
     }
+
+
+def _memory_activation(cfg: ModelConfig) -> str:
+    """The activation of ``cfg``'s memory FFN: SiLU for the anchor; a host's (Hugging Face hosts are imported
+    only for a host config, so reading a bundle of the anchor never loads them)."""
+    if cfg.architecture == ANCHOR_ARCHITECTURE:
+        return "silu"
+    from hm_export.hf.families import memory_activation
+
+    return memory_activation(cfg)

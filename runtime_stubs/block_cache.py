@@ -11,7 +11,7 @@
   block being prefetched waits for it instead of reading it twice.
 
 Every block read from storage is one read of its header page + payload, checked against the index and,
-unless ``policy.verify`` is off (trusted storage), CRC-32 checked; cached blocks are not re-checked.
+unless ``policy.verify`` is off (trusted storage), CRC-32 and sha256 checked; cached blocks are not re-checked.
 
 :class:`SlotFiller` owns the slot buffers of a :class:`~hm_export.slot.SlotContract` and makes them hold a
 path: only levels whose node changed are touched, and each is dequantized straight from the block payload
@@ -33,9 +33,10 @@ from torch import Tensor
 
 from hm_export.bank import PAYLOAD_ALIGNMENT, BankError, BankReader, aligned_buffer
 from hm_export.bank.schemes import Destination
+from hm_export.formats.slot_contract import SlotContract
 from hm_export.kernels.strategies import DEFAULT_STRATEGY, QuantizedLevelWriter, SlotLayout, get_strategy
 from hm_export.model import LayerMemory
-from hm_export.slot import SlotContract
+from hm_export.slot import empty_slot
 
 BlockKey = tuple[int, int]  # (level, node)
 
@@ -43,7 +44,7 @@ BlockKey = tuple[int, int]  # (level, node)
 @dataclass(frozen=True)
 class CachePolicy:
     """``resident_levels``: levels ``0 .. resident_levels-1`` are kept once read; ``cache_bytes``: LRU cap
-    (header pages included) for deeper levels; ``verify``: CRC-32 check of blocks read from storage."""
+    (header pages included) for deeper levels; ``verify``: CRC-32 and sha256 check of blocks read from storage."""
 
     resident_levels: int = 1
     cache_bytes: int = 256 << 20
@@ -286,7 +287,7 @@ class SlotFiller:
         if contract.dtype != self.layout.name:
             raise BankError(f"slot dtype {contract.dtype!r} does not match slot strategy {self.layout.strategy.name!r}")
         self.contract, self.memory = contract, index.memory
-        self.slot = contract.empty_slot()
+        self.slot = empty_slot(contract)
         self.blocks = BlockCache(reader, policy)
         if self.layout.strategy.quantized:
             self._fill_level: Callable[[int, memoryview], None] = QuantizedLevelWriter(

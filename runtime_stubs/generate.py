@@ -24,13 +24,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from hm_export.errors import BundleError, UsageError
 from hm_export.runtime_stubs.block_cache import SlotUpdate
-from hm_export.runtime_stubs.loader import BundleLoader
-from hm_export.targets import Decoder
+
+if TYPE_CHECKING:
+    from hm_export.runtime_stubs.loader import BundleLoader
+    from hm_export.targets import Decoder
 
 REROUTE = ("on-change", "never")
 

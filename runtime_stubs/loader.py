@@ -23,10 +23,11 @@ from safetensors.numpy import load as load_safetensors
 from tokenizers import Tokenizer
 
 from hm_export.bank import BankReader
-from hm_export.bundle import MANIFEST, listed_size, read_listed, read_manifest, safe_relative, verify_files
+from hm_export.bundle import MANIFEST, read_listed, read_manifest, safe_relative, verify_files
 from hm_export.config import ModelConfig
 from hm_export.decode import CacheSpec
 from hm_export.errors import BankError, BundleError, HmExportError, HostUnsupported, UsageError, wrapped
+from hm_export.formats.manifest import Manifest, Target
 from hm_export.kernels.strategies import layout_from_record
 from hm_export.router import CentroidTree, Embedder, MiniLMEmbedder
 from hm_export.runtime_stubs.block_cache import CachePolicy, SlotFiller, SlotUpdate
@@ -42,8 +43,8 @@ MAX_TOKENIZER_BYTES = 256 << 20
 MAX_ROUTER_BYTES = 1 << 32
 
 
-def _target_entry(root: Path, manifest: dict, target: str) -> dict:
-    targets = manifest["targets"]
+def _target_entry(root: Path, manifest: Manifest, target: str) -> Target:
+    targets = manifest.targets
     if target not in targets:
         raise BundleError(f"{root / MANIFEST}: no target {target!r} (bundle has {sorted(targets)})", field="targets")
     if target not in TARGETS:
@@ -65,21 +66,24 @@ class PrefillRunner:
         return self.decoder(tokens, 0, slot).unsqueeze(0)
 
 
-def target_files(root: Path, manifest: dict, target: str, decode: bool = False) -> dict[str, Path]:
+def target_files(root: Path, manifest: Manifest, target: str, decode: bool = False) -> dict[str, Path]:
     """A target's files (role -> path inside the bundle): its full-window program, or its decode program.
 
     Each is a regular file inside the bundle reached through no symlink, or a directory (``.mlpackage``)
     holding only regular files and directories."""
-    entry = manifest["targets"][target]["decode"] if decode else manifest["targets"][target]
+    entry = manifest.targets[target]
+    program = entry.decode if decode else entry
+    if program is None:
+        raise BundleError(f"{root / MANIFEST}: target {target!r} has no decode program", field=f"targets.{target}")
     what = f"{target} {'decode' if decode else 'window'} program"
     return program_files(
-        root, manifest, entry["files"], what, TARGETS[target].side_files if target in TARGETS else None
+        root, manifest, program.files, what, TARGETS[target].side_files if target in TARGETS else None
     )
 
 
 def program_files(
     root: Path,
-    manifest: dict,
+    manifest: Manifest,
     roles: dict[str, str],
     what: str,
     side_files: Callable[[Path], set[str]] | None = None,
@@ -90,7 +94,7 @@ def program_files(
     data), each of which must be a listed file of the bundle too."""
     files = {}
     for role, relative in roles.items():
-        kind = "file" if relative in manifest["files"] else "dir"
+        kind = "file" if relative in manifest.files else "dir"
         files[role] = safe_relative(root, relative, f"{what} ({role})", kind)
         if kind == "dir":
             check_tree(files[role], f"{what} ({role})")
@@ -101,7 +105,7 @@ def program_files(
         folder = program.parent.relative_to(root).as_posix()
         for name in sorted(names):
             relative = name if folder == "." else f"{folder}/{name}"
-            if relative not in manifest["files"]:
+            if relative not in manifest.files:
                 raise BundleError(f"{program}: reads {name!r}, which is not a file listed in the manifest")
             safe_relative(root, relative, f"data of {program.name}")
     return files
@@ -165,7 +169,7 @@ class BundleLoader:
         verify_key: bytes | None = None,
     ) -> None:
         """``verify``: sha256 of every listed file at open (``False``: trusted storage, where sizes and file
-        types are still checked); ``verify_blocks``: CRC-32 check of every block read (overrides
+        types are still checked); ``verify_blocks``: CRC-32 and sha256 check of every block read (overrides
         ``cache.verify``); ``cache``: resident levels and LRU cap (default :class:`CachePolicy`); ``read_mode``:
         ``pread``, ``readinto`` or ``mmap``; ``verify_key``: a trusted raw Ed25519 public key the bundle must be
         signed with (:mod:`hm_export.integrity`).  Every failure is an :class:`~hm_export.errors.HmExportError`."""
@@ -175,8 +179,8 @@ class BundleLoader:
         manifest_path = self.root / MANIFEST
         self.config = bundle_config(self.root, self.manifest)
         try:
-            self.contract = SlotContract.from_dict(self.manifest["slot"])
-            self.layout = layout_from_record(self.manifest["slot"])
+            self.contract = SlotContract.from_dict(self.manifest.slot)
+            self.layout = layout_from_record(self.manifest.slot)
             expected = self.layout.contract(self.config, self.contract.seq_len)
         except (HmExportError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise BundleError(f"{manifest_path}: bad slot contract: {exc}", field="slot") from exc
@@ -187,13 +191,13 @@ class BundleLoader:
                 f"{self.layout.strategy.name!r}",
                 field="slot",
             )
-        bank_dir = safe_relative(self.root, self.manifest["bank"]["dir"], "bank", kind="dir", field="bank.dir")
-        index_bytes = listed_size(self.manifest, f"{self.manifest['bank']['dir']}/index.json")
+        bank_dir = safe_relative(self.root, self.manifest.bank.dir, "bank", kind="dir", field="bank.dir")
+        index_bytes = self.manifest.listed_size(self.manifest.bank.index)
         self.bank = BankReader(bank_dir, read_mode, index_bytes=index_bytes)
-        if self.bank.schema_hash != self.manifest["bank"]["schema_hash"]:
+        if self.bank.schema_hash != self.manifest.bank.schema_hash:
             raise BundleError(
                 f"{self.bank_dir}: bank schema hash {self.bank.schema_hash} does not match the manifest's "
-                f"{self.manifest['bank']['schema_hash']} (bank written for another model or scheme)",
+                f"{self.manifest.bank.schema_hash} (bank written for another model or scheme)",
                 field="bank.schema_hash",
             )
         policy = replace(cache or CachePolicy(), verify=verify_blocks)
@@ -202,7 +206,7 @@ class BundleLoader:
         except (BankError, ValueError) as exc:
             raise BundleError(f"{self.bank_dir}: {exc}") from exc
         self.tokenizer = read_tokenizer(
-            self.root, self.manifest, self.manifest["tokenizer"]["file"], "tokenizer.file", self.config.vocab_size
+            self.root, self.manifest, self.manifest.tokenizer.file, "tokenizer.file", self.config.vocab_size
         )
         self.tree = read_tree(self.root, self.manifest, self.config)
         self._embedder = embedder
@@ -217,7 +221,7 @@ class BundleLoader:
     def use_target(self, target: str) -> None:
         """Run programs with ``target``'s runtime (raises HostUnsupported where it cannot run)."""
         entry = _target_entry(self.root, self.manifest, target)
-        if entry.get("window") == "decode":  # the target's one program: windows are prefills from position 0
+        if entry.window == "decode":  # the target's one program: windows are prefills from position 0
             self.runner = PrefillRunner(self.open_decoder(target))
             self.target = target
             return
@@ -227,13 +231,13 @@ class BundleLoader:
         TARGETS[target].check_installed()
         files = target_files(self.root, self.manifest, target)
         with wrapped(program_file(files), f"cannot load the {target} program"):
-            runner = open_runner(files, self.contract.input_names, entry)
+            runner = open_runner(files, self.contract.input_names, entry.record)
         self.runner = self._checked(runner, files, self.contract.seq_len)
         self.target = target
 
     def has_decoder(self, target: str) -> bool:
         """Whether the bundle holds a KV-cache decode program for ``target``."""
-        return "decode" in _target_entry(self.root, self.manifest, target)
+        return _target_entry(self.root, self.manifest, target).decode is not None
 
     def open_decoder(self, target: str) -> Decoder:
         """A runner of ``target``'s decode program, fed this loader's slot buffers by the caller.
@@ -242,13 +246,13 @@ class BundleLoader:
         """
         entry = _target_entry(self.root, self.manifest, target)
         support = TARGETS[target].decode
-        if "decode" not in entry or support is None:
+        if entry.decode is None or support is None:
             raise BundleError(f"{self.root / 'manifest.json'}: target {target!r} has no decode program")
         if support.open_decoder is None:
             raise HostUnsupported(f"target {target!r} decodes only on its device, not on this host")
         TARGETS[target].check_installed()
         files = target_files(self.root, self.manifest, target, decode=True)
-        cache = entry["decode"].get("cache")
+        cache = entry.decode.get("cache")
         want = CacheSpec.for_model(self.config).to_dict()
         if not isinstance(cache, dict) or [cache.get(k) for k in ("layers", "shape")] != [
             want["layers"],
@@ -259,12 +263,12 @@ class BundleLoader:
                 field=f"targets.{target}.decode.cache",
             )
         with wrapped(program_file(files), f"cannot load the {target} decode program"):
-            decoder = support.open_decoder(files, self.contract.input_names, entry["decode"])
+            decoder = support.open_decoder(files, self.contract.input_names, entry.decode.record)
         return self._checked(decoder, files, self.config.max_seq_len)
 
     @property
     def bank_dir(self) -> Path:
-        return self.root / self.manifest["bank"]["dir"]
+        return self.root / self.manifest.bank.dir
 
     @property
     def slot(self) -> list[torch.Tensor]:
@@ -347,7 +351,7 @@ class Completion:
 
 
 def read_tokenizer(
-    root: Path, manifest: dict[str, Any], relative: str, field: str, max_tokens: int | None = None
+    root: Path, manifest: Manifest, relative: str, field: str, max_tokens: int | None = None
 ) -> Tokenizer:
     """The tokenizer file ``relative`` of the bundle (named by the manifest's ``field``: ``tokenizer.file``,
     ``router.tokenizer.file``): listed, read inside the bundle at its listed size, parsed by ``tokenizers``
@@ -363,26 +367,26 @@ def read_tokenizer(
     return tokenizer
 
 
-def bundle_config(root: Path, manifest: dict[str, Any]) -> ModelConfig:
+def bundle_config(root: Path, manifest: Manifest) -> ModelConfig:
     """The model config of a bundle's (already read) manifest; a bad one is a BundleError naming the field."""
     try:
-        return ModelConfig.from_dict(manifest["model"])
+        return ModelConfig.from_dict(manifest.model)
     except HmExportError as exc:
         raise BundleError(f"{root / MANIFEST}: model: {exc}", field=f"model.{exc.field or ''}".rstrip(".")) from exc
 
 
-def read_tree(root: Path, manifest: dict[str, Any] | None = None, config: ModelConfig | None = None) -> CentroidTree:
+def read_tree(root: Path, manifest: Manifest | None = None, config: ModelConfig | None = None) -> CentroidTree:
     """The bundle's router tree (``router.safetensors``: one finite float32 ``level{l}`` centroid matrix per
     level, of the shape the model config says), read inside the bundle with its listed size."""
     root = Path(root)
     manifest = manifest or read_manifest(root)
     config = config or bundle_config(root, manifest)
-    relative = manifest["router"]["file"]
+    relative = manifest.router.file
     path = root / relative
     data = read_listed(root, manifest, relative, "router", MAX_ROUTER_BYTES)
     with wrapped(path, "not a safetensors file of router centroids", field="router.file"):
         tensors = load_safetensors(data)
-    dim, centroids = manifest["router"]["dim"], []
+    dim, centroids = manifest.router.dim, []
     for level in range(config.memory.num_levels):
         want = (config.memory.nodes_at(level), dim)
         c = tensors.get(f"level{level}")

@@ -28,7 +28,7 @@ from hm_export.bank import PAYLOAD_ALIGNMENT, SCHEMES, BankReader, aligned_buffe
 from hm_export.bank.schemes import BlockArrays
 from hm_export.config import ModelConfig
 from hm_export.runtime_stubs.block_cache import BlockCache, CachePolicy, slot_destination
-from hm_export.slot import SlotContract
+from hm_export.slot import SlotContract, empty_slot
 
 SERVE = """
 import json, sys, time
@@ -106,7 +106,7 @@ def throughput(bank: Path, max_bytes: int, repeats: int) -> dict[str, Any]:
 def dequantize(cfg: ModelConfig, schemes: list[str], repeats: int) -> list[dict[str, Any]]:
     """Decode one random block per (scheme, level shape) straight into a slot's level ranges; best of ``repeats``."""
     contract = SlotContract.for_model(cfg, seq_len=1)
-    slot = contract.empty_slot()
+    slot = empty_slot(contract)
     layers, d = len(cfg.memory.layers), cfg.d_model
     rng = np.random.default_rng(0)
     rows = []

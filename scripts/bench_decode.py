@@ -36,13 +36,13 @@ import torch
 from hm_export.bench import set_threads
 from hm_export.checkpoint import load_checkpoint
 from hm_export.config import MemoryConfig, ModelConfig
-from hm_export.decode import DecodeModule, trace_decode_program
+from hm_export.decode import DecodeModule
 from hm_export.model import MemoryLM, assemble_path
 from hm_export.passes.pipeline import PIPELINES
 from hm_export.slot import SlotContract, slot_tensors
 from hm_export.targets.executorch import ExecuTorchDecoder, emit_executorch
 from hm_export.targets.onnx import OnnxDecoder, emit_onnx
-from hm_export.trace import example_path
+from hm_export.trace import example_path, trace_decode_program
 
 PAPER_RATIO = ModelConfig(
     vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_hidden=2048, max_seq_len=256,

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hm_export.bundle import read_manifest
+
 
 def open_ms(runner: Path, bundle: Path, verify: bool) -> float:
     command = [str(runner), str(bundle), "--json", *([] if verify else ["--no-verify-files"])]
@@ -32,8 +34,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
-    hashed = sum(record["bytes"] for record in manifest["files"].values())
+    hashed = sum(record.bytes for record in read_manifest(args.bundle).files.values())
     times: dict[str, dict[str, list[float]]] = {str(r): {"verify": [], "no_verify": []} for r in args.runners}
     for round_ in range(args.rounds):
         order = args.runners if round_ % 2 == 0 else list(reversed(args.runners))

@@ -1124,10 +1124,10 @@ def prepare_anchor(peers: Peers, checkpoint: Path, preset: str) -> Path:
     records the quantization (the benchmark reads the embedding's from it)."""
     from hm_export.anchor_quant import exported_model, get_preset
     from hm_export.checkpoint import load_checkpoint
-    from hm_export.decode import trace_decode_program
     from hm_export.passes.pipeline import PIPELINES
     from hm_export.slot import SlotContract
     from hm_export.targets.executorch import emit_executorch
+    from hm_export.trace import trace_decode_program
 
     ckpt = load_checkpoint(checkpoint)
     model, description = exported_model(ckpt.model, get_preset(preset))
@@ -1137,7 +1137,7 @@ def prepare_anchor(peers: Peers, checkpoint: Path, preset: str) -> Path:
     emitted = emit_executorch(traced, out)
     (out / "anchor.json").write_text(json.dumps({"preset": preset, **description}, indent=2) + "\n")
     peers.notes[f"bundles/anchor-{preset}"] = (
-        f"hm_export.decode.trace_decode_program(memory=False, attention='kernel') of {checkpoint} with its anchor "
+        f"hm_export.trace.trace_decode_program(memory=False, attention='kernel') of {checkpoint} with its anchor "
         f"quantized by --anchor-quant {preset} (hm_export.anchor_quant.exported_model), emitted by emit_executorch "
         "(XNNPACK): the anchor-only system."
     )

@@ -41,7 +41,7 @@ from hm_export.bank import BankReader, resolve_preset, write_bank
 from hm_export.bench import set_threads
 from hm_export.checkpoint import load_checkpoint, save_checkpoint
 from hm_export.config import MemoryConfig
-from hm_export.decode import CacheSpec, trace_decode_program
+from hm_export.decode import CacheSpec
 from hm_export.kernels.strategies import STRATEGIES, SlotLayout
 from hm_export.model import MemoryLM
 from hm_export.passes.pipeline import PIPELINES
@@ -50,6 +50,7 @@ from hm_export.runtime_stubs.block_cache import CachePolicy, SlotFiller
 from hm_export.slot import SlotContract
 from hm_export.targets.executorch import ExecuTorchDecoder, emit_executorch
 from hm_export.targets.onnx import OnnxDecoder, emit_onnx
+from hm_export.trace import trace_decode_program
 
 TARGETS = ("executorch", "onnx")
 BANK_OF = {"int8": "int8"}  # storage -> bank scheme; everything else reads the int4-g32 bank

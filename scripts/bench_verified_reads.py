@@ -29,6 +29,7 @@ from hm_export.bank.format import (
     make_header,
     pack_file,
     payload_crc32,
+    payload_sha256,
 )
 from hm_export.bank.schemes import SCHEMES, resolve_preset
 from hm_export.config import MemoryConfig
@@ -57,7 +58,9 @@ def write_synthetic_bank(out: Path, scheme: str, memory: MemoryConfig = PAPER, d
                 )
                 pack.seek(offset - 4096)
                 pack.write(header_page(header) + payload)
-                blocks.append(BlockEntry(level, node, pack_file(level), offset, length, name, crc))
+                blocks.append(
+                    BlockEntry(level, node, pack_file(level), offset, length, name, crc, payload_sha256(payload))
+                )
             pack.truncate(memory.nodes_at(level) * stride)
     index = BankIndex(scheme, d_model, memory, "per-level", tuple(blocks), source="synthetic")
     (out / "index.json").write_text(json.dumps(index.to_dict()))
@@ -70,6 +73,9 @@ def main() -> None:
     parser.add_argument("--bank", type=Path, default=None)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/hm-read-bank"))
     parser.add_argument("--scheme", default="int4-g32")
+    parser.add_argument(
+        "--branching", default="16,16,16", help="the synthetic bank's tree (e.g. 8,2,2: 105 MB instead of 2.7 GB)"
+    )
     parser.add_argument("--blocks", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--keep", action="store_true")
@@ -77,7 +83,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     tool = build_native_runner(args.build_dir).parent / "hm_bank_read"
-    bank = args.bank or write_synthetic_bank(args.dir, args.scheme)
+    branching = tuple(int(k) for k in args.branching.split(","))
+    memory = MemoryConfig(branching, PAPER.widths, PAPER.layers)
+    bank = args.bank or write_synthetic_bank(args.dir, args.scheme, memory)
     try:
         results = []
         for mode in ([], ["--cold"]):
@@ -94,7 +102,7 @@ def main() -> None:
     print(f"bank {bank}: {bytes_total / 1e9:.2f} GB")
     for r in results:
         print(
-            f"{r['page_cache']}: raw {r['raw_gb_per_s']:.2f} GB/s, verified ({r['crc32']}) "
+            f"{r['page_cache']}: raw {r['raw_gb_per_s']:.2f} GB/s, verified ({r['crc32']} + sha256) "
             f"{r['verified_gb_per_s']:.2f} GB/s, ratio {r['ratio_median']:.3f} (min {r['ratio_min']:.3f}) "
             f"over {r['rounds']} rounds of {r['blocks']} blocks"
         )

@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from hm_export.bundle import read_manifest
 from hm_export.fuzz import Harness, OutsideWatch, mutations, probe_native, problems, run_case
 from hm_export.integrity import generate_key, public_key_bytes, sign_bundle
 
@@ -50,9 +51,9 @@ def main() -> int:
     signed, key = _signed_copy(args.bundle, work)
     runner = args.runner if args.runner.is_file() else None
     harness, watch = Harness(timeout=args.timeout), OutsideWatch()
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
-    targets = tuple(t for t in ("executorch", "onnx") if t in manifest["targets"])
-    routers = tuple(t for t in ("executorch", "onnx") if t in manifest["router"].get("programs", {}))
+    manifest = read_manifest(args.bundle)
+    targets = tuple(t for t in ("executorch", "onnx") if t in manifest.targets)
+    routers = tuple(t for t in ("executorch", "onnx") if t in manifest.router.programs)
     on_device = "executorch" in routers
     probes = {  # `hm-export check` runs run_checks: the CLI probe covers the golden-check replay too
         "api": lambda b: harness.run("api", b, targets),

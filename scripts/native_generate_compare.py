@@ -44,7 +44,7 @@ def main() -> int:
     args = parser.parse_args()
     runner = build_native_runner(args.build_dir)
     loader = BundleLoader(args.bundle, target="executorch")
-    checks = json.loads((args.bundle / read_manifest(args.bundle)["checks"]["file"]).read_text())["checks"]
+    checks = json.loads((args.bundle / read_manifest(args.bundle).checks.file).read_text())["checks"]
     cases = [(c["context"], loader.tokenizer.decode(c["prompt"])) for c in checks[: args.n]] + list(DEMO)
     rows = []
     for context, prompt in cases:

@@ -48,7 +48,7 @@ def main() -> None:
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    programs = read_manifest(args.bundle)["router"].get("programs", {})
+    programs = read_manifest(args.bundle).router.programs
     targets = args.target.split(",") if args.target else [t for t in programs if t != "coreml"]
     contexts = example_contexts(args.n)
     reference = MiniLMEmbedder().embed(contexts)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import zlib
@@ -29,6 +30,7 @@ from hm_export.bank import (
 from hm_export.bank.tools import check_bank, inspect_bank
 from hm_export.checkpoint import save_checkpoint
 from hm_export.config import MemoryConfig, ModelConfig
+from hm_export.fuzz import crc_patch
 from hm_export.model import MemoryLM
 from hm_export.router import MINILM_DIM, CentroidTree
 
@@ -101,19 +103,20 @@ def test_block_header_and_alignment(bank: Path) -> None:
         header = BlockHeader._make(HEADER.unpack_from(data))
         width = MEMORY.widths[entry.level]
         assert entry.file == f"level{entry.level}/node{entry.node:06d}.hmb"
-        assert header.magic == MAGIC == b"HMBK" and header.version == FORMAT_VERSION == 2
+        assert header.magic == MAGIC == b"HMBK" and header.version == FORMAT_VERSION == 3
         assert header.header_length == HEADER.size
         assert (header.scheme_id, header.level, header.node) == (1, entry.level, entry.node)
         assert (header.layers, header.d_model, header.width) == (layers, d, width)
         assert header.payload_offset == entry.offset == PAYLOAD_ALIGNMENT and entry.offset % 4096 == 0
         assert header.payload_length == entry.length == 3 * layers * d * width * 4 == len(data) - entry.offset
         assert header.crc32 == entry.crc32 == zlib.crc32(data[entry.offset :])
+        assert entry.sha256 == hashlib.sha256(data[entry.offset :]).hexdigest()
         assert data[HEADER.size : entry.offset] == bytes(entry.offset - HEADER.size)
 
 
 def test_index_contents(bank: Path) -> None:
     raw = json.loads((bank / INDEX_FILE).read_text())
-    assert (raw["format"], raw["format_version"], raw["scheme"]) == ("hm-export-bank", 2, "float32")
+    assert (raw["format"], raw["format_version"], raw["scheme"]) == ("hm-export-bank", 3, "float32")
     model = {"d_model": 16, "memory_layers": [0, 2], "branching": [2, 3], "widths": [4, 3], "nodes": [2, 6]}
     assert raw["model"] == model
     assert [(b["level"], b["node"]) for b in raw["blocks"]] == blocks(MEMORY)
@@ -165,6 +168,7 @@ def edit_index(bank: Path, edit: dict[str, object], block: int | None = None) ->
     [
         ({"format": "something-else"}, "format"),
         ({"format_version": 1}, "format_version 1 is not supported"),
+        ({"format_version": 2}, r"version 2 bank has no per-block sha256 .*re-create it with `hm-export bank"),
         ({"scheme": "int3"}, "unknown scheme 'int3'"),
         ({"schema_hash": "0" * 64}, "schema_hash"),
     ],
@@ -230,6 +234,30 @@ def test_checksum_mismatch(bank: Path) -> None:
         reader.read_block(1, 4)
     assert str(block_path(bank)) in str(info.value)
     reader.read_block(1, 4, verify=False)  # header still matches; only the payload changed
+
+
+def test_crc_preserving_forgery_is_refused(bank: Path) -> None:
+    """A payload edit that keeps the block's CRC-32 (hm_export.fuzz's forgery) fails the index's sha256."""
+    path = block_path(bank)
+    data = bytearray(path.read_bytes())
+    payload = bytearray(data[PAYLOAD_ALIGNMENT:])
+    want = zlib.crc32(payload)
+    payload[3] ^= 0xFF
+    payload[8:12] = crc_patch(bytes(payload), 8, want)
+    assert zlib.crc32(payload) == want and bytes(payload) != data[PAYLOAD_ALIGNMENT:]
+    data[PAYLOAD_ALIGNMENT:] = payload
+    path.write_bytes(bytes(data))
+    with pytest.raises(BankError, match=r"block \(level 1, node 4\): checksum mismatch \(payload sha256") as info:
+        BankReader(bank).read_block(1, 4)
+    assert str(path) in str(info.value)
+    BankReader(bank).read_block(1, 4, verify=False)  # trusted storage: header checks only
+
+
+@pytest.mark.parametrize("sha", ["0" * 63, "A" * 64, 7])
+def test_index_sha256_field_checked(bank: Path, sha: object) -> None:
+    edit_index(bank, {"sha256": sha}, block=3)
+    with pytest.raises(BankError, match=r"block \(level 1, node 1\): sha256 .* is not 64 lowercase hex digits"):
+        BankReader(bank)
 
 
 def test_header_index_mismatch(bank: Path) -> None:
@@ -439,7 +467,7 @@ def test_wrong_block_version_names_the_block(tmp_path: Path, qckpt: tuple[Path, 
     write_bank(tmp_path / "bank", qckpt[0], scheme="int4-g64", layout=layout, workers=1)
     entry = BankReader(tmp_path / "bank").index.entry(0, 1)
     corrupt(tmp_path / "bank" / entry.file, entry.offset - PAYLOAD_ALIGNMENT + 4, (7).to_bytes(2, "little"))
-    with pytest.raises(BankError, match=r"block \(level 0, node 1\): block format version 7, this reader reads 2"):
+    with pytest.raises(BankError, match=r"block \(level 0, node 1\): block format version 7, this reader reads 3"):
         BankReader(tmp_path / "bank").read_block(0, 1)
 
 

@@ -218,8 +218,8 @@ def test_bundle_with_a_quantized_bank_runs_the_dequantized_memory(tmp_path: Path
     checkpoint = tiny_checkpoint(tmp_path, cfg=cfg, seed=2)
     export_bundle(checkpoint, tmp_path / "bundle", ExportRecipe(bank_scheme="mixed-int8-int4", router_program=False))
     loader = BundleLoader(tmp_path / "bundle", cache=CachePolicy(resident_levels=1, cache_bytes=1 << 20))
-    bank = loader.manifest["bank"]
-    assert bank["scheme"] == "mixed-int8-int4" and bank["levels"] == ["int8", "int4-g32"]
+    bank = loader.manifest.bank
+    assert bank.scheme == "mixed-int8-int4" and list(bank.levels) == ["int8", "int4-g32"]
     model = tiny_model(cfg, seed=2)
     load_dequantized_bank(model, loader.bank)
     tokens = list(range(1, 12))

@@ -312,3 +312,28 @@ def test_export_prints_no_third_party_line_on_stderr(checkpoint_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert done.stdout.startswith(f"wrote {out} in ") and done.stdout.count("\n") == 1
+
+
+def test_choice_lists_come_from_the_registries() -> None:
+    """Every option choosing among registered names reads them from the registry (no list copied into cli.py),
+    and only when click needs them: importing the CLI imports no torch."""
+    from hm_export.anchor_quant import PRESETS
+    from hm_export.bench import CACHE_POLICIES
+    from hm_export.checkpoint import STORAGE_DTYPES
+    from hm_export.cli import RegistryChoice
+    from hm_export.kernels.strategies import STRATEGIES
+    from hm_export.targets.coreml import ANCHOR_COMPRESSION
+
+    choices = {
+        f"{command.name} {param.name}": list(param.type.choices)
+        for command in [*main.commands.values(), *main.commands["hf"].commands.values()]
+        for param in getattr(command, "params", [])
+        if isinstance(param.type, RegistryChoice)
+    }
+    assert choices["export slot_strategy"] == ["auto", *STRATEGIES]
+    assert choices["export anchor_quant"] == list(PRESETS)
+    assert choices["export coreml_compress_anchor"] == list(ANCHOR_COMPRESSION)
+    assert choices["bench cache"] == list(CACHE_POLICIES)
+    assert choices["attach host_dtype"] == list(STORAGE_DTYPES)
+    code = "import sys, hm_export.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -14,6 +14,7 @@ from conftest import TINY_WORDS, tiny_tokenizer, tiny_tree
 
 transformers = pytest.importorskip("transformers")
 
+from hm_export.architectures import decode_module  # noqa: E402
 from hm_export.bench import bench_bundle  # noqa: E402
 from hm_export.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from hm_export.checks import run_checks  # noqa: E402
@@ -226,7 +227,7 @@ def test_decode_module_matches_the_full_window(family: str, cache: str) -> None:
     path = [1, 4]
     with torch.no_grad():
         want = model.forward_path(tokens, torch.tensor(path))
-        decoder = model.decode_module(assemble_path(model, path), cache).eval()
+        decoder = decode_module(model, assemble_path(model, path), cache).eval()
         past = decoder.cache_spec.empty() if cache == "io" else []
         pieces = []
         for start, stop in ((0, 7), (7, 8), (8, 15), (15, 20)):
@@ -246,7 +247,7 @@ def test_sliding_window_layers_mask_beyond_the_window() -> None:
     tokens = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(tokens)
-        decoder = model.decode_module((), "state").eval()
+        decoder = decode_module(model, (), "state").eval()
         got = torch.cat([decoder(tokens[:, i : i + 1], torch.tensor([i])) for i in range(24)], 1)
     assert set(host.config.layer_types) == {"sliding_attention"}  # every layer windowed at 6 < 24 positions
     assert (got - want).abs().max() < 1e-5

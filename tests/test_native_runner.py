@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from conftest import DECODE_CONTEXTS, tiny_checkpoint
 from hm_export.bench import leaf_path
 from hm_export.bundle import file_record, write_manifest
 from hm_export.cli import main
+from hm_export.fuzz import crc_patch
 from hm_export.native import NativeError, build_native_runner, run_native_runner, write_check_embeddings
 from hm_export.runtime_stubs.block_cache import CachePolicy
 from hm_export.runtime_stubs.loader import BundleLoader
@@ -183,6 +185,20 @@ def test_corrupt_block_is_refused_naming_the_file(runner, bundles, tmp_path):
     block.write_bytes(bytes(data))
     run_native_runner(runner, bundle, fills=[[0, 1]])  # other blocks still load
     with pytest.raises(NativeError, match=rf"{block}: block \(level 1, node 2\): checksum mismatch"):
+        run_native_runner(runner, bundle, fills=[[0, 2]])
+
+
+def test_crc_preserving_block_forgery_is_refused(runner, bundles, tmp_path):
+    """A payload edit that keeps the CRC-32 passes the header and CRC checks; the index's sha256 refuses it."""
+    bundle = copy_bundle(bundles["int8"], tmp_path)
+    block = bundle / "bank" / "level1" / "node000002.hmb"
+    data = bytearray(block.read_bytes())
+    want = zlib.crc32(data[4096:])
+    data[4096 + 20] ^= 0xFF
+    data[4096 + 32 : 4096 + 36] = crc_patch(bytes(data[4096:]), 32, want)
+    assert zlib.crc32(data[4096:]) == want
+    block.write_bytes(bytes(data))
+    with pytest.raises(NativeError, match=rf"{block}: block \(level 1, node 2\): checksum mismatch \(payload sha256"):
         run_native_runner(runner, bundle, fills=[[0, 2]])
 
 

@@ -8,7 +8,11 @@
 * :mod:`~hm_export.bank.accuracy`: held-out perplexity / top-1 agreement per scheme (scripts/bank_accuracy.py).
 
 The runtime side (level-aware cache, prefetch, filling the slot) is ``hm_export.runtime_stubs.block_cache``.
+The writer (``quantize_bank``, ``write_bank``, ``QuantizeReport``) is imported when first named: a device-side
+process reading banks never loads the quantizer or the checkpoint and model code behind it.
 """
+
+from typing import Any
 
 from hm_export.bank.format import (
     FORMAT_VERSION,
@@ -21,7 +25,6 @@ from hm_export.bank.format import (
     BlockHeader,
     schema_hash,
 )
-from hm_export.bank.quantize import QuantizeReport, quantize_bank, write_bank
 from hm_export.bank.reader import READ_MODES, BankReader, aligned_buffer
 from hm_export.bank.schemes import SCHEMES, BlockArrays, Scheme, check_preset, get_scheme, resolve_preset
 from hm_export.errors import BankError
@@ -50,3 +53,13 @@ __all__ = [
     "schema_hash",
     "write_bank",
 ]
+
+_WRITER = ("QuantizeReport", "quantize_bank", "write_bank")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WRITER:
+        from hm_export.bank import quantize
+
+        return getattr(quantize, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

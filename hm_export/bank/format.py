@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -29,11 +30,12 @@ from hm_export.errors import BankError
 from hm_export.formats import Fields, read_format_json
 
 FORMAT_NAME = "hm-export-bank"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: a per-block sha256 in the index (2 had only the CRC-32, which a forger can keep)
 INDEX_FILE = "index.json"
 MAGIC = b"HMBK"
 PAYLOAD_ALIGNMENT = 4096  # header page size; payloads start (and, in level packs, blocks start) on this boundary
 LAYOUTS = ("per-block", "per-level")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 # magic, version, header_length, scheme_id, level, node, layers, group_size, d_model, width, reserved,
 # payload_offset, payload_length, crc32: every field at its natural alignment, little-endian.
@@ -61,6 +63,13 @@ def payload_crc32(payload: bytes | memoryview) -> int:
     """CRC-32 of a block payload: zlib's polynomial and values, computed by ISA-L (PCLMULQDQ on x86, PMULL
     on ARMv8), about 4x zlib's speed here, so a verified read is no longer bound by the checksum."""
     return isal_zlib.crc32(payload)
+
+
+def payload_sha256(payload: bytes | memoryview) -> str:
+    """sha256 (lowercase hex) of a block payload, as the index records it: the CRC-32 catches damage, this
+    authenticates the block (the index is covered by the manifest's sha256 and the bundle's seal).  hashlib's
+    OpenSSL code (SHA-NI / ARMv8 where present), once per block read."""
+    return hashlib.sha256(payload).hexdigest()
 
 
 def block_file(level: int, node: int) -> str:
@@ -102,6 +111,43 @@ class BlockEntry:
     length: int  # payload bytes
     scheme: str
     crc32: int
+    sha256: str  # lowercase hex sha256 of the payload (format version 3)
+
+
+@dataclass(frozen=True)
+class LevelRecord:
+    scheme: str
+    scheme_id: int
+    group_size: int
+
+
+@dataclass(frozen=True)
+class IndexModel:
+    d_model: int
+    memory_layers: list[int]
+    branching: list[int]
+    widths: list[int]
+    nodes: list[int]  # derived from branching (checked)
+
+
+@dataclass(frozen=True)
+class IndexSource:
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """``index.json`` as written (docs/bank-format.md; its JSON Schema: docs/schemas/bank-index.schema.json)."""
+
+    format: str
+    format_version: int
+    scheme: str
+    levels: list[LevelRecord]
+    layout: str
+    schema_hash: str
+    model: IndexModel
+    source: IndexSource
+    blocks: list[BlockEntry]
 
 
 @dataclass(frozen=True)
@@ -146,37 +192,51 @@ class BankIndex:
             entry.crc32,
         )
 
+    def record(self) -> IndexRecord:
+        return IndexRecord(
+            FORMAT_NAME,
+            FORMAT_VERSION,
+            self.scheme,
+            [LevelRecord(s.name, s.id, s.group_size) for s in self.level_schemes],
+            self.layout,
+            self.schema_hash,
+            IndexModel(
+                self.d_model,
+                list(self.memory.layers),
+                list(self.memory.branching),
+                list(self.memory.widths),
+                [self.memory.nodes_at(lv) for lv in range(self.memory.num_levels)],
+            ),
+            IndexSource(self.source),
+            list(self.blocks),
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "scheme": self.scheme,
-            "levels": [{"scheme": s.name, "scheme_id": s.id, "group_size": s.group_size} for s in self.level_schemes],
-            "layout": self.layout,
-            "schema_hash": self.schema_hash,
-            "model": {
-                "d_model": self.d_model,
-                "memory_layers": list(self.memory.layers),
-                "branching": list(self.memory.branching),
-                "widths": list(self.memory.widths),
-                "nodes": [self.memory.nodes_at(lv) for lv in range(self.memory.num_levels)],
-            },
-            "source": {"fingerprint": self.source},
-            "blocks": [asdict(b) for b in self.blocks],
-        }
+        """The JSON body of ``index.json``."""
+        return asdict(self.record())
 
     @classmethod
     def load(cls, path: Path, exact: int | None = None) -> BankIndex:
         """Read and validate ``index.json`` (of exactly ``exact`` bytes, when a manifest declares its size);
         every problem is a :class:`BankError` naming ``path``."""
-        raw = read_format_json(
-            path,
-            FORMAT_NAME,
-            FORMAT_VERSION,
-            BankError,
-            "a complete hm-export bank: no index, or quantization unfinished",
-            exact=exact,
-        )
+        try:
+            raw = read_format_json(
+                path,
+                FORMAT_NAME,
+                FORMAT_VERSION,
+                BankError,
+                "a complete hm-export bank: no index, or quantization unfinished",
+                exact=exact,
+            )
+        except BankError as exc:
+            if exc.field != "format_version":
+                raise
+            raise BankError(
+                f"{exc} -- a version 2 bank has no per-block sha256 (its blocks cannot be authenticated): re-create "
+                "it with `hm-export bank quantize` (or re-export the bundle)",
+                path=path,
+                field="format_version",
+            ) from None
         try:
             check_preset(raw.get("scheme"))
         except BankError as exc:
@@ -238,6 +298,8 @@ class BankIndex:
                 )
             if type(b.crc32) is not int or not 0 <= b.crc32 < 2**32:
                 raise BankError(f"{where}: crc32 {b.crc32!r} is not a 32-bit unsigned integer")
+            if not isinstance(b.sha256, str) or not _SHA256.match(b.sha256):
+                raise BankError(f"{where}: sha256 {b.sha256!r} is not 64 lowercase hex digits")
 
 
 def _is_safe_relative(file: object) -> bool:

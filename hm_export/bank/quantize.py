@@ -23,7 +23,7 @@ import json
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from hm_export.atomic import write_atomic
 from hm_export.bank.format import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -45,6 +46,7 @@ from hm_export.bank.format import (
     make_header,
     pack_file,
     payload_crc32,
+    payload_sha256,
 )
 from hm_export.bank.schemes import SCHEMES, BlockArrays, resolve_preset
 from hm_export.checkpoint import CheckpointError, bank_file, expected_bank_shapes, read_config
@@ -143,8 +145,8 @@ class _Job:
     resume: bool
 
 
-def _existing_crc(job: _Job) -> int | None:
-    """The CRC of a complete, valid block already at the job's place, or None."""
+def _existing_digests(job: _Job) -> tuple[int, str] | None:
+    """The CRC-32 and sha256 of a complete, valid block already at the job's place, or None."""
     scheme = SCHEMES[job.scheme]
     size = PAYLOAD_ALIGNMENT + scheme.payload_length(job.layers, job.d_model, job.width)
     try:
@@ -164,13 +166,13 @@ def _existing_crc(job: _Job) -> int | None:
         check_header(data, expected, job.target)
     except BankError:
         return None
-    return crc
+    return crc, payload_sha256(memoryview(data)[PAYLOAD_ALIGNMENT:])
 
 
-def _quantize(job: _Job) -> tuple[int, bool, int]:
-    """Worker: (crc32, resumed, source bytes read) for one block, writing it unless already valid."""
-    if job.resume and (crc := _existing_crc(job)) is not None:
-        return crc, True, 0
+def _quantize(job: _Job) -> tuple[tuple[int, str], bool, int]:
+    """Worker: ((crc32, sha256), resumed, source bytes read) for one block, writing it unless already valid."""
+    if job.resume and (digests := _existing_digests(job)) is not None:
+        return digests, True, 0
     shapes = ((job.layers, job.d_model, job.width),) * 2 + ((job.layers, job.width, job.d_model),)
     fd = os.open(job.source, os.O_RDONLY)
     try:
@@ -196,19 +198,7 @@ def _quantize(job: _Job) -> tuple[int, bool, int]:
             os.close(fd)
     else:
         write_atomic(Path(job.target), [header_page(header), payload])
-    return crc, False, sum(t.node_bytes for t in job.tensors)
-
-
-def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write ``chunks`` to a temp file next to ``path`` (umask permissions), then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.writelines(chunks)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return (crc, payload_sha256(payload)), False, sum(t.node_bytes for t in job.tensors)
 
 
 @dataclass
@@ -305,10 +295,10 @@ def quantize_bank(
     ):
         for level in range(mem.num_levels):
             jobs = _level_jobs(bank_dir, checkpoint_dir, cfg, level, names[level], sources[level], layout, resume)
-            for job, (crc, was_resumed, read) in zip(jobs, pool.map(_quantize, jobs, chunksize=4)):
+            for job, ((crc, sha), was_resumed, read) in zip(jobs, pool.map(_quantize, jobs, chunksize=4)):
                 file = pack_file(level) if job.packed else block_file(level, job.node)
                 length = SCHEMES[job.scheme].payload_length(job.layers, job.d_model, job.width)
-                entries.append(BlockEntry(level, job.node, file, job.offset, length, job.scheme, crc))
+                entries.append(BlockEntry(level, job.node, file, job.offset, length, job.scheme, crc, sha))
                 resumed += was_resumed
                 written += not was_resumed
                 source_bytes += read

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from hm_export.bank.format import INDEX_FILE, PAYLOAD_ALIGNMENT, BankIndex, BlockEntry, check_header, payload_crc32
+from hm_export.bank.format import (
+    INDEX_FILE,
+    PAYLOAD_ALIGNMENT,
+    BankIndex,
+    BlockEntry,
+    check_header,
+    payload_crc32,
+    payload_sha256,
+)
 from hm_export.bank.schemes import BlockArrays, Destination
 from hm_export.errors import BankError
 from hm_export.safeio import ContainedTree
@@ -125,7 +133,8 @@ class BankReader:
     def read_into(self, level: int, node: int, buffer: np.ndarray | memoryview, verify: bool = True) -> memoryview:
         """Read block ``(level, node)`` with one read into ``buffer``; return its payload (a view of ``buffer``).
 
-        The header is always checked against the index; ``verify`` also checks the payload's CRC-32.
+        The header is always checked against the index; ``verify`` also checks the payload's CRC-32 (damage) and
+        sha256 (a payload edited to keep its CRC-32: the index, sealed with the manifest, authenticates it).
         """
         entry = self.index.entry(level, node)
         path, size = self.bank_dir / entry.file, PAYLOAD_ALIGNMENT + entry.length
@@ -157,6 +166,11 @@ class BankReader:
         if verify and (crc := payload_crc32(payload)) != entry.crc32:
             raise BankError(
                 f"{self._where(entry)}: checksum mismatch (payload crc32 {crc:#010x}, index {entry.crc32:#010x})"
+            )
+        if verify and (digest := payload_sha256(payload)) != entry.sha256:
+            raise BankError(
+                f"{self._where(entry)}: checksum mismatch (payload sha256 {digest[:16]}..., index "
+                f"{entry.sha256[:16]}...): the block was edited after export"
             )
         return payload
 

@@ -158,25 +158,10 @@ class HostMemoryLM(nn.Module):
     def anchor_parameters(self) -> list[nn.Parameter]:
         return list(self.host.parameters())
 
-    def slot_module(self, memory: Sequence[LayerMemory], layout: SlotLayout | None = None) -> nn.Module:
-        return HostSlotModule(self, memory, layout)
-
     @property
     def kernel_attention(self) -> bool:
         """Whether ``hm_export::attend_cache`` computes this host's attention: it has no logit soft-capping."""
         return getattr(self.host.config, "attn_logit_softcapping", None) is None
-
-    def decode_module(
-        self,
-        memory: Sequence[LayerMemory],
-        cache: str = "state",
-        layout: SlotLayout | None = None,
-        attention: str = "masked",
-    ) -> nn.Module:
-        """The KV-cache decode module (:mod:`hm_export.hf.decode`) with ``memory`` (``()``: none)."""
-        from hm_export.hf.decode import HostDecodeModule
-
-        return HostDecodeModule(self, memory, cache, layout, attention)  # type: ignore[arg-type]
 
     @classmethod
     def attach(cls, host: nn.Module, cfg: ModelConfig, adopt: bool = False) -> HostMemoryLM:

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from hm_export.training import (
 )
 
 EarlyStopping = Literal["validation", "documents", "both"]
+EARLY_STOPPING: tuple[str, ...] = get_args(EarlyStopping)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class MemoryRecipe:
                 raise ConfigError(f"{name} {value!r} is not one of {sorted(STORAGE_DTYPES)}")
         if not 0.0 <= self.validation_documents < 0.5:
             raise ConfigError(f"validation_documents {self.validation_documents} must be in [0, 0.5)")
-        if self.early_stopping not in ("validation", "documents", "both"):
+        if self.early_stopping not in EARLY_STOPPING:
             raise ConfigError(f"early_stopping {self.early_stopping!r} is not 'validation', 'documents' or 'both'")
         if self.steps < 0 or self.batch < 1 or self.validation_stride <= TEST_OFFSET or self.validation_limit < 1:
             raise ConfigError(

@@ -11,13 +11,15 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from hm_export.errors import missing_extra
-from hm_export.slot import SlotContract
-from hm_export.trace import SlotProgram
+
+if TYPE_CHECKING:  # the registry is what the runtime imports: the exporter's modules stay out of it
+    from hm_export.slot import SlotContract
+    from hm_export.trace import SlotProgram
 
 Runner = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
 

@@ -17,7 +17,7 @@ typedef struct hm_runtime hm_runtime;
 
 typedef struct {
   int verify_files;         /* size + sha256 of every manifest file at open (0: trusted storage) */
-  int verify_blocks;        /* CRC-32 of every block read from storage */
+  int verify_blocks;        /* CRC-32 and sha256 of every block read from storage */
   int resident_levels;      /* levels 0 .. resident_levels-1 stay in RAM once read */
   uint64_t cache_bytes;     /* LRU cap for deeper levels; 0 = stream every miss */
   int threads;              /* XNNPACK threads; 0 = ExecuTorch's default */

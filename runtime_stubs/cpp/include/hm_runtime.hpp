@@ -24,7 +24,7 @@ class Error : public std::runtime_error {
 struct CachePolicy {
   int resident_levels = 1;           // levels 0 .. resident_levels-1: a block read once is kept
   uint64_t cache_bytes = 256ull << 20;  // LRU cap for deeper levels (header pages included); 0 = stream
-  bool verify = true;                // CRC-32 of every block read from storage
+  bool verify = true;                // CRC-32 and sha256 of every block read from storage
 };
 
 struct Options {

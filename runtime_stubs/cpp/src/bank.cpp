@@ -17,7 +17,7 @@
 namespace hm {
 namespace {
 
-constexpr uint16_t kBlockVersion = 2;
+constexpr uint16_t kBlockVersion = 3;  // the bank format version (3: per-block sha256 in the index)
 constexpr uint16_t kHeaderLength = 52;
 constexpr uint64_t kSectionAlignment = 16;
 constexpr uint64_t kVerifyChunk = 1 << 20;  // verified reads: bytes per pread, checksummed while cache-hot
@@ -91,8 +91,9 @@ Bank::Bank(std::unique_ptr<Tree> tree, const MemoryDims& dims, const std::string
   json::Value index = parse_json(tree_->read("index.json", "bank index", kMaxIndexBytes, index_bytes), index_path);
   try {
     if (index.at("format", "format").as_string("format") != "hm-export-bank" ||
-        index.at("format_version", "format_version").as_int("format_version") != 2)
-      throw Error("not an hm-export-bank version 2 index");
+        index.at("format_version", "format_version").as_int("format_version") != kBlockVersion)
+      throw Error("not an hm-export-bank version 3 index (a version 2 bank has no per-block sha256: re-create it "
+                  "with `hm-export bank quantize`, or re-export the bundle)");
     const json::Value& model = index.at("model", "model");
     MemoryDims bank_dims;
     bank_dims.d_model = static_cast<int>(model.at("d_model", "model.d_model").as_int("model.d_model"));
@@ -152,6 +153,10 @@ Bank::Bank(std::unique_ptr<Tree> tree, const MemoryDims& dims, const std::string
         if (crc < 0 || crc > 0xFFFFFFFFll) throw Error(where + ": crc32 is not a 32-bit unsigned integer");
         entry.offset = static_cast<uint64_t>(offset);
         entry.crc32 = static_cast<uint32_t>(crc);
+        entry.sha256 = block.at("sha256", where).as_string(where + ".sha256");
+        if (entry.sha256.size() != 64 ||
+            entry.sha256.find_first_not_of("0123456789abcdef") != std::string::npos)
+          throw Error(where + ".sha256: not 64 lowercase hex digits");
         if (length < 0 || static_cast<uint64_t>(length) != levels_[level].payload_length)
           throw Error(where + ": length " + std::to_string(length) + ", the level's scheme and dims give " +
                       std::to_string(levels_[level].payload_length));
@@ -284,6 +289,11 @@ void Bank::read(int level, int node, uint8_t* buffer, bool verify) const {
     if (crc != e.crc32)
       throw Error(path + ": " + block + ": checksum mismatch (payload CRC-32 " + std::to_string(crc) +
                   ", expected " + std::to_string(e.crc32) + "): the block is corrupt");
+    // The CRC catches damage; the sha256 (in the index, which the manifest's sha256 and the seal cover) catches a
+    // payload edited to keep its CRC. Once per block read, over the payload just read (still in cache).
+    if (sha256_hex(buffer + kPageSize, scheme.payload_length) != e.sha256)
+      throw Error(path + ": " + block + ": checksum mismatch (payload sha256 differs from the index's): the block "
+                  "was edited after export");
   }
 }
 

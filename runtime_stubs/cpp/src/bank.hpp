@@ -78,7 +78,7 @@ class Bank {
   uint64_t block_size(int level) const { return kPageSize + levels_[level].payload_length; }
   const std::string& block_file(int level, int node) const { return entry(level, node).file; }  // path (per-level: the pack)
   // One read of the block's header page + payload into `buffer` (block_size bytes); checks the header
-  // against the index and, with `verify`, the payload's CRC-32. Throws hm::Error naming the file.
+  // against the index and, with `verify`, the payload's CRC-32 and sha256. Throws hm::Error naming the file.
   void read(int level, int node, uint8_t* buffer, bool verify) const;
   // Writes a payload of `level` into the slot views of that level: dequantized into a float slot, codes
   // and scales copied into a quantized one (bit-identical to QuantizedLevelWriter in kernels/strategies.py).
@@ -98,6 +98,7 @@ class Bank {
     std::string file;  // relative to the bank directory
     uint64_t offset = 0;
     uint32_t crc32 = 0;
+    std::string sha256;  // lowercase hex of the payload (format version 3)
   };
   uint64_t section_bytes(int level, int rows, int cols) const;
   void decode_section(int level, const uint8_t* section, int rows, int cols, MatrixView out) const;

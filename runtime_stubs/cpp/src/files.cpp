@@ -297,10 +297,14 @@ std::string sha256_fd(int fd, const std::string& path, uint64_t size) {
   return hash.hex();
 }
 
-std::string sha256_hex(const std::string& bytes) {
+std::string sha256_hex(const uint8_t* data, size_t size) {
   Sha256 hash;
-  hash.update(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+  hash.update(data, size);
   return hash.hex();
+}
+
+std::string sha256_hex(const std::string& bytes) {
+  return sha256_hex(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
 }
 
 json::Value parse_json(const std::string& text, const std::string& path) {

@@ -54,6 +54,7 @@ std::string read_fd(int fd, const std::string& path, uint64_t limit, int64_t exa
 // Lowercase hex sha256 of the `size` bytes behind `fd` (reads exactly that many; errors name `path`).
 std::string sha256_fd(int fd, const std::string& path, uint64_t size);
 std::string sha256_hex(const std::string& bytes);
+std::string sha256_hex(const uint8_t* data, size_t size);
 
 // Parses a JSON document held in memory; a parse error is an hm::Error naming `path`.
 json::Value parse_json(const std::string& text, const std::string& path);

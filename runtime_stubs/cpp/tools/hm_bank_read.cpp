@@ -1,6 +1,7 @@
 // hm_bank_read: verified-read throughput of a bank, natively (docs/native-runtime.md, "Verified reads").
 //
 //   hm_bank_read BANK_DIR [--blocks 256] [--rounds 5] [--cold] [--seed 0]
+//   hm_bank_read BANK_DIR --check
 //   hm_bank_read --crc-self-test
 //
 // Reads `--blocks` random blocks (seeded; every level, in proportion to its node count) as the loader reads
@@ -9,6 +10,9 @@
 // GB/s of each and their ratio. Warm by default (the blocks are read once first, so both modes read from the
 // page cache: the case where the checksum costs most); --cold drops each block file's pages before each read.
 // --crc-self-test compares crc32() with zlib's on random buffers of many lengths and alignments.
+// --check opens the bank as the runtime does (index checks, level files) and reads every block verified
+// (header, CRC-32, sha256); prints {"blocks": N} and exits 0, or the error and exits 2: the C++ half of the
+// bank-index fixtures that tests/test_formats.py feeds to both readers.
 #include <fcntl.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -67,11 +71,12 @@ int main(int argc, char** argv) {
     std::string dir;
     int blocks = 256, rounds = 5;
     uint64_t seed = 0;
-    bool cold = false;
+    bool cold = false, check = false;
     for (int i = 1; i < argc; ++i) {
       std::string arg = argv[i];
       if (arg == "--crc-self-test") return crc_self_test();
       if (arg == "--cold") cold = true;
+      else if (arg == "--check") check = true;
       else if (arg == "--blocks" && i + 1 < argc) blocks = std::stoi(argv[++i]);
       else if (arg == "--rounds" && i + 1 < argc) rounds = std::stoi(argv[++i]);
       else if (arg == "--seed" && i + 1 < argc) seed = std::stoull(argv[++i]);
@@ -96,6 +101,15 @@ int main(int argc, char** argv) {
       throw hm::Error(index_path + ": model.branching/widths: 1 to 16 levels and at most 2^24 nodes expected");
     const hm::Bank bank(std::make_unique<hm::Tree>(dir, "bank"), dims,
                         index.at("schema_hash", "schema_hash").as_string("schema_hash"), -1);
+    if (check) {
+      int checked = 0;
+      for (int level = 0; level < dims.num_levels(); ++level) {
+        hm::AlignedBuffer block(bank.block_size(level));
+        for (int node = 0; node < dims.nodes_at(level); ++node, ++checked) bank.read(level, node, block.data(), true);
+      }
+      std::printf("{\"blocks\": %d}\n", checked);
+      return 0;
+    }
     // Blocks drawn like random contexts' nodes: a uniform node over all levels' nodes.
     std::mt19937_64 rng(seed);
     int total = 0;

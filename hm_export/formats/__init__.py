@@ -1,5 +1,9 @@
 """Reading the versioned JSON files of hm-export formats: bounded, strict, with errors naming file and field.
 
+The formats as code: :mod:`hm_export.formats.manifest` (the bundle manifest), :mod:`hm_export.bank.format`
+(bank index and block header), :mod:`hm_export.formats.slot_contract` (the slot contract);
+:mod:`hm_export.formats.schema` generates their JSON Schemas (docs/schemas/, docs/architecture.md).
+
 :func:`parse_json` is the one JSON reader for files hm-export did not just write itself.  Beyond RFC 8259
 it refuses what a hostile or damaged file uses to crash or mislead a reader: nesting deeper than
 :data:`MAX_DEPTH`, integers outside 64 bits (Python would read a 4,300-digit number; C++ would overflow),
