@@ -32,8 +32,9 @@ manifest lists the groups used.
 
 What each target makes of a preset (recorded per target in the manifest as ``anchor_quant``):
 
-* **executorch** (``-asym`` presets): every linear becomes ``hm_export::qlinear`` (int8 activations per token,
-  symmetric, times the grid's codes; the min term from each token's group sums), a tied embedding becomes
+* **executorch** (``-asym`` presets): every linear becomes ``hm_export::qlinear`` (int8 activations with one
+  symmetric scale per token and group of 32, times the grid's codes; the min term from each token's group sums),
+  a tied embedding becomes
   ``hm_export::qembedding`` over the head's own table.
 * **executorch** (the others): the linears and the head get torchao's ``Int8DynamicActivationIntxWeightConfig``
   (``8da``: int8 activations quantized per token at run time, weights int4/int8, scales chosen by HQQ), the
@@ -400,7 +401,7 @@ def _quantize_to_grids(module: nn.Module, preset: AnchorQuant) -> dict[str, Any]
             done[role] = {
                 "scheme": "8da4w-asym" if quant.asymmetric else f"8da{quant.bits}w",
                 "weights": _grid_weights(quant),
-                "activations": "int8, dynamic per token (symmetric)",
+                "activations": "int8, dynamic per token and group of the weights' group (symmetric)",
                 "groups_by_input_width": {str(w): g for w, g in sorted(groups[role].items())},
                 "kernel": "hm_export::qlinear",
             }
