@@ -175,7 +175,7 @@ PRESETS: dict[str, AnchorQuant] = {
             WeightQuant(8, 32),
             WeightQuant(8, 32),
             "asymmetric int4 linears (Q4_1), int8 head and embedding in groups of 32 (Q8_0), hm_export kernels",
-            (8.0, 0.85),
+            (2.0, 0.90),
             kernel="hm_export",
             targets=("executorch",),
         ),
