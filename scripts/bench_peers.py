@@ -82,10 +82,11 @@ ETLLM_RECIPE = {  # export_llm's options for the plain host (the issue's recipe)
 MAX_CONTEXT = 256  # KV-cache positions of every program: prompt 64 + 128 new tokens fit
 # our bundles with memory: int4 bank, fused int4 slot, the anchor quantized by a preset (docs/anchor-quant.md)
 DEFAULT_EXPORTS = {
-    "mem-8da4w-g32": "--target executorch --bank-scheme int4-g32 --slot-strategy fused-int4 --anchor-quant 8da4w-g32 "
-    "--checks 2"
+    f"mem-{preset}": "--target executorch --bank-scheme int4-g32 --slot-strategy fused-int4 "
+    f"--anchor-quant {preset} --checks 2"
+    for preset in ("8da4w-g32", "8da4w-g32-asym-e8")
 }
-DEFAULT_ANCHORS = ("8da4w-g32",)  # anchor-only programs (no memory) --prepare builds, one per preset
+DEFAULT_ANCHORS = ("8da4w-g32", "8da4w-g32-asym-e8")  # anchor-only programs (no memory) --prepare builds
 KINDS = ("llama", "etllm", "hm", "hm-native", "hm-anchor")
 REBUILD_KINDS = ("llama-venv", "gguf", "host", "etllm", "checkpoint", "bundles", "anchors", "native")
 # The targets (ratios of the bundle with memory, 1 thread).
