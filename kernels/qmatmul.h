@@ -173,6 +173,24 @@ inline float min_factor(const QMatrix& w, float xs, int32_t group_sum) {
   return w.mins != nullptr ? xs * static_cast<float>(group_sum) : 0.0f;
 }
 
+// What the float step of token t, row group g, columns from c0 needs: the integer sums' offset, the group's scales
+// and mins there, the activation scale, the min term's factor, and where the columns go.
+struct BlockFinish {
+  int32_t offset;
+  const uint16_t* scales;
+  const uint16_t* mins;
+  float xs;
+  float xg;
+  float* out;
+};
+
+inline BlockFinish block_finish(const QMatrix& w, const float* xs, int32_t group_sum, int64_t t, int64_t g, int64_t c0,
+                                float* out, int64_t out_stride) {
+  const float xs_tg = act_scale(w, xs, t, g);
+  return {w.offset(group_sum), w.scales + g * w.cols + c0, w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr,
+          xs_tg, min_factor(w, xs_tg, group_sum), out + t * out_stride + c0};
+}
+
 // out = out + (float(sum) * (scale * xs) [+ min * xg]): one column's group term, the scalar form of every path.
 inline void finish1(int32_t sum, uint16_t scale, const uint16_t* min, float xs, float xg, float* out) {
   float term = static_cast<float>(sum) * (half_to_float(scale) * xs);
@@ -459,12 +477,8 @@ HM_AVX512 inline void qmatmul_int4_avx512(const QMatrix& w, const int8_t* xq, in
                 _mm512_add_epi32(sums[2 * k + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(acc[k], 1)));
           }
         }
-        const __m512i offset = _mm512_set1_epi32(w.offset(xsum[t]));
-        const uint16_t* sc = w.scales + g * w.cols + c0;
-        const uint16_t* mn = w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr;
-        const float xs_tg = act_scale(w, xs, t, g);
-        const float xg = min_factor(w, xs_tg, xsum[t]);
-        float* o = out + t * out_stride + c0;
+        const auto [off, sc, mn, xs_tg, xg, o] = block_finish(w, xs, xsum[t], t, g, c0, out, out_stride);
+        const __m512i offset = _mm512_set1_epi32(off);
         // sums[2k + h] holds lanes 2h, 2h + 1 of e0 (k = 0), e1 (1), o0 (2), o1 (3): per 128-bit sublane four
         // columns; unpacking even (e) with odd (o) and permuting gives 16 consecutive columns per pair of lanes.
         for (int h = 0; h < 2; ++h) {
@@ -558,12 +572,8 @@ HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_
           }
           for (int r = 0; r < 8; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], u[r], x);
         }
-        const __m512i offset = _mm512_set1_epi32(w.offset(xsum[t]));
-        const uint16_t* sc = w.scales + g * w.cols + c0;
-        const uint16_t* mn = w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr;
-        const float xs_tg = act_scale(w, xs, t, g);
-        const float xg = min_factor(w, xs_tg, xsum[t]);
-        float* o = out + t * out_stride + c0;
+        const auto [off, sc, mn, xs_tg, xg, o] = block_finish(w, xs, xsum[t], t, g, c0, out, out_stride);
+        const __m512i offset = _mm512_set1_epi32(off);
         __m512i low_lanes[4], high_lanes[4];  // per k: columns of lanes 0-1, of lanes 2-3 (8 + 8 each)
         for (int k = 0; k < 4; ++k) {
           const __m512i even = _mm512_sub_epi32(acc[k], offset), odd = _mm512_sub_epi32(acc[4 + k], offset);
