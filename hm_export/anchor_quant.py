@@ -165,7 +165,7 @@ PRESETS: dict[str, AnchorQuant] = {
             WeightQuant(4, 32, asymmetric=True),
             WeightQuant(4, 32, asymmetric=True),
             "asymmetric int4 in groups of 32 everywhere (llama.cpp's Q4_1 grid), hm_export kernels, one tied table",
-            (20.0, 0.75),
+            (12.0, 0.85),
             kernel="hm_export",
             targets=("executorch",),
         ),
