@@ -599,26 +599,31 @@ HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_
 }
 
 // int8: per group and block of 8 columns, a tile of int16 pairs [code_i[c], code_i+1[c]]; madd with the token's
-// (x_i, x_i+1) pair gives 8 int32 sums directly.
+// (x_i, x_i+1) pair gives 8 int32 sums directly. Columns [c_begin, c_end) (c_end < 0: all); full blocks load their
+// rows directly, a narrower last block through a zero-padded copy.
 HM_AVX2 inline void qmatmul_int8_avx2(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
-                                      int64_t tokens, float* out, int64_t out_stride) {
+                                      int64_t tokens, float* out, int64_t out_stride, int64_t c_begin = 0,
+                                      int64_t c_end = -1) {
+  if (c_end < 0) c_end = w.cols;
   const int64_t pairs = (w.group + 1) / 2;
   std::vector<uint8_t> tile_bytes(static_cast<size_t>(pairs * 32));  // unaligned loads/stores only
   __m256i* tile = reinterpret_cast<__m256i*>(tile_bytes.data());
   alignas(32) int32_t lanes[8];
-  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + w.cols, 0.0f);
+  auto row8 = [&](int64_t i, int64_t c0, int64_t width) -> __m128i {
+    if (width == 8) return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.codes + i * w.cols + c0));
+    alignas(16) int8_t padded[16] = {0};
+    std::memcpy(padded, w.codes + i * w.cols + c0, static_cast<size_t>(width));
+    return _mm_load_si128(reinterpret_cast<const __m128i*>(padded));
+  };
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride + c_begin, out + t * out_stride + c_end, 0.0f);
   for (int64_t g = 0; g < w.rows / w.group; ++g) {
     const int64_t r0 = g * w.group;
-    for (int64_t c0 = 0; c0 < w.cols; c0 += 8) {
-      const int64_t width = std::min<int64_t>(8, w.cols - c0);
+    for (int64_t c0 = c_begin; c0 < c_end; c0 += 8) {
+      const int64_t width = std::min<int64_t>(8, c_end - c0);
       for (int64_t p = 0; p < pairs; ++p) {
         const int64_t i = r0 + 2 * p;
-        alignas(16) int8_t a[16] = {0}, b[16] = {0};
-        std::memcpy(a, w.codes + i * w.cols + c0, static_cast<size_t>(width));
-        if (i + 1 < r0 + w.group) std::memcpy(b, w.codes + (i + 1) * w.cols + c0, static_cast<size_t>(width));
-        const __m128i pair = _mm_unpacklo_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(a)),
-                                               _mm_load_si128(reinterpret_cast<const __m128i*>(b)));
-        _mm256_storeu_si256(tile + p, _mm256_cvtepi8_epi16(pair));
+        const __m128i b = i + 1 < r0 + w.group ? row8(i + 1, c0, width) : _mm_setzero_si128();
+        _mm256_storeu_si256(tile + p, _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(row8(i, c0, width), b)));
       }
       for (int64_t t = 0; t < tokens; ++t) {
         const int8_t* q = xq + t * xq_stride + r0;
@@ -638,6 +643,77 @@ HM_AVX2 inline void qmatmul_int8_avx2(const QMatrix& w, const int8_t* xq, int64_
           _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
           for (int64_t c = 0; c < width; ++c) finish1(lanes[c], sc[c], nullptr, xs_tg, 0.0f, o + c);
         }
+      }
+    }
+  }
+}
+
+// Rows a and b of a 32-column int8 block as int16 pairs [a_c, b_c]: u[0] columns 0-3 of each 8, u[1] columns 4-7.
+HM_AVX512 inline void int8_pair32(const int8_t* a, const int8_t* b, __m512i* u) {
+  const __m512i wa = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+  const __m512i wb = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  u[0] = _mm512_unpacklo_epi16(wa, wb);
+  u[1] = _mm512_unpackhi_epi16(wa, wb);
+}
+
+// int8 on AVX-512BW: blocks of 32 columns (a narrower tail goes to the AVX2 path). A row pair widens to int16 and
+// unpacks into [code_i[c], code_i+1[c]] pairs, columns in lane order (lo: 0-3 of each 8, hi: 4-7); madd with the
+// token's (x_i, x_i+1) pair gives exact int32 sums, permuted back to column order before the common finish.
+HM_AVX512 inline void qmatmul_int8_avx512(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                          int64_t tokens, float* out, int64_t out_stride) {
+  const int64_t full = w.cols / 32 * 32;
+  if (full < w.cols) qmatmul_int8_avx2(w, xq, xq_stride, xs, tokens, out, out_stride, full, w.cols);
+  if (full == 0) return;
+  const int64_t pairs = (w.group + 1) / 2;
+  alignas(32) static const int8_t zero_row[32] = {0};
+  std::vector<uint8_t> tile_bytes(tokens > 1 ? static_cast<size_t>(pairs * 2 * 64) : 0);
+  __m512i* tile = reinterpret_cast<__m512i*>(tile_bytes.data());  // unaligned loads/stores only
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);  // columns 0-15 from (lo, hi)
+  const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);  // columns 16-31
+  const int8_t* codes = reinterpret_cast<const int8_t*>(w.codes);
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + full, 0.0f);
+  for (int64_t g = 0; g < w.rows / w.group; ++g) {
+    const int64_t r0 = g * w.group;
+    for (int64_t c0 = 0; c0 < full; c0 += 32) {
+      auto rows = [&](int64_t p, const int8_t** a, const int8_t** b) {  // no intrinsics: lambdas lose the target
+        *a = codes + (r0 + 2 * p) * w.cols + c0;
+        *b = 2 * p + 1 < w.group ? *a + w.cols : zero_row;
+      };
+      if (tokens > 1) {
+        for (int64_t p = 0; p < pairs; ++p) {
+          const int8_t *a, *b;
+          rows(p, &a, &b);
+          __m512i u[2];
+          int8_pair32(a, b, u);
+          _mm512_storeu_si512(tile + 2 * p, u[0]);
+          _mm512_storeu_si512(tile + 2 * p + 1, u[1]);
+        }
+      }
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int8_t* q = xq + t * xq_stride + r0;
+        __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+        for (int64_t p = 0; p < pairs; ++p) {
+          const int32_t second_x = (2 * p + 1 < w.group) ? q[2 * p + 1] : 0;
+          const __m512i x = _mm512_set1_epi32(
+              static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(q[2 * p]))) |
+              static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(second_x)) << 16));
+          __m512i u[2];
+          if (tokens > 1) {
+            u[0] = _mm512_loadu_si512(tile + 2 * p);
+            u[1] = _mm512_loadu_si512(tile + 2 * p + 1);
+          } else {
+            const int8_t *a, *b;
+            rows(p, &a, &b);
+            int8_pair32(a, b, u);
+          }
+          lo = _mm512_add_epi32(lo, _mm512_madd_epi16(u[0], x));
+          hi = _mm512_add_epi32(hi, _mm512_madd_epi16(u[1], x));
+        }
+        float* o = out + t * out_stride + c0;
+        const uint16_t* sc = w.scales + g * w.cols + c0;
+        const float xs_tg = act_scale(w, xs, t, g);
+        finish16(_mm512_permutex2var_epi64(lo, first, hi), sc, nullptr, xs_tg, 0.0f, o);
+        finish16(_mm512_permutex2var_epi64(lo, second, hi), sc + 16, nullptr, xs_tg, 0.0f, o + 16);
       }
     }
   }
@@ -778,7 +854,11 @@ inline void qmatmul(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const
     qmatmul_int4_avx512(w, xq, xq_stride, xs, tokens, out, out_stride);
     return;
   }
-  if (isa == Isa::Avx2 || isa == Isa::Avx512 || isa == Isa::Avx512Vnni) {  // int8 has no 512-bit variant: the AVX2 one
+  if ((isa == Isa::Avx512 || isa == Isa::Avx512Vnni) && !w.int4) {
+    qmatmul_int8_avx512(w, xq, xq_stride, xs, tokens, out, out_stride);
+    return;
+  }
+  if (isa == Isa::Avx2 || isa == Isa::Avx512 || isa == Isa::Avx512Vnni) {
     if (w.int4) {
       qmatmul_int4_avx2(w, xq, xq_stride, xs, tokens, out, out_stride);
     } else {

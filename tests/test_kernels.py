@@ -264,6 +264,8 @@ QMATMUL_CASES = [  # storage, rows, cols, group, tokens
     ("int4", 30, 50, 15, 4),  # odd group (a row without a partner), narrow block
     ("int8", 48, 40, 48, 5),
     ("int8", 20, 24, 5, 3),
+    ("int8", 64, 72, 32, 1),  # AVX-512: two 32-column blocks + an 8-column AVX2 tail, one token (decode)
+    ("int8", 64, 100, 32, 3),  # three blocks + a narrow tail, several tokens (the tile)
     ("asym4", 576, 200, 32, 1),  # asymmetric int4 (Q4_1 grid): one 128-column block + a 72-column AVX2 tail
     ("asym4", 96, 384, 32, 5),
     ("asym4", 45, 22, 15, 3),  # odd group, narrow block
