@@ -169,10 +169,11 @@ class BundleLoader:
         verify_key: bytes | None = None,
     ) -> None:
         """``verify``: sha256 of every listed file at open (``False``: trusted storage, where sizes and file
-        types are still checked); ``verify_blocks``: CRC-32 and sha256 check of every block read (overrides
-        ``cache.verify``); ``cache``: resident levels and LRU cap (default :class:`CachePolicy`); ``read_mode``:
-        ``pread``, ``readinto`` or ``mmap``; ``verify_key``: a trusted raw Ed25519 public key the bundle must be
-        signed with (:mod:`hm_export.integrity`).  Every failure is an :class:`~hm_export.errors.HmExportError`."""
+        types are still checked); ``verify_blocks``: CRC-32 check of every block read, and its sha256 with
+        ``verify_key`` (overrides ``cache.verify``); ``cache``: resident levels and LRU cap (default
+        :class:`CachePolicy`); ``read_mode``: ``pread``, ``readinto`` or ``mmap``; ``verify_key``: a trusted raw
+        Ed25519 public key the bundle must be signed with (:mod:`hm_export.integrity`).  Every failure is an
+        :class:`~hm_export.errors.HmExportError`."""
         self.root = Path(bundle_dir)
         self.manifest = read_manifest(self.root, verify_key)
         verify_files(self.root, self.manifest, hashes=verify)
@@ -193,7 +194,10 @@ class BundleLoader:
             )
         bank_dir = safe_relative(self.root, self.manifest.bank.dir, "bank", kind="dir", field="bank.dir")
         index_bytes = self.manifest.listed_size(self.manifest.bank.index)
-        self.bank = BankReader(bank_dir, read_mode, index_bytes=index_bytes)
+        # Only a manifest whose signature a trusted key verified authenticates the index (and through it each
+        # block's sha256): read_manifest raised otherwise.  Unkeyed, verified reads check the CRC-32 alone.
+        index_sha256 = self.manifest.files[self.manifest.bank.index].sha256 if verify_key is not None else None
+        self.bank = BankReader(bank_dir, read_mode, index_bytes=index_bytes, index_sha256=index_sha256)
         if self.bank.schema_hash != self.manifest.bank.schema_hash:
             raise BundleError(
                 f"{self.bank_dir}: bank schema hash {self.bank.schema_hash} does not match the manifest's "
