@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import sign_and_edit_index
 
 from hm_export.bundle import read_manifest, write_manifest
 from hm_export.cli import main
@@ -324,12 +325,7 @@ def test_crc_preserving_block_forgery_is_read_unsigned_and_refused_signed_with_t
 
 def test_signed_index_is_checked_even_in_trusted_storage_mode(bundle, tmp_path):
     root = copy_bundle(bundle, tmp_path)
-    generate_key(tmp_path / "key.pem", tmp_path / "key.pub")
-    sign_bundle(root, tmp_path / "key.pem")
-    index = root / "bank" / "index.json"
-    text = index.read_text()
-    at = text.index('"fingerprint": "') + len('"fingerprint": "')
-    index.write_text(text[:at] + ("1" if text[at] == "0" else "0") + text[at + 1 :])  # same size, other bytes
+    index = sign_and_edit_index(root, tmp_path)
     BundleLoader(root, target=None, verify=False)  # unkeyed trusted storage: opens
     with pytest.raises(HmExportError, match=rf"{index}: sha256 .* differs from the signed manifest's"):
         BundleLoader(root, target=None, verify=False, verify_key=public_key_bytes(tmp_path / "key.pub"))

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import DECODE_CONTEXTS, tiny_checkpoint
+from conftest import DECODE_CONTEXTS, sign_and_edit_index, tiny_checkpoint
 
 from hm_export.bench import leaf_path
 from hm_export.bundle import file_record, write_manifest
@@ -216,12 +216,7 @@ def test_signed_index_is_checked_even_in_trusted_storage_mode(runner, bundles, t
     """Trusted storage skips the open-time file hashes, but a keyed open still checks the index's bytes against
     the signed manifest's sha256: the per-block sha256s it authenticates are only as good as that check."""
     bundle = copy_bundle(bundles["int8"], tmp_path)
-    generate_key(tmp_path / "key.pem", tmp_path / "key.pub")
-    sign_bundle(bundle, tmp_path / "key.pem")
-    index = bundle / "bank" / "index.json"
-    text = index.read_text()
-    at = text.index('"fingerprint": "') + len('"fingerprint": "')
-    index.write_text(text[:at] + ("1" if text[at] == "0" else "0") + text[at + 1 :])  # same size, other bytes
+    index = sign_and_edit_index(bundle, tmp_path)
     run_native_runner(runner, bundle, fills=[[0, 2]], verify_files=False)  # unkeyed trusted storage: opens
     with pytest.raises(NativeError, match=rf"{index}: sha256 differs from the signed manifest's"):
         run_native_runner(runner, bundle, fills=[[0, 2]], verify_files=False, verify_key=tmp_path / "key.pub")
