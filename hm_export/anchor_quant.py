@@ -14,7 +14,17 @@ preset             linears             head               embedding
 ``8da4w-g32``      int4, groups of 32  int4, groups of 32 int4, groups of 32
 ``8da4w-g128``     int4, groups of 128 int4, groups of 128 int4, groups of 128
 ``8da4w-g32-e8``   int4, groups of 32  int8 per channel   int8 per row
+``8da4w-g32-asym`` asym. int4, g 32    asym. int4, g 32   the head's table (tied), else asym. int4, g 32
+``8da4w-g32-asym-e8`` asym. int4, g 32 int8, groups of 32 the head's table (tied), else int8, g 32
 =================  ==================  =================  ====================================================
+
+The ``-asym`` presets store llama.cpp's grids: asymmetric int4 (Q4_1: ``w = scale * q + min``, ``q`` in 0..15, a
+float16 scale and min per group of 32 input values, chosen min-max) and symmetric int8 (Q8_0: ``w = scale * q``, a
+float16 scale per group of 32).  A host made of Q4_1 blocks (a dequantized Q4_1 GGUF, e.g. SmolLM2's) is recovered
+exactly by the min-max choice; ``-asym-e8`` also recovers a Q8_0 token embedding (the same GGUF's).  XNNPACK's qb4w
+has one zero point per kernel, not one min per group, so these presets run on hm-export's own kernels
+(``hm_export::qlinear`` / ``hm_export::qembedding``, kernels/qlinear.cpp) and one table serves a tied embedding's
+lookup and its head (stored once).
 
 A group that does not divide a layer's input width falls back to the largest multiple of 32 below it that
 does (SmolLM2's width 576 takes groups of 96 under ``-g128``), else to one scale per output channel; the
@@ -22,8 +32,12 @@ manifest lists the groups used.
 
 What each target makes of a preset (recorded per target in the manifest as ``anchor_quant``):
 
-* **executorch**: the linears and the head get torchao's ``Int8DynamicActivationIntxWeightConfig`` (``8da``:
-  int8 activations quantized per token at run time, weights int4/int8, scales chosen by HQQ), the
+* **executorch** (``-asym`` presets): every linear becomes ``hm_export::qlinear`` (int8 activations with one
+  symmetric scale per token and group of 32, times the grid's codes; the min term from each token's group sums),
+  a tied embedding becomes
+  ``hm_export::qembedding`` over the head's own table.
+* **executorch** (the others): the linears and the head get torchao's ``Int8DynamicActivationIntxWeightConfig``
+  (``8da``: int8 activations quantized per token at run time, weights int4/int8, scales chosen by HQQ), the
   configuration ExecuTorch's own ``export_llm`` uses, lowered to XNNPACK's ``qd8`` GEMMs; the embedding becomes
   ExecuTorch's ``quantized_decomposed::embedding_4bit`` / ``embedding_byte`` lookup (float16 scales).  The
   tied embedding is then stored twice, once as the lookup table and once inside XNNPACK's head (the delegate
@@ -33,6 +47,7 @@ What each target makes of a preset (recorded per target in the manifest as ``anc
   linears and the head, ``GatherBlockQuantized`` for the embedding; activations stay float32.
 * **coreml**: weight-only through the existing anchor compression (``linear_quantize_weights``: int4 per
   block of the group, or int8 per channel), on every constant weight including the embedding.
+* The ``-asym`` presets are ExecuTorch only for now (:attr:`AnchorQuant.targets`); ONNX and Core ML refuse them.
 
 :func:`quantize_for_executorch` applies the ExecuTorch mapping to an export module (a decode or slot module
 built from a copy of the model); :func:`exported_model` returns that copy, the eager model "as exported",
@@ -50,7 +65,7 @@ from torch import Tensor, nn
 
 from hm_export.architectures import MemoryModel
 from hm_export.errors import ConfigError, UsageError
-from hm_export.kernels import tied_head
+from hm_export.kernels import qembedding, qlinear, tied_head
 from hm_export.model import TiedHead
 
 ANCHOR_QUANT_TARGETS = ("executorch", "onnx", "coreml")  # targets that quantize the anchor; others refuse
@@ -59,14 +74,18 @@ ANCHOR_QUANT_TARGETS = ("executorch", "onnx", "coreml")  # targets that quantize
 @dataclass(frozen=True)
 class WeightQuant:
     """Weights stored with ``bits`` (4 or 8) per value and one scale per ``group`` values along the input axis
-    (``0``: one scale per output channel, or per embedding row)."""
+    (``0``: one scale per output channel, or per embedding row); ``asymmetric`` (int4 only): also one min per
+    group, ``w = scale * q + min`` with ``q`` in 0..15 (llama.cpp's Q4_1)."""
 
     bits: int
     group: int = 0
+    asymmetric: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or self.group < 0 or (self.group and self.group % 32):
             raise ConfigError(f"bits must be 4 or 8 and group 0 or a multiple of 32, got {self}")
+        if self.asymmetric and self.bits != 4:
+            raise ConfigError(f"asymmetric weights are int4 only, got {self}")
 
     def group_for(self, width: int) -> int:
         """The group used for an input width: ``group`` when it divides ``width``, else the largest multiple of
@@ -79,7 +98,8 @@ class WeightQuant:
         return 0
 
     def describe(self) -> str:
-        return f"int{self.bits} " + (f"groups of {self.group}" if self.group else "per channel")
+        kind = "asymmetric int4 (scale * q + min)" if self.asymmetric else f"int{self.bits}"
+        return f"{kind} " + (f"groups of {self.group}" if self.group else "per channel")
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,8 @@ class AnchorQuant:
     embedding: WeightQuant | None
     summary: str
     tolerance: tuple[float, float] = (0.0, 1.0)
+    kernel: str = "xnnpack"  # ExecuTorch: "xnnpack" (torchao 8da, qd8 GEMMs) or "hm_export" (qlinear / qembedding)
+    targets: tuple[str, ...] = ANCHOR_QUANT_TARGETS  # the targets with a mapping for this preset
 
     @property
     def quantized(self) -> bool:
@@ -137,6 +159,26 @@ PRESETS: dict[str, AnchorQuant] = {
             "int4 linears in groups of 32, int8 head and embedding",
             (100.0, 0.50),
         ),
+        AnchorQuant(
+            "8da4w-g32-asym",
+            WeightQuant(4, 32, asymmetric=True),
+            WeightQuant(4, 32, asymmetric=True),
+            WeightQuant(4, 32, asymmetric=True),
+            "asymmetric int4 in groups of 32 everywhere (llama.cpp's Q4_1 grid), hm_export kernels, one tied table",
+            (12.0, 0.85),
+            kernel="hm_export",
+            targets=("executorch",),
+        ),
+        AnchorQuant(
+            "8da4w-g32-asym-e8",
+            WeightQuant(4, 32, asymmetric=True),
+            WeightQuant(8, 32),
+            WeightQuant(8, 32),
+            "asymmetric int4 linears (Q4_1), int8 head and embedding in groups of 32 (Q8_0), hm_export kernels",
+            (2.0, 0.90),
+            kernel="hm_export",
+            targets=("executorch",),
+        ),
     )
 }
 DEFAULT_PRESET = "none"
@@ -151,10 +193,10 @@ def get_preset(name: str) -> AnchorQuant:
 def check_preset(name: str, targets: tuple[str, ...] | list[str]) -> None:
     """ValueError for an unknown preset, or a quantized one with a target that cannot quantize the anchor."""
     preset = get_preset(name)
-    unsupported = [t for t in targets if preset.quantized and t not in ANCHOR_QUANT_TARGETS]
+    unsupported = [t for t in targets if preset.quantized and t not in preset.targets]
     if unsupported:
         raise UsageError(
-            f"anchor quantization {name!r} is not available for targets {unsupported} (only {ANCHOR_QUANT_TARGETS})"
+            f"anchor quantization {name!r} is not available for targets {unsupported} (only {preset.targets})"
         )
 
 
@@ -243,11 +285,149 @@ def _untie(module: nn.Module, names: set[str], make: Any) -> None:
             setattr(parent, name, make(embeddings[id(child.weight)]))
 
 
+def asymmetric_codes(weight: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Min-max asymmetric int4 codes of float ``[out, in]`` per ``group`` input values (llama.cpp's Q4_1 choice):
+    ``scale = (max - min) / 15`` and ``min`` rounded to float16 first, ``q = clamp(round((w - min) / scale), 0,
+    15)``; returns (q uint8 ``[out, in]``, scales and mins float32 ``[out, in / group]``, float16 values).  A group
+    that is a Q4_1 block (``d * q + m``, its ``q`` spanning 0..15 as llama.cpp's quantizer makes it) comes back
+    exactly."""
+    rows, cols = weight.shape
+    grouped = weight.view(rows, cols // group, group)
+    low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    scales = ((high - low) / 15).half().float()
+    mins = low.half().float()
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    codes = torch.clamp(torch.round((grouped - mins[..., None]) / safe[..., None]), 0, 15).to(torch.uint8)
+    return codes.view(rows, cols), scales, mins
+
+
+class GridLinear(nn.Module):
+    """A linear layer in llama.cpp's grids, computed by ``hm_export::qlinear`` (kernels/__init__.py): the weight
+    ``[out, in]`` stored with the input as rows, as asymmetric int4 (``codes`` uint8 ``[in, out / 2]``, ``scales``
+    / ``mins`` float16 ``[in / g, out]``) or symmetric int8 (``codes`` int8 ``[in, out]``, ``mins`` empty)."""
+
+    def __init__(self, weight: Tensor, quant: WeightQuant, bias: Tensor | None = None, name: str = "weight") -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        group = quant.group_for(in_features) or in_features
+        weight = weight.detach().float()
+        if quant.bits == 4:
+            if not quant.asymmetric or out_features % 2:
+                raise ConfigError(
+                    f"{name}: int4 tables are asymmetric with an even output width, got {list(weight.shape)}"
+                )
+            q, scales, mins = asymmetric_codes(weight, group)
+            rows = q.t()
+            codes = rows[:, 0::2] | (rows[:, 1::2] << 4)
+        else:
+            q, scales = symmetric_codes(weight, 8, group)
+            codes, mins = q.t(), torch.empty(0)
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scales", scales.t().half().contiguous())
+        self.register_buffer("mins", mins.t().half().contiguous() if mins.numel() else mins.half())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def dequantized(self) -> Tensor:
+        """The weights the kernel multiplies by, float32 ``[out, in]`` (``scale * q (+ min)``)."""
+        from hm_export.kernels import unpack_int4
+
+        group = self.codes.shape[0] // self.scales.shape[0]
+        scales = self.scales.float().repeat_interleave(group, dim=0)
+        if self.codes.dtype == torch.int8:
+            return (scales * self.codes.float()).t()
+        return (scales * (unpack_int4(self.codes) + 8.0) + self.mins.float().repeat_interleave(group, dim=0)).t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = qlinear(x, self.codes, self.scales, self.mins)
+        return out if self.bias is None else out + self.bias
+
+
+class GridEmbedding(nn.Module):
+    """A token embedding looked up (``hm_export::qembedding``) in a :class:`GridLinear`'s table: the embedding
+    ``[V, d]`` is that linear's weight (``d`` inputs, ``V`` outputs), so a tied head is the same module and the
+    program holds one table."""
+
+    def __init__(self, table: GridLinear) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return qembedding(tokens, self.table.codes, self.table.scales, self.table.mins)
+
+
+class GridTiedHead(nn.Module):
+    """The output head tied to a :class:`GridEmbedding`: its table, not registered again (as :class:`TiedHead`)."""
+
+    def __init__(self, embedding: GridEmbedding) -> None:
+        super().__init__()
+        self.embedding = [embedding]  # a list: not a registered submodule
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.embedding[0].table(h)
+
+
+def _quantize_to_grids(module: nn.Module, preset: AnchorQuant) -> dict[str, Any]:
+    """``quantize_for_executorch`` for the ``-asym`` presets: every anchor linear a :class:`GridLinear`, a tied
+    embedding and head one table (:class:`GridEmbedding`, :class:`GridTiedHead`)."""
+    assert preset.linears is not None and preset.head is not None and preset.embedding is not None
+    heads = _head_names(module)
+    embeddings = _embeddings(module)
+    tied = bool(heads)
+    if tied and preset.head != preset.embedding:
+        raise ConfigError(f"{preset.name}: a tied head and embedding share one table, so they need one format")
+    done: dict[str, Any] = {"preset": preset.name}
+    groups: dict[str, dict[int, int]] = {"linears": {}, "head": {}}
+    for parent, name, child in _parents(module):
+        full = next((n for n, m in module.named_modules() if m is child), "")
+        if isinstance(child, nn.Linear) and not full.startswith("slot") and full not in heads:  # an untied head too
+            setattr(parent, name, GridLinear(child.weight, preset.linears, child.bias, name=full))
+            groups["linears"][child.in_features] = preset.linears.group_for(child.in_features) or child.in_features
+    for parent, name, embedding in embeddings:
+        width = embedding.embedding_dim
+        grid = GridEmbedding(GridLinear(embedding.weight, preset.embedding, name=name))
+        setattr(parent, name, grid)
+        group = preset.embedding.group_for(width) or width
+        done["embedding"] = {
+            "weights": _grid_weights(preset.embedding),
+            "group": group,
+            "kernel": "hm_export::qembedding" + (" (reads the head's table)" if tied else ""),
+            "shared_with_head": tied,
+        }
+        if tied:
+            _untie_to(module, heads, grid)
+            groups["head"][width] = group
+    for role, quant in (("linears", preset.linears), ("head", preset.head)):
+        if groups[role]:
+            done[role] = {
+                "scheme": "8da4w-asym" if quant.asymmetric else f"8da{quant.bits}w",
+                "weights": _grid_weights(quant),
+                "activations": "int8, dynamic per token and group of the weights' group (symmetric)",
+                "groups_by_input_width": {str(w): g for w, g in sorted(groups[role].items())},
+                "kernel": "hm_export::qlinear",
+            }
+    if tied:
+        done["tied_embedding"] = "stored once: the head (hm_export::qlinear) and the lookup read one table"
+    return done
+
+
+def _grid_weights(quant: WeightQuant) -> str:
+    return quant.describe() + ", float16 scales" + (" and mins" if quant.asymmetric else "")
+
+
+def _untie_to(module: nn.Module, names: set[str], embedding: GridEmbedding) -> None:
+    for parent, name, child in _parents(module):
+        full = next((n for n, m in module.named_modules() if m is child), None)
+        if full in names:
+            setattr(parent, name, GridTiedHead(embedding))
+
+
 @torch.no_grad()
 def quantize_for_executorch(module: nn.Module, preset: AnchorQuant) -> dict[str, Any]:
     """Quantize ``module``'s anchor in place as the ExecuTorch target does (see the module docstring); returns
     the manifest's description (what was quantized, with the groups used).  Memory slot tensors are
     parameters of ``module.slot`` and never linear modules, so they stay as they are."""
+    if preset.kernel == "hm_export":
+        return _quantize_to_grids(module, preset)
     from torchao.quantization import quantize_
 
     heads = _head_names(module)

@@ -260,7 +260,8 @@ BUNDLE = click.Path(exists=True, file_okay=False, path_type=Path)
     default="none",
     show_default=True,
     help="How the anchor's weights are stored (docs/anchor-quant.md): ExecuTorch 8da via torchao + XNNPACK and a "
-    "quantized embedding; ONNX weight-only MatMulNBits / GatherBlockQuantized; Core ML weight compression.",
+    "quantized embedding; ONNX weight-only MatMulNBits / GatherBlockQuantized; Core ML weight compression. "
+    "-asym: llama.cpp's Q4_1 (and Q8_0 for -e8) grids on hm-export's kernels, ExecuTorch only.",
 )
 @click.option(
     "--no-decode",

@@ -24,6 +24,17 @@ layer of the KV-cache decode program: it writes ``k``/``v`` (``[1, Hkv, S, D]``)
 query head ``h`` reading KV head ``h // (Hq / Hkv)``; returns ``[1, S, Hq, D]``.  Nothing past the last
 written position is read, no mask tensor exists and grouped KV heads are never repeated.
 
+``hm_export::qlinear(x, codes, scales, mins) -> Tensor`` is an anchor linear of the ``8da4w-g32-asym`` presets
+(:mod:`hm_export.anchor_quant`): ``x [..., in]`` times weights in llama.cpp's grids, one float16 scale (and min)
+per group of ``g`` input rows and column: asymmetric int4 (Q4_1, ``w = scale * q + min``, ``q`` in ``0..15``):
+``codes`` uint8 ``[in, out / 2]`` (``q`` of columns ``2c`` / ``2c + 1`` in the low / high nibble, no offset),
+``scales`` and ``mins`` float16 ``[in / g, out]``; or symmetric int8 (Q8_0, ``w = scale * q``): ``codes`` int8
+``[in, out]``, ``mins`` empty (``[0]``).  Activations are quantized to int8 as for ``memory_swiglu`` but with one
+scale per token *and group of g inputs* (llama.cpp's Q8_1 / Q8_0 activation blocks); each group adds
+``float(sum xq * q) * (scale * xs_g)`` (int4: ``+ min * (xs_g * float(sum xq))``).
+``hm_export::qembedding(tokens, codes, scales, mins) -> Tensor`` looks tokens up in the same table (column ``v``
+is token ``v``'s embedding, ``scale * q (+ min)`` per element), so a tied embedding and its head share one table.
+
 ``hm_export::tied_head(h, weight) -> Tensor`` is the output head of a float32 model whose head is tied to its
 token embedding: ``h @ weight^T`` read from the embedding's own table ``[V, d]``, so a program stores that table
 once (an XNNPACK linear keeps its own packed copy of its weight).
@@ -41,6 +52,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,7 +64,8 @@ from hm_export.errors import ExportError, UsageError
 NAMESPACE = "hm_export"
 LIBRARY_NAME = "libhm_export_kernels.so"
 SOURCE_DIR = Path(__file__).resolve().parent  # the C++ sources ship with the package (kernels/ in the repo)
-OPERATORS = ("memory_swiglu.out", "attend_cache.out", "tied_head.out")  # the ExecuTorch kernels of the library
+# the ExecuTorch kernels of the library
+OPERATORS = ("memory_swiglu.out", "attend_cache.out", "tied_head.out", "qlinear.out", "qembedding.out")
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define("memory_swiglu(Tensor x, Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales) -> Tensor")
@@ -65,6 +78,10 @@ _lib.define(
     "float scale, int window) -> Tensor"
 )
 _lib.define("tied_head(Tensor h, Tensor weight) -> Tensor")
+_lib.define("qlinear(Tensor x, Tensor codes, Tensor scales, Tensor mins) -> Tensor")
+_lib.define("qlinear.out(Tensor x, Tensor codes, Tensor scales, Tensor mins, *, Tensor(a!) out) -> Tensor(a!)")
+_lib.define("qembedding(Tensor tokens, Tensor codes, Tensor scales, Tensor mins) -> Tensor")
+_lib.define("qembedding.out(Tensor tokens, Tensor codes, Tensor scales, Tensor mins, *, Tensor(a!) out) -> Tensor(a!)")
 _lib.define("tied_head.out(Tensor h, Tensor weight, *, Tensor(a!) out) -> Tensor(a!)")
 _lib.define(
     "attend_cache.out(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos, "
@@ -98,20 +115,80 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return codes, amax / 127.0
 
 
-def qmatmul_reference(xq: Tensor, xs: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
-    """``[T, cols]`` = int8 rows ``xq [T, rows]`` (float32 codes, scales ``xs [T, 1]``) times a quantized matrix
+def quantize_groups(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_rows` per ``group`` consecutive values of each row of ``[T, n]``: (codes ``[T, n]``, scales
+    ``[T, n / group]``), the activations of ``hm_export::qlinear`` (one scale per token and weight group)."""
+    codes, scales = quantize_rows(x.reshape(x.shape[0], -1, group))
+    return codes.reshape(x.shape), scales[..., 0]
+
+
+def qmatmul_reference(xq: Tensor, xs: Tensor, codes: Tensor, scales: Tensor, mins: Tensor | None = None) -> Tensor:
+    """``[T, cols]`` = int8 rows ``xq [T, rows]`` (float32 codes, scales ``xs [T, 1]``, or ``[T, rows / g]``: one
+    per token and group) times a quantized matrix
     (``codes [1, rows, cols or cols / 2]``, float16 ``scales [1, rows / g, cols]``), as the kernels compute it:
-    each group's sum exact, then ``out = out + float(sum) * (scale * xs)`` group after group in float32."""
+    each group's sum exact, then ``out = out + float(sum) * (scale * xs)`` group after group in float32.  With
+    ``mins`` (float16, shaped as ``scales``) the int4 codes are asymmetric (``q`` = the nibble, ``w = scale * q +
+    min``) and each group's term gains ``min * (xs * float(sum of the group's xq))`` before it is added."""
     values = unpack_int4(codes[0]) if codes.dtype == torch.uint8 else codes[0].to(torch.float32)
+    if mins is not None:
+        values = values + 8.0  # the nibble itself
     groups = scales.shape[1]
     rows, cols = values.shape
-    sums = torch.einsum(
-        "tgi,gic->tgc", xq.double().view(-1, groups, rows // groups), values.double().view(groups, -1, cols)
-    ).float()  # exact: |sum| < 2^24
+    # Every product and partial sum is an integer below 2^24 when a group has at most 1024 rows (1024 * 127 * 128),
+    # so float32 sums are exact in any order; larger groups sum in float64 (exact), then round once (< 2^24 too).
+    exact = torch.float32 if rows // groups <= 1024 else torch.float64
+    grouped = xq.to(exact).view(-1, groups, rows // groups)
+    sums = torch.einsum("tgi,gic->tgc", grouped, values.to(exact).view(groups, -1, cols)).float()
+    terms = sums * (scales[0].float()[None] * xs[:, :, None])  # [T, groups, cols]: the same float ops per element
+    if mins is not None:
+        factor = xs * grouped.sum(-1).float()  # [T, groups]: xs * the group's activation sum (exact)
+        terms = terms + mins[0].float()[None] * factor[:, :, None]
     out = torch.zeros(xq.shape[0], cols)
-    for group in range(groups):
-        out = out + sums[:, group] * (scales[0, group].float()[None, :] * xs)
+    for group in range(groups):  # added group after group, as the kernels do
+        out = out + terms[:, group]
     return out
+
+
+def check_table(op: str, codes: Tensor, scales: Tensor, mins: Tensor) -> None:
+    """Raise UsageError naming the operand of a ``qlinear`` / ``qembedding`` table that breaks its layout."""
+    if codes.dtype not in (torch.uint8, torch.int8) or codes.dim() != 2:
+        raise UsageError(
+            f"{op}: codes must be uint8 [in, out / 2] (int4) or int8 [in, out], got {codes.dtype} {list(codes.shape)}"
+        )
+    int4 = codes.dtype == torch.uint8
+    rows, cols = codes.shape[0], codes.shape[1] * (2 if int4 else 1)
+    for name, tensor in (("scales", scales), ("mins", mins))[: 2 if int4 else 1]:
+        if tensor.dtype != torch.float16 or tensor.dim() != 2 or tensor.shape[1] != cols or rows % tensor.shape[0]:
+            raise UsageError(f"{op}: {name} {tensor.dtype} {list(tensor.shape)}, expected float16 [{rows} / g, {cols}]")
+    if int4 and scales.shape != mins.shape:
+        raise UsageError(f"{op}: scales {list(scales.shape)} and mins {list(mins.shape)} differ")
+    if not int4 and (mins.numel() or mins.dtype != torch.float16):
+        raise UsageError(f"{op}: int8 codes take no mins (an empty float16 tensor), got {list(mins.shape)}")
+
+
+def qlinear_reference(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+    """What ``hm_export::qlinear`` computes (see the module docstring)."""
+    check_table("qlinear", codes, scales, mins)
+    if x.dtype != torch.float32 or x.shape[-1] != codes.shape[0]:
+        raise UsageError(f"qlinear: x must be float32 [..., {codes.shape[0]}], got {x.dtype} {list(x.shape)}")
+    rows = x.reshape(-1, x.shape[-1])
+    low = mins[None] if codes.dtype == torch.uint8 else None
+    out = qmatmul_reference(*quantize_groups(rows, rows.shape[1] // scales.shape[0]), codes[None], scales[None], low)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def qembedding_reference(tokens: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+    """What ``hm_export::qembedding`` computes: ``[..., in]`` = the columns ``tokens``, ``scale * q (+ min)``."""
+    check_table("qembedding", codes, scales, mins)
+    ids = tokens.reshape(-1)
+    group = codes.shape[0] // scales.shape[0]
+    scale = scales[:, ids].float().repeat_interleave(group, dim=0)
+    if codes.dtype == torch.int8:
+        return (scale * codes[:, ids].float()).t().reshape(*tokens.shape, codes.shape[0])
+    nibbles = codes[:, torch.div(ids, 2, rounding_mode="floor")].to(torch.int32)  # [in, N]
+    q = torch.where(ids % 2 == 1, torch.div(nibbles, 16, rounding_mode="floor"), torch.remainder(nibbles, 16))
+    low = mins[:, ids].float().repeat_interleave(group, dim=0)
+    return (scale * q.float() + low).t().reshape(*tokens.shape, codes.shape[0])
 
 
 def memory_swiglu_reference(
@@ -250,6 +327,40 @@ def _tied_head_fake(h: Tensor, weight: Tensor) -> Tensor:
     return h.new_empty((*h.shape[:-1], weight.shape[0]))
 
 
+def _register_table_op(name: str, reference: Callable[..., Tensor], fake: Callable[..., Tensor]) -> None:
+    """Register ``hm_export::name`` and its out variant, both computed by ``reference(a, codes, scales, mins)``,
+    and its fake kernel (the ops over one ``qlinear`` / ``qembedding`` table)."""
+
+    def out_variant(a: Tensor, codes: Tensor, scales: Tensor, mins: Tensor, *, out: Tensor) -> Tensor:
+        result = reference(a, codes, scales, mins)
+        out.resize_(result.shape).copy_(result)
+        return out
+
+    torch.library.impl(_lib, name, "CompositeExplicitAutograd")(reference)
+    torch.library.impl(_lib, f"{name}.out", "CompositeExplicitAutograd")(out_variant)
+    torch.library.register_fake(f"{NAMESPACE}::{name}")(fake)
+
+
+_register_table_op(
+    "qlinear", qlinear_reference, lambda x, codes, scales, mins: x.new_empty((*x.shape[:-1], scales.shape[1]))
+)
+_register_table_op(
+    "qembedding",
+    qembedding_reference,
+    lambda tokens, codes, scales, mins: scales.new_empty((*tokens.shape, codes.shape[0]), dtype=torch.float32),
+)
+
+
+def qlinear(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+    """An asymmetric int4 linear (see the module docstring); traced as one op."""
+    return torch.ops.hm_export.qlinear(x, codes, scales, mins)
+
+
+def qembedding(tokens: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+    """A lookup in an asymmetric int4 table (see the module docstring); traced as one op."""
+    return torch.ops.hm_export.qembedding(tokens, codes, scales, mins)
+
+
 def tied_head(h: Tensor, weight: Tensor) -> Tensor:
     """``h @ weight^T`` from an embedding table (see the module docstring); traced as one op."""
     return torch.ops.hm_export.tied_head(h, weight)
@@ -366,6 +477,11 @@ __all__ = [
     "load_kernel_library",
     "memory_swiglu",
     "memory_swiglu_reference",
+    "qembedding",
+    "qembedding_reference",
+    "qlinear",
+    "qlinear_reference",
+    "quantize_groups",
     "registered_in_runtime",
     "unpack_int4",
 ]

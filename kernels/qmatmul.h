@@ -4,8 +4,15 @@
 //
 //   W [rows, cols]: int4 codes + 8 packed two columns per byte (column 2c in the low nibble, 2c + 1 in the
 //                   high nibble), or int8 codes; scales float16 [rows / group, cols]
-//   x [tokens, rows] float32 -> xq int8, xs float32 per token: xs = max|x| / 127, xq = round(x * (127 / max|x|))
+//   x [tokens, rows] float32 -> xq int8, xs float32 per token: xs = max|x| / 127, xq = round(x * (127 / max|x|));
+//   or (QMatrix::group_scales, quantize_groups) one such scale per token and group of rows: xs [tokens, rows / group]
 //   out[t, c] = sum over row groups g, in order, of float(sum_{i in g} xq[t, i] * code[i, c]) * (scale[g, c] * xs[t])
+//
+// Asymmetric int4 (``mins`` set, llama.cpp's Q4_1 grid: w = scale * q + min, q = the nibble in 0..15, one float16
+// scale and one float16 min per group and column): per group the term is
+//   float(sum_{i in g} xq[t, i] * q[i, c]) * (scale[g, c] * xs[t]) + min[g, c] * (xs[t] * float(sum_{i in g} xq[t, i]))
+// (the min's integer factor, the token's group sum, is computed once per token and group), then out = out + term.
+// With QMatrix::group_scales, xs[t] above is the token's scale for group g (activations quantized per group).
 //
 // Every path (scalar, AVX2, AVX-512, NEON) accumulates each group exactly in int32 and then adds the group's float
 // term with one multiply and one add (no fused multiply-add), in the same order: all paths give the same
@@ -58,7 +65,7 @@ inline float half_to_float(uint16_t h) {
   return out;
 }
 
-enum class Isa { Scalar = 0, Avx2 = 1, Neon = 2, Avx512 = 3 };
+enum class Isa { Scalar = 0, Avx2 = 1, Neon = 2, Avx512 = 3, Avx512Vnni = 4 };
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {
@@ -68,6 +75,8 @@ inline const char* isa_name(Isa isa) {
       return "neon";
     case Isa::Avx512:
       return "avx512";
+    case Isa::Avx512Vnni:
+      return "avx512vnni";
     default:
       return "scalar";
   }
@@ -77,7 +86,7 @@ inline const char* isa_name(Isa isa) {
 inline Isa best_isa() {
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
   if (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c")) {
-    return Isa::Avx512;
+    return __builtin_cpu_supports("avx512vnni") ? Isa::Avx512Vnni : Isa::Avx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return Isa::Avx2;
 #endif
@@ -87,10 +96,12 @@ inline Isa best_isa() {
   return Isa::Scalar;
 }
 
-// Whether this CPU runs path `isa` (AVX-512 machines also run the AVX2 path).
+// Whether this CPU runs path `isa` (AVX-512 machines also run the AVX2 path, VNNI ones the plain AVX-512 path).
 inline bool supports(Isa isa) {
   const Isa best = best_isa();
-  return isa == Isa::Scalar || isa == best || (isa == Isa::Avx2 && best == Isa::Avx512);
+  if (isa == Isa::Scalar || isa == best) return true;
+  if (isa == Isa::Avx2) return best == Isa::Avx512 || best == Isa::Avx512Vnni;
+  return isa == Isa::Avx512 && best == Isa::Avx512Vnni;
 }
 
 // The path the ops run: the best one, unless HM_KERNELS_ISA names another this CPU supports ("scalar" forces the
@@ -99,7 +110,7 @@ inline Isa active_isa() {
   static const Isa isa = [] {
     const char* forced = std::getenv("HM_KERNELS_ISA");
     if (forced != nullptr) {
-      for (Isa candidate : {Isa::Scalar, Isa::Avx2, Isa::Neon, Isa::Avx512}) {
+      for (Isa candidate : {Isa::Scalar, Isa::Avx2, Isa::Neon, Isa::Avx512, Isa::Avx512Vnni}) {
         if (std::strcmp(forced, isa_name(candidate)) == 0 && supports(candidate)) return candidate;
       }
     }
@@ -135,15 +146,57 @@ struct QMatrix {
   int64_t cols;
   int64_t group;
   bool int4;
+  const uint16_t* mins = nullptr;  // asymmetric int4 only: float16 bits [rows / group, cols] (see the header)
+  // Activations carry one scale per token and row group (xs [tokens, rows / group]) instead of one per token.
+  bool group_scales = false;
 
+  // The integer factor of row i, column c: int4 code - 8 (symmetric), the nibble (asymmetric), or the int8 code.
   int code(int64_t i, int64_t c) const {
     if (int4) {
       const uint8_t byte = codes[i * (cols / 2) + c / 2];
-      return (c % 2 ? byte >> 4 : byte & 15) - 8;
+      return (c % 2 ? byte >> 4 : byte & 15) - (mins != nullptr ? 0 : 8);
     }
     return static_cast<int8_t>(codes[i * cols + c]);
   }
+
+  // What the integer sums of a group lose to the stored +8 (symmetric int4: 8 * the token's group sum), else 0.
+  int32_t offset(int32_t group_sum) const { return int4 && mins == nullptr ? 8 * group_sum : 0; }
 };
+
+// The activation scale of token t in row group g: xs[t], or xs[t, g] with group_scales.
+inline float act_scale(const QMatrix& w, const float* xs, int64_t t, int64_t g) {
+  return w.group_scales ? xs[t * (w.rows / w.group) + g] : xs[t];
+}
+
+// xs * float(the token's group sum): the min term's factor (0 when there are no mins).
+inline float min_factor(const QMatrix& w, float xs, int32_t group_sum) {
+  return w.mins != nullptr ? xs * static_cast<float>(group_sum) : 0.0f;
+}
+
+// What the float step of token t, row group g, columns from c0 needs: the integer sums' offset, the group's scales
+// and mins there, the activation scale, the min term's factor, and where the columns go.
+struct BlockFinish {
+  int32_t offset;
+  const uint16_t* scales;
+  const uint16_t* mins;
+  float xs;
+  float xg;
+  float* out;
+};
+
+inline BlockFinish block_finish(const QMatrix& w, const float* xs, int32_t group_sum, int64_t t, int64_t g, int64_t c0,
+                                float* out, int64_t out_stride) {
+  const float xs_tg = act_scale(w, xs, t, g);
+  return {w.offset(group_sum), w.scales + g * w.cols + c0, w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr,
+          xs_tg, min_factor(w, xs_tg, group_sum), out + t * out_stride + c0};
+}
+
+// out = out + (float(sum) * (scale * xs) [+ min * xg]): one column's group term, the scalar form of every path.
+inline void finish1(int32_t sum, uint16_t scale, const uint16_t* min, float xs, float xg, float* out) {
+  float term = static_cast<float>(sum) * (half_to_float(scale) * xs);
+  if (min != nullptr) term = term + half_to_float(*min) * xg;
+  *out = *out + term;
+}
 
 // out [tokens, cols] (stride out_stride) = xq [tokens, rows] (stride xq_stride, even-padded) @ W, see the header.
 inline void qmatmul_scalar(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs, int64_t tokens,
@@ -155,15 +208,18 @@ inline void qmatmul_scalar(const QMatrix& w, const int8_t* xq, int64_t xq_stride
     const int8_t* q = xq + t * xq_stride;
     for (int64_t g = 0; g < w.rows / w.group; ++g) {
       std::fill(acc.begin(), acc.end(), 0);
+      int32_t group_sum = 0;
       for (int64_t i = g * w.group; i < (g + 1) * w.group; ++i) {
         const int32_t a = q[i];
+        group_sum += a;
         if (a == 0) continue;
         for (int64_t c = 0; c < w.cols; ++c) acc[c] += a * w.code(i, c);
       }
+      const float xs_tg = act_scale(w, xs, t, g);
+      const float xg = min_factor(w, xs_tg, group_sum);
+      const uint16_t* mins = w.mins != nullptr ? w.mins + g * w.cols : nullptr;
       for (int64_t c = 0; c < w.cols; ++c) {
-        const float scale = half_to_float(w.scales[g * w.cols + c]) * xs[t];
-        const float term = static_cast<float>(acc[c]) * scale;
-        o[c] = o[c] + term;
+        finish1(acc[c], w.scales[g * w.cols + c], mins != nullptr ? mins + c : nullptr, xs_tg, xg, o + c);
       }
     }
   }
@@ -172,11 +228,15 @@ inline void qmatmul_scalar(const QMatrix& w, const int8_t* xq, int64_t xq_stride
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
 #define HM_AVX2 __attribute__((target("avx2,f16c")))
 
-// Adds float(acc) * (scale * xs) to out for 8 columns (acc int32 x8, scales 8 float16 at `scales`).
-HM_AVX2 inline void finish8(__m256i acc, const uint16_t* scales, float xs, float* out) {
+// finish1 for 8 columns (acc int32 x8, scales and mins 8 float16 at `scales` / `mins`; mins may be null).
+HM_AVX2 inline void finish8(__m256i acc, const uint16_t* scales, const uint16_t* mins, float xs, float xg, float* out) {
   const __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales))),
                                      _mm256_set1_ps(xs));
-  const __m256 term = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);
+  __m256 term = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);
+  if (mins != nullptr) {
+    const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins)));
+    term = _mm256_add_ps(term, _mm256_mul_ps(low, _mm256_set1_ps(xg)));
+  }
   _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), term));
 }
 
@@ -186,8 +246,9 @@ HM_AVX2 inline void finish8(__m256i acc, const uint16_t* scales, float xs, float
 // 49..63. maddubs with the token's (x_i, x_i+1) byte pair gives 16 int16 sums per register; at most 8 pairs are
 // summed in int16 (8 * 2 * 15 * 127 < 32767) before widening into int32. The +8 offset is removed per group:
 // sum -= 8 * sum_{i in g} x_i.
-// Per token: 8 * the sum of the group's codes (the +8 offset to remove), and the group's (x_i, x_i+1) byte pairs
-// as int16 (a missing partner is 0), which the inner loops broadcast.
+// Per token: the sum of the group's activation codes (8 times it is the +8 offset to remove; asymmetric weights
+// multiply it by the min), and the group's (x_i, x_i+1) byte pairs as int16 (a missing partner is 0), which the
+// inner loops broadcast.
 inline void group_pairs(const int8_t* xq, int64_t xq_stride, int64_t tokens, int64_t r0, int64_t group,
                         int32_t* xsum, int16_t* xpairs) {
   const int64_t pairs = (group + 1) / 2;
@@ -195,7 +256,7 @@ inline void group_pairs(const int8_t* xq, int64_t xq_stride, int64_t tokens, int
     const int8_t* q = xq + t * xq_stride + r0;
     int32_t sum = 0;
     for (int64_t i = 0; i < group; ++i) sum += q[i];
-    xsum[t] = 8 * sum;
+    xsum[t] = sum;
     for (int64_t p = 0; p < pairs; ++p) {
       const int8_t second = (2 * p + 1 < group) ? q[2 * p + 1] : 0;
       xpairs[t * pairs + p] = static_cast<int16_t>(static_cast<uint8_t>(q[2 * p]) |
@@ -232,9 +293,10 @@ HM_AVX2 inline void widen_add(const __m256i e0, const __m256i e1, const __m256i 
   }
 }
 
-// Adds a block's sums (minus the offset) times the group's scales to out, columns c0 .. c0 + width - 1.
-HM_AVX2 inline void finish_block64(const Int4Sums& s, int32_t offset, const uint16_t* scales, float xs, float* out,
-                                   int64_t width) {
+// Adds a block's sums (minus the offset) times the group's scales (plus mins * xg) to out, columns c0 .. c0 + width
+// - 1 (`scales` and `mins` point at column c0; mins may be null).
+HM_AVX2 inline void finish_block64(const Int4Sums& s, int32_t offset, const uint16_t* scales, const uint16_t* mins,
+                                   float xs, float xg, float* out, int64_t width) {
   alignas(32) int32_t lanes[64];
   const __m256i off = _mm256_set1_epi32(offset);
   // Even/odd runs of the same 8 columns interleave back into column order (unpack per half, then fix halves).
@@ -246,8 +308,11 @@ HM_AVX2 inline void finish_block64(const Int4Sums& s, int32_t offset, const uint
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 16 * k + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
   }
   int64_t c = 0;
-  for (; c + 8 <= width; c += 8) finish8(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + c)), scales + c, xs, out + c);
-  for (; c < width; ++c) out[c] = out[c] + static_cast<float>(lanes[c]) * (half_to_float(scales[c]) * xs);
+  for (; c + 8 <= width; c += 8) {
+    finish8(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + c)), scales + c,
+            mins != nullptr ? mins + c : nullptr, xs, xg, out + c);
+  }
+  for (; c < width; ++c) finish1(lanes[c], scales[c], mins != nullptr ? mins + c : nullptr, xs, xg, out + c);
 }
 
 // Columns [c_begin, c_end) (c_begin a multiple of 64) in 64-column blocks; out's other columns are not touched.
@@ -313,7 +378,10 @@ HM_AVX2 inline void qmatmul_int4_avx2(const QMatrix& w, const int8_t* xq, int64_
           }
           widen_add(e0, e1, o0, o1, sums);
         }
-        finish_block64(sums, xsum[t], w.scales + g * w.cols + c0, xs[t], out + t * out_stride + c0, width);
+        const float xs_tg = act_scale(w, xs, t, g);
+        finish_block64(sums, w.offset(xsum[t]), w.scales + g * w.cols + c0,
+                       w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr, xs_tg, min_factor(w, xs_tg, xsum[t]),
+                       out + t * out_stride + c0, width);
       }
     }
   }
@@ -324,10 +392,15 @@ HM_AVX2 inline void qmatmul_int4_avx2(const QMatrix& w, const int8_t* xq, int64_
 // int4 blocks of 128 columns (64 bytes per row) with 512-bit registers: the AVX2 scheme above, each register
 // holding four 128-bit lanes of it (lane L covers columns 32L .. 32L + 31 of the block). Full blocks only; the
 // last columns (fewer than 128) go to the AVX2 path. Same integer sums, same float finish: the same bits.
-HM_AVX512 inline void finish16(__m512i sums, const uint16_t* scales, float xs, float* out) {
+HM_AVX512 inline void finish16(__m512i sums, const uint16_t* scales, const uint16_t* mins, float xs, float xg,
+                               float* out) {
   const __m512 scale = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales))),
                                      _mm512_set1_ps(xs));
-  const __m512 term = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), scale);
+  __m512 term = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), scale);
+  if (mins != nullptr) {
+    const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins)));
+    term = _mm512_add_ps(term, _mm512_mul_ps(low, _mm512_set1_ps(xg)));
+  }
   _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), term));
 }
 
@@ -404,9 +477,8 @@ HM_AVX512 inline void qmatmul_int4_avx512(const QMatrix& w, const int8_t* xq, in
                 _mm512_add_epi32(sums[2 * k + 1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(acc[k], 1)));
           }
         }
-        const __m512i offset = _mm512_set1_epi32(xsum[t]);
-        const uint16_t* sc = w.scales + g * w.cols + c0;
-        float* o = out + t * out_stride + c0;
+        const auto [off, sc, mn, xs_tg, xg, o] = block_finish(w, xs, xsum[t], t, g, c0, out, out_stride);
+        const __m512i offset = _mm512_set1_epi32(off);
         // sums[2k + h] holds lanes 2h, 2h + 1 of e0 (k = 0), e1 (1), o0 (2), o1 (3): per 128-bit sublane four
         // columns; unpacking even (e) with odd (o) and permuting gives 16 consecutive columns per pair of lanes.
         for (int h = 0; h < 2; ++h) {
@@ -415,9 +487,110 @@ HM_AVX512 inline void qmatmul_int4_avx512(const QMatrix& w, const int8_t* xq, in
             const __m512i odd = _mm512_sub_epi32(sums[2 * (k + 2) + h], offset);
             const __m512i lo = _mm512_unpacklo_epi32(even, odd), hi = _mm512_unpackhi_epi32(even, odd);
             const int64_t lane0 = 2 * h;  // this register's first lane: columns 32 * lane0 ..
-            finish16(_mm512_permutex2var_epi32(lo, first, hi), sc + 32 * lane0 + 16 * k, xs[t], o + 32 * lane0 + 16 * k);
-            finish16(_mm512_permutex2var_epi32(lo, second, hi), sc + 32 * (lane0 + 1) + 16 * k, xs[t],
-                     o + 32 * (lane0 + 1) + 16 * k);
+            const int64_t at0 = 32 * lane0 + 16 * k, at1 = 32 * (lane0 + 1) + 16 * k;
+            finish16(_mm512_permutex2var_epi32(lo, first, hi), sc + at0, mn != nullptr ? mn + at0 : nullptr, xs_tg,
+                     xg, o + at0);
+            finish16(_mm512_permutex2var_epi32(lo, second, hi), sc + at1, mn != nullptr ? mn + at1 : nullptr, xs_tg,
+                     xg, o + at1);
+          }
+        }
+      }
+    }
+  }
+}
+
+#define HM_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,f16c")))
+
+// AVX-512 VNNI (vpdpbusd: four unsigned x signed byte products summed into each int32 lane): int4 blocks of 128
+// columns, groups of a multiple of 4 rows. Four rows a..d of a block interleave into quads [a_j, b_j, c_j, d_j] of
+// byte j (columns 2j and 2j + 1 of the block's lane); masking and shifting give the even and the odd columns' quads,
+// four registers each (k = 0..3: bytes 4k .. 4k + 3 of every 128-bit lane), applied to the token's broadcast quad
+// of int8 activations. Each group's sums are exact in int32 (no int16 stage), then the same finish as the other
+// paths: the same bits.
+HM_VNNI inline void int4_quad128(const uint8_t* a, const uint8_t* b, const uint8_t* c, const uint8_t* d,
+                                 __m512i* u) {
+  const __m512i low = _mm512_set1_epi8(15);
+  const __m512i ra = _mm512_loadu_si512(a), rb = _mm512_loadu_si512(b);
+  const __m512i rc = _mm512_loadu_si512(c), rd = _mm512_loadu_si512(d);
+  const __m512i ab_lo = _mm512_unpacklo_epi8(ra, rb), ab_hi = _mm512_unpackhi_epi8(ra, rb);
+  const __m512i cd_lo = _mm512_unpacklo_epi8(rc, rd), cd_hi = _mm512_unpackhi_epi8(rc, rd);
+  const __m512i quads[4] = {_mm512_unpacklo_epi16(ab_lo, cd_lo), _mm512_unpackhi_epi16(ab_lo, cd_lo),
+                            _mm512_unpacklo_epi16(ab_hi, cd_hi), _mm512_unpackhi_epi16(ab_hi, cd_hi)};
+  for (int k = 0; k < 4; ++k) {
+    _mm512_storeu_si512(u + k, _mm512_and_si512(quads[k], low));                             // even columns
+    _mm512_storeu_si512(u + 4 + k, _mm512_and_si512(_mm512_srli_epi16(quads[k], 4), low));  // odd columns
+  }
+}
+
+HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                      int64_t tokens, float* out, int64_t out_stride) {
+  const int64_t full = w.cols / 128 * 128;
+  if (full < w.cols) qmatmul_int4_avx2(w, xq, xq_stride, xs, tokens, out, out_stride, full, w.cols);
+  if (full == 0) return;
+  const int64_t quads = w.group / 4;
+  const int64_t row_bytes = w.cols / 2;
+  std::vector<uint8_t> tile_bytes(tokens > 1 ? static_cast<size_t>(quads * 8 * 64) : 0);
+  __m512i* tile = reinterpret_cast<__m512i*>(tile_bytes.data());  // unaligned loads/stores only
+  std::vector<int32_t> xsum(static_cast<size_t>(tokens));
+  // Element indices: (lo, hi) = unpack(even, odd) of register k hold, per 128-bit lane L, columns 32L + 8k + 0..3
+  // (lo) and + 4..7 (hi). `pair01` / `pair23` gather lanes 0-1 / 2-3 (8 columns each), `first` / `second` then
+  // join k and k + 1 into 16 consecutive columns of the first / second lane of the pair.
+  const __m512i pair01 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i pair23 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + full, 0.0f);
+  for (int64_t g = 0; g < w.rows / w.group; ++g) {
+    const int64_t r0 = g * w.group;
+    for (int64_t t = 0; t < tokens; ++t) {
+      int32_t sum = 0;
+      for (int64_t i = 0; i < w.group; ++i) sum += xq[t * xq_stride + r0 + i];
+      xsum[t] = sum;
+    }
+    for (int64_t c0 = 0; c0 < full; c0 += 128) {
+      const uint8_t* base = w.codes + r0 * row_bytes + c0 / 2;
+      if (tokens > 1) {
+        for (int64_t k = 0; k < quads; ++k) {
+          const uint8_t* a = base + 4 * k * row_bytes;
+          int4_quad128(a, a + row_bytes, a + 2 * row_bytes, a + 3 * row_bytes, tile + 8 * k);
+        }
+      }
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int8_t* q = xq + t * xq_stride + r0;
+        __m512i acc[8];
+        for (auto& v : acc) v = _mm512_setzero_si512();
+        for (int64_t k = 0; k < quads; ++k) {
+          int32_t packed;
+          std::memcpy(&packed, q + 4 * k, sizeof(packed));
+          const __m512i x = _mm512_set1_epi32(packed);
+          __m512i u[8];
+          if (tokens > 1) {
+            for (int r = 0; r < 8; ++r) u[r] = _mm512_loadu_si512(tile + 8 * k + r);
+          } else {
+            const uint8_t* a = base + 4 * k * row_bytes;
+            int4_quad128(a, a + row_bytes, a + 2 * row_bytes, a + 3 * row_bytes, u);
+          }
+          for (int r = 0; r < 8; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], u[r], x);
+        }
+        const auto [off, sc, mn, xs_tg, xg, o] = block_finish(w, xs, xsum[t], t, g, c0, out, out_stride);
+        const __m512i offset = _mm512_set1_epi32(off);
+        __m512i low_lanes[4], high_lanes[4];  // per k: columns of lanes 0-1, of lanes 2-3 (8 + 8 each)
+        for (int k = 0; k < 4; ++k) {
+          const __m512i even = _mm512_sub_epi32(acc[k], offset), odd = _mm512_sub_epi32(acc[4 + k], offset);
+          const __m512i lo = _mm512_unpacklo_epi32(even, odd), hi = _mm512_unpackhi_epi32(even, odd);
+          low_lanes[k] = _mm512_permutex2var_epi32(lo, pair01, hi);
+          high_lanes[k] = _mm512_permutex2var_epi32(lo, pair23, hi);
+        }
+        for (int half = 0; half < 2; ++half) {  // k = 0, 1: columns 0..15 of a lane; k = 2, 3: 16..31
+          const int k = 2 * half;
+          const __m512i* pairs[2] = {low_lanes, high_lanes};
+          for (int p = 0; p < 2; ++p) {  // lanes 0-1, lanes 2-3
+            const int64_t lane = 2 * p;
+            const int64_t at0 = 32 * lane + 16 * half, at1 = 32 * (lane + 1) + 16 * half;
+            finish16(_mm512_permutex2var_epi32(pairs[p][k], first, pairs[p][k + 1]), sc + at0,
+                     mn != nullptr ? mn + at0 : nullptr, xs_tg, xg, o + at0);
+            finish16(_mm512_permutex2var_epi32(pairs[p][k], second, pairs[p][k + 1]), sc + at1,
+                     mn != nullptr ? mn + at1 : nullptr, xs_tg, xg, o + at1);
           }
         }
       }
@@ -458,11 +631,12 @@ HM_AVX2 inline void qmatmul_int8_avx2(const QMatrix& w, const int8_t* xq, int64_
         }
         float* o = out + t * out_stride + c0;
         const uint16_t* sc = w.scales + g * w.cols + c0;
+        const float xs_tg = act_scale(w, xs, t, g);
         if (width == 8) {
-          finish8(acc, sc, xs[t], o);
+          finish8(acc, sc, nullptr, xs_tg, 0.0f, o);
         } else {
           _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
-          for (int64_t c = 0; c < width; ++c) o[c] = o[c] + static_cast<float>(lanes[c]) * (half_to_float(sc[c]) * xs[t]);
+          for (int64_t c = 0; c < width; ++c) finish1(lanes[c], sc[c], nullptr, xs_tg, 0.0f, o + c);
         }
       }
     }
@@ -471,13 +645,14 @@ HM_AVX2 inline void qmatmul_int8_avx2(const QMatrix& w, const int8_t* xq, int64_
 #endif  // x86
 
 #if defined(HM_KERNELS_NEON)
-// 16 codes of row `i`, columns c0 .. c0 + 15, as int8 (int4: the code, not code + 8); zeros past `width`.
+// 16 codes of row `i`, columns c0 .. c0 + 15, as int8 (the integer factors of QMatrix::code); zeros past `width`.
 inline int8x16_t load_codes16(const QMatrix& w, int64_t i, int64_t c0, int64_t width) {
   if (width == 16) {
     if (!w.int4) return vld1q_s8(reinterpret_cast<const int8_t*>(w.codes + i * w.cols + c0));
     const uint8x8_t bytes = vld1_u8(w.codes + i * (w.cols / 2) + c0 / 2);
     const uint8x8x2_t zipped = vzip_u8(vand_u8(bytes, vdup_n_u8(15)), vshr_n_u8(bytes, 4));  // column order
-    return vsubq_s8(vreinterpretq_s8_u8(vcombine_u8(zipped.val[0], zipped.val[1])), vdupq_n_s8(8));
+    const int8x16_t nibbles = vreinterpretq_s8_u8(vcombine_u8(zipped.val[0], zipped.val[1]));
+    return w.mins != nullptr ? nibbles : vsubq_s8(nibbles, vdupq_n_s8(8));
   }
   alignas(16) int8_t codes[16] = {0};
   for (int64_t c = 0; c < width; ++c) codes[c] = static_cast<int8_t>(w.code(i, c0 + c));
@@ -518,7 +693,12 @@ inline void qmatmul_neon(const QMatrix& w, const int8_t* xq, int64_t xq_stride, 
         for (int k = 0; k < 4; ++k) vst1q_s32(lanes + 4 * k, acc[k]);
         float* o = out + t * out_stride + c0;
         const uint16_t* sc = w.scales + g * w.cols + c0;
-        for (int64_t c = 0; c < width; ++c) o[c] = o[c] + static_cast<float>(lanes[c]) * (half_to_float(sc[c]) * xs[t]);
+        const uint16_t* mn = w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr;
+        int32_t group_sum = 0;
+        for (int64_t i = 0; i < w.group; ++i) group_sum += q[i];
+        const float xs_tg = act_scale(w, xs, t, g);
+        const float xg = min_factor(w, xs_tg, group_sum);
+        for (int64_t c = 0; c < width; ++c) finish1(lanes[c], sc[c], mn != nullptr ? mn + c : nullptr, xs_tg, xg, o + c);
       }
     }
   }
@@ -564,7 +744,7 @@ HM_AVX2 inline void quantize_rows_avx2(const float* x, int64_t tokens, int64_t n
 inline void quantize_rows(const float* x, int64_t tokens, int64_t n, int64_t stride, int8_t* xq, int64_t xq_stride,
                           float* xs, Isa isa = active_isa()) {
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
-  if (isa == Isa::Avx2 || isa == Isa::Avx512) {
+  if (isa == Isa::Avx2 || isa == Isa::Avx512 || isa == Isa::Avx512Vnni) {
     quantize_rows_avx2(x, tokens, n, stride, xq, xq_stride, xs);
     return;
   }
@@ -572,15 +752,33 @@ inline void quantize_rows(const float* x, int64_t tokens, int64_t n, int64_t str
   quantize_rows_scalar(x, tokens, n, stride, xq, xq_stride, xs);
 }
 
+// quantize_rows per token and group of `group` values (n a multiple of it): xs [tokens, n / group], the same float
+// operations per group as per row (the scalar loop: a group is short).
+inline void quantize_groups(const float* x, int64_t tokens, int64_t n, int64_t stride, int64_t group, int8_t* xq,
+                            int64_t xq_stride, float* xs) {
+  const int64_t groups = n / group;
+  for (int64_t t = 0; t < tokens; ++t) {
+    int8_t* q = xq + t * xq_stride;
+    std::memset(q, 0, static_cast<size_t>(xq_stride));
+    for (int64_t g = 0; g < groups; ++g) {
+      quantize_rows_scalar(x + t * stride + g * group, 1, group, group, q + g * group, group, xs + t * groups + g);
+    }
+  }
+}
+
 // Dispatch to `isa` (default: the active path).
 inline void qmatmul(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs, int64_t tokens, float* out,
                     int64_t out_stride, Isa isa = active_isa()) {
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
-  if (isa == Isa::Avx512 && w.int4) {
+  if (isa == Isa::Avx512Vnni && w.int4 && w.group % 4 == 0) {
+    qmatmul_int4_vnni(w, xq, xq_stride, xs, tokens, out, out_stride);
+    return;
+  }
+  if ((isa == Isa::Avx512 || isa == Isa::Avx512Vnni) && w.int4) {
     qmatmul_int4_avx512(w, xq, xq_stride, xs, tokens, out, out_stride);
     return;
   }
-  if (isa == Isa::Avx2 || isa == Isa::Avx512) {  // int8 has no 512-bit variant: the AVX2 one
+  if (isa == Isa::Avx2 || isa == Isa::Avx512 || isa == Isa::Avx512Vnni) {  // int8 has no 512-bit variant: the AVX2 one
     if (w.int4) {
       qmatmul_int4_avx2(w, xq, xq_stride, xs, tokens, out, out_stride);
     } else {

@@ -82,10 +82,11 @@ ETLLM_RECIPE = {  # export_llm's options for the plain host (the issue's recipe)
 MAX_CONTEXT = 256  # KV-cache positions of every program: prompt 64 + 128 new tokens fit
 # our bundles with memory: int4 bank, fused int4 slot, the anchor quantized by a preset (docs/anchor-quant.md)
 DEFAULT_EXPORTS = {
-    "mem-8da4w-g32": "--target executorch --bank-scheme int4-g32 --slot-strategy fused-int4 --anchor-quant 8da4w-g32 "
-    "--checks 2"
+    f"mem-{preset}": "--target executorch --bank-scheme int4-g32 --slot-strategy fused-int4 "
+    f"--anchor-quant {preset} --checks 2"
+    for preset in ("8da4w-g32", "8da4w-g32-asym-e8")
 }
-DEFAULT_ANCHORS = ("8da4w-g32",)  # anchor-only programs (no memory) --prepare builds, one per preset
+DEFAULT_ANCHORS = ("8da4w-g32", "8da4w-g32-asym-e8")  # anchor-only programs (no memory) --prepare builds
 KINDS = ("llama", "etllm", "hm", "hm-native", "hm-anchor")
 REBUILD_KINDS = ("llama-venv", "gguf", "host", "etllm", "checkpoint", "bundles", "anchors", "native")
 # The issue's targets (ratios of the bundle with memory, 1 thread).
@@ -703,9 +704,10 @@ def embedding_table_bytes(vocab: int, d_model: int, quant: dict[str, Any] | None
     """Bytes of a program's token-embedding table stored apart from the output head (a decode step reads one
     row of it): the preset's int4/int8 codes plus one float16 scale per group (``quant``:
     ``anchor_quant.embedding``).  Without ``quant`` the anchor is float and its tied table *is* the head
-    (``hm_export::tied_head``, read whole every step): nothing apart, 0."""
+    (``hm_export::tied_head``, read whole every step): nothing apart, 0; so with ``shared_with_head`` (the
+    ``-asym`` presets: ``hm_export::qembedding`` reads ``hm_export::qlinear``'s table)."""
     values = vocab * d_model
-    if not quant:
+    if not quant or quant.get("shared_with_head"):  # the -asym presets' lookup reads the head's own table
         return 0
     bits = 4 if "int4" in quant["weights"] else 8
     return values * bits // 8 + 2 * values // (quant.get("group") or d_model)

@@ -2,9 +2,10 @@
 
 "Stored once" is a byte search over every file of the bundle, as the bank-bytes test searches the programs: the
 float32 bytes of each float anchor weight, or the codes of each quantized one in the layout the runtime stores
-(XNNPACK's int4: two codes + 8 per byte along the input, even index in the low nibble; int8 as is), must occur
-exactly once.  The one exception is documented: a quantized tied embedding is stored as the lookup table and
-again as the head's XNNPACK weights (each of those once).
+(XNNPACK's int4: two codes + 8 per byte along the input, even index in the low nibble; int8 as is; the ``-asym``
+presets' tables as ``hm_export::qlinear`` reads them), must occur exactly once.  The one exception is documented:
+an XNNPACK-quantized tied embedding is stored as the lookup table and again as the head's XNNPACK weights (each of
+those once); the ``-asym`` presets store it once, the lookup reading the head's table.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import pytest
 import torch
 from conftest import DECODE_CONTEXTS, tiny_checkpoint, tiny_config
 
-from hm_export.anchor_quant import PRESETS, QuantizedEmbedding, WeightQuant, exported_model, get_preset
+from hm_export.anchor_quant import (
+    PRESETS,
+    GridLinear,
+    QuantizedEmbedding,
+    WeightQuant,
+    asymmetric_codes,
+    exported_model,
+    get_preset,
+)
 from hm_export.checkpoint import load_checkpoint
 from hm_export.checks import run_checks
 from hm_export.export import ExportRecipe, export_bundle
@@ -49,6 +58,8 @@ def stored_forms(module: torch.nn.Module) -> dict[str, bytes]:
                     forms[name] = codes.numpy().tobytes()
             else:
                 forms[name] = weight.detach().numpy().astype("<f4").tobytes()
+        elif isinstance(child, GridLinear):  # the codes as the kernel reads them (a tied table: once, here)
+            forms[name] = child.codes.numpy().tobytes()
         elif isinstance(child, QuantizedEmbedding):
             forms[name] = child.weight.numpy().tobytes()
         elif isinstance(child, torch.nn.Embedding):
@@ -155,3 +166,89 @@ def test_verify_defaults_add_each_presets_allowance_to_the_bank_schemes():
     )
     assert program_precision({"state_dtype": "float16"}, record) == "float16"
     assert PROGRAM_TOLERANCE["int8-activations"].rtol > PROGRAM_TOLERANCE["float32"].rtol
+
+
+def q41_blocks(rows: int, cols: int, full_span: bool, seed: int = 0) -> torch.Tensor:
+    """Float32 ``[rows, cols]`` made of Q4_1 blocks of 32 along the input: ``d * q + m`` with float16 ``d > 0``,
+    ``m`` and ``q`` in 0..15 (``full_span``: each block holds a 0 and a 15, as llama.cpp's quantizer makes them)."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = rows * cols // 32
+    q = torch.randint(0, 16, (blocks, 32), generator=generator)
+    if full_span:
+        q[:, 0], q[:, 1] = 0, 15
+        q = q[:, torch.randperm(32, generator=generator)]
+    d = (torch.rand(blocks, 1, generator=generator) * 0.02 + 1e-4).half().float()
+    m = (-torch.rand(blocks, 1, generator=generator) * 0.15).half().float()
+    return (d * q.float() + m).view(rows, cols)
+
+
+def test_asymmetric_grid_recovers_q41_blocks_exactly():
+    """Min-max on Q4_1 blocks (llama.cpp's: each spans 0..15) gives back d and m, so every weight bit for bit; on
+    blocks that do not span the range the grid is another one: then each weight is within half a step (plus the
+    float16 rounding of the min)."""
+    weight = q41_blocks(64, 96, full_span=True)
+    table = GridLinear(weight, WeightQuant(4, 32, asymmetric=True))
+    assert torch.equal(table.dequantized(), weight)
+    assert table.codes.shape == (96, 32) and table.scales.shape == table.mins.shape == (3, 64)
+    loose = q41_blocks(64, 96, full_span=False, seed=1)
+    _, scales, mins = asymmetric_codes(loose, 32)
+    step = scales.repeat_interleave(32, dim=1)
+    error = (GridLinear(loose, WeightQuant(4, 32, asymmetric=True)).dequantized() - loose).abs()
+    assert (error <= step / 2 + (loose.view(64, 3, 32).amin(-1) - mins).abs().repeat_interleave(32, 1) + 1e-6).all()
+    assert not torch.equal(error, torch.zeros_like(error))  # a block spanning e.g. 1..14 is not on the same grid
+
+
+def test_int8_grid_recovers_q80_blocks_exactly():
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (40 * 64 // 32, 32), generator=generator)
+    q[:, 5] = 127  # llama.cpp's Q8_0: d = max|w| / 127, so each block holds a +-127
+    d = (torch.rand(q.shape[0], 1, generator=generator) * 0.01 + 1e-4).half().float()
+    weight = (d * q.float()).view(40, 64)
+    table = GridLinear(weight, WeightQuant(8, 32))
+    assert table.codes.dtype == torch.int8 and table.mins.numel() == 0
+    assert torch.equal(table.dequantized(), weight)
+
+
+@pytest.mark.parametrize("quant", [WeightQuant(4, 32, asymmetric=True), WeightQuant(8, 32)])
+def test_grid_ops_compute_the_dequantized_product_and_lookup(quant):
+    """qlinear = int8 activations (one scale per token and group of 32) times the dequantized weights (to float32
+    rounding); qembedding = the dequantized rows."""
+    from hm_export.kernels import qembedding, qlinear, quantize_groups
+
+    weight = torch.randn(48, 96)
+    table = GridLinear(weight, quant, bias=torch.randn(48))
+    x = torch.randn(2, 5, 96)
+    xq, xs = quantize_groups(x.reshape(-1, 96), 32)
+    activations = (xq.view(10, 3, 32) * xs[:, :, None]).view(10, 96)
+    want = (activations @ table.dequantized().t()).view(2, 5, 48) + table.bias
+    torch.testing.assert_close(table(x), want, rtol=1e-5, atol=1e-5)
+    tokens = torch.tensor([[0, 47, 3], [12, 12, 1]])
+    assert torch.equal(qembedding(tokens, table.codes, table.scales, table.mins), table.dequantized()[tokens])
+    with pytest.raises(ValueError, match="qlinear: x must be float32"):
+        qlinear(torch.randn(3, 95), table.codes, table.scales, table.mins)
+    with pytest.raises(ValueError, match="scales"):
+        qlinear(x, table.codes, table.scales[:, :-2], table.mins)
+
+
+def test_asym_presets_are_executorch_only():
+    for preset in ("8da4w-g32-asym", "8da4w-g32-asym-e8"):
+        ExportRecipe(("executorch",), options=EmitOptions(anchor_quant=preset))
+        for target in ("onnx", "coreml"):
+            with pytest.raises(ValueError, match=f"{preset}' is not available for targets \\['{target}'\\]"):
+                ExportRecipe((target,), options=EmitOptions(anchor_quant=preset))
+
+
+def test_asym_preset_ties_one_table_and_keeps_the_slot():
+    model = load_checkpoint(tiny_checkpoint(Path("/tmp"), name="hm-aq-ckpt", cfg=CFG)).model
+    quantized, description = exported_model(model, get_preset("8da4w-g32-asym"))
+    assert type(quantized.head).__name__ == "GridTiedHead" and quantized.head.embedding[0] is quantized.embed
+    assert isinstance(quantized.blocks[0].ffn.up, GridLinear) and "stored once" in description["tied_embedding"]
+    assert not [n for n, m in quantized.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    bank = dict(model.named_parameters())
+    assert all(torch.equal(p, bank[n]) for n, p in quantized.named_parameters() if n.startswith("bank"))  # untouched
+    assert description["linears"]["groups_by_input_width"] == {"64": 32, "128": 32}
+    tokens, paths = torch.randint(0, CFG.vocab_size, (1, 9)), torch.tensor([1, 3])
+    with torch.no_grad():
+        float_logits, quantized_logits = model.forward_path(tokens, paths), quantized.forward_path(tokens, paths)
+    cosine = torch.nn.functional.cosine_similarity(quantized_logits.flatten(), float_logits.flatten(), dim=0)
+    assert not torch.equal(quantized_logits, float_logits) and cosine > 0.95

@@ -144,3 +144,5 @@ def test_bundle_bytes_count_the_one_program_once_and_one_path(tmp_path):
     }
     assert on_disk == 5420 and per_token == 5420 - table
     assert peers.embedding_table_bytes(64, 32, None) == 0  # float tied table: the head, read whole
+    shared = {"weights": "int8 groups of 32, float16 scales", "group": 32, "shared_with_head": True}
+    assert peers.embedding_table_bytes(64, 32, shared) == 0  # -asym: the lookup reads the head's table

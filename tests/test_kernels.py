@@ -31,7 +31,10 @@ from hm_export.kernels import (
     build_kernel_library,
     load_kernel_library,
     memory_swiglu,
+    qembedding,
+    qlinear,
     qmatmul_reference,
+    quantize_groups,
     quantize_rows,
     registered_in_runtime,
 )
@@ -230,21 +233,56 @@ def test_cpp_kernel_follows_a_dynamic_token_count(kernel_library, tmp_path):
         torch.testing.assert_close(got, want, rtol=0, atol=h_step_bound(*resized))
 
 
-# One quantized product per path through the library's C entry point (0 scalar, 1 AVX2, 3 AVX-512), or the NEON path
-# of the same source cross-compiled for AArch64 and run under qemu (tests/native/qmatmul_harness.cpp).
+class GridLayer(torch.nn.Module):
+    """A lookup and a product over one asymmetric int4 / int8 table, as the ``-asym`` anchors call them."""
+
+    def forward(self, tokens, x, codes, scales, mins):
+        return qembedding(tokens, codes, scales, mins), qlinear(x, codes, scales, mins)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpp_grid_ops_match_the_reference_bit_for_bit(kernel_library, tmp_path, bits):
+    from executorch.runtime import Runtime
+
+    from hm_export.anchor_quant import GridLinear, WeightQuant
+
+    # 200 outputs: one 128-column AVX-512 block and a 72-column AVX2 tail (int4); input 96 = three groups of 32
+    table = GridLinear(torch.randn(200, 96), WeightQuant(4, 32, asymmetric=True) if bits == 4 else WeightQuant(8, 32))
+    operands = (torch.tensor([[0, 199, 7, 120]]), torch.randn(1, 3, 96) * 2, table.codes, table.scales, table.mins)
+    pte = lower_to_pte(GridLayer(), operands, tmp_path / "grid.pte")
+    got = Runtime.get().load_program(str(pte)).load_method("forward").execute(list(operands))
+    want = GridLayer()(*operands)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# One quantized product per path through the library's C entry point (0 scalar, 1 AVX2, 3 AVX-512, 4 AVX-512 VNNI), or
+# the NEON path of the same source cross-compiled for AArch64 and run under qemu (tests/native/qmatmul_harness.cpp).
 QMATMUL_CASES = [  # storage, rows, cols, group, tokens
     ("int4", 576, 288, 32, 1),  # SmolLM2's gate_up: 64-column blocks (AVX2) or two 128-column ones + AVX2 tail
     ("int4", 144, 576, 16, 3),
     ("int4", 30, 50, 15, 4),  # odd group (a row without a partner), narrow block
     ("int8", 48, 40, 48, 5),
     ("int8", 20, 24, 5, 3),
+    ("asym4", 576, 200, 32, 1),  # asymmetric int4 (Q4_1 grid): one 128-column block + a 72-column AVX2 tail
+    ("asym4", 96, 384, 32, 5),
+    ("asym4", 45, 22, 15, 3),  # odd group, narrow block
 ]
 
 
 def qmatmul_problem(storage: str, rows: int, cols: int, group: int, tokens: int):
-    codes, scales = quantize(torch.randn(1, rows, cols), group, storage)
-    xq, xs = quantize_rows(torch.randn(tokens, rows) * 3)
-    return codes, scales, xq, xs
+    """Codes, float16 scales and mins (None unless asymmetric), int8 activations and their scales (asymmetric: one
+    per token and group, as hm_export::qlinear quantizes them; else one per token)."""
+    mins, x = None, torch.randn(tokens, rows) * 3
+    if storage == "asym4":  # random nibbles and float16 scales / mins of both signs (Q4_1 blocks)
+        codes = torch.randint(0, 256, (1, rows, cols // 2), dtype=torch.uint8)
+        scales = (torch.rand(1, rows // group, cols) * 0.05).half()
+        mins = (torch.randn(1, rows // group, cols) * 0.2).half()
+        xq, xs = quantize_groups(x, group)
+    else:
+        codes, scales = quantize(torch.randn(1, rows, cols), group, storage)
+        xq, xs = quantize_rows(x)
+    return codes, scales, mins, xq, xs
 
 
 def padded_int8(xq: torch.Tensor) -> np.ndarray:
@@ -255,25 +293,27 @@ def padded_int8(xq: torch.Tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case", QMATMUL_CASES)
-@pytest.mark.parametrize("isa", [0, 1, 3])
+@pytest.mark.parametrize("isa", [0, 1, 3, 4])
 def test_qmatmul_paths_are_bit_exact(kernel_library, case, isa):
     storage, rows, cols, group, tokens = case
-    codes, scales, xq, xs = qmatmul_problem(*case)
+    codes, scales, mins, xq, xs = qmatmul_problem(*case)
     library = ctypes.CDLL(str(kernel_library))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.hm_kernels_qmatmul.argtypes = [pointer, pointer, size, size, size, ctypes.c_int, pointer, size, pointer,
-                                           size, pointer, ctypes.c_int]  # fmt: skip
+    library.hm_kernels_qmatmul.argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int, pointer, size,
+                                           pointer, ctypes.c_int, size, pointer, ctypes.c_int]  # fmt: skip
     code_bytes = np.ascontiguousarray(codes[0].numpy())
     scale_bits = np.ascontiguousarray(scales[0].numpy().view(np.uint16))
+    min_bits = None if mins is None else np.ascontiguousarray(mins[0].numpy().view(np.uint16))
     xq_rows, xs_rows = padded_int8(xq), np.ascontiguousarray(xs.numpy().reshape(-1), np.float32)
     out = np.zeros((tokens, cols), np.float32)
     used = library.hm_kernels_qmatmul(
-        code_bytes.ctypes.data, scale_bits.ctypes.data, rows, cols, group, int(storage == "int4"),
-        xq_rows.ctypes.data, xq_rows.shape[1], xs_rows.ctypes.data, tokens, out.ctypes.data, isa,
+        code_bytes.ctypes.data, scale_bits.ctypes.data, None if min_bits is None else min_bits.ctypes.data, rows, cols,
+        group, int(storage != "int8"), xq_rows.ctypes.data, xq_rows.shape[1], xs_rows.ctypes.data,
+        int(xs.shape[1] > 1), tokens, out.ctypes.data, isa,
     )  # fmt: skip
     if used < 0:
         pytest.skip(f"this CPU does not run path {isa}")
-    assert torch.equal(torch.from_numpy(out), qmatmul_reference(xq, xs, codes, scales))
+    assert torch.equal(torch.from_numpy(out), qmatmul_reference(xq, xs, codes, scales, mins))
 
 
 @pytest.fixture(scope="session")
@@ -293,14 +333,16 @@ def neon_harness(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("case", QMATMUL_CASES)
 def test_qmatmul_neon_path_is_bit_exact_under_qemu(neon_harness, case):
     storage, rows, cols, group, tokens = case
-    codes, scales, xq, xs = qmatmul_problem(*case)
-    head = np.array([rows, cols, group, int(storage == "int4"), tokens, 2], np.int64).tobytes()
-    body = codes[0].numpy().tobytes() + scales[0].numpy().view(np.uint16).tobytes() + padded_int8(xq).tobytes()
+    codes, scales, mins, xq, xs = qmatmul_problem(*case)
+    flags = [int(storage != "int8"), tokens, 2, int(mins is not None), int(xs.shape[1] > 1)]
+    head = np.array([rows, cols, group, *flags], np.int64).tobytes()
+    low = b"" if mins is None else mins[0].numpy().view(np.uint16).tobytes()
+    body = codes[0].numpy().tobytes() + scales[0].numpy().view(np.uint16).tobytes() + low + padded_int8(xq).tobytes()
     stdin = head + body + xs.numpy().reshape(-1).astype(np.float32).tobytes()
     result = subprocess.run(["qemu-aarch64", str(neon_harness)], input=stdin, capture_output=True, check=True).stdout
     assert np.frombuffer(result[:8], np.int64)[0] == 2  # the NEON path ran
     out = torch.from_numpy(np.frombuffer(result[8:], np.float32).reshape(tokens, cols).copy())
-    assert torch.equal(out, qmatmul_reference(xq, xs, codes, scales))
+    assert torch.equal(out, qmatmul_reference(xq, xs, codes, scales, mins))
 
 
 class CacheAttention(torch.nn.Module):

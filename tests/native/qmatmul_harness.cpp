@@ -1,8 +1,9 @@
 // Runs kernels/qmatmul.h on one problem read from stdin and writes the result to stdout, for tests that check a
 // SIMD path this machine cannot run natively (NEON under qemu-aarch64) against the reference.
-//   stdin: int64 rows, cols, group, int4, tokens, isa (0 scalar, 1 AVX2, 2 NEON); then the codes
-//   (rows * cols / (int4 ? 2 : 1) bytes), the float16 scales (rows / group * cols uint16), xq (tokens * rows int8,
-//   rows rounded up to even), xs (tokens float32)
+//   stdin: int64 rows, cols, group, int4, tokens, isa (0 scalar, 1 AVX2, 2 NEON), asymmetric (0 or 1), group scales
+//   (0 or 1); then the codes (rows * cols / (int4 ? 2 : 1) bytes), the float16 scales (rows / group * cols uint16),
+//   the float16 mins when asymmetric (as many), xq (tokens * rows int8, rows rounded up to even), xs (tokens float32,
+//   times rows / group with group scales)
 //   stdout: int64 path used (-1: not compiled in), then out (tokens * cols float32)
 #include <cstdio>
 #include <vector>
@@ -10,16 +11,20 @@
 #include "qmatmul.h"
 
 int main() {
-  int64_t head[6];
-  if (std::fread(head, sizeof(int64_t), 6, stdin) != 6) return 2;
+  int64_t head[8];
+  if (std::fread(head, sizeof(int64_t), 8, stdin) != 8) return 2;
   const int64_t rows = head[0], cols = head[1], group = head[2], int4 = head[3], tokens = head[4], isa = head[5];
+  const bool asymmetric = head[6] != 0, group_scales = head[7] != 0;
   const int64_t stride = rows + rows % 2;
   std::vector<uint8_t> codes(static_cast<size_t>(rows * cols / (int4 ? 2 : 1)));
   std::vector<uint16_t> scales(static_cast<size_t>(rows / group * cols));
+  std::vector<uint16_t> mins(asymmetric ? scales.size() : 0);
   std::vector<int8_t> xq(static_cast<size_t>(tokens * stride));
-  std::vector<float> xs(static_cast<size_t>(tokens)), out(static_cast<size_t>(tokens * cols));
+  std::vector<float> xs(static_cast<size_t>(tokens * (group_scales ? rows / group : 1)));
+  std::vector<float> out(static_cast<size_t>(tokens * cols));
   if (std::fread(codes.data(), 1, codes.size(), stdin) != codes.size() ||
       std::fread(scales.data(), 2, scales.size(), stdin) != scales.size() ||
+      std::fread(mins.data(), 2, mins.size(), stdin) != mins.size() ||
       std::fread(xq.data(), 1, xq.size(), stdin) != xq.size() || std::fread(xs.data(), 4, xs.size(), stdin) != xs.size()) {
     return 2;
   }
@@ -27,7 +32,8 @@ int main() {
   const auto wanted = static_cast<hm_kernels::Isa>(isa);
   if (!hm_kernels::supports(wanted)) used = -1;
   if (used >= 0) {
-    const hm_kernels::QMatrix w{codes.data(), scales.data(), rows, cols, group, int4 != 0};
+    const hm_kernels::QMatrix w{codes.data(), scales.data(), rows, cols, group, int4 != 0,
+                                asymmetric ? mins.data() : nullptr, group_scales};
     hm_kernels::qmatmul(w, xq.data(), stride, xs.data(), tokens, out.data(), cols, wanted);
   }
   std::fwrite(&used, sizeof(used), 1, stdout);

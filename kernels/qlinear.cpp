@@ -1,0 +1,122 @@
+// hm_export::qlinear.out and hm_export::qembedding.out for the ExecuTorch runtime: the anchor of the
+// `8da4w-g32-asym` presets (hm_export/anchor_quant.py), in llama.cpp's grids: asymmetric int4 (Q4_1: w = scale * q
+// + min, q in 0..15) or symmetric int8 (Q8_0: w = scale * q), one float16 scale (and min) per group of input rows
+// and column.
+//
+//   codes   uint8 [in, out / 2]: int4 q of columns 2c (low nibble) and 2c + 1 (high nibble) of input row i;
+//           or int8 [in, out]
+//   scales  float16 [in / g, out]
+//   mins    float16 [in / g, out] (int4), or empty [0] (int8)
+//
+// qlinear: x float32 [..., in] -> out float32 [..., out] = qmatmul(q8(x), W) (qmatmul.h: activations int8 with one
+// scale per token and group of g inputs, the weights' groups, as llama.cpp's Q8_1 / Q8_0 activation blocks; each
+// group's sums exact in int32, scaled by the weight's and the activation's scale, the min term from the token's
+// group sum).
+// qembedding: tokens int64 [...] -> out float32 [..., in]: column v of the same table, out[..., i] =
+// float(scale[i / g, v]) * q[i, v] (+ float(min[i / g, v]) for int4). A tied embedding and its output head read one table:
+// the head is qlinear over [d, V], the lookup is qembedding over the same tensors.
+// The reference implementations are in kernels/__init__.py (qlinear_reference, qembedding_reference).
+
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "qmatmul.h"
+
+namespace {
+
+using executorch::aten::Half;
+using executorch::aten::ScalarType;
+using executorch::aten::SizesType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::KernelRuntimeContext;
+using hm_kernels::QMatrix;
+
+// The table as a QMatrix (rows = in, cols = out), or an error message when shapes or dtypes disagree.
+const char* table_matrix(const Tensor& codes, const Tensor& scales, const Tensor& mins, QMatrix& m) {
+  const bool int4 = codes.scalar_type() == ScalarType::Byte;
+  if ((!int4 && codes.scalar_type() != ScalarType::Char) || codes.dim() != 2) {
+    return "codes must be uint8 [in, out / 2] (int4) or int8 [in, out]";
+  }
+  if (scales.scalar_type() != ScalarType::Half || mins.scalar_type() != ScalarType::Half) {
+    return "scales and mins must be float16";
+  }
+  const int64_t rows = codes.size(0), cols = int4 ? 2 * codes.size(1) : codes.size(1);
+  if (scales.dim() != 2 || scales.size(0) < 1 || rows % scales.size(0) != 0 || scales.size(1) != cols) {
+    return "scales must be [in / group, out]";
+  }
+  if (int4 && (mins.dim() != 2 || mins.size(0) != scales.size(0) || mins.size(1) != cols)) {
+    return "mins must match scales";
+  }
+  if (!int4 && mins.numel() != 0) return "int8 codes take no mins (an empty tensor)";
+  m = QMatrix{codes.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.const_data_ptr<Half>()),
+              rows, cols, rows / scales.size(0), int4,
+              int4 ? reinterpret_cast<const uint16_t*>(mins.const_data_ptr<Half>()) : nullptr};
+  return nullptr;
+}
+
+// `out` resized to `in`'s sizes with the last one replaced by `last` (or appended when `append`).
+bool resize_like(const Tensor& in, int64_t last, bool append, Tensor& out) {
+  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
+  const int64_t dims = in.dim();
+  if (dims + (append ? 1 : 0) > static_cast<int64_t>(executorch::runtime::kTensorDimensionLimit)) return false;
+  for (int64_t k = 0; k < dims; ++k) sizes[k] = static_cast<SizesType>(in.size(k));
+  const int64_t out_dims = append ? dims + 1 : dims;
+  sizes[out_dims - 1] = static_cast<SizesType>(last);
+  return executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(out_dims)}) == Error::Ok;
+}
+
+Tensor& qlinear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& scales,
+                    const Tensor& mins, Tensor& out) {
+  QMatrix w{};
+  const char* problem = table_matrix(codes, scales, mins, w);
+  ET_KERNEL_CHECK_MSG(ctx, problem == nullptr, InvalidArgument, out, "qlinear: %s", problem);
+  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.size(x.dim() - 1) == w.rows,
+                      InvalidArgument, out, "qlinear: x must be float32 [..., in]");
+  ET_KERNEL_CHECK(ctx, resize_like(x, w.cols, false, out), InvalidArgument, out);
+  const int64_t tokens = x.numel() / w.rows, pad = w.rows + w.rows % 2;
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xs;
+  xq.resize(tokens * pad);
+  xs.resize(tokens * (w.rows / w.group));
+  w.group_scales = true;
+  hm_kernels::quantize_groups(x.const_data_ptr<float>(), tokens, w.rows, w.rows, w.group, xq.data(), pad, xs.data());
+  hm_kernels::qmatmul(w, xq.data(), pad, xs.data(), tokens, out.mutable_data_ptr<float>(), w.cols);
+  return out;
+}
+
+Tensor& qembedding_out(KernelRuntimeContext& ctx, const Tensor& tokens, const Tensor& codes, const Tensor& scales,
+                       const Tensor& mins, Tensor& out) {
+  QMatrix w{};
+  const char* problem = table_matrix(codes, scales, mins, w);
+  ET_KERNEL_CHECK_MSG(ctx, problem == nullptr, InvalidArgument, out, "qembedding: %s", problem);
+  ET_KERNEL_CHECK_MSG(ctx, tokens.scalar_type() == ScalarType::Long, InvalidArgument, out,
+                      "qembedding: tokens must be int64");
+  ET_KERNEL_CHECK(ctx, resize_like(tokens, w.rows, true, out), InvalidArgument, out);
+  const int64_t* ids = tokens.const_data_ptr<int64_t>();
+  float* o = out.mutable_data_ptr<float>();
+  for (int64_t t = 0; t < tokens.numel(); ++t) {
+    const int64_t v = ids[t];
+    ET_KERNEL_CHECK_MSG(ctx, v >= 0 && v < w.cols, InvalidArgument, out, "qembedding: token %lld outside [0, %lld)",
+                        static_cast<long long>(v), static_cast<long long>(w.cols));
+    float* row = o + t * w.rows;
+    for (int64_t i = 0; i < w.rows; ++i) {
+      const int64_t at = i / w.group * w.cols + v;
+      const float scale = hm_kernels::half_to_float(w.scales[at]);
+      if (w.int4) {  // the nibble itself: no offset in the asymmetric grid
+        row[i] = scale * static_cast<float>(w.code(i, v)) + hm_kernels::half_to_float(w.mins[at]);
+      } else {
+        row[i] = scale * static_cast<float>(w.code(i, v));
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+EXECUTORCH_LIBRARY(hm_export, "qlinear.out", qlinear_out);
+EXECUTORCH_LIBRARY(hm_export, "qembedding.out", qembedding_out);
