@@ -483,19 +483,20 @@ def _structure(loader: Any, target: str) -> list[CheckResult]:
 
 
 def _bank(loader: Any, body: dict, expected: dict[str, torch.Tensor], full: bool) -> list[CheckResult]:
-    """Headers and CRC-32 of the blocks the checks depend on (all with ``full``), then the memory of those
-    blocks against the checkpoint's probes."""
+    """Headers and CRC-32 (and sha256, opened with a trusted key) of the blocks the checks depend on (all with
+    ``full``), then the memory of those blocks against the checkpoint's probes."""
     blocks = check_blocks([c["path"] for c in body["checks"]])
     scope = "every block" if full else "the blocks the checks use"
     try:
-        report = check_bank(loader.bank_dir, blocks=None if full else blocks)
+        report = check_bank(loader.bank_dir, blocks=None if full else blocks, index_sha256=loader.bank.index_sha256)
     except BankError as exc:
         return [CheckResult("bank", "blocks", "-", "fail", str(exc))]
     results = [
         CheckResult("bank", "blocks", f"level{f['level']}/node{f['node']}", "fail", f["error"]) for f in report.failures
     ]
     if not report.failures:
-        detail = f"{report.blocks} blocks ({scope}): headers and CRC-32 match the index"
+        sums = "CRC-32 and sha256" if loader.bank.authenticated else "CRC-32"
+        detail = f"{report.blocks} blocks ({scope}): headers and {sums} match the index"
         results.append(CheckResult("bank", "blocks", "-", "pass", detail))
     damaged = {(f["level"], f["node"]) for f in report.failures}
     schemes = [s.name for s in loader.bank.schemes]

@@ -322,7 +322,9 @@ def _escape_mutation(area: str, relative: str, json_path: tuple, escape: str, co
 
 
 def _forged_block(rng: random.Random, block: str) -> Mutation:
-    """A payload edit that keeps the block's CRC-32 (4 bytes solved for): no index or manifest change at all."""
+    """A payload edit that keeps the block's CRC-32 (4 bytes solved for): no index or manifest change at all.
+    Consistent: an unkeyed reader reads it (the trust model: whoever edits a block can rewrite the index and seal
+    too); a bundle opened with its signer's key refuses it (the per-block sha256)."""
     seed = rng.randrange(2**32)
 
     def edit(root: Path, outside: Path) -> None:

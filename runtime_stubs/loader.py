@@ -28,7 +28,7 @@ from hm_export.config import ModelConfig
 from hm_export.decode import CacheSpec
 from hm_export.errors import BankError, BundleError, HmExportError, HostUnsupported, UsageError, wrapped
 from hm_export.formats.manifest import Manifest, Target
-from hm_export.kernels.strategies import layout_from_record
+from hm_export.kernels.strategies import SlotLayout, layout_from_record
 from hm_export.router import CentroidTree, Embedder, MiniLMEmbedder
 from hm_export.runtime_stubs.block_cache import CachePolicy, SlotFiller, SlotUpdate
 from hm_export.safeio import check_tree
@@ -154,8 +154,173 @@ class _CheckedProgram:
         self.inner.reset()
 
 
+@dataclass(frozen=True)
+class OpenBundle:
+    """Open and validate: a bundle whose manifest, model config, slot contract, bank, tokenizer and router tree
+    were read and checked against each other (:meth:`open`).  Every failure is an
+    :class:`~hm_export.errors.HmExportError` naming the file."""
+
+    root: Path
+    manifest: Manifest
+    config: ModelConfig
+    contract: SlotContract
+    layout: SlotLayout
+    bank: BankReader
+    tokenizer: Tokenizer
+    tree: CentroidTree
+
+    @classmethod
+    def open(
+        cls, bundle_dir: Path | str, verify: bool = True, read_mode: str = "pread", verify_key: bytes | None = None
+    ) -> OpenBundle:
+        """``verify``: sha256 of every listed file (``False``: trusted storage, where sizes and file types are
+        still checked); ``read_mode``: the bank's (:class:`BankReader`); ``verify_key``: a trusted raw Ed25519
+        public key the bundle must be signed with (:mod:`hm_export.integrity`), which also authenticates the
+        bank's index and so each block's sha256."""
+        root = Path(bundle_dir)
+        manifest = read_manifest(root, verify_key)
+        verify_files(root, manifest, hashes=verify)
+        manifest_path = root / MANIFEST
+        config = bundle_config(root, manifest)
+        try:
+            contract = SlotContract.from_dict(manifest.slot)
+            layout = layout_from_record(manifest.slot)
+            expected = layout.contract(config, contract.seq_len)
+        except (HmExportError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise BundleError(f"{manifest_path}: bad slot contract: {exc}", field="slot") from exc
+        seq_len_ok = 1 <= contract.seq_len <= config.max_seq_len
+        if expected.schema_hash != contract.schema_hash or not seq_len_ok:
+            raise BundleError(
+                f"{manifest_path}: slot contract does not match the model config and slot strategy "
+                f"{layout.strategy.name!r}",
+                field="slot",
+            )
+        bank_dir = safe_relative(root, manifest.bank.dir, "bank", kind="dir", field="bank.dir")
+        index_bytes = manifest.listed_size(manifest.bank.index)
+        # Only a manifest whose signature a trusted key verified (read_manifest raised otherwise) authenticates
+        # the index, and through it each block's sha256; unkeyed, verified reads check the CRC-32 alone.
+        index_sha256 = manifest.files[manifest.bank.index].sha256 if verify_key is not None else None
+        bank = BankReader(bank_dir, read_mode, index_bytes=index_bytes, index_sha256=index_sha256)
+        if bank.schema_hash != manifest.bank.schema_hash:
+            raise BundleError(
+                f"{bank_dir}: bank schema hash {bank.schema_hash} does not match the manifest's "
+                f"{manifest.bank.schema_hash} (bank written for another model or scheme)",
+                field="bank.schema_hash",
+            )
+        tokenizer = read_tokenizer(root, manifest, manifest.tokenizer.file, "tokenizer.file", config.vocab_size)
+        return cls(root, manifest, config, contract, layout, bank, tokenizer, read_tree(root, manifest, config))
+
+    @property
+    def bank_dir(self) -> Path:
+        return self.root / self.manifest.bank.dir
+
+
+class ContextRouter:
+    """Route: a context's memory path, from its embedding (all-MiniLM-L6-v2 unless an embedder is given, loaded
+    on first use) by greedy descent of the bundle's centroid tree."""
+
+    def __init__(self, tree: CentroidTree, embedder: Embedder | None = None) -> None:
+        self.tree = tree
+        self._embedder = embedder
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = MiniLMEmbedder()
+        return self._embedder
+
+    def route(self, context: str) -> tuple[int, ...]:
+        """The memory path of a context (one node id per level)."""
+        _check_text(context, "context")
+        embedding = np.asarray(self.embedder.embed([context]), dtype=np.float32)
+        if embedding.ndim != 2 or embedding.shape[1] != self.tree.dim:
+            shape, dim = list(embedding.shape), self.tree.dim
+            raise UsageError(f"the embedder gives {shape} vectors, the router expects dim {dim}")
+        return tuple(int(n) for n in self.tree.route(embedding)[0])
+
+
+class TargetPrograms:
+    """Run: a target's window program (:meth:`use_target`, then :meth:`logits`) or decode program
+    (:meth:`open_decoder`), each call bounded (token ids, positions, logits shape; :class:`_CheckedProgram`)."""
+
+    def __init__(self, bundle: OpenBundle) -> None:
+        self.bundle = bundle
+        self.runner: Runner | None = None
+        self.target: str | None = None
+
+    def _checked(self, inner: Any, files: dict[str, Path], positions: int) -> Any:
+        return _CheckedProgram(inner, program_file(files), self.bundle.config.vocab_size, positions)
+
+    def use_target(self, target: str) -> None:
+        """Run programs with ``target``'s runtime (raises HostUnsupported where it cannot run)."""
+        root, manifest = self.bundle.root, self.bundle.manifest
+        entry = _target_entry(root, manifest, target)
+        if entry.window == "decode":  # the target's one program: windows are prefills from position 0
+            self.runner = PrefillRunner(self.open_decoder(target))
+            self.target = target
+            return
+        open_runner = TARGETS[target].open_runner
+        if open_runner is None:
+            raise HostUnsupported(f"target {target!r} runs only on its device, not on this host")
+        TARGETS[target].check_installed()
+        files = target_files(root, manifest, target)
+        with wrapped(program_file(files), f"cannot load the {target} program"):
+            runner = open_runner(files, self.bundle.contract.input_names, entry.record)
+        self.runner = self._checked(runner, files, self.bundle.contract.seq_len)
+        self.target = target
+
+    def has_decoder(self, target: str) -> bool:
+        """Whether the bundle holds a KV-cache decode program for ``target``."""
+        return _target_entry(self.bundle.root, self.bundle.manifest, target).decode is not None
+
+    def open_decoder(self, target: str) -> Decoder:
+        """A runner of ``target``'s decode program, fed the slot buffers by the caller.
+
+        Raises BundleError when the bundle has no decode program for it, HostUnsupported where it cannot run.
+        """
+        root, manifest, config = self.bundle.root, self.bundle.manifest, self.bundle.config
+        entry = _target_entry(root, manifest, target)
+        support = TARGETS[target].decode
+        if entry.decode is None or support is None:
+            raise BundleError(f"{root / 'manifest.json'}: target {target!r} has no decode program")
+        if support.open_decoder is None:
+            raise HostUnsupported(f"target {target!r} decodes only on its device, not on this host")
+        TARGETS[target].check_installed()
+        files = target_files(root, manifest, target, decode=True)
+        cache = entry.decode.get("cache")
+        want = CacheSpec.for_model(config).to_dict()
+        if not isinstance(cache, dict) or [cache.get(k) for k in ("layers", "shape")] != [
+            want["layers"],
+            want["shape"],
+        ]:
+            raise BundleError(
+                f"{root / MANIFEST}: targets.{target}.decode.cache does not match the model config ({want})",
+                field=f"targets.{target}.decode.cache",
+            )
+        with wrapped(program_file(files), f"cannot load the {target} decode program"):
+            decoder = support.open_decoder(files, self.bundle.contract.input_names, entry.decode.record)
+        return self._checked(decoder, files, config.max_seq_len)
+
+    def logits(self, tokens: Sequence[int], slot: list[torch.Tensor]) -> torch.Tensor:
+        """Logits ``[n, vocab]`` of the window program for up to ``seq_len`` tokens (padded after when the
+        program has a fixed length) with the memory in ``slot``."""
+        if self.runner is None:
+            raise UsageError("no target selected: call use_target()")
+        seq_len = self.bundle.contract.seq_len
+        tokens = list(tokens)[-seq_len:]
+        if not tokens:
+            raise UsageError("need at least one token")
+        if not getattr(self.runner, "pads", True):
+            return self.runner(torch.tensor([tokens]), slot)[0]
+        padded = torch.zeros(1, seq_len, dtype=torch.long)
+        padded[0, : len(tokens)] = torch.tensor(tokens)
+        return self.runner(padded, slot)[0, : len(tokens)]
+
+
 class BundleLoader:
-    """Open and validate a bundle; route contexts; fill the slot level by level; run the program."""
+    """A bundle ready to serve: open and validate (:class:`OpenBundle`), route contexts (:class:`ContextRouter`),
+    fill the slot level by level (:class:`~hm_export.runtime_stubs.block_cache.SlotFiller`), run the program
+    (:class:`TargetPrograms`), composed."""
 
     def __init__(
         self,
@@ -169,106 +334,76 @@ class BundleLoader:
         verify_key: bytes | None = None,
     ) -> None:
         """``verify``: sha256 of every listed file at open (``False``: trusted storage, where sizes and file
-        types are still checked); ``verify_blocks``: CRC-32 and sha256 check of every block read (overrides
-        ``cache.verify``); ``cache``: resident levels and LRU cap (default :class:`CachePolicy`); ``read_mode``:
-        ``pread``, ``readinto`` or ``mmap``; ``verify_key``: a trusted raw Ed25519 public key the bundle must be
-        signed with (:mod:`hm_export.integrity`).  Every failure is an :class:`~hm_export.errors.HmExportError`."""
-        self.root = Path(bundle_dir)
-        self.manifest = read_manifest(self.root, verify_key)
-        verify_files(self.root, self.manifest, hashes=verify)
-        manifest_path = self.root / MANIFEST
-        self.config = bundle_config(self.root, self.manifest)
-        try:
-            self.contract = SlotContract.from_dict(self.manifest.slot)
-            self.layout = layout_from_record(self.manifest.slot)
-            expected = self.layout.contract(self.config, self.contract.seq_len)
-        except (HmExportError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-            raise BundleError(f"{manifest_path}: bad slot contract: {exc}", field="slot") from exc
-        seq_len_ok = 1 <= self.contract.seq_len <= self.config.max_seq_len
-        if expected.schema_hash != self.contract.schema_hash or not seq_len_ok:
-            raise BundleError(
-                f"{manifest_path}: slot contract does not match the model config and slot strategy "
-                f"{self.layout.strategy.name!r}",
-                field="slot",
-            )
-        bank_dir = safe_relative(self.root, self.manifest.bank.dir, "bank", kind="dir", field="bank.dir")
-        index_bytes = self.manifest.listed_size(self.manifest.bank.index)
-        self.bank = BankReader(bank_dir, read_mode, index_bytes=index_bytes)
-        if self.bank.schema_hash != self.manifest.bank.schema_hash:
-            raise BundleError(
-                f"{self.bank_dir}: bank schema hash {self.bank.schema_hash} does not match the manifest's "
-                f"{self.manifest.bank.schema_hash} (bank written for another model or scheme)",
-                field="bank.schema_hash",
-            )
+        types are still checked); ``verify_blocks``: CRC-32 check of every block read, and its sha256 with
+        ``verify_key`` (overrides ``cache.verify``); ``cache``: resident levels and LRU cap (default
+        :class:`CachePolicy`); ``read_mode``: ``pread``, ``readinto`` or ``mmap``; ``verify_key``: a trusted raw
+        Ed25519 public key the bundle must be signed with (:mod:`hm_export.integrity`).  Every failure is an
+        :class:`~hm_export.errors.HmExportError`."""
+        self.bundle = OpenBundle.open(bundle_dir, verify, read_mode, verify_key)
         policy = replace(cache or CachePolicy(), verify=verify_blocks)
         try:
             self.filler = SlotFiller(self.contract, self.bank, policy, self.layout)
         except (BankError, ValueError) as exc:
             raise BundleError(f"{self.bank_dir}: {exc}") from exc
-        self.tokenizer = read_tokenizer(
-            self.root, self.manifest, self.manifest.tokenizer.file, "tokenizer.file", self.config.vocab_size
-        )
-        self.tree = read_tree(self.root, self.manifest, self.config)
-        self._embedder = embedder
-        self.runner: Runner | None = None
-        self.target: str | None = None
+        self.router = ContextRouter(self.tree, embedder)
+        self.programs = TargetPrograms(self.bundle)
         if target is not None:
             self.use_target(target)
 
-    def _checked(self, inner: Any, files: dict[str, Path], positions: int) -> Any:
-        return _CheckedProgram(inner, program_file(files), self.config.vocab_size, positions)
+    # ---- open / validate: the checked parts of the bundle ----
 
-    def use_target(self, target: str) -> None:
-        """Run programs with ``target``'s runtime (raises HostUnsupported where it cannot run)."""
-        entry = _target_entry(self.root, self.manifest, target)
-        if entry.window == "decode":  # the target's one program: windows are prefills from position 0
-            self.runner = PrefillRunner(self.open_decoder(target))
-            self.target = target
-            return
-        open_runner = TARGETS[target].open_runner
-        if open_runner is None:
-            raise HostUnsupported(f"target {target!r} runs only on its device, not on this host")
-        TARGETS[target].check_installed()
-        files = target_files(self.root, self.manifest, target)
-        with wrapped(program_file(files), f"cannot load the {target} program"):
-            runner = open_runner(files, self.contract.input_names, entry.record)
-        self.runner = self._checked(runner, files, self.contract.seq_len)
-        self.target = target
+    @property
+    def root(self) -> Path:
+        return self.bundle.root
 
-    def has_decoder(self, target: str) -> bool:
-        """Whether the bundle holds a KV-cache decode program for ``target``."""
-        return _target_entry(self.root, self.manifest, target).decode is not None
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
 
-    def open_decoder(self, target: str) -> Decoder:
-        """A runner of ``target``'s decode program, fed this loader's slot buffers by the caller.
+    @property
+    def config(self) -> ModelConfig:
+        return self.bundle.config
 
-        Raises BundleError when the bundle has no decode program for it, HostUnsupported where it cannot run.
-        """
-        entry = _target_entry(self.root, self.manifest, target)
-        support = TARGETS[target].decode
-        if entry.decode is None or support is None:
-            raise BundleError(f"{self.root / 'manifest.json'}: target {target!r} has no decode program")
-        if support.open_decoder is None:
-            raise HostUnsupported(f"target {target!r} decodes only on its device, not on this host")
-        TARGETS[target].check_installed()
-        files = target_files(self.root, self.manifest, target, decode=True)
-        cache = entry.decode.get("cache")
-        want = CacheSpec.for_model(self.config).to_dict()
-        if not isinstance(cache, dict) or [cache.get(k) for k in ("layers", "shape")] != [
-            want["layers"],
-            want["shape"],
-        ]:
-            raise BundleError(
-                f"{self.root / MANIFEST}: targets.{target}.decode.cache does not match the model config ({want})",
-                field=f"targets.{target}.decode.cache",
-            )
-        with wrapped(program_file(files), f"cannot load the {target} decode program"):
-            decoder = support.open_decoder(files, self.contract.input_names, entry.decode.record)
-        return self._checked(decoder, files, self.config.max_seq_len)
+    @property
+    def contract(self) -> SlotContract:
+        return self.bundle.contract
+
+    @property
+    def layout(self) -> SlotLayout:
+        return self.bundle.layout
+
+    @property
+    def bank(self) -> BankReader:
+        return self.bundle.bank
 
     @property
     def bank_dir(self) -> Path:
-        return self.root / self.manifest.bank.dir
+        return self.bundle.bank_dir
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.bundle.tokenizer
+
+    @property
+    def tree(self) -> CentroidTree:
+        return self.bundle.tree
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the bundle's tokenizer (UsageError for text that is not valid Unicode)."""
+        _check_text(text, "text")
+        return list(self.tokenizer.encode(text).ids)
+
+    # ---- route ----
+
+    @property
+    def embedder(self) -> Embedder:
+        return self.router.embedder
+
+    def route(self, context: str) -> tuple[int, ...]:
+        """The memory path of a context (one node id per level)."""
+        return self.router.route(context)
+
+    # ---- fill ----
 
     @property
     def slot(self) -> list[torch.Tensor]:
@@ -280,26 +415,6 @@ class BundleLoader:
         """The node held per level (None: not loaded yet)."""
         return self.filler.path
 
-    @property
-    def embedder(self) -> Embedder:
-        if self._embedder is None:
-            self._embedder = MiniLMEmbedder()
-        return self._embedder
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` with the bundle's tokenizer (UsageError for text that is not valid Unicode)."""
-        _check_text(text, "text")
-        return list(self.tokenizer.encode(text).ids)
-
-    def route(self, context: str) -> tuple[int, ...]:
-        """The memory path of a context (one node id per level)."""
-        _check_text(context, "context")
-        embedding = np.asarray(self.embedder.embed([context]), dtype=np.float32)
-        if embedding.ndim != 2 or embedding.shape[1] != self.tree.dim:
-            shape, dim = list(embedding.shape), self.tree.dim
-            raise UsageError(f"the embedder gives {shape} vectors, the router expects dim {dim}")
-        return tuple(int(n) for n in self.tree.route(embedding)[0])
-
     def set_path(self, path: Sequence[int]) -> SlotUpdate:
         """Make the slot hold ``path``'s memory, fetching only the levels whose node changed."""
         return self.filler.set_path(path)
@@ -308,23 +423,39 @@ class BundleLoader:
         """Read ``path``'s missing blocks in the background; a later :meth:`set_path` only dequantizes."""
         return self.filler.prefetch(path)
 
+    def route_and_set(self, context: str) -> SlotUpdate:
+        return self.set_path(self.route(context))
+
+    # ---- run ----
+
+    @property
+    def runner(self) -> Runner | None:
+        return self.programs.runner
+
+    @property
+    def target(self) -> str | None:
+        return self.programs.target
+
+    def use_target(self, target: str) -> None:
+        """Run programs with ``target``'s runtime (raises HostUnsupported where it cannot run)."""
+        self.programs.use_target(target)
+
+    def has_decoder(self, target: str) -> bool:
+        """Whether the bundle holds a KV-cache decode program for ``target``."""
+        return self.programs.has_decoder(target)
+
+    def open_decoder(self, target: str) -> Decoder:
+        """A runner of ``target``'s decode program, fed this loader's slot buffers by the caller.
+
+        Raises BundleError when the bundle has no decode program for it, HostUnsupported where it cannot run.
+        """
+        return self.programs.open_decoder(target)
+
     def logits(self, tokens: Sequence[int]) -> torch.Tensor:
         """Logits ``[n, vocab]`` for up to ``seq_len`` tokens (the program's fixed length; padded after)."""
         if any(p is None for p in self.path):
             raise UsageError("no memory path set: call set_path() or route_and_set() first")
-        if self.runner is None:
-            raise UsageError("no target selected: call use_target()")
-        tokens = list(tokens)[-self.contract.seq_len :]
-        if not tokens:
-            raise UsageError("need at least one token")
-        if not getattr(self.runner, "pads", True):
-            return self.runner(torch.tensor([tokens]), self.slot)[0]
-        padded = torch.zeros(1, self.contract.seq_len, dtype=torch.long)
-        padded[0, : len(tokens)] = torch.tensor(tokens)
-        return self.runner(padded, self.slot)[0, : len(tokens)]
-
-    def route_and_set(self, context: str) -> SlotUpdate:
-        return self.set_path(self.route(context))
+        return self.programs.logits(tokens, self.slot)
 
 
 def _check_text(text: object, what: str) -> None:

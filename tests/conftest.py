@@ -167,6 +167,21 @@ def rehash(root: Path, *relative: str) -> None:
     rerecord(root, *relative)
 
 
+def sign_and_edit_index(root: Path, work: Path) -> Path:
+    """Sign bundle ``root`` with a new key (``work/key.pem``, ``work/key.pub``), then change one byte of its bank
+    index's source fingerprint (same size, valid JSON, other bytes: caught only by the index's sha256); return
+    the index path."""
+    from hm_export.integrity import generate_key, sign_bundle
+
+    generate_key(work / "key.pem", work / "key.pub")
+    sign_bundle(root, work / "key.pem")
+    index = root / "bank" / "index.json"
+    text = index.read_text()
+    at = text.index('"fingerprint": "') + len('"fingerprint": "')
+    index.write_text(text[:at] + ("1" if text[at] == "0" else "0") + text[at + 1 :])
+    return index
+
+
 def rebank(
     bundle: Path, checkpoint: Path, out: Path, scheme: str, wrong_block: tuple[int, int, int] | None = None
 ) -> Path:

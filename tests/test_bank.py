@@ -236,10 +236,9 @@ def test_checksum_mismatch(bank: Path) -> None:
     reader.read_block(1, 4, verify=False)  # header still matches; only the payload changed
 
 
-def test_crc_preserving_forgery_is_refused(bank: Path) -> None:
-    """A payload edit that keeps the block's CRC-32 (hm_export.fuzz's forgery) fails the index's sha256."""
-    path = block_path(bank)
-    data = bytearray(path.read_bytes())
+def forge_block(path: Path) -> bytes:
+    """Edit a payload byte of the block at ``path`` keeping its CRC-32 (4 bytes solved for); return the original."""
+    data = bytearray(original := path.read_bytes())
     payload = bytearray(data[PAYLOAD_ALIGNMENT:])
     want = zlib.crc32(payload)
     payload[3] ^= 0xFF
@@ -247,10 +246,43 @@ def test_crc_preserving_forgery_is_refused(bank: Path) -> None:
     assert zlib.crc32(payload) == want and bytes(payload) != data[PAYLOAD_ALIGNMENT:]
     data[PAYLOAD_ALIGNMENT:] = payload
     path.write_bytes(bytes(data))
+    return original
+
+
+def test_unauthenticated_crc_preserving_forgery_is_read_by_the_trust_model(bank: Path) -> None:
+    """Without an index authenticated by a signed manifest, verified reads check the CRC-32 only: whoever can
+    edit a block can rewrite the index too, so its sha256 would add cost and no security (docs/bank-format.md)."""
+    pristine = BankReader(bank).read_block(1, 4)
+    forge_block(block_path(bank))
+    reader = BankReader(bank)
+    assert not reader.authenticated
+    forged = reader.read_block(1, 4)  # header and CRC-32 match: read
+    assert any(not np.array_equal(a, b) for a, b in zip(pristine, forged, strict=True))
+
+
+def test_authenticated_crc_preserving_forgery_is_refused(bank: Path) -> None:
+    """With the index's digest from a signed manifest, the per-block sha256 refuses a CRC-preserving edit."""
+    index_sha256 = hashlib.sha256((bank / INDEX_FILE).read_bytes()).hexdigest()
+    path = block_path(bank)
+    forge_block(path)
+    reader = BankReader(bank, index_sha256=index_sha256)
+    assert reader.authenticated
     with pytest.raises(BankError, match=r"block \(level 1, node 4\): checksum mismatch \(payload sha256") as info:
-        BankReader(bank).read_block(1, 4)
+        reader.read_block(1, 4)
     assert str(path) in str(info.value)
-    BankReader(bank).read_block(1, 4, verify=False)  # trusted storage: header checks only
+    reader.read_block(1, 4, verify=False)  # trusted storage: header checks only
+    report = check_bank(bank, index_sha256=index_sha256)
+    assert [(f["level"], f["node"]) for f in report.failures] == [(1, 4)] and "sha256" in report.failures[0]["error"]
+    assert check_bank(bank).ok  # unauthenticated: the CRC-32 matches
+
+
+def test_authenticated_index_must_have_the_signed_digest(bank: Path) -> None:
+    index = bank / INDEX_FILE
+    digest = hashlib.sha256(index.read_bytes()).hexdigest()
+    BankReader(bank, index_sha256=digest)
+    with pytest.raises(BankError, match=r"sha256 .* differs from the signed manifest's") as info:
+        BankReader(bank, index_sha256="0" * 64)
+    assert str(index) in str(info.value)
 
 
 @pytest.mark.parametrize("sha", ["0" * 63, "A" * 64, 7])

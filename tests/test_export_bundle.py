@@ -27,7 +27,8 @@ from hm_export.errors import UsageError
 from hm_export.export import ExportRecipe, export_bundle
 from hm_export.model import assemble_path
 from hm_export.router import MINILM_DIM, MiniLMEmbedder
-from hm_export.runtime_stubs.loader import BundleLoader, complete
+from hm_export.runtime_stubs.block_cache import SlotFiller
+from hm_export.runtime_stubs.loader import BundleLoader, ContextRouter, OpenBundle, TargetPrograms, complete
 from hm_export.slot import SlotContract, slot_tensors
 from hm_export.verify import verify_bundle
 
@@ -318,6 +319,25 @@ def test_loader_routes_with_the_given_embedder(bundle, ckpt):
     for _ in range(4):
         tokens.append(int(eager_logits(ckpt, tokens, result.context_path)[-1].argmax()))
     assert result.prompt_tokens == 3 and result.new_tokens == tokens[3:]
+
+
+def test_loader_pieces_compose_to_the_loader(bundle, ckpt):
+    """open / route / fill / run used one by one give what BundleLoader gives (it only composes them)."""
+    centroids = ckpt.tree.centroids[0]
+    embedder = FakeEmbedder({"alpha": centroids[0], "beta": centroids[1]})
+    opened = OpenBundle.open(bundle)
+    path = ContextRouter(opened.tree, embedder).route("beta")
+    filler = SlotFiller(opened.contract, opened.bank, layout=opened.layout)
+    filler.set_path(path)
+    programs = TargetPrograms(opened)
+    programs.use_target("executorch")
+    tokens = list(range(1, 11))
+    loader = BundleLoader(bundle, embedder=embedder)
+    loader.route_and_set("beta")
+    assert loader.path == list(path) and opened.manifest == loader.manifest
+    logits = programs.logits(tokens, filler.slot)
+    torch.testing.assert_close(logits, loader.logits(tokens), rtol=0, atol=0)
+    torch.testing.assert_close(logits, eager_logits(ckpt, tokens, path), rtol=0, atol=1e-4)
 
 
 # --- tampering ----------------------------------------------------------------------------------------

@@ -20,16 +20,19 @@ import re
 import resource
 import shutil
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
+from conftest import sign_and_edit_index
 
 from hm_export.bundle import read_manifest, write_manifest
 from hm_export.cli import main
 from hm_export.errors import BundleError, HmExportError, IntegrityError
 from hm_export.formats import parse_json
-from hm_export.fuzz import Harness, OutsideWatch, mutations, probe_native, problems, rerecord, run_case
+from hm_export.fuzz import Harness, OutsideWatch, crc_patch, mutations, probe_native, problems, rerecord, run_case
 from hm_export.integrity import generate_key, public_key_bytes, sign_bundle
 from hm_export.router_program import open_router_program
 from hm_export.runtime_stubs.loader import BundleLoader
@@ -289,6 +292,43 @@ def test_signed_bundle_refuses_any_consistent_edit(bundle, tmp_path):
         BundleLoader(root, target=None, verify_key=key)
     result = invoke("inspect", root, "--verify-key", tmp_path / "key.pub")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "not signed" in result.stderr
+
+
+def test_crc_preserving_block_forgery_is_read_unsigned_and_refused_signed_with_the_key(bundle, tmp_path):
+    """The trust model (docs/hostile-inputs.md): without a trusted key whoever edits a block can rewrite the index,
+    manifest and seal as well, so verified reads check the CRC-32 alone and a CRC-preserving edit is read; a
+    bundle opened with its signer's key authenticates the index, and each block's sha256 refuses the edit."""
+    root = copy_bundle(bundle, tmp_path)
+    generate_key(tmp_path / "key.pem", tmp_path / "key.pub")
+    sign_bundle(root, tmp_path / "key.pem")
+    key = public_key_bytes(tmp_path / "key.pub")
+    loader = BundleLoader(root, target=None)
+    loader.set_path([0, 1])
+    pristine = [t.clone() for t in loader.slot]
+    entry = loader.bank.index.entry(1, 1)
+    block = loader.bank_dir / entry.file
+    data = bytearray(block.read_bytes())
+    start, want = entry.offset, entry.crc32
+    data[start + 3] ^= 0xFF
+    data[start + 8 : start + 12] = crc_patch(bytes(data[start : start + entry.length]), 8, want)
+    assert zlib.crc32(data[start : start + entry.length]) == want
+    block.write_bytes(bytes(data))
+    unsigned = BundleLoader(root, target=None)
+    assert not unsigned.bank.authenticated
+    unsigned.set_path([0, 1])  # header and CRC-32 match: read
+    assert any(not torch.equal(a, b) for a, b in zip(pristine, unsigned.slot, strict=True))
+    signed = BundleLoader(root, target=None, verify_key=key)
+    assert signed.bank.authenticated
+    with pytest.raises(HmExportError, match=rf"{block}: block \(level 1, node 1\): checksum mismatch \(payload sha256"):
+        signed.set_path([0, 1])
+
+
+def test_signed_index_is_checked_even_in_trusted_storage_mode(bundle, tmp_path):
+    root = copy_bundle(bundle, tmp_path)
+    index = sign_and_edit_index(root, tmp_path)
+    BundleLoader(root, target=None, verify=False)  # unkeyed trusted storage: opens
+    with pytest.raises(HmExportError, match=rf"{index}: sha256 .* differs from the signed manifest's"):
+        BundleLoader(root, target=None, verify=False, verify_key=public_key_bytes(tmp_path / "key.pub"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIFOs and symlink checks as on Linux")

@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import DECODE_CONTEXTS, tiny_checkpoint
+from conftest import DECODE_CONTEXTS, sign_and_edit_index, tiny_checkpoint
 
 from hm_export.bench import leaf_path
 from hm_export.bundle import file_record, write_manifest
 from hm_export.cli import main
 from hm_export.fuzz import crc_patch
+from hm_export.integrity import generate_key, sign_bundle
 from hm_export.native import NativeError, build_native_runner, run_native_runner, write_check_embeddings
 from hm_export.runtime_stubs.block_cache import CachePolicy
 from hm_export.runtime_stubs.loader import BundleLoader
@@ -188,9 +189,13 @@ def test_corrupt_block_is_refused_naming_the_file(runner, bundles, tmp_path):
         run_native_runner(runner, bundle, fills=[[0, 2]])
 
 
-def test_crc_preserving_block_forgery_is_refused(runner, bundles, tmp_path):
-    """A payload edit that keeps the CRC-32 passes the header and CRC checks; the index's sha256 refuses it."""
+def test_crc_preserving_block_forgery_is_read_unsigned_and_refused_signed_with_the_key(runner, bundles, tmp_path):
+    """A payload edit that keeps the CRC-32 passes the header and CRC checks. Unsigned, that is all a verified read
+    checks (whoever edits a block can rewrite the index and seal too: the trust model); opened with the signer's
+    key, the index is authenticated and each block's sha256 refuses it -- the same rule as the Python loader."""
     bundle = copy_bundle(bundles["int8"], tmp_path)
+    generate_key(tmp_path / "key.pem", tmp_path / "key.pub")
+    sign_bundle(bundle, tmp_path / "key.pem")
     block = bundle / "bank" / "level1" / "node000002.hmb"
     data = bytearray(block.read_bytes())
     want = zlib.crc32(data[4096:])
@@ -198,8 +203,23 @@ def test_crc_preserving_block_forgery_is_refused(runner, bundles, tmp_path):
     data[4096 + 32 : 4096 + 36] = crc_patch(bytes(data[4096:]), 32, want)
     assert zlib.crc32(data[4096:]) == want
     block.write_bytes(bytes(data))
+    pristine = run_native_runner(runner, bundles["int8"], fills=[[0, 2]], dump_slot=tmp_path / "pristine.bin")
+    forged = run_native_runner(runner, bundle, fills=[[0, 2]], dump_slot=tmp_path / "forged.bin")
+    assert pristine["fills"][0]["levels_changed"] == forged["fills"][0]["levels_changed"]
+    assert (tmp_path / "pristine.bin").read_bytes() != (tmp_path / "forged.bin").read_bytes()  # read, as documented
+    run_native_runner(runner, bundle, fills=[[0, 1]], verify_key=tmp_path / "key.pub")  # other blocks still load
     with pytest.raises(NativeError, match=rf"{block}: block \(level 1, node 2\): checksum mismatch \(payload sha256"):
-        run_native_runner(runner, bundle, fills=[[0, 2]])
+        run_native_runner(runner, bundle, fills=[[0, 2]], verify_key=tmp_path / "key.pub")
+
+
+def test_signed_index_is_checked_even_in_trusted_storage_mode(runner, bundles, tmp_path):
+    """Trusted storage skips the open-time file hashes, but a keyed open still checks the index's bytes against
+    the signed manifest's sha256: the per-block sha256s it authenticates are only as good as that check."""
+    bundle = copy_bundle(bundles["int8"], tmp_path)
+    index = sign_and_edit_index(bundle, tmp_path)
+    run_native_runner(runner, bundle, fills=[[0, 2]], verify_files=False)  # unkeyed trusted storage: opens
+    with pytest.raises(NativeError, match=rf"{index}: sha256 differs from the signed manifest's"):
+        run_native_runner(runner, bundle, fills=[[0, 2]], verify_files=False, verify_key=tmp_path / "key.pub")
 
 
 def test_truncated_block_is_refused_naming_the_file(runner, bundles, tmp_path):

@@ -27,7 +27,8 @@ from isal import isal_zlib
 from hm_export.bank.schemes import SCHEMES, Scheme, check_preset, resolve_preset
 from hm_export.config import LIMITS, ConfigError, MemoryConfig
 from hm_export.errors import BankError
-from hm_export.formats import Fields, read_format_json
+from hm_export.formats import MAX_JSON_BYTES, Fields, read_format_json
+from hm_export.safeio import read_capped
 
 FORMAT_NAME = "hm-export-bank"
 FORMAT_VERSION = 3  # 3: a per-block sha256 in the index (2 had only the CRC-32, which a forger can keep)
@@ -216,18 +217,22 @@ class BankIndex:
         return asdict(self.record())
 
     @classmethod
-    def load(cls, path: Path, exact: int | None = None) -> BankIndex:
-        """Read and validate ``index.json`` (of exactly ``exact`` bytes, when a manifest declares its size);
-        every problem is a :class:`BankError` naming ``path``."""
+    def load(cls, path: Path, exact: int | None = None, sha256: str | None = None) -> BankIndex:
+        """Read and validate ``index.json`` (of exactly ``exact`` bytes, when a manifest declares its size; whose
+        bytes have the digest ``sha256``, when an authenticated manifest pins it: the bytes checked are the bytes
+        parsed); every problem is a :class:`BankError` naming ``path``."""
+        what = "a complete hm-export bank: no index, or quantization unfinished"
         try:
-            raw = read_format_json(
-                path,
-                FORMAT_NAME,
-                FORMAT_VERSION,
-                BankError,
-                "a complete hm-export bank: no index, or quantization unfinished",
-                exact=exact,
-            )
+            data = None
+            if sha256 is not None:
+                data = read_capped(path, "bank index", MAX_JSON_BYTES, BankError, exact=exact)
+                if (digest := hashlib.sha256(data).hexdigest()) != sha256:
+                    raise BankError(
+                        f"{path}: sha256 {digest[:16]}... differs from the signed manifest's {sha256[:16]}...: the "
+                        "index was edited after export",
+                        path=path,
+                    )
+            raw = read_format_json(path, FORMAT_NAME, FORMAT_VERSION, BankError, what, data=data, exact=exact)
         except BankError as exc:
             if exc.field != "format_version":
                 raise

@@ -80,16 +80,20 @@ class CheckReport:
 
 
 def check_bank(
-    bank_dir: Path | str, workers: int | None = None, blocks: Collection[tuple[int, int]] | None = None
+    bank_dir: Path | str,
+    workers: int | None = None,
+    blocks: Collection[tuple[int, int]] | None = None,
+    index_sha256: str | None = None,
 ) -> CheckReport:
-    """Read every block (or only the ``(level, node)`` of ``blocks``) once and verify its header and CRC-32;
-    collect (not raise) the failures.
+    """Read every block (or only the ``(level, node)`` of ``blocks``) once and verify its header and CRC-32
+    (and sha256, with ``index_sha256`` from a signed manifest: see :class:`BankReader`); collect (not raise) the
+    failures.
 
     An unreadable index raises :class:`BankError`.  Reads and CRCs release the GIL, so threads use every core.
     """
     start = time.perf_counter()
     local = threading.local()  # one reusable read buffer per thread and level
-    with BankReader(bank_dir, check_files=False) as reader:
+    with BankReader(bank_dir, check_files=False, index_sha256=index_sha256) as reader:
 
         def check(entry: BlockEntry) -> tuple[int, dict[str, Any] | None]:
             buffers: dict[int, np.ndarray] = local.__dict__.setdefault("buffers", {})

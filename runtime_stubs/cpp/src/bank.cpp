@@ -85,10 +85,13 @@ float half_to_float(uint16_t h) {
 }
 
 Bank::Bank(std::unique_ptr<Tree> tree, const MemoryDims& dims, const std::string& expected_schema_hash,
-           int64_t index_bytes)
-    : tree_(std::move(tree)), dir_(tree_->root()), dims_(dims) {
+           int64_t index_bytes, const std::string& index_sha256)
+    : tree_(std::move(tree)), dir_(tree_->root()), dims_(dims), authenticated_(!index_sha256.empty()) {
   const std::string index_path = dir_ + "/index.json";
-  json::Value index = parse_json(tree_->read("index.json", "bank index", kMaxIndexBytes, index_bytes), index_path);
+  const std::string index_bytes_read = tree_->read("index.json", "bank index", kMaxIndexBytes, index_bytes);
+  if (authenticated_ && sha256_hex(index_bytes_read) != index_sha256)
+    throw Error(index_path + ": sha256 differs from the signed manifest's: the index was edited after export");
+  json::Value index = parse_json(index_bytes_read, index_path);
   try {
     if (index.at("format", "format").as_string("format") != "hm-export-bank" ||
         index.at("format_version", "format_version").as_int("format_version") != kBlockVersion)
@@ -289,9 +292,9 @@ void Bank::read(int level, int node, uint8_t* buffer, bool verify) const {
     if (crc != e.crc32)
       throw Error(path + ": " + block + ": checksum mismatch (payload CRC-32 " + std::to_string(crc) +
                   ", expected " + std::to_string(e.crc32) + "): the block is corrupt");
-    // The CRC catches damage; the sha256 (in the index, which the manifest's sha256 and the seal cover) catches a
-    // payload edited to keep its CRC. Once per block read, over the payload just read (still in cache).
-    if (sha256_hex(buffer + kPageSize, scheme.payload_length) != e.sha256)
+    // The CRC catches damage; the sha256 catches a payload edited to keep its CRC, once the index is authenticated
+    // (checked at open against a signed manifest). Once per block read, over the payload just read.
+    if (authenticated_ && sha256_hex(buffer + kPageSize, scheme.payload_length) != e.sha256)
       throw Error(path + ": " + block + ": checksum mismatch (payload sha256 differs from the index's): the block "
                   "was edited after export");
   }

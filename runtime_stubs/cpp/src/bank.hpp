@@ -69,16 +69,22 @@ class Bank {
   // Parses and checks index.json in `tree` (exactly `index_bytes` long, as the manifest declares) against the
   // model dims and the manifest's bank schema hash, and checks each level's first block file (or pack) is as
   // large as the index says, so buffers sized from the index are bounded by data really on disk.
+  // `index_sha256`: the index's digest as pinned by a manifest whose signature a trusted key verified (the
+  // opener passes it only then; empty otherwise). With it the index bytes parsed must have that digest, the
+  // bank is authenticated() and verified reads also check each payload's sha256; without it, the CRC-32 only.
   Bank(std::unique_ptr<Tree> tree, const MemoryDims& dims, const std::string& expected_schema_hash,
-       int64_t index_bytes);
+       int64_t index_bytes, const std::string& index_sha256);
   ~Bank();
   Bank(const Bank&) = delete;
   Bank& operator=(const Bank&) = delete;
 
   uint64_t block_size(int level) const { return kPageSize + levels_[level].payload_length; }
   const std::string& block_file(int level, int node) const { return entry(level, node).file; }  // path (per-level: the pack)
+  bool authenticated() const { return authenticated_; }
   // One read of the block's header page + payload into `buffer` (block_size bytes); checks the header
-  // against the index and, with `verify`, the payload's CRC-32 and sha256. Throws hm::Error naming the file.
+  // against the index and, with `verify`, the payload's CRC-32 (and its sha256 when authenticated(): without
+  // a trusted key whoever edits a block can rewrite the index, manifest and seal as well, so the hash would
+  // bound the read and add nothing). Throws hm::Error naming the file.
   void read(int level, int node, uint8_t* buffer, bool verify) const;
   // Writes a payload of `level` into the slot views of that level: dequantized into a float slot, codes
   // and scales copied into a quantized one (bit-identical to QuantizedLevelWriter in kernels/strategies.py).
@@ -113,6 +119,7 @@ class Bank {
   std::string dir_;
   MemoryDims dims_;
   bool packed_ = false;
+  bool authenticated_ = false;
   std::vector<Level> levels_;
   std::vector<std::vector<Entry>> entries_;  // [level][node]
 };

@@ -298,6 +298,8 @@ struct Runtime::Impl {
   [[noreturn]] void refuse(const std::string& why) const { throw Error(manifest_path + ": " + why); }
   void check_files(bool hashes) const;
   int64_t listed_size(const std::string& relative) const;
+  std::string listed_sha256(const std::string& relative) const;  // lowercase hex (check_files checked its form)
+  const json::Value& listed(const std::string& relative) const;
   std::string read_listed(const std::string& relative, const std::string& what, uint64_t limit) const;
   std::string open_program(const std::string& relative, const std::string& what);
   void read_model();
@@ -347,9 +349,17 @@ void Runtime::Impl::check_files(bool hashes) const {
 // The declared size of a file the manifest names elsewhere (tokenizer, router, checks, programs): it must be
 // listed, so it was checked by check_files and its reads are capped by it.
 int64_t Runtime::Impl::listed_size(const std::string& relative) const {
+  return listed(relative).at("bytes", relative).as_int("files." + relative + ".bytes");
+}
+
+std::string Runtime::Impl::listed_sha256(const std::string& relative) const {
+  return listed(relative).at("sha256", relative).as_string("files." + relative + ".sha256");
+}
+
+const json::Value& Runtime::Impl::listed(const std::string& relative) const {
   const json::Value* entry = manifest.at("files", "files").find(relative);
   if (entry == nullptr) refuse("'" + relative + "' is not listed in 'files' (no size or sha256 to check it by)");
-  return entry->at("bytes", relative).as_int("files." + relative + ".bytes");
+  return *entry;
 }
 
 void Runtime::Impl::read_model() {
@@ -693,10 +703,13 @@ Runtime::Runtime(const std::string& bundle_dir, const Options& options) : impl_(
     // The bank first: it checks its files on disk are as large as the dims say, which bounds every buffer
     // allocated from the dims below (slot, block cache) by data really in the bundle.
     const json::Value& bank = m.manifest.at("bank", "bank");
-    const std::string bank_dir = bank.at("dir", "bank").as_string("bank.dir");
+    const std::string bank_dir = bank.at("dir", "bank").as_string("bank.dir"), index = bank_dir + "/index.json";
+    // Only a manifest whose signature a trusted key verified (check_seal threw otherwise) authenticates the
+    // index, and through it each block's sha256; unkeyed, verified reads check the CRC-32 alone.
+    const std::string index_sha256 = options.verify_key.empty() ? std::string() : m.listed_sha256(index);
     m.bank = std::make_unique<Bank>(std::make_unique<Tree>(*m.tree, bank_dir, "bank"), m.dims,
                                     bank.at("schema_hash", "bank").as_string("bank.schema_hash"),
-                                    m.listed_size(bank_dir + "/index.json"));
+                                    m.listed_size(index), index_sha256);
     m.check_slot_contract();
     if (m.layout.quantized()) m.bank->check_quantized_slot(m.layout.storage, m.layout.gate_up_group, m.layout.down_group);
     m.cache = std::make_unique<BlockCache>(*m.bank, m.dims.num_levels(), options.cache);
