@@ -721,21 +721,20 @@ def _bundle_bytes(bundle: Path, target: str) -> tuple[int, int, dict[str, int]]:
     files (MiniLM program(s), tree centroids) and the tokenizer are listed in ``parts`` but not counted: the
     peers' figures hold no router either.  Per token: the program minus its embedding table (one row read),
     plus the path's blocks (the slot)."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    entry = manifest["targets"][target]
-    files = {*entry.get("files", {}).values(), *entry.get("decode", {}).get("files", {}).values()}
+    from hm_export.bank.format import BankIndex
+    from hm_export.formats import manifest as manifest_format
+
+    manifest = manifest_format.read(bundle)
+    entry = manifest.targets[target]
+    files = {*entry.files.values(), *(entry.decode.files.values() if entry.decode is not None else ())}
     programs = sum((bundle / f).stat().st_size for f in files)
-    index = json.loads((bundle / manifest["bank"]["dir"] / "index.json").read_text())
     per_level: dict[int, int] = {}
-    for block in index["blocks"]:
-        per_level[block["level"]] = max(per_level.get(block["level"], 0), int(block["length"]))
+    for block in BankIndex.load(bundle / manifest.bank.index).blocks:
+        per_level[block.level] = max(per_level.get(block.level, 0), block.length)
     path_bytes = sum(per_level.values())
-    model = manifest["model"]
-    embedding = embedding_table_bytes(
-        model["vocab_size"], model["d_model"], entry.get("anchor_quant", {}).get("embedding")
-    )
-    listed = manifest.get("files", {})
-    router = sum(r["bytes"] for name, r in listed.items() if name.startswith("router"))
+    quant = entry.get("anchor_quant") or {}
+    embedding = embedding_table_bytes(manifest.model["vocab_size"], manifest.model["d_model"], quant.get("embedding"))
+    router = sum(r.bytes for name, r in manifest.files.items() if name.startswith("router"))
     parts = {
         "programs": programs,
         "program_files": len(files),
@@ -1244,11 +1243,13 @@ def default_systems(peers: Peers, exports: dict[str, str], anchors: list[str]) -
 
 def _memory_path(system: System) -> list[int]:
     """The path our bundles run on while timed: the first golden check's (any path costs the same)."""
-    manifest = json.loads((Path(system.path) / "manifest.json").read_text())
-    if "checks" in manifest:
-        checks = json.loads((Path(system.path) / manifest["checks"]["file"]).read_text())["checks"]
+    from hm_export.formats import manifest as manifest_format
+
+    manifest = manifest_format.read(Path(system.path))
+    if manifest.checks is not None:
+        checks = json.loads((Path(system.path) / manifest.checks.file).read_text())["checks"]
         return list(checks[0]["path"])
-    return [0] * len(manifest["model"]["memory"]["branching"])
+    return [0] * len(manifest.model["memory"]["branching"])
 
 
 def worker_job(system: System, threads: int, library: str) -> dict[str, Any]:

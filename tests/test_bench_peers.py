@@ -109,40 +109,29 @@ def test_system_spec_is_checked(tmp_path):
         peers.System.parse(f"llama:q4_1={tmp_path / 'missing.gguf'}")
 
 
-def test_bundle_bytes_count_the_one_program_once_and_one_path(tmp_path):
+def test_bundle_bytes_count_the_one_program_once_and_one_path(decode_bundle):
     """One-program layout: the decode program is the target's only program (named by its entry and its decode
     entry alike: counted once); one path = the largest block of each level; the router is reported apart."""
-    bundle = tmp_path / "b"
-    (bundle / "executorch").mkdir(parents=True)
-    (bundle / "bank").mkdir()
-    (bundle / "executorch" / "decode.pte").write_bytes(b"p" * 5000)
-    blocks = [
-        {"level": 0, "node": 0, "length": 300},
-        {"level": 0, "node": 1, "length": 320},
-        {"level": 1, "node": 0, "length": 100},
-    ]
-    (bundle / "bank" / "index.json").write_text(json.dumps({"blocks": blocks}))
-    program = {"program": "executorch/decode.pte"}
-    embedding = {"weights": "int4 groups of 32", "group": 32}
-    manifest = {
-        "model": {"vocab_size": 64, "d_model": 32},
-        "bank": {"dir": "bank"},
-        "targets": {
-            "executorch": {"files": program, "decode": {"files": program}, "anchor_quant": {"embedding": embedding}}
-        },
-        "files": {"router.safetensors": {"bytes": 777}, "tokenizer.json": {"bytes": 9}},
-    }
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    _, bundle = decode_bundle
     on_disk, per_token, parts = peers._bundle_bytes(bundle, "executorch")
-    table = 64 * 32 // 2 + 2 * 64 * 32 // 32  # int4 codes + one float16 scale per group of 32
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    program = (bundle / "executorch" / "decode.pte").stat().st_size
+    largest: dict[int, int] = {}
+    for block in json.loads((bundle / "bank" / "index.json").read_text())["blocks"]:
+        largest[block["level"]] = max(largest.get(block["level"], 0), block["length"])
+    router = sum(p.stat().st_size for p in (bundle / "router").rglob("*") if p.is_file())
+    router += (bundle / "router.safetensors").stat().st_size
     assert parts == {
-        "programs": 5000,
+        "programs": program,
         "program_files": 1,
-        "path_blocks": 420,
-        "embedding_table": table,
-        "router_not_counted": 777,
+        "path_blocks": sum(largest.values()),
+        "embedding_table": 0,  # a float anchor: its tied table is the head, read whole every step
+        "router_not_counted": router,
     }
-    assert on_disk == 5420 and per_token == 5420 - table
+    assert on_disk == per_token == program + sum(largest.values())
+    assert manifest["targets"]["executorch"]["window"] == "decode"
+    table = 64 * 32 // 2 + 2 * 64 * 32 // 32  # int4 codes + one float16 scale per group of 32
+    assert peers.embedding_table_bytes(64, 32, {"weights": "int4 groups of 32", "group": 32}) == table
     assert peers.embedding_table_bytes(64, 32, None) == 0  # float tied table: the head, read whole
     shared = {"weights": "int8 groups of 32, float16 scales", "group": 32, "shared_with_head": True}
     assert peers.embedding_table_bytes(64, 32, shared) == 0  # -asym: the lookup reads the head's table
