@@ -39,9 +39,11 @@ from hm_export.config import MemoryConfig, ModelConfig
 from hm_export.decode import DecodeModule
 from hm_export.model import MemoryLM, assemble_path
 from hm_export.passes.pipeline import PIPELINES
+from hm_export.runtime_stubs.executorch_runner import ExecuTorchDecoder
+from hm_export.runtime_stubs.onnx_runner import OnnxDecoder
 from hm_export.slot import SlotContract, slot_tensors
-from hm_export.targets.executorch import ExecuTorchDecoder, emit_executorch
-from hm_export.targets.onnx import OnnxDecoder, emit_onnx
+from hm_export.targets.executorch import emit_executorch
+from hm_export.targets.onnx import emit_onnx
 from hm_export.trace import example_path, trace_decode_program
 
 PAPER_RATIO = ModelConfig(

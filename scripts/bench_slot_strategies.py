@@ -47,9 +47,11 @@ from hm_export.model import MemoryLM
 from hm_export.passes.pipeline import PIPELINES
 from hm_export.router import MINILM_DIM, CentroidTree
 from hm_export.runtime_stubs.block_cache import CachePolicy, SlotFiller
+from hm_export.runtime_stubs.executorch_runner import ExecuTorchDecoder
+from hm_export.runtime_stubs.onnx_runner import OnnxDecoder
 from hm_export.slot import SlotContract
-from hm_export.targets.executorch import ExecuTorchDecoder, emit_executorch
-from hm_export.targets.onnx import OnnxDecoder, emit_onnx
+from hm_export.targets.executorch import emit_executorch
+from hm_export.targets.onnx import emit_onnx
 from hm_export.trace import trace_decode_program
 
 TARGETS = ("executorch", "onnx")

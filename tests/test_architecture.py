@@ -169,3 +169,24 @@ def test_loading_the_runtime_loads_no_exporter_module() -> None:
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert "hm_export.runtime_stubs.loader" in loaded and "hm_export.formats.manifest" in loaded
     assert [m for m in loaded if m.startswith(RUNTIME_FORBIDDEN)] == []
+
+
+def test_running_a_bundle_loads_no_exporter_module(decode_bundle) -> None:
+    """A device-side process that opens a bundle and runs its programs (ExecuTorch and ONNX: window logits and a
+    decode step) imports the targets' runners, never their emitters, the passes or the tracer."""
+    _, bundle = decode_bundle
+    code = f"""
+import sys, torch
+from hm_export.runtime_stubs.loader import BundleLoader
+loader = BundleLoader({str(bundle)!r})
+loader.set_path([0] * loader.config.memory.num_levels)
+for target in ("executorch", "onnx"):
+    loader.use_target(target)
+    assert loader.logits([1, 2, 3]).shape[0] == 3
+    decoder = loader.open_decoder(target)
+    assert decoder(torch.tensor([[1, 2]]), 0, loader.slot).shape[0] == 2
+print("\\n".join(sorted(m for m in sys.modules if m.startswith("hm_export"))))
+"""
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert {"hm_export.runtime_stubs.executorch_runner", "hm_export.runtime_stubs.onnx_runner"} <= set(loaded)
+    assert [m for m in loaded if m.startswith(RUNTIME_FORBIDDEN)] == []

@@ -85,13 +85,13 @@ def _emit_executorch(program: SlotProgram, out_dir: Path, options: EmitOptions) 
 
 
 def _run_executorch(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Runner:
-    from hm_export.targets.executorch import ExecuTorchRunner
+    from hm_export.runtime_stubs.executorch_runner import ExecuTorchRunner
 
     return ExecuTorchRunner(files["program"], files.get("data"), entry.get("custom_ops"))
 
 
 def _decode_executorch(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Decoder:
-    from hm_export.targets.executorch import ExecuTorchDecoder
+    from hm_export.runtime_stubs.executorch_runner import ExecuTorchDecoder
 
     return ExecuTorchDecoder(files["program"], files.get("data"), entry.get("custom_ops"))
 
@@ -103,20 +103,20 @@ def _emit_onnx(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dic
 
 
 def _run_onnx(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Runner:
-    from hm_export.targets.onnx import OnnxRunner
+    from hm_export.runtime_stubs.onnx_runner import OnnxRunner
 
     return OnnxRunner(files["program"], slot_names)
 
 
 def _decode_onnx(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Decoder:
     from hm_export.decode import CacheSpec
-    from hm_export.targets.onnx import OnnxDecoder
+    from hm_export.runtime_stubs.onnx_runner import OnnxDecoder
 
     return OnnxDecoder(files["program"], slot_names, CacheSpec.from_dict(entry["cache"]))
 
 
 def _onnx_side_files(program: Path) -> set[str]:
-    from hm_export.targets.onnx import external_data_files
+    from hm_export.runtime_stubs.onnx_runner import external_data_files
 
     return external_data_files(program)
 
@@ -135,13 +135,13 @@ def _emit_coreml(program: SlotProgram, out_dir: Path, options: EmitOptions) -> d
 
 
 def _run_coreml(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Runner:
-    from hm_export.targets.coreml import CoreMLRunner
+    from hm_export.runtime_stubs.coreml_runner import CoreMLRunner
 
     return CoreMLRunner(files["package"], slot_names, entry["precision"])
 
 
 def _decode_coreml(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Decoder:
-    from hm_export.targets.coreml import CoreMLDecoder
+    from hm_export.runtime_stubs.coreml_runner import CoreMLDecoder
 
     return CoreMLDecoder(files["package"], slot_names, entry["precision"])
 
