@@ -24,11 +24,12 @@ class Fields {
   [[noreturn]] void refuse(const std::string& field, const std::string& problem) const {
     throw Error(path_ + ": " + field + ": " + problem);
   }
-  // `container[key]` of `kind`; nullptr when absent and `optional` (JSON null counts as absent, as in Python).
+  // `container[key]` of `kind`; nullptr when absent and `optional` (a JSON null is present, of the wrong kind,
+  // as in Python's Fields.get).
   const json::Value* get(const json::Value& container, const std::string& key, const std::string& field, Kind kind,
                          bool optional = false) const {
     const json::Value* value = container.find(key);
-    if (value == nullptr || value->kind == Kind::Null) {
+    if (value == nullptr) {
       if (optional) return nullptr;
       refuse(field, "missing");
     }
@@ -83,16 +84,18 @@ class Fields {
 class Validator {
  public:
   Validator(const json::Value& manifest, const std::string& path)
-      : manifest_(manifest), fields_(path), files_(*fields_.get(manifest, "files", "files", Kind::Object)) {}
+      : manifest_(manifest), fields_(path) {}
 
-  void run() const {
+  // In formats.manifest.validate's order, so that both readers name the same first problem.
+  void run() {
     for (const char* section : {"model", "slot", "bank", "tokenizer", "router", "targets"})
       if (!manifest_.find(section)) fields_.refuse(section, "malformed manifest, missing '" + std::string(section) + "'");
     for (const char* section : {"model", "slot", "bank", "tokenizer", "router", "targets"})
       fields_.get(manifest_, section, section, Kind::Object);
-    if (files_.object.size() > kMaxFiles) fields_.refuse("files", "more than " + std::to_string(kMaxFiles) + " entries");
+    files_ = fields_.get(manifest_, "files", "files", Kind::Object);
+    if (files_->object.size() > kMaxFiles) fields_.refuse("files", "more than " + std::to_string(kMaxFiles) + " entries");
     static const std::regex sha256("^[0-9a-f]{64}$");
-    for (const auto& [relative, record] : files_.object) {
+    for (const auto& [relative, record] : files_->object) {
       const std::string where = "files['" + relative + "']";
       json::Value name;  // relative_parts on the key itself
       name.kind = Kind::Object;
@@ -120,7 +123,7 @@ class Validator {
       for (size_t level = 0; level < levels->array.size(); ++level)
         if (levels->array[level].kind != Kind::String)
           fields_.refuse("bank.levels[" + std::to_string(level) + "]", "expected a string");
-    if (!files_.find(dir + "/index.json")) fields_.refuse("bank.dir", dir + "/index.json is not listed in 'files'");
+    if (!files_->find(dir + "/index.json")) fields_.refuse("bank.dir", dir + "/index.json is not listed in 'files'");
     const json::Value& targets = manifest_.at("targets", "targets");
     if (targets.object.empty()) fields_.refuse("targets", "no targets");
     for (const auto& [name, entry] : targets.object) target(name, entry);
@@ -131,15 +134,15 @@ class Validator {
  private:
   void listed(const json::Value& container, const std::string& key, const std::string& field) const {
     const std::string& relative = fields_.relative(container, key, field);
-    if (!files_.find(relative))
+    if (!files_->find(relative))
       fields_.refuse(field, "'" + relative + "' is not listed in 'files' (no size or sha256 to check it by)");
   }
 
   // A program path: a listed file, or a directory (.mlpackage) whose files are all listed under it.
   void program_file(const json::Value& roles, const std::string& role, const std::string& field) const {
     const std::string& relative = fields_.relative(roles, role, field);
-    if (files_.find(relative)) return;
-    for (const auto& [name, record] : files_.object)
+    if (files_->find(relative)) return;
+    for (const auto& [name, record] : files_->object)
       if (name.compare(0, relative.size() + 1, relative + "/") == 0) return;
     fields_.refuse(field, "'" + relative + "' is not listed in 'files' (no size or sha256 to check it by)");
   }
@@ -210,7 +213,7 @@ class Validator {
 
   const json::Value& manifest_;
   const Fields fields_;
-  const json::Value& files_;
+  const json::Value* files_ = nullptr;  // manifest.files, once checked to be an object
 };
 
 }  // namespace
