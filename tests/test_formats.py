@@ -1,6 +1,6 @@
 """The formats as code (hm_export.formats): committed JSON Schemas up to date with the types, the typed manifest
-and its validation, and the bank-index fixtures read by both readers (Python and the C++ runtime) with the same
-verdicts (tests/fixtures/formats/make_fixtures.py writes them)."""
+and its validation, and the bank-index and manifest fixtures read by both readers (Python and the C++ runtime)
+with the same verdicts (tests/fixtures/formats/make_fixtures.py writes them)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from hm_export.bank.reader import BankReader
+from hm_export.bundle import verify_files
 from hm_export.errors import BankError, BundleError
 from hm_export.formats import manifest as manifest_format
 from hm_export.formats.schema import render, schemas
+from hm_export.integrity import write_seal
 from hm_export.native import build_native_runner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,3 +168,53 @@ def test_manifest_validation_names_the_field(edit, field: str, message: str) -> 
     with pytest.raises(BundleError, match=message) as info:
         manifest_format.validate(Path("bundle"), record)
     assert info.value.field == field and info.value.path == str(Path("bundle") / "manifest.json")
+
+
+# ---- the manifest fixtures: both readers, the same verdicts ------------------------------------------------
+
+MANIFEST_VERDICTS = json.loads((FIXTURES / "manifest" / "verdicts.json").read_text())
+
+
+def manifest_case(tmp_path: Path, name: str) -> Path:
+    """The valid fixture bundle with the manifest of case ``name``, sealed as the exporter seals it (the seal
+    is checked before anything is parsed: an unsealed edit would only test the seal)."""
+    bundle = tmp_path / name
+    shutil.copytree(FIXTURES / "manifest" / "valid", bundle)
+    if name != "valid":
+        data = (FIXTURES / "manifest" / "invalid" / f"{name}.json").read_bytes()
+        (bundle / manifest_format.MANIFEST).write_bytes(data)
+        write_seal(bundle, data)
+    return bundle
+
+
+def read_manifest_python(bundle: Path) -> str:
+    """``"ok"`` when the manifest reads (seal, structure) and every listed file matches it, else the error."""
+    try:
+        verify_files(bundle, manifest_format.read(bundle))
+    except BundleError as exc:
+        assert str(bundle) in str(exc)  # every refusal names the bundle's file
+        return str(exc)
+    return "ok"
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST_VERDICTS))
+def test_manifest_fixtures_python(tmp_path: Path, name: str) -> None:
+    want = MANIFEST_VERDICTS[name]
+    verdict = read_manifest_python(manifest_case(tmp_path, name))
+    assert verdict == "ok" if want == "ok" else want in verdict, verdict
+
+
+@pytest.mark.slow  # builds the C++ runtime (reused across tests and sessions)
+def test_manifest_fixtures_native_agree_with_python(tmp_path: Path) -> None:
+    tool = build_native_runner(BUILD_DIR).parent / "hm_bundle_check"
+    files = len(json.loads((FIXTURES / "manifest" / "valid" / manifest_format.MANIFEST).read_text())["files"])
+    for name, want in sorted(MANIFEST_VERDICTS.items()):
+        bundle = manifest_case(tmp_path, name)
+        done = subprocess.run([str(tool), str(bundle)], capture_output=True, text=True, timeout=60)
+        python = read_manifest_python(bundle)
+        if want == "ok":
+            assert done.returncode == 0 and python == "ok", (name, done.stderr, python)
+            assert json.loads(done.stdout) == {"files": files, "targets": 1}
+        else:
+            assert done.returncode == 2 and python != "ok", (name, done.stdout, python)
+            assert want in done.stderr and str(bundle) in done.stderr, (name, done.stderr)

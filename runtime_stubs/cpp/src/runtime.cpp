@@ -19,7 +19,6 @@
 #include <numeric>
 #include <optional>
 #include <random>
-#include <regex>
 #include <set>
 #include <thread>
 
@@ -27,6 +26,7 @@
 #include "files.hpp"
 #include "hm_runtime.hpp"
 #include "integrity.hpp"
+#include "manifest.hpp"
 #include "slot.hpp"
 #include "tokenizer.hpp"
 
@@ -51,9 +51,8 @@ constexpr size_t kInputPadding = 16;  // XNNPACK may read up to 16 bytes past an
 // The bounds of hm_export.config.LIMITS: far above any model, low enough that no product overflows.
 constexpr int64_t kMaxVocab = 1 << 22, kMaxDModel = 1 << 16, kMaxLayers = 1 << 10, kMaxSeqLen = 1 << 20;
 constexpr int64_t kMaxBranching = 1 << 16, kMaxWidth = 1 << 16, kMaxNodes = 1 << 24, kMaxLevels = 16;
-constexpr uint64_t kMaxManifestBytes = 64 << 20, kMaxRouterBytes = 1ull << 32;
+constexpr uint64_t kMaxRouterBytes = 1ull << 32;
 constexpr int64_t kMaxRouterTokens = 1 << 16;
-constexpr int64_t kMaxFileBytes = 1ll << 44;
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -296,9 +295,8 @@ struct Runtime::Impl {
     for (int fd : program_fds) ::close(fd);
   }
   [[noreturn]] void refuse(const std::string& why) const { throw Error(manifest_path + ": " + why); }
-  void check_files(bool hashes) const;
   int64_t listed_size(const std::string& relative) const;
-  std::string listed_sha256(const std::string& relative) const;  // lowercase hex (check_files checked its form)
+  std::string listed_sha256(const std::string& relative) const;  // lowercase hex (validate_manifest checked its form)
   const json::Value& listed(const std::string& relative) const;
   std::string read_listed(const std::string& relative, const std::string& what, uint64_t limit) const;
   std::string open_program(const std::string& relative, const std::string& what);
@@ -315,39 +313,8 @@ struct Runtime::Impl {
   std::vector<float> run(const std::vector<int64_t>& tokens, int64_t input_pos);
 };
 
-// Every listed file: a regular file inside the bundle of its declared size; with `hashes`, also its sha256
-// (trusted storage skips only the hashes).
-void Runtime::Impl::check_files(bool hashes) const {
-  const json::Value& files = manifest.at("files", "files");
-  if (files.kind != json::Value::Kind::Object) refuse("files: expected an object");
-  static const std::regex sha256("^[0-9a-f]{64}$");
-  std::string problems;
-  for (const auto& [relative, entry] : files.object) {
-    const int64_t bytes = entry.at("bytes", relative).as_int("files." + relative + ".bytes");
-    const std::string& digest = entry.at("sha256", relative).as_string("files." + relative + ".sha256");
-    if (bytes < 0 || bytes > kMaxFileBytes || !std::regex_match(digest, sha256))
-      refuse("files." + relative + ": bytes or sha256 out of range");
-    const std::string path = root + "/" + relative;
-    try {
-      const int fd = tree->open(relative, "a listed file");
-      struct Close {
-        int fd;
-        ~Close() { ::close(fd); }
-      } close{fd};
-      const int64_t size = static_cast<int64_t>(::lseek(fd, 0, SEEK_END));
-      if (size != bytes)
-        problems += "\n  " + path + ": " + std::to_string(size) + " bytes, the manifest records " + std::to_string(bytes);
-      else if (hashes && sha256_fd(fd, path, static_cast<uint64_t>(size)) != digest)
-        problems += "\n  " + path + ": sha256 differs from the manifest's (file modified)";
-    } catch (const Error& e) {
-      problems += std::string("\n  ") + e.what();
-    }
-  }
-  if (!problems.empty()) refuse("files do not match the manifest:" + problems);
-}
-
 // The declared size of a file the manifest names elsewhere (tokenizer, router, checks, programs): it must be
-// listed, so it was checked by check_files and its reads are capped by it.
+// listed, so it was checked by check_listed_files and its reads are capped by it.
 int64_t Runtime::Impl::listed_size(const std::string& relative) const {
   return listed(relative).at("bytes", relative).as_int("files." + relative + ".bytes");
 }
@@ -686,19 +653,8 @@ Runtime::Runtime(const std::string& bundle_dir, const Options& options) : impl_(
   m.root = bundle_dir;
   m.manifest_path = bundle_dir + "/manifest.json";
   m.tree = std::make_unique<Tree>(bundle_dir, "bundle");
-  {  // the seal is checked on the manifest's bytes before a single field is read
-    const std::string bytes = m.tree->read("manifest.json", "bundle manifest", kMaxManifestBytes);
-    check_seal(*m.tree, bytes, options.verify_key);
-    m.manifest = parse_json(bytes, m.manifest_path);
-  }
+  m.manifest = read_manifest(*m.tree, options.verify_key, options.verify_files);
   try {
-    const json::Value* format = m.manifest.find("format");
-    const json::Value* version = m.manifest.find("format_version");
-    if (!format || format->as_string("format") != "hm-export-bundle" || !version || version->as_int("version") != 1)
-      m.refuse("not an hm-export-bundle format_version 1 manifest");
-    for (const char* section : {"model", "slot", "bank", "router", "targets", "files"})
-      if (!m.manifest.find(section)) m.refuse(std::string("malformed manifest, missing '") + section + "'");
-    m.check_files(options.verify_files);
     m.read_model();
     // The bank first: it checks its files on disk are as large as the dims say, which bounds every buffer
     // allocated from the dims below (slot, block cache) by data really in the bundle.
