@@ -11,6 +11,8 @@
 #include <cstring>
 #include <vector>
 
+#include <executorch/runtime/core/portable_type/half.h>
+
 #include "files.hpp"
 #include "json.hpp"
 
@@ -62,27 +64,9 @@ AlignedBuffer::AlignedBuffer(size_t size) : size_(size) {
 
 void AlignedBuffer::Free::operator()(uint8_t* p) const { std::free(p); }
 
-float half_to_float(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
-  uint32_t bits;
-  if (exponent == 0x1F) {
-    bits = sign | 0x7F800000u | mantissa << 13;
-  } else if (exponent != 0) {
-    bits = sign | (exponent + 112) << 23 | mantissa << 13;
-  } else if (mantissa == 0) {
-    bits = sign;
-  } else {  // subnormal half: normalize into a float32 exponent
-    exponent = 113;
-    while (!(mantissa & 0x400)) {
-      mantissa <<= 1;
-      --exponent;
-    }
-    bits = sign | exponent << 23 | (mantissa & 0x3FF) << 13;
-  }
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
+// ExecuTorch's (c10's) IEEE half -> float, exact for every half including subnormals: the runtime links
+// ExecuTorch anyway. (The kernels keep their own in kernels/qmatmul.h: they build without ExecuTorch too.)
+float half_to_float(uint16_t h) { return executorch::runtime::etensor::internal::fp16_ieee_to_fp32_value(h); }
 
 Bank::Bank(std::unique_ptr<Tree> tree, const MemoryDims& dims, const std::string& expected_schema_hash,
            int64_t index_bytes, const std::string& index_sha256)
