@@ -48,11 +48,27 @@ def _tool(name: str) -> str:
     return found
 
 
+def _configured_for(cache: Path) -> tuple[Path, Path]:
+    """(source tree, kernels directory) that a build directory's ``CMakeCache.txt`` was configured for."""
+    values = {}
+    for line in cache.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        values[key.partition(":")[0]] = value
+    return Path(values.get("CMAKE_HOME_DIRECTORY", "")).resolve(), Path(values.get("HM_KERNELS_DIR", "")).resolve()
+
+
 def build_native_runner(build_dir: Path, source_dir: Path = NATIVE_SOURCE, jobs: int = 2) -> Path:
     """Configure (once) and build the native runtime into ``build_dir``; returns the ``hm_runner`` path."""
     build_dir = Path(build_dir)
     cmake = _tool("cmake")
-    if not (build_dir / "CMakeCache.txt").is_file():
+    cache = build_dir / "CMakeCache.txt"
+    wanted = (Path(source_dir).resolve(), Path(KERNELS_SOURCE).resolve())
+    if cache.is_file() and _configured_for(cache) != wanted:
+        # Configured for another checkout (a worktree, a moved clone): its objects are of that source, so configure
+        # again rather than build a runtime of other code.
+        cache.unlink()
+        shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
+    if not cache.is_file():
         configure = [cmake, "-S", str(source_dir), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={executorch_prefix()}"]
         configure.append(f"-DHM_KERNELS_DIR={KERNELS_SOURCE}")  # memory_swiglu.cpp, built into the library
         if shutil.which("ninja") or (Path(sys.executable).parent / "ninja").is_file():

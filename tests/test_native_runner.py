@@ -482,3 +482,23 @@ def test_signed_bundles_need_the_trusted_key(runner, bundles, tmp_path):
         assert run_native_runner(runner, bundle, checks=True, verify_key=tmp_path / key)["checks"]["passed"]
     with pytest.raises(NativeError, match="signature does not verify with the given key"):
         run_native_runner(runner, bundle, verify_key=tmp_path / "other.pub", timeout=120)
+
+
+def test_a_build_directory_of_another_checkout_is_configured_again(tmp_path, monkeypatch):
+    """A build directory configured for another source tree (a worktree, a moved clone) would build that tree's
+    runtime: it is configured again for this one; one configured for this checkout is only built."""
+    import hm_export.native as native
+
+    steps: list[str] = []
+    monkeypatch.setattr(native, "_check_call", lambda command, step: steps.append(step))
+    cache = tmp_path / "CMakeCache.txt"
+    cache.write_text("CMAKE_HOME_DIRECTORY:INTERNAL=/elsewhere/runtime_stubs/cpp\nHM_KERNELS_DIR:PATH=/elsewhere/kernels\n")
+    (tmp_path / "CMakeFiles").mkdir()
+    native.build_native_runner(tmp_path)
+    assert steps == ["configure", "build"] and not cache.exists() and not (tmp_path / "CMakeFiles").exists()
+    cache.write_text(
+        f"CMAKE_HOME_DIRECTORY:INTERNAL={native.NATIVE_SOURCE}\nHM_KERNELS_DIR:PATH={native.KERNELS_SOURCE}\n"
+    )
+    steps.clear()
+    native.build_native_runner(tmp_path)
+    assert steps == ["build"] and cache.exists()
