@@ -65,7 +65,7 @@ from torch import Tensor, nn
 
 from hm_export.architectures import MemoryModel
 from hm_export.errors import ConfigError, UsageError
-from hm_export.kernels import qembedding, qlinear, tied_head
+from hm_export.kernels import qembedding, qlinear, tied_head, tile_codes, untile_codes
 from hm_export.model import TiedHead
 
 ANCHOR_QUANT_TARGETS = ("executorch", "onnx", "coreml")  # targets that quantize the anchor; others refuse
@@ -303,25 +303,28 @@ def asymmetric_codes(weight: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor
 
 class GridLinear(nn.Module):
     """A linear layer in llama.cpp's grids, computed by ``hm_export::qlinear`` (kernels/__init__.py): the weight
-    ``[out, in]`` stored with the input as rows, as asymmetric int4 (``codes`` uint8 ``[in, out / 2]``, ``scales``
-    / ``mins`` float16 ``[in / g, out]``) or symmetric int8 (``codes`` int8 ``[in, out]``, ``mins`` empty)."""
+    ``[out, in]`` stored with the input as rows, as asymmetric int4 (``codes`` uint8 tiled ``[in / g, ceil(out /
+    32), g * 16]``; ``scales`` / ``mins`` float16 ``[in / g, out]``) or symmetric int8 (``codes`` int8 tiled ``[in
+    / g, ceil(out / 16), g * 16]``, ``mins`` empty), tiled by :func:`hm_export.kernels.tile_codes`."""
 
     def __init__(self, weight: Tensor, quant: WeightQuant, bias: Tensor | None = None, name: str = "weight") -> None:
         super().__init__()
-        out_features, in_features = weight.shape
+        in_features = weight.shape[1]
         group = quant.group_for(in_features) or in_features
         weight = weight.detach().float()
+        if group % 4:
+            raise ConfigError(
+                f"{name}: tables come in groups of a multiple of 4 input rows (the tiled layout), got "
+                f"{list(weight.shape)} in groups of {group}"
+            )
         if quant.bits == 4:
-            if not quant.asymmetric or out_features % 2:
-                raise ConfigError(
-                    f"{name}: int4 tables are asymmetric with an even output width, got {list(weight.shape)}"
-                )
+            if not quant.asymmetric:
+                raise ConfigError(f"{name}: int4 tables are asymmetric (Q4_1), got {quant.describe()}")
             q, scales, mins = asymmetric_codes(weight, group)
-            rows = q.t()
-            codes = rows[:, 0::2] | (rows[:, 1::2] << 4)
+            codes = tile_codes(q.t(), group)
         else:
             q, scales = symmetric_codes(weight, 8, group)
-            codes, mins = q.t(), torch.empty(0)
+            codes, mins = tile_codes(q.t().contiguous(), group), torch.empty(0)
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", scales.t().half().contiguous())
         self.register_buffer("mins", mins.t().half().contiguous() if mins.numel() else mins.half())
@@ -329,13 +332,12 @@ class GridLinear(nn.Module):
 
     def dequantized(self) -> Tensor:
         """The weights the kernel multiplies by, float32 ``[out, in]`` (``scale * q (+ min)``)."""
-        from hm_export.kernels import unpack_int4
-
-        group = self.codes.shape[0] // self.scales.shape[0]
+        group = self.codes.shape[2] // 16
+        q = untile_codes(self.codes, self.scales.shape[1]).float()
         scales = self.scales.float().repeat_interleave(group, dim=0)
         if self.codes.dtype == torch.int8:
-            return (scales * self.codes.float()).t()
-        return (scales * (unpack_int4(self.codes) + 8.0) + self.mins.float().repeat_interleave(group, dim=0)).t()
+            return (scales * q).t()
+        return (scales * q + self.mins.float().repeat_interleave(group, dim=0)).t()
 
     def forward(self, x: Tensor) -> Tensor:
         out = qlinear(x, self.codes, self.scales, self.mins)

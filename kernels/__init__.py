@@ -27,10 +27,12 @@ written position is read, no mask tensor exists and grouped KV heads are never r
 ``hm_export::qlinear(x, codes, scales, mins) -> Tensor`` is an anchor linear of the ``8da4w-g32-asym`` presets
 (:mod:`hm_export.anchor_quant`): ``x [..., in]`` times weights in llama.cpp's grids, one float16 scale (and min)
 per group of ``g`` input rows and column: asymmetric int4 (Q4_1, ``w = scale * q + min``, ``q`` in ``0..15``):
-``codes`` uint8 ``[in, out / 2]`` (``q`` of columns ``2c`` / ``2c + 1`` in the low / high nibble, no offset),
-``scales`` and ``mins`` float16 ``[in / g, out]``; or symmetric int8 (Q8_0, ``w = scale * q``): ``codes`` int8
-``[in, out]``, ``mins`` empty (``[0]``).  Activations are quantized to int8 as for ``memory_swiglu`` but with one
-scale per token *and group of g inputs* (llama.cpp's Q8_1 / Q8_0 activation blocks); each group adds
+``codes`` uint8 ``[in / g, ceil(out / 32), g * 16]``, ``scales`` and ``mins`` float16 ``[in / g, out]``; or
+symmetric int8 (Q8_0, ``w = scale * q``): ``codes`` int8 ``[in / g, ceil(out / 16), g * 16]``, ``mins`` empty
+(``[0]``).  Codes are tiled (:func:`tile_codes`, ``qmatmul.h``): each group's chunk of columns is contiguous and the
+four rows of a column sit in four consecutive bytes, so the kernels read the matrix as one stream and multiply with
+VNNI / dot-product instructions without shuffles.  Activations are quantized to int8 as for ``memory_swiglu`` but
+with one scale per token *and group of g inputs* (llama.cpp's Q8_1 / Q8_0 activation blocks); each group adds
 ``float(sum xq * q) * (scale * xs_g)`` (int4: ``+ min * (xs_g * float(sum xq))``).
 ``hm_export::qembedding(tokens, codes, scales, mins) -> Tensor`` looks tokens up in the same table (column ``v``
 is token ``v``'s embedding, ``scale * q (+ min)`` per element), so a tied embedding and its head share one table.
@@ -99,6 +101,37 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return pairs.flatten(-2).to(torch.float32) - 8.0
 
 
+def tile_codes(q: Tensor, group: int) -> Tensor:
+    """Codes ``q`` ``[in, out]`` (uint8 int4 values 0..15, or int8) in the tiled layout of ``hm_export::qlinear``
+    (kernels/qmatmul.h): ``[in / group, chunks, group * 16]`` of the same dtype, with chunks of 32 columns (int4) or
+    16 (int8).  In group ``G``'s chunk ``ch``, byte ``64 k + 4 j + r`` holds row ``G * group + 4 k + r``'s code of
+    column ``ch * chunk + j`` (int4: in its low nibble, and that of column ``32 ch + 16 + j`` in its high nibble);
+    columns past ``out`` hold code 0."""
+    rows, cols = q.shape
+    if group % 4 or rows % group:
+        raise UsageError(f"tiled codes need groups of a multiple of 4 rows dividing {rows}, got a group of {group}")
+    int4 = q.dtype == torch.uint8
+    width = 32 if int4 else 16
+    chunks = -(-cols // width)
+    padded = q.new_zeros(rows, chunks * width)
+    padded[:, :cols] = q
+    parts = padded.view(rows // group, group // 4, 4, chunks, width // 16, 16)  # [G, quad, r, ch, half, j]
+    joined = parts[:, :, :, :, 0] + parts[:, :, :, :, 1] * 16 if int4 else parts[:, :, :, :, 0]  # [G, quad, r, ch, j]
+    return joined.permute(0, 3, 1, 4, 2).reshape(rows // group, chunks, group * 16).contiguous()
+
+
+def untile_codes(codes: Tensor, cols: int) -> Tensor:
+    """The codes ``[in, cols]`` of a tiled table (:func:`tile_codes`): uint8 int4 values 0..15, or int8."""
+    groups, chunks, per_chunk = codes.shape
+    group = per_chunk // 16
+    if codes.dtype == torch.int8:
+        quads = codes.view(groups, chunks, group // 4, 16, 4)  # [G, ch, quad, j, r]
+        return quads.permute(0, 2, 4, 1, 3).reshape(groups * group, chunks * 16)[:, :cols].contiguous()
+    wide = codes.to(torch.int32).view(groups, chunks, group // 4, 16, 4)
+    halves = torch.stack((torch.remainder(wide, 16), torch.div(wide, 16, rounding_mode="floor")), dim=3)
+    return halves.permute(0, 2, 5, 1, 3, 4).reshape(groups * group, chunks * 32)[:, :cols].to(torch.uint8)
+
+
 def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
     """Float32 ``[1, rows, cols]`` of a quantized slot matrix (int8 codes, or uint8 packed int4 codes)."""
     values = unpack_int4(codes) if codes.dtype == torch.uint8 else codes.to(torch.float32)
@@ -125,13 +158,19 @@ def quantize_groups(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
 def qmatmul_reference(xq: Tensor, xs: Tensor, codes: Tensor, scales: Tensor, mins: Tensor | None = None) -> Tensor:
     """``[T, cols]`` = int8 rows ``xq [T, rows]`` (float32 codes, scales ``xs [T, 1]``, or ``[T, rows / g]``: one
     per token and group) times a quantized matrix
-    (``codes [1, rows, cols or cols / 2]``, float16 ``scales [1, rows / g, cols]``), as the kernels compute it:
+    (``codes [1, rows, cols or cols / 2]``, or tiled ``[1, rows / g, chunks, g * 16]``; float16
+    ``scales [1, rows / g, cols]``), as the kernels compute it:
     each group's sum exact, then ``out = out + float(sum) * (scale * xs)`` group after group in float32.  With
     ``mins`` (float16, shaped as ``scales``) the int4 codes are asymmetric (``q`` = the nibble, ``w = scale * q +
     min``) and each group's term gains ``min * (xs * float(sum of the group's xq))`` before it is added."""
-    values = unpack_int4(codes[0]) if codes.dtype == torch.uint8 else codes[0].to(torch.float32)
-    if mins is not None:
-        values = values + 8.0  # the nibble itself
+    if codes.dim() == 4:  # tiled: the codes (int4: the nibbles, less the symmetric offset)
+        values = untile_codes(codes[0], scales.shape[2]).to(torch.float32)
+        if codes.dtype == torch.uint8 and mins is None:
+            values = values - 8.0
+    else:
+        values = unpack_int4(codes[0]) if codes.dtype == torch.uint8 else codes[0].to(torch.float32)
+        if mins is not None:
+            values = values + 8.0  # the nibble itself
     groups = scales.shape[1]
     rows, cols = values.shape
     # Every product and partial sum is an integer below 2^24 when a group has at most 1024 rows (1024 * 127 * 128),
@@ -149,46 +188,54 @@ def qmatmul_reference(xq: Tensor, xs: Tensor, codes: Tensor, scales: Tensor, min
     return out
 
 
-def check_table(op: str, codes: Tensor, scales: Tensor, mins: Tensor) -> None:
-    """Raise UsageError naming the operand of a ``qlinear`` / ``qembedding`` table that breaks its layout."""
-    if codes.dtype not in (torch.uint8, torch.int8) or codes.dim() != 2:
-        raise UsageError(
-            f"{op}: codes must be uint8 [in, out / 2] (int4) or int8 [in, out], got {codes.dtype} {list(codes.shape)}"
-        )
+def check_table(op: str, codes: Tensor, scales: Tensor, mins: Tensor) -> int:
+    """The input width of a ``qlinear`` / ``qembedding`` table; raise UsageError naming the operand that breaks its
+    layout."""
     int4 = codes.dtype == torch.uint8
-    rows, cols = codes.shape[0], codes.shape[1] * (2 if int4 else 1)
-    for name, tensor in (("scales", scales), ("mins", mins))[: 2 if int4 else 1]:
-        if tensor.dtype != torch.float16 or tensor.dim() != 2 or tensor.shape[1] != cols or rows % tensor.shape[0]:
-            raise UsageError(f"{op}: {name} {tensor.dtype} {list(tensor.shape)}, expected float16 [{rows} / g, {cols}]")
-    if int4 and scales.shape != mins.shape:
-        raise UsageError(f"{op}: scales {list(scales.shape)} and mins {list(mins.shape)} differ")
+    if codes.dtype not in (torch.uint8, torch.int8) or codes.dim() != 3:
+        raise UsageError(
+            f"{op}: codes must be tiled, uint8 [in / g, ceil(out / 32), g * 16] (int4) or int8 [in / g, ceil(out / "
+            f"16), g * 16], got {codes.dtype} {list(codes.shape)} (a bundle exported before the tiled layout: export "
+            "it again)"
+        )
+    if scales.dtype != torch.float16 or scales.dim() != 2:
+        raise UsageError(f"{op}: scales {scales.dtype} {list(scales.shape)}, expected float16 [in / g, out]")
+    cols, width = scales.shape[1], 32 if int4 else 16
+    groups, chunks, per_chunk = codes.shape
+    if groups != scales.shape[0] or chunks != -(-cols // width) or per_chunk % 64 or not per_chunk:
+        raise UsageError(
+            f"{op}: tiled codes {list(codes.shape)} do not fit scales {list(scales.shape)}: expected "
+            f"[{scales.shape[0]}, {-(-cols // width)}, g * 16] with g a multiple of 4"
+        )
+    if int4 and (mins.dtype != torch.float16 or mins.shape != scales.shape):
+        raise UsageError(f"{op}: mins {mins.dtype} {list(mins.shape)} must match scales {list(scales.shape)}")
     if not int4 and (mins.numel() or mins.dtype != torch.float16):
         raise UsageError(f"{op}: int8 codes take no mins (an empty float16 tensor), got {list(mins.shape)}")
+    return groups * (per_chunk // 16)
 
 
 def qlinear_reference(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
     """What ``hm_export::qlinear`` computes (see the module docstring)."""
-    check_table("qlinear", codes, scales, mins)
-    if x.dtype != torch.float32 or x.shape[-1] != codes.shape[0]:
-        raise UsageError(f"qlinear: x must be float32 [..., {codes.shape[0]}], got {x.dtype} {list(x.shape)}")
+    width = check_table("qlinear", codes, scales, mins)
+    if x.dtype != torch.float32 or x.shape[-1] != width:
+        raise UsageError(f"qlinear: x must be float32 [..., {width}], got {x.dtype} {list(x.shape)}")
     rows = x.reshape(-1, x.shape[-1])
     low = mins[None] if codes.dtype == torch.uint8 else None
-    out = qmatmul_reference(*quantize_groups(rows, rows.shape[1] // scales.shape[0]), codes[None], scales[None], low)
+    out = qmatmul_reference(*quantize_groups(rows, width // scales.shape[0]), codes[None], scales[None], low)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def qembedding_reference(tokens: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
     """What ``hm_export::qembedding`` computes: ``[..., in]`` = the columns ``tokens``, ``scale * q (+ min)``."""
-    check_table("qembedding", codes, scales, mins)
+    width = check_table("qembedding", codes, scales, mins)
     ids = tokens.reshape(-1)
-    group = codes.shape[0] // scales.shape[0]
+    group = width // scales.shape[0]
     scale = scales[:, ids].float().repeat_interleave(group, dim=0)
+    q = untile_codes(codes, scales.shape[1])[:, ids].float()  # [in, N]
     if codes.dtype == torch.int8:
-        return (scale * codes[:, ids].float()).t().reshape(*tokens.shape, codes.shape[0])
-    nibbles = codes[:, torch.div(ids, 2, rounding_mode="floor")].to(torch.int32)  # [in, N]
-    q = torch.where(ids % 2 == 1, torch.div(nibbles, 16, rounding_mode="floor"), torch.remainder(nibbles, 16))
+        return (scale * q).t().reshape(*tokens.shape, width)
     low = mins[:, ids].float().repeat_interleave(group, dim=0)
-    return (scale * q.float() + low).t().reshape(*tokens.shape, codes.shape[0])
+    return (scale * q + low).t().reshape(*tokens.shape, width)
 
 
 def memory_swiglu_reference(
@@ -347,7 +394,9 @@ _register_table_op(
 _register_table_op(
     "qembedding",
     qembedding_reference,
-    lambda tokens, codes, scales, mins: scales.new_empty((*tokens.shape, codes.shape[0]), dtype=torch.float32),
+    lambda tokens, codes, scales, mins: scales.new_empty(
+        (*tokens.shape, check_table("qembedding", codes, scales, mins)), dtype=torch.float32
+    ),
 )
 
 

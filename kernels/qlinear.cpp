@@ -3,8 +3,9 @@
 // + min, q in 0..15) or symmetric int8 (Q8_0: w = scale * q), one float16 scale (and min) per group of input rows
 // and column.
 //
-//   codes   uint8 [in, out / 2]: int4 q of columns 2c (low nibble) and 2c + 1 (high nibble) of input row i;
-//           or int8 [in, out]
+//   codes   uint8 [in / g, ceil(out / 32), g * 16]: int4 q in the tiled layout of qmatmul.h (per group of g input
+//           rows and chunk of 32 columns, quads of rows interleaved byte by byte, columns c and c + 16 of a chunk in
+//           one byte; g a multiple of 4); or int8 [in / g, ceil(out / 16), g * 16], tiled with chunks of 16
 //   scales  float16 [in / g, out]
 //   mins    float16 [in / g, out] (int4), or empty [0] (int8)
 //
@@ -38,23 +39,27 @@ using hm_kernels::QMatrix;
 // The table as a QMatrix (rows = in, cols = out), or an error message when shapes or dtypes disagree.
 const char* table_matrix(const Tensor& codes, const Tensor& scales, const Tensor& mins, QMatrix& m) {
   const bool int4 = codes.scalar_type() == ScalarType::Byte;
-  if ((!int4 && codes.scalar_type() != ScalarType::Char) || codes.dim() != 2) {
-    return "codes must be uint8 [in, out / 2] (int4) or int8 [in, out]";
+  if ((!int4 && codes.scalar_type() != ScalarType::Char) || codes.dim() != 3) {
+    return "codes must be tiled: uint8 [in / group, ceil(out / 32), group * 16] (int4) or int8 [in / group, "
+           "ceil(out / 16), group * 16]";
   }
   if (scales.scalar_type() != ScalarType::Half || mins.scalar_type() != ScalarType::Half) {
     return "scales and mins must be float16";
   }
-  const int64_t rows = codes.size(0), cols = int4 ? 2 * codes.size(1) : codes.size(1);
-  if (scales.dim() != 2 || scales.size(0) < 1 || rows % scales.size(0) != 0 || scales.size(1) != cols) {
-    return "scales must be [in / group, out]";
+  const int64_t width = int4 ? 32 : 16;
+  if (scales.dim() != 2 || scales.size(0) != codes.size(0) || codes.size(2) % 64 != 0 || codes.size(2) == 0 ||
+      codes.size(1) != (scales.size(1) + width - 1) / width) {
+    return "codes [in / group, chunks, group * 16] and scales [in / group, out] disagree (group: a multiple of 4)";
   }
-  if (int4 && (mins.dim() != 2 || mins.size(0) != scales.size(0) || mins.size(1) != cols)) {
+  if (int4 && (mins.dim() != 2 || mins.size(0) != scales.size(0) || mins.size(1) != scales.size(1))) {
     return "mins must match scales";
   }
   if (!int4 && mins.numel() != 0) return "int8 codes take no mins (an empty tensor)";
+  const int64_t group = codes.size(2) / 16;
   m = QMatrix{codes.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.const_data_ptr<Half>()),
-              rows, cols, rows / scales.size(0), int4,
-              int4 ? reinterpret_cast<const uint16_t*>(mins.const_data_ptr<Half>()) : nullptr};
+              codes.size(0) * group, scales.size(1), group, int4,
+              int4 ? reinterpret_cast<const uint16_t*>(mins.const_data_ptr<Half>()) : nullptr,
+              /*group_scales=*/false, /*tiled=*/true};
   return nullptr;
 }
 

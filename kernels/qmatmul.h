@@ -14,6 +14,16 @@
 // (the min's integer factor, the token's group sum, is computed once per token and group), then out = out + term.
 // With QMatrix::group_scales, xs[t] above is the token's scale for group g (activations quantized per group).
 //
+// Tiled int4 (QMatrix::tiled, the anchor tables of hm_export::qlinear): the codes of row group g and chunk ch of 32
+// columns are one contiguous run of group * 16 bytes, chunks in order within a group and groups in order, so a
+// product reads the matrix as one sequential stream. Within a chunk, quad k (rows 4k .. 4k + 3 of the group) takes
+// 64 bytes: byte 4j + r holds row 4k + r's code of column 32ch + j in its low nibble and of column 32ch + 16 + j in
+// its high nibble (j = 0..15); columns past `cols` hold code 0. Four rows of one column are four consecutive bytes:
+// one lane of VNNI's vpdpbusd (or ARM's sdot), so the SIMD paths mask nibbles and multiply without shuffles, and
+// their int32 lanes come out in column order. The group is a multiple of 4 rows.
+// Tiled int8 is the same with chunks of 16 columns (still group * 16 bytes): byte 4j + r of quad k is row 4k + r's
+// code of column 16ch + j.
+//
 // Every path (scalar, AVX2, AVX-512, NEON) accumulates each group exactly in int32 and then adds the group's float
 // term with one multiply and one add (no fused multiply-add), in the same order: all paths give the same
 // bits. The SIMD paths unpack a tile of (two rows x 32 columns) once and apply it to every token, so a
@@ -140,7 +150,7 @@ inline void quantize_rows_scalar(const float* x, int64_t tokens, int64_t n, int6
 }
 
 struct QMatrix {
-  const uint8_t* codes;    // int4 packed (uint8 [rows, cols / 2]) or int8 ([rows, cols])
+  const uint8_t* codes;    // int4 packed (uint8 [rows, cols / 2], or tiled) or int8 ([rows, cols])
   const uint16_t* scales;  // float16 bits [rows / group, cols]
   int64_t rows;
   int64_t cols;
@@ -149,9 +159,22 @@ struct QMatrix {
   const uint16_t* mins = nullptr;  // asymmetric int4 only: float16 bits [rows / group, cols] (see the header)
   // Activations carry one scale per token and row group (xs [tokens, rows / group]) instead of one per token.
   bool group_scales = false;
+  // Codes in the tiled layout (see the header) instead of rows.
+  bool tiled = false;
+
+  // Tiled layout: the columns of a chunk (32 int4, 16 int8), chunks per row group, where group g's chunk ch starts.
+  int64_t chunk_width() const { return int4 ? 32 : 16; }
+  int64_t chunks() const { return (cols + chunk_width() - 1) / chunk_width(); }
+  const uint8_t* tile(int64_t g, int64_t ch) const { return codes + (g * chunks() + ch) * group * 16; }
 
   // The integer factor of row i, column c: int4 code - 8 (symmetric), the nibble (asymmetric), or the int8 code.
   int code(int64_t i, int64_t c) const {
+    if (tiled) {
+      const int64_t r = i % group, j = c % chunk_width();
+      const uint8_t byte = tile(i / group, c / chunk_width())[r / 4 * 64 + 4 * (j % 16) + r % 4];
+      if (!int4) return static_cast<int8_t>(byte);
+      return (j < 16 ? byte & 15 : byte >> 4) - (mins != nullptr ? 0 : 8);
+    }
     if (int4) {
       const uint8_t byte = codes[i * (cols / 2) + c / 2];
       return (c % 2 ? byte >> 4 : byte & 15) - (mins != nullptr ? 0 : 8);
@@ -184,6 +207,15 @@ struct BlockFinish {
   float* out;
 };
 
+// Per token, the sum of its activation codes in rows r0 .. r0 + group - 1 (the offset's and the min term's factor).
+inline void group_sums(const int8_t* xq, int64_t xq_stride, int64_t tokens, int64_t r0, int64_t group, int32_t* xsum) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    int32_t sum = 0;
+    for (int64_t i = 0; i < group; ++i) sum += xq[t * xq_stride + r0 + i];
+    xsum[t] = sum;
+  }
+}
+
 inline BlockFinish block_finish(const QMatrix& w, const float* xs, int32_t group_sum, int64_t t, int64_t g, int64_t c0,
                                 float* out, int64_t out_stride) {
   const float xs_tg = act_scale(w, xs, t, g);
@@ -197,6 +229,15 @@ inline void finish1(int32_t sum, uint16_t scale, const uint16_t* min, float xs, 
   if (min != nullptr) term = term + half_to_float(*min) * xg;
   *out = *out + term;
 }
+
+// finish1 for the first `width` columns of a tiled chunk (sums with the offset removed): a last chunk narrower than 32.
+inline void finish_lanes(const int32_t* sums, const BlockFinish& f, int64_t width) {
+  for (int64_t c = 0; c < width; ++c) finish1(sums[c], f.scales[c], f.mins != nullptr ? f.mins + c : nullptr, f.xs, f.xg, f.out + c);
+}
+
+// Tiled int4 paths read ahead of the hardware prefetcher by this many bytes of the code stream: alone, it leaves one
+// core streaming the matrix at about half of its read bandwidth (measured on SmolLM2's linears).
+constexpr int64_t kTiledPrefetchBytes = 4096;
 
 // out [tokens, cols] (stride out_stride) = xq [tokens, rows] (stride xq_stride, even-padded) @ W, see the header.
 inline void qmatmul_scalar(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs, int64_t tokens,
@@ -387,6 +428,116 @@ HM_AVX2 inline void qmatmul_int4_avx2(const QMatrix& w, const int8_t* xq, int64_
   }
 }
 
+// Tiled int4 on AVX2 (AVX-512 machines without VNNI run it too): chunks ch .. ch + N - 1 of row group g, every token.
+// Per quad of rows each 32-byte half of a chunk's 64 bytes holds 8 columns' four codes in its low nibbles (columns
+// 8h ..) and 8 in its high nibbles (16 + 8h ..); maddubs with the token's four int8 activations gives int16 sums of
+// two rows (at most 2 * 15 * 127), madd with ones the int32 sum of four, in column order.
+template <int N>
+HM_AVX2 inline void tiled_chunks_avx2(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                      int64_t tokens, const int32_t* xsum, int64_t g, int64_t ch, float* out,
+                                      int64_t out_stride) {
+  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const int64_t quads = w.group / 4;
+  const uint8_t* base = w.tile(g, ch);
+  for (int64_t b = 0; b < N * quads; ++b) {
+    _mm_prefetch(reinterpret_cast<const char*>(base + kTiledPrefetchBytes + 64 * b), _MM_HINT_T0);
+  }
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int8_t* q = xq + t * xq_stride + g * w.group;
+    __m256i acc[4 * N];  // per chunk: columns 0-7, 8-15, 16-23, 24-31
+    for (auto& v : acc) v = _mm256_setzero_si256();
+    for (int64_t k = 0; k < quads; ++k) {
+      int32_t four;
+      std::memcpy(&four, q + 4 * k, sizeof(four));
+      const __m256i x = _mm256_set1_epi32(four);
+      for (int c = 0; c < N; ++c) {
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + (c * quads + k) * 64 + 32 * h));
+          const __m256i even = _mm256_and_si256(v, low), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          acc[4 * c + h] = _mm256_add_epi32(acc[4 * c + h], _mm256_madd_epi16(_mm256_maddubs_epi16(even, x), ones));
+          acc[4 * c + 2 + h] =
+              _mm256_add_epi32(acc[4 * c + 2 + h], _mm256_madd_epi16(_mm256_maddubs_epi16(odd, x), ones));
+        }
+      }
+    }
+    for (int c = 0; c < N; ++c) {
+      const int64_t c0 = (ch + c) * 32, width = std::min<int64_t>(32, w.cols - c0);
+      const BlockFinish f = block_finish(w, xs, xsum[t], t, g, c0, out, out_stride);
+      const __m256i offset = _mm256_set1_epi32(f.offset);
+      alignas(32) int32_t sums[32];
+      for (int m = 0; m < 4; ++m) {
+        const __m256i part = _mm256_sub_epi32(acc[4 * c + m], offset);
+        if (width == 32) {
+          finish8(part, f.scales + 8 * m, f.mins != nullptr ? f.mins + 8 * m : nullptr, f.xs, f.xg, f.out + 8 * m);
+        } else {
+          _mm256_store_si256(reinterpret_cast<__m256i*>(sums + 8 * m), part);
+        }
+      }
+      if (width < 32) finish_lanes(sums, f, width);
+    }
+  }
+}
+
+// Tiled int8 on AVX2: chunks ch .. ch + N - 1 (16 columns each) of row group g, every token. Each 32-byte half of
+// a quad's 64 bytes holds 8 columns' four codes; maddubs takes |code| (unsigned) times the activation with the
+// code's sign (at most 2 * 127 * 127 in int16), madd with ones sums four rows in int32, in column order.
+template <int N>
+HM_AVX2 inline void tiled8_chunks_avx2(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                       int64_t tokens, const int32_t* xsum, int64_t g, int64_t ch, float* out,
+                                       int64_t out_stride) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t quads = w.group / 4;
+  const uint8_t* base = w.tile(g, ch);
+  for (int64_t b = 0; b < N * quads; ++b) {
+    _mm_prefetch(reinterpret_cast<const char*>(base + kTiledPrefetchBytes + 64 * b), _MM_HINT_T0);
+  }
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int8_t* q = xq + t * xq_stride + g * w.group;
+    __m256i acc[2 * N];  // per chunk: columns 0-7, 8-15
+    for (auto& v : acc) v = _mm256_setzero_si256();
+    for (int64_t k = 0; k < quads; ++k) {
+      int32_t four;
+      std::memcpy(&four, q + 4 * k, sizeof(four));
+      const __m256i x = _mm256_set1_epi32(four);
+      for (int c = 0; c < 2 * N; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + (c / 2 * quads + k) * 64 + 32 * (c % 2)));
+        acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(x, v)), ones));
+      }
+    }
+    for (int c = 0; c < N; ++c) {
+      const int64_t c0 = (ch + c) * 16, width = std::min<int64_t>(16, w.cols - c0);
+      const BlockFinish f = block_finish(w, xs, xsum[t], t, g, c0, out, out_stride);
+      if (width == 16) {
+        finish8(acc[2 * c], f.scales, nullptr, f.xs, f.xg, f.out);
+        finish8(acc[2 * c + 1], f.scales + 8, nullptr, f.xs, f.xg, f.out + 8);
+      } else {
+        alignas(32) int32_t sums[16];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sums), acc[2 * c]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sums + 8), acc[2 * c + 1]);
+        finish_lanes(sums, f, width);
+      }
+    }
+  }
+}
+
+// Tiled int4 / int8 on AVX2: row group after row group, two (int4) or four (int8) chunks at a time.
+HM_AVX2 inline void qmatmul_tiled_avx2(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                       int64_t tokens, float* out, int64_t out_stride) {
+  std::vector<int32_t> xsum(static_cast<size_t>(tokens));
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + w.cols, 0.0f);
+  for (int64_t g = 0; g < w.rows / w.group; ++g) {
+    group_sums(xq, xq_stride, tokens, g * w.group, w.group, xsum.data());
+    int64_t ch = 0;
+    if (w.int4) {
+      for (; ch + 2 <= w.chunks(); ch += 2) tiled_chunks_avx2<2>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
+      for (; ch < w.chunks(); ++ch) tiled_chunks_avx2<1>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
+    } else {
+      for (; ch + 4 <= w.chunks(); ch += 4) tiled8_chunks_avx2<4>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
+      for (; ch < w.chunks(); ++ch) tiled8_chunks_avx2<1>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
+    }
+  }
+}
+
 #define HM_AVX512 __attribute__((target("avx512f,avx512bw,f16c")))
 
 // int4 blocks of 128 columns (64 bytes per row) with 512-bit registers: the AVX2 scheme above, each register
@@ -542,11 +693,7 @@ HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_
   for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + full, 0.0f);
   for (int64_t g = 0; g < w.rows / w.group; ++g) {
     const int64_t r0 = g * w.group;
-    for (int64_t t = 0; t < tokens; ++t) {
-      int32_t sum = 0;
-      for (int64_t i = 0; i < w.group; ++i) sum += xq[t * xq_stride + r0 + i];
-      xsum[t] = sum;
-    }
+    group_sums(xq, xq_stride, tokens, r0, w.group, xsum.data());
     for (int64_t c0 = 0; c0 < full; c0 += 128) {
       const uint8_t* base = w.codes + r0 * row_bytes + c0 / 2;
       if (tokens > 1) {
@@ -594,6 +741,154 @@ HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_
           }
         }
       }
+    }
+  }
+}
+
+// Tiled int4 on AVX-512 VNNI: tokens t0 .. t0 + T - 1 over chunks ch .. ch + N - 1 of row group g. Per quad of rows
+// one 64-byte load per chunk: its low nibbles are columns 0..15, its high nibbles masked in place (16 times columns
+// 16..31's codes, divided out exactly after the sum); vpdpbusd multiplies each by every token's four int8
+// activations, so a prefill loads each chunk once per T tokens.
+template <int N, int T>
+HM_VNNI inline void tiled_tokens_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                      const int32_t* xsum, int64_t g, int64_t ch, int64_t t0, float* out,
+                                      int64_t out_stride) {
+  const __m512i low = _mm512_set1_epi8(15), high = _mm512_set1_epi8(static_cast<char>(0xf0));
+  const int64_t quads = w.group / 4;
+  const uint8_t* base = w.tile(g, ch);
+  const int8_t* q = xq + t0 * xq_stride + g * w.group;
+  __m512i acc[T][2 * N];  // per token and chunk: columns 0-15, 16 times columns 16-31
+  for (auto& row : acc) {
+    for (auto& v : row) v = _mm512_setzero_si512();
+  }
+  for (int64_t k = 0; k < quads; ++k) {
+    __m512i lo[N], hi[N];
+    for (int c = 0; c < N; ++c) {
+      const __m512i v = _mm512_loadu_si512(base + (c * quads + k) * 64);
+      lo[c] = _mm512_and_si512(v, low);
+      hi[c] = _mm512_and_si512(v, high);
+    }
+    for (int u = 0; u < T; ++u) {
+      int32_t four;
+      std::memcpy(&four, q + u * xq_stride + 4 * k, sizeof(four));
+      const __m512i x = _mm512_set1_epi32(four);
+      for (int c = 0; c < N; ++c) {
+        acc[u][2 * c] = _mm512_dpbusd_epi32(acc[u][2 * c], lo[c], x);
+        acc[u][2 * c + 1] = _mm512_dpbusd_epi32(acc[u][2 * c + 1], hi[c], x);
+      }
+    }
+  }
+  for (int u = 0; u < T; ++u) {
+    for (int c = 0; c < N; ++c) {
+      const int64_t c0 = (ch + c) * 32, width = std::min<int64_t>(32, w.cols - c0);
+      const BlockFinish f = block_finish(w, xs, xsum[t0 + u], t0 + u, g, c0, out, out_stride);
+      const __m512i offset = _mm512_set1_epi32(f.offset);
+      const __m512i first = _mm512_sub_epi32(acc[u][2 * c], offset);
+      const __m512i second = _mm512_sub_epi32(_mm512_srai_epi32(acc[u][2 * c + 1], 4), offset);
+      if (width == 32) {
+        finish16(first, f.scales, f.mins, f.xs, f.xg, f.out);
+        finish16(second, f.scales + 16, f.mins != nullptr ? f.mins + 16 : nullptr, f.xs, f.xg, f.out + 16);
+      } else {
+        alignas(64) int32_t sums[32];
+        _mm512_store_si512(sums, first);
+        _mm512_store_si512(sums + 16, second);
+        finish_lanes(sums, f, width);
+      }
+    }
+  }
+}
+
+// Chunks ch .. ch + N - 1 of row group g for every token: four tokens at a time over two chunks (16 accumulators),
+// then one token at a time over all N.
+template <int N>
+HM_VNNI inline void tiled_chunks_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                      int64_t tokens, const int32_t* xsum, int64_t g, int64_t ch, float* out,
+                                      int64_t out_stride) {
+  const uint8_t* base = w.tile(g, ch);
+  for (int64_t b = 0; b < N * (w.group / 4); ++b) {
+    _mm_prefetch(reinterpret_cast<const char*>(base + kTiledPrefetchBytes + 64 * b), _MM_HINT_T0);
+  }
+  constexpr int M = N >= 2 ? 2 : 1;
+  int64_t t = 0;
+  for (; t + 4 <= tokens; t += 4) {
+    for (int c = 0; c < N; c += M) tiled_tokens_vnni<M, 4>(w, xq, xq_stride, xs, xsum, g, ch + c, t, out, out_stride);
+  }
+  for (; t < tokens; ++t) tiled_tokens_vnni<N, 1>(w, xq, xq_stride, xs, xsum, g, ch, t, out, out_stride);
+}
+
+// Tiled int8 on AVX-512 VNNI: tokens t0 .. t0 + T - 1 over chunks ch .. ch + N - 1 (16 columns each) of row group
+// g. vpdpbusd wants one unsigned operand: the codes with their sign bit flipped (code + 128), so each sum carries 128
+// times the token's group sum, removed exactly before the finish.
+template <int N, int T>
+HM_VNNI inline void tiled8_tokens_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                       const int32_t* xsum, int64_t g, int64_t ch, int64_t t0, float* out,
+                                       int64_t out_stride) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t quads = w.group / 4;
+  const uint8_t* base = w.tile(g, ch);
+  const int8_t* q = xq + t0 * xq_stride + g * w.group;
+  __m512i acc[T][N];
+  for (auto& row : acc) {
+    for (auto& v : row) v = _mm512_setzero_si512();
+  }
+  for (int64_t k = 0; k < quads; ++k) {
+    __m512i codes[N];
+    for (int c = 0; c < N; ++c) codes[c] = _mm512_xor_si512(_mm512_loadu_si512(base + (c * quads + k) * 64), flip);
+    for (int u = 0; u < T; ++u) {
+      int32_t four;
+      std::memcpy(&four, q + u * xq_stride + 4 * k, sizeof(four));
+      const __m512i x = _mm512_set1_epi32(four);
+      for (int c = 0; c < N; ++c) acc[u][c] = _mm512_dpbusd_epi32(acc[u][c], codes[c], x);
+    }
+  }
+  for (int u = 0; u < T; ++u) {
+    const __m512i offset = _mm512_set1_epi32(128 * xsum[t0 + u]);
+    for (int c = 0; c < N; ++c) {
+      const int64_t c0 = (ch + c) * 16, width = std::min<int64_t>(16, w.cols - c0);
+      const BlockFinish f = block_finish(w, xs, xsum[t0 + u], t0 + u, g, c0, out, out_stride);
+      const __m512i sums = _mm512_sub_epi32(acc[u][c], offset);
+      if (width == 16) {
+        finish16(sums, f.scales, nullptr, f.xs, f.xg, f.out);
+      } else {
+        alignas(64) int32_t lanes[16];
+        _mm512_store_si512(lanes, sums);
+        finish_lanes(lanes, f, width);
+      }
+    }
+  }
+}
+
+// Chunks ch .. ch + N - 1 of row group g for every token: four tokens at a time over four chunks, then one by one.
+template <int N>
+HM_VNNI inline void tiled8_chunks_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                       int64_t tokens, const int32_t* xsum, int64_t g, int64_t ch, float* out,
+                                       int64_t out_stride) {
+  const uint8_t* base = w.tile(g, ch);
+  for (int64_t b = 0; b < N * (w.group / 4); ++b) {
+    _mm_prefetch(reinterpret_cast<const char*>(base + kTiledPrefetchBytes + 64 * b), _MM_HINT_T0);
+  }
+  constexpr int M = N >= 4 ? 4 : 1;
+  int64_t t = 0;
+  for (; t + 4 <= tokens; t += 4) {
+    for (int c = 0; c < N; c += M) tiled8_tokens_vnni<M, 4>(w, xq, xq_stride, xs, xsum, g, ch + c, t, out, out_stride);
+  }
+  for (; t < tokens; ++t) tiled8_tokens_vnni<N, 1>(w, xq, xq_stride, xs, xsum, g, ch, t, out, out_stride);
+}
+
+// Tiled int4 / int8 on AVX-512 VNNI: row group after row group, four (int4) or eight (int8) chunks at a time.
+HM_VNNI inline void qmatmul_tiled_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                       int64_t tokens, float* out, int64_t out_stride) {
+  std::vector<int32_t> xsum(static_cast<size_t>(tokens));
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + w.cols, 0.0f);
+  for (int64_t g = 0; g < w.rows / w.group; ++g) {
+    group_sums(xq, xq_stride, tokens, g * w.group, w.group, xsum.data());
+    int64_t ch = 0;
+    if (w.int4) {
+      for (; ch + 4 <= w.chunks(); ch += 4) tiled_chunks_vnni<4>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
+      for (; ch < w.chunks(); ++ch) tiled_chunks_vnni<1>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
+    } else {
+      for (; ch + 8 <= w.chunks(); ch += 8) tiled8_chunks_vnni<8>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
+      for (; ch < w.chunks(); ++ch) tiled8_chunks_vnni<1>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
     }
   }
 }
@@ -779,6 +1074,55 @@ inline void qmatmul_neon(const QMatrix& w, const int8_t* xq, int64_t xq_stride, 
     }
   }
 }
+// Tiled codes on NEON: per quad of rows each 16 bytes of a chunk hold four columns' four codes, summed per column
+// into int32 against the token's four activations by dot4: SDOT where the CPU has it (ARMv8.2 dot product; build
+// with -march=armv8.2-a+dotprod or later), else widening multiplies and pairwise adds (the same integers).
+inline int32x4_t dot4(int32x4_t acc, int8x16_t codes, int8x16_t x) {
+#if defined(__ARM_FEATURE_DOTPROD)
+  return vdotq_s32(acc, codes, x);
+#else
+  const int32x4_t low = vpaddlq_s16(vmull_s8(vget_low_s8(codes), vget_low_s8(x)));    // columns 0, 1 in pairs
+  const int32x4_t high = vpaddlq_s16(vmull_s8(vget_high_s8(codes), vget_high_s8(x)));  // columns 2, 3
+  return vaddq_s32(acc, vpaddq_s32(low, high));
+#endif
+}
+
+inline void qmatmul_tiled_neon(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                               int64_t tokens, float* out, int64_t out_stride) {
+  const int64_t quads = w.group / 4, width = w.chunk_width();
+  std::vector<int32_t> xsum(static_cast<size_t>(tokens));
+  alignas(16) int32_t sums[32];
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + w.cols, 0.0f);
+  for (int64_t g = 0; g < w.rows / w.group; ++g) {
+    group_sums(xq, xq_stride, tokens, g * w.group, w.group, xsum.data());
+    for (int64_t ch = 0; ch < w.chunks(); ++ch) {
+      const uint8_t* base = w.tile(g, ch);
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int8_t* q = xq + t * xq_stride + g * w.group;
+        // int4: columns 4m .. 4m + 3 (low nibbles, m < 4) and 16 + 4(m - 4) .. (high, m >= 4); int8: 4m .., m < 4
+        int32x4_t acc[8];
+        for (auto& v : acc) v = vdupq_n_s32(0);
+        for (int64_t k = 0; k < quads; ++k) {
+          int32_t four;
+          std::memcpy(&four, q + 4 * k, sizeof(four));
+          const int8x16_t x = vreinterpretq_s8_s32(vdupq_n_s32(four));
+          for (int m = 0; m < 4; ++m) {
+            const uint8x16_t v = vld1q_u8(base + 64 * k + 16 * m);
+            if (w.int4) {
+              acc[m] = dot4(acc[m], vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15))), x);
+              acc[4 + m] = dot4(acc[4 + m], vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), x);
+            } else {
+              acc[m] = dot4(acc[m], vreinterpretq_s8_u8(v), x);
+            }
+          }
+        }
+        const BlockFinish f = block_finish(w, xs, xsum[t], t, g, ch * width, out, out_stride);
+        for (int m = 0; m < (w.int4 ? 8 : 4); ++m) vst1q_s32(sums + 4 * m, vsubq_s32(acc[m], vdupq_n_s32(f.offset)));
+        finish_lanes(sums, f, std::min<int64_t>(width, w.cols - ch * width));
+      }
+    }
+  }
+}
 #endif  // NEON
 
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
@@ -829,7 +1173,7 @@ inline void quantize_rows(const float* x, int64_t tokens, int64_t n, int64_t str
 }
 
 // quantize_rows per token and group of `group` values (n a multiple of it): xs [tokens, n / group], the same float
-// operations per group as per row (the scalar loop: a group is short).
+// operations per group as per row, on the active path.
 inline void quantize_groups(const float* x, int64_t tokens, int64_t n, int64_t stride, int64_t group, int8_t* xq,
                             int64_t xq_stride, float* xs) {
   const int64_t groups = n / group;
@@ -837,7 +1181,7 @@ inline void quantize_groups(const float* x, int64_t tokens, int64_t n, int64_t s
     int8_t* q = xq + t * xq_stride;
     std::memset(q, 0, static_cast<size_t>(xq_stride));
     for (int64_t g = 0; g < groups; ++g) {
-      quantize_rows_scalar(x + t * stride + g * group, 1, group, group, q + g * group, group, xs + t * groups + g);
+      quantize_rows(x + t * stride + g * group, 1, group, group, q + g * group, group, xs + t * groups + g);
     }
   }
 }
@@ -846,6 +1190,14 @@ inline void quantize_groups(const float* x, int64_t tokens, int64_t n, int64_t s
 inline void qmatmul(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs, int64_t tokens, float* out,
                     int64_t out_stride, Isa isa = active_isa()) {
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
+  if (w.tiled && isa == Isa::Avx512Vnni) {
+    qmatmul_tiled_vnni(w, xq, xq_stride, xs, tokens, out, out_stride);
+    return;
+  }
+  if (w.tiled && (isa == Isa::Avx2 || isa == Isa::Avx512)) {
+    qmatmul_tiled_avx2(w, xq, xq_stride, xs, tokens, out, out_stride);
+    return;
+  }
   if (isa == Isa::Avx512Vnni && w.int4 && w.group % 4 == 0) {
     qmatmul_int4_vnni(w, xq, xq_stride, xs, tokens, out, out_stride);
     return;
@@ -869,7 +1221,11 @@ inline void qmatmul(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const
 #endif
 #if defined(HM_KERNELS_NEON)
   if (isa == Isa::Neon) {
-    qmatmul_neon(w, xq, xq_stride, xs, tokens, out, out_stride);
+    if (w.tiled) {
+      qmatmul_tiled_neon(w, xq, xq_stride, xs, tokens, out, out_stride);
+    } else {
+      qmatmul_neon(w, xq, xq_stride, xs, tokens, out, out_stride);
+    }
     return;
   }
 #endif

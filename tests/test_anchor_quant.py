@@ -189,13 +189,37 @@ def test_asymmetric_grid_recovers_q41_blocks_exactly():
     weight = q41_blocks(64, 96, full_span=True)
     table = GridLinear(weight, WeightQuant(4, 32, asymmetric=True))
     assert torch.equal(table.dequantized(), weight)
-    assert table.codes.shape == (96, 32) and table.scales.shape == table.mins.shape == (3, 64)
+    assert table.codes.shape == (3, 2, 512) and table.scales.shape == table.mins.shape == (3, 64)  # tiled
     loose = q41_blocks(64, 96, full_span=False, seed=1)
     _, scales, mins = asymmetric_codes(loose, 32)
     step = scales.repeat_interleave(32, dim=1)
     error = (GridLinear(loose, WeightQuant(4, 32, asymmetric=True)).dequantized() - loose).abs()
     assert (error <= step / 2 + (loose.view(64, 3, 32).amin(-1) - mins).abs().repeat_interleave(32, 1) + 1e-6).all()
     assert not torch.equal(error, torch.zeros_like(error))  # a block spanning e.g. 1..14 is not on the same grid
+
+
+def test_tiled_layout():
+    """Row 4k + r of a group, column j of a chunk (of 32 int4 columns, j and 16 + j in one byte; of 16 int8 ones):
+    byte 64k + 4j + r; the last chunk padded with code 0; untile_codes inverts tile_codes; groups must be a multiple
+    of 4 rows."""
+    from hm_export.kernels import tile_codes, untile_codes
+
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 16, (24, 40), dtype=torch.uint8, generator=generator)
+    tiles = tile_codes(q, 12)
+    assert tiles.shape == (2, 2, 192) and tiles.dtype == torch.uint8
+    # row 17: group 1, its row 5 = quad 1, r 1; column 5 (chunk 0, j 5) low, column 21 high; column 37 (chunk 1)
+    assert int(tiles[1, 0, 64 + 4 * 5 + 1]) == int(q[17, 5]) + 16 * int(q[17, 21])
+    assert int(tiles[1, 1, 64 + 4 * 5 + 1]) == int(q[17, 37])  # its high nibble would be column 53: padding
+    assert torch.equal(untile_codes(tiles, 40), q)
+    q8 = torch.randint(-127, 128, (24, 40), dtype=torch.int8, generator=generator)
+    tiles8 = tile_codes(q8, 12)
+    assert tiles8.shape == (2, 3, 192) and tiles8.dtype == torch.int8
+    assert int(tiles8[1, 2, 64 + 4 * 5 + 1]) == int(q8[17, 37])  # column 37: chunk 2, j 5
+    assert int(tiles8[1, 2, 64 + 4 * 9 + 1]) == 0  # column 41: padding
+    assert torch.equal(untile_codes(tiles8, 40), q8)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        tile_codes(q, 6)
 
 
 def test_int8_grid_recovers_q80_blocks_exactly():
@@ -226,8 +250,8 @@ def test_grid_ops_compute_the_dequantized_product_and_lookup(quant):
     assert torch.equal(qembedding(tokens, table.codes, table.scales, table.mins), table.dequantized()[tokens])
     with pytest.raises(ValueError, match="qlinear: x must be float32"):
         qlinear(torch.randn(3, 95), table.codes, table.scales, table.mins)
-    with pytest.raises(ValueError, match="scales"):
-        qlinear(x, table.codes, table.scales[:, :-2], table.mins)
+    with pytest.raises(ValueError, match="scales"):  # scales (the output width) for fewer chunks than the codes hold
+        qlinear(x, table.codes, table.scales[:, :-20], table.mins)
 
 
 def test_asym_presets_are_executorch_only():

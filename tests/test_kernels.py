@@ -37,6 +37,7 @@ from hm_export.kernels import (
     quantize_groups,
     quantize_rows,
     registered_in_runtime,
+    tile_codes,
 )
 from hm_export.kernels.strategies import SlotLayout, quantize
 from hm_export.runtime_stubs.block_cache import SlotFiller
@@ -269,17 +270,38 @@ QMATMUL_CASES = [  # storage, rows, cols, group, tokens
     ("asym4", 576, 200, 32, 1),  # asymmetric int4 (Q4_1 grid): one 128-column block + a 72-column AVX2 tail
     ("asym4", 96, 384, 32, 5),
     ("asym4", 45, 22, 15, 3),  # odd group, narrow block
+    # tiled asymmetric int4 (hm_export::qlinear's tables): VNNI takes 4 chunks of 32 columns at a time, AVX2 2
+    ("tiled4", 576, 576, 32, 1),  # SmolLM2's q_proj: 4 + 4 + 4 + 4 + 2 chunks, one token (decode)
+    ("tiled4", 576, 200, 32, 1),  # a last chunk of 8 columns
+    ("tiled4", 96, 1536, 32, 5),  # several tokens (prefill)
+    ("tiled4", 36, 50, 12, 3),  # a group of 12 rows (3 quads), odd width
+    ("tiled4", 64, 200, 32, 6),  # 4 + 2 tokens over a block of 4 chunks and 3 single ones, the last of 8 columns
+    # tiled int8 (Q8_0 tables): VNNI takes 8 chunks of 16 columns at a time, AVX2 4
+    ("tiled8", 576, 1152, 32, 1),  # 72 chunks: 9 blocks of 8 (VNNI), 18 of 4 (AVX2), one token
+    ("tiled8", 64, 200, 32, 1),  # 12 chunks + a last chunk of 8 columns
+    ("tiled8", 96, 272, 32, 4),  # several tokens, a 17th chunk
+    ("tiled8", 24, 30, 8, 3),  # a group of 8 rows (2 quads), a narrow last chunk
 ]
+
+
+INT4_STORAGE = ("int4", "asym4", "tiled4")
 
 
 def qmatmul_problem(storage: str, rows: int, cols: int, group: int, tokens: int):
     """Codes, float16 scales and mins (None unless asymmetric), int8 activations and their scales (asymmetric: one
     per token and group, as hm_export::qlinear quantizes them; else one per token)."""
     mins, x = None, torch.randn(tokens, rows) * 3
-    if storage == "asym4":  # random nibbles and float16 scales / mins of both signs (Q4_1 blocks)
-        codes = torch.randint(0, 256, (1, rows, cols // 2), dtype=torch.uint8)
+    if storage in ("asym4", "tiled4"):  # random nibbles and float16 scales / mins of both signs (Q4_1 blocks)
+        if storage == "tiled4":
+            codes = tile_codes(torch.randint(0, 16, (rows, cols), dtype=torch.uint8), group)[None]
+        else:
+            codes = torch.randint(0, 256, (1, rows, cols // 2), dtype=torch.uint8)
         scales = (torch.rand(1, rows // group, cols) * 0.05).half()
         mins = (torch.randn(1, rows // group, cols) * 0.2).half()
+        xq, xs = quantize_groups(x, group)
+    elif storage == "tiled8":  # Q8_0 codes (the -asym-e8 head), activations per token and group
+        codes = tile_codes(torch.randint(-127, 128, (rows, cols), dtype=torch.int8), group)[None]
+        scales = (torch.rand(1, rows // group, cols) * 0.05).half()
         xq, xs = quantize_groups(x, group)
     else:
         codes, scales = quantize(torch.randn(1, rows, cols), group, storage)
@@ -301,8 +323,9 @@ def test_qmatmul_paths_are_bit_exact(kernel_library, case, isa):
     codes, scales, mins, xq, xs = qmatmul_problem(*case)
     library = ctypes.CDLL(str(kernel_library))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.hm_kernels_qmatmul.argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int, pointer, size,
-                                           pointer, ctypes.c_int, size, pointer, ctypes.c_int]  # fmt: skip
+    flag = ctypes.c_int
+    library.hm_kernels_qmatmul.argtypes = [pointer, pointer, pointer, size, size, size, flag, flag, pointer, size,
+                                           pointer, flag, size, pointer, flag]  # fmt: skip
     code_bytes = np.ascontiguousarray(codes[0].numpy())
     scale_bits = np.ascontiguousarray(scales[0].numpy().view(np.uint16))
     min_bits = None if mins is None else np.ascontiguousarray(mins[0].numpy().view(np.uint16))
@@ -310,24 +333,25 @@ def test_qmatmul_paths_are_bit_exact(kernel_library, case, isa):
     out = np.zeros((tokens, cols), np.float32)
     used = library.hm_kernels_qmatmul(
         code_bytes.ctypes.data, scale_bits.ctypes.data, None if min_bits is None else min_bits.ctypes.data, rows, cols,
-        group, int(storage != "int8"), xq_rows.ctypes.data, xq_rows.shape[1], xs_rows.ctypes.data,
-        int(xs.shape[1] > 1), tokens, out.ctypes.data, isa,
+        group, int(storage in INT4_STORAGE), int(storage.startswith("tiled")), xq_rows.ctypes.data, xq_rows.shape[1],
+        xs_rows.ctypes.data, int(xs.shape[1] > 1), tokens, out.ctypes.data, isa,
     )  # fmt: skip
     if used < 0:
         pytest.skip(f"this CPU does not run path {isa}")
     assert torch.equal(torch.from_numpy(out), qmatmul_reference(xq, xs, codes, scales, mins))
 
 
-@pytest.fixture(scope="session")
-def neon_harness(tmp_path_factory) -> Path:
+@pytest.fixture(scope="session", params=["armv8-a", "armv8.2-a+dotprod"])
+def neon_harness(request, tmp_path_factory) -> Path:
+    """The harness for plain ARMv8 NEON, and with the dot-product extension (the tiled paths' SDOT)."""
     compiler, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
     if compiler is None or qemu is None:
         pytest.skip("no AArch64 cross compiler and qemu-aarch64 (apt install g++-aarch64-linux-gnu qemu-user)")
     harness = tmp_path_factory.mktemp("neon") / "qmatmul_harness"
     source = Path(__file__).parent / "native" / "qmatmul_harness.cpp"
     subprocess.run(
-        [compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-static", f"-I{SOURCE_DIR}", str(source), "-o",
-         str(harness)], check=True, capture_output=True,
+        [compiler, "-std=c++17", "-O2", "-ffp-contract=off", f"-march={request.param}", "-static", f"-I{SOURCE_DIR}",
+         str(source), "-o", str(harness)], check=True, capture_output=True,
     )  # fmt: skip
     return harness
 
@@ -336,7 +360,14 @@ def neon_harness(tmp_path_factory) -> Path:
 def test_qmatmul_neon_path_is_bit_exact_under_qemu(neon_harness, case):
     storage, rows, cols, group, tokens = case
     codes, scales, mins, xq, xs = qmatmul_problem(*case)
-    flags = [int(storage != "int8"), tokens, 2, int(mins is not None), int(xs.shape[1] > 1)]
+    flags = [
+        int(storage in INT4_STORAGE),
+        tokens,
+        2,
+        int(mins is not None),
+        int(xs.shape[1] > 1),
+        int(storage.startswith("tiled")),
+    ]
     head = np.array([rows, cols, group, *flags], np.int64).tobytes()
     low = b"" if mins is None else mins[0].numpy().view(np.uint16).tobytes()
     body = codes[0].numpy().tobytes() + scales[0].numpy().view(np.uint16).tobytes() + low + padded_int8(xq).tobytes()

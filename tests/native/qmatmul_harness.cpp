@@ -1,7 +1,8 @@
 // Runs kernels/qmatmul.h on one problem read from stdin and writes the result to stdout, for tests that check a
 // SIMD path this machine cannot run natively (NEON under qemu-aarch64) against the reference.
 //   stdin: int64 rows, cols, group, int4, tokens, isa (0 scalar, 1 AVX2, 2 NEON), asymmetric (0 or 1), group scales
-//   (0 or 1); then the codes (rows * cols / (int4 ? 2 : 1) bytes), the float16 scales (rows / group * cols uint16),
+//   (0 or 1), tiled (0 or 1); then the codes (rows * cols / (int4 ? 2 : 1) bytes; tiled: rows * ceil(cols / 32) * 16
+//   for int4, rows * ceil(cols / 16) * 16 for int8), the float16 scales (rows / group * cols uint16),
 //   the float16 mins when asymmetric (as many), xq (tokens * rows int8, rows rounded up to even), xs (tokens float32,
 //   times rows / group with group scales)
 //   stdout: int64 path used (-1: not compiled in), then out (tokens * cols float32)
@@ -11,12 +12,13 @@
 #include "qmatmul.h"
 
 int main() {
-  int64_t head[8];
-  if (std::fread(head, sizeof(int64_t), 8, stdin) != 8) return 2;
+  int64_t head[9];
+  if (std::fread(head, sizeof(int64_t), 9, stdin) != 9) return 2;
   const int64_t rows = head[0], cols = head[1], group = head[2], int4 = head[3], tokens = head[4], isa = head[5];
-  const bool asymmetric = head[6] != 0, group_scales = head[7] != 0;
+  const bool asymmetric = head[6] != 0, group_scales = head[7] != 0, tiled = head[8] != 0;
   const int64_t stride = rows + rows % 2;
-  std::vector<uint8_t> codes(static_cast<size_t>(rows * cols / (int4 ? 2 : 1)));
+  const int64_t chunk = int4 ? 32 : 16;  // tiled: columns per chunk
+  std::vector<uint8_t> codes(static_cast<size_t>(tiled ? rows * ((cols + chunk - 1) / chunk) * 16 : rows * cols / (int4 ? 2 : 1)));
   std::vector<uint16_t> scales(static_cast<size_t>(rows / group * cols));
   std::vector<uint16_t> mins(asymmetric ? scales.size() : 0);
   std::vector<int8_t> xq(static_cast<size_t>(tokens * stride));
@@ -33,7 +35,7 @@ int main() {
   if (!hm_kernels::supports(wanted)) used = -1;
   if (used >= 0) {
     const hm_kernels::QMatrix w{codes.data(), scales.data(), rows, cols, group, int4 != 0,
-                                asymmetric ? mins.data() : nullptr, group_scales};
+                                asymmetric ? mins.data() : nullptr, group_scales, tiled};
     hm_kernels::qmatmul(w, xq.data(), stride, xs.data(), tokens, out.data(), cols, wanted);
   }
   std::fwrite(&used, sizeof(used), 1, stdout);
