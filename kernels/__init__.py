@@ -202,6 +202,8 @@ def check_table(op: str, codes: Tensor, scales: Tensor, mins: Tensor) -> int:
         raise UsageError(f"{op}: scales {scales.dtype} {list(scales.shape)}, expected float16 [in / g, out]")
     cols, width = scales.shape[1], 32 if int4 else 16
     groups, chunks, per_chunk = codes.shape
+    if not groups:
+        raise UsageError(f"{op}: codes {list(codes.shape)} hold no row group")
     if groups != scales.shape[0] or chunks != -(-cols // width) or per_chunk % 64 or not per_chunk:
         raise UsageError(
             f"{op}: tiled codes {list(codes.shape)} do not fit scales {list(scales.shape)}: expected "

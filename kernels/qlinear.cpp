@@ -47,6 +47,7 @@ const char* table_matrix(const Tensor& codes, const Tensor& scales, const Tensor
     return "scales and mins must be float16";
   }
   const int64_t width = int4 ? 32 : 16;
+  if (codes.size(0) < 1) return "codes must hold at least one row group";
   if (scales.dim() != 2 || scales.size(0) != codes.size(0) || codes.size(2) % 64 != 0 || codes.size(2) == 0 ||
       codes.size(1) != (scales.size(1) + width - 1) / width) {
     return "codes [in / group, chunks, group * 16] and scales [in / group, out] disagree (group: a multiple of 4)";

@@ -26,8 +26,9 @@
 //
 // Every path (scalar, AVX2, AVX-512, NEON) accumulates each group exactly in int32 and then adds the group's float
 // term with one multiply and one add (no fused multiply-add), in the same order: all paths give the same
-// bits. The SIMD paths unpack a tile of (two rows x 32 columns) once and apply it to every token, so a
-// prefill of T tokens unpacks the matrix once, not T times.
+// bits. The row-major SIMD paths unpack a tile of (two rows x 32 columns) once and apply it to every token, so a
+// prefill of T tokens unpacks the matrix once, not T times; the tiled ones need no unpacking (VNNI loads each
+// chunk once per 4 tokens, AVX2 and NEON once per token from L1).
 #pragma once
 
 #include <algorithm>
@@ -150,7 +151,7 @@ inline void quantize_rows_scalar(const float* x, int64_t tokens, int64_t n, int6
 }
 
 struct QMatrix {
-  const uint8_t* codes;    // int4 packed (uint8 [rows, cols / 2], or tiled) or int8 ([rows, cols])
+  const uint8_t* codes;    // int4 packed (uint8 [rows, cols / 2]) or int8 ([rows, cols]), or either tiled
   const uint16_t* scales;  // float16 bits [rows / group, cols]
   int64_t rows;
   int64_t cols;
@@ -235,9 +236,18 @@ inline void finish_lanes(const int32_t* sums, const BlockFinish& f, int64_t widt
   for (int64_t c = 0; c < width; ++c) finish1(sums[c], f.scales[c], f.mins != nullptr ? f.mins + c : nullptr, f.xs, f.xg, f.out + c);
 }
 
-// Tiled int4 paths read ahead of the hardware prefetcher by this many bytes of the code stream: alone, it leaves one
-// core streaming the matrix at about half of its read bandwidth (measured on SmolLM2's linears).
+// The tiled x86 paths read ahead of the hardware prefetcher by this many bytes of the code stream: alone, it leaves
+// one core streaming the matrix at about half of its read bandwidth (measured on SmolLM2's linears).
 constexpr int64_t kTiledPrefetchBytes = 4096;
+
+#if defined(HM_KERNELS_X86)
+// Prefetch the `lines` cache lines kTiledPrefetchBytes after `from` (an address, not a pointer: it may lie past the
+// codes' end, where a prefetch is a no-op).
+inline void prefetch_ahead(const uint8_t* from, int64_t lines) {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(from) + kTiledPrefetchBytes;
+  for (int64_t b = 0; b < lines; ++b) _mm_prefetch(reinterpret_cast<const char*>(start + 64 * b), _MM_HINT_T0);
+}
+#endif
 
 // out [tokens, cols] (stride out_stride) = xq [tokens, rows] (stride xq_stride, even-padded) @ W, see the header.
 inline void qmatmul_scalar(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs, int64_t tokens,
@@ -439,9 +449,7 @@ HM_AVX2 inline void tiled_chunks_avx2(const QMatrix& w, const int8_t* xq, int64_
   const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   const int64_t quads = w.group / 4;
   const uint8_t* base = w.tile(g, ch);
-  for (int64_t b = 0; b < N * quads; ++b) {
-    _mm_prefetch(reinterpret_cast<const char*>(base + kTiledPrefetchBytes + 64 * b), _MM_HINT_T0);
-  }
+  prefetch_ahead(base, N * quads);
   for (int64_t t = 0; t < tokens; ++t) {
     const int8_t* q = xq + t * xq_stride + g * w.group;
     __m256i acc[4 * N];  // per chunk: columns 0-7, 8-15, 16-23, 24-31
@@ -488,9 +496,7 @@ HM_AVX2 inline void tiled8_chunks_avx2(const QMatrix& w, const int8_t* xq, int64
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t quads = w.group / 4;
   const uint8_t* base = w.tile(g, ch);
-  for (int64_t b = 0; b < N * quads; ++b) {
-    _mm_prefetch(reinterpret_cast<const char*>(base + kTiledPrefetchBytes + 64 * b), _MM_HINT_T0);
-  }
+  prefetch_ahead(base, N * quads);
   for (int64_t t = 0; t < tokens; ++t) {
     const int8_t* q = xq + t * xq_stride + g * w.group;
     __m256i acc[2 * N];  // per chunk: columns 0-7, 8-15
@@ -805,9 +811,7 @@ HM_VNNI inline void tiled_chunks_vnni(const QMatrix& w, const int8_t* xq, int64_
                                       int64_t tokens, const int32_t* xsum, int64_t g, int64_t ch, float* out,
                                       int64_t out_stride) {
   const uint8_t* base = w.tile(g, ch);
-  for (int64_t b = 0; b < N * (w.group / 4); ++b) {
-    _mm_prefetch(reinterpret_cast<const char*>(base + kTiledPrefetchBytes + 64 * b), _MM_HINT_T0);
-  }
+  prefetch_ahead(base, N * (w.group / 4));
   constexpr int M = N >= 2 ? 2 : 1;
   int64_t t = 0;
   for (; t + 4 <= tokens; t += 4) {
@@ -864,9 +868,7 @@ HM_VNNI inline void tiled8_chunks_vnni(const QMatrix& w, const int8_t* xq, int64
                                        int64_t tokens, const int32_t* xsum, int64_t g, int64_t ch, float* out,
                                        int64_t out_stride) {
   const uint8_t* base = w.tile(g, ch);
-  for (int64_t b = 0; b < N * (w.group / 4); ++b) {
-    _mm_prefetch(reinterpret_cast<const char*>(base + kTiledPrefetchBytes + 64 * b), _MM_HINT_T0);
-  }
+  prefetch_ahead(base, N * (w.group / 4));
   constexpr int M = N >= 4 ? 4 : 1;
   int64_t t = 0;
   for (; t + 4 <= tokens; t += 4) {
@@ -1083,7 +1085,10 @@ inline int32x4_t dot4(int32x4_t acc, int8x16_t codes, int8x16_t x) {
 #else
   const int32x4_t low = vpaddlq_s16(vmull_s8(vget_low_s8(codes), vget_low_s8(x)));    // columns 0, 1 in pairs
   const int32x4_t high = vpaddlq_s16(vmull_s8(vget_high_s8(codes), vget_high_s8(x)));  // columns 2, 3
-  return vaddq_s32(acc, vpaddq_s32(low, high));
+  // 64-bit pairwise adds (ARMv7 has no vpaddq_s32): columns 0, 1 then 2, 3
+  const int32x2_t first = vpadd_s32(vget_low_s32(low), vget_high_s32(low));
+  const int32x2_t second = vpadd_s32(vget_low_s32(high), vget_high_s32(high));
+  return vaddq_s32(acc, vcombine_s32(first, second));
 #endif
 }
 

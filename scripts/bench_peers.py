@@ -1214,7 +1214,7 @@ def prepare(args: argparse.Namespace, peers: Peers) -> Path:
         for kind, name, artifact, build in steps:
             if artifact is not None and artifact.exists() and kind not in rebuild:
                 continue
-            log(f"prepare: {name} -> {artifact}")
+            log(f"prepare: {name}" + (f" -> {artifact}" if artifact is not None else ""))
             started = time.perf_counter()
             build()
             log(f"prepare: {name} done in {time.perf_counter() - started:.0f} s")

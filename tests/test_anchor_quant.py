@@ -252,6 +252,8 @@ def test_grid_ops_compute_the_dequantized_product_and_lookup(quant):
         qlinear(torch.randn(3, 95), table.codes, table.scales, table.mins)
     with pytest.raises(ValueError, match="scales"):  # scales (the output width) for fewer chunks than the codes hold
         qlinear(x, table.codes, table.scales[:, :-20], table.mins)
+    with pytest.raises(ValueError, match="no row group"):
+        qlinear(torch.randn(2, 0), table.codes[:0], table.scales[:0], table.mins[:0])
 
 
 def test_asym_presets_are_executorch_only():
