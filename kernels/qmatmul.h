@@ -238,7 +238,7 @@ inline void finish_lanes(const int32_t* sums, const BlockFinish& f, int64_t widt
 
 // The tiled x86 paths read ahead of the hardware prefetcher by this many bytes of the code stream: alone, it leaves
 // one core streaming the matrix at about half of its read bandwidth (measured on SmolLM2's linears).
-constexpr int64_t kTiledPrefetchBytes = 4096;
+constexpr int64_t kTiledPrefetchBytes = 2048;
 
 #if defined(HM_KERNELS_X86)
 // Prefetch the `lines` cache lines kTiledPrefetchBytes after `from` (an address, not a pointer: it may lie past the
@@ -438,51 +438,51 @@ HM_AVX2 inline void qmatmul_int4_avx2(const QMatrix& w, const int8_t* xq, int64_
   }
 }
 
-// Tiled int4 on AVX2 (AVX-512 machines without VNNI run it too): chunks ch .. ch + N - 1 of row group g, every token.
-// Per quad of rows each 32-byte half of a chunk's 64 bytes holds 8 columns' four codes in its low nibbles (columns
-// 8h ..) and 8 in its high nibbles (16 + 8h ..); maddubs with the token's four int8 activations gives int16 sums of
-// two rows (at most 2 * 15 * 127), madd with ones the int32 sum of four, in column order.
-template <int N>
-HM_AVX2 inline void tiled_chunks_avx2(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
-                                      int64_t tokens, const int32_t* xsum, int64_t g, int64_t ch, float* out,
-                                      int64_t out_stride) {
+// Tiled int4 on AVX2 (AVX-512 machines without VNNI run it too): chunk ch of row group g, every token. Per quad of
+// rows each 32-byte half of the chunk's 64 bytes holds 8 columns' four codes in its low nibbles (columns 8h ..) and
+// 8 in its high nibbles (16 + 8h ..); maddubs with the token's four int8 activations gives int16 sums of two rows
+// (at most 2 * 15 * 127). Eight quads of those still fit in int16 (8 * 3810 < 32767), so madd with ones widens to
+// int32 once per eight quads, in column order.
+HM_AVX2 inline void tiled_chunk_avx2(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                     int64_t tokens, const int32_t* xsum, int64_t g, int64_t ch, float* out,
+                                     int64_t out_stride) {
   const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   const int64_t quads = w.group / 4;
   const uint8_t* base = w.tile(g, ch);
-  prefetch_ahead(base, N * quads);
+  prefetch_ahead(base, quads);
   for (int64_t t = 0; t < tokens; ++t) {
     const int8_t* q = xq + t * xq_stride + g * w.group;
-    __m256i acc[4 * N];  // per chunk: columns 0-7, 8-15, 16-23, 24-31
+    __m256i acc[4];  // columns 0-7, 8-15, 16-23, 24-31
     for (auto& v : acc) v = _mm256_setzero_si256();
-    for (int64_t k = 0; k < quads; ++k) {
-      int32_t four;
-      std::memcpy(&four, q + 4 * k, sizeof(four));
-      const __m256i x = _mm256_set1_epi32(four);
-      for (int c = 0; c < N; ++c) {
+    for (int64_t k0 = 0; k0 < quads; k0 += 8) {
+      __m256i part[4];  // the same columns' int16 pair sums over up to eight quads
+      for (auto& v : part) v = _mm256_setzero_si256();
+      for (int64_t k = k0; k < std::min<int64_t>(quads, k0 + 8); ++k) {
+        int32_t four;
+        std::memcpy(&four, q + 4 * k, sizeof(four));
+        const __m256i x = _mm256_set1_epi32(four);
         for (int h = 0; h < 2; ++h) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + (c * quads + k) * 64 + 32 * h));
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + k * 64 + 32 * h));
           const __m256i even = _mm256_and_si256(v, low), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-          acc[4 * c + h] = _mm256_add_epi32(acc[4 * c + h], _mm256_madd_epi16(_mm256_maddubs_epi16(even, x), ones));
-          acc[4 * c + 2 + h] =
-              _mm256_add_epi32(acc[4 * c + 2 + h], _mm256_madd_epi16(_mm256_maddubs_epi16(odd, x), ones));
+          part[h] = _mm256_add_epi16(part[h], _mm256_maddubs_epi16(even, x));
+          part[2 + h] = _mm256_add_epi16(part[2 + h], _mm256_maddubs_epi16(odd, x));
         }
       }
+      for (int m = 0; m < 4; ++m) acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(part[m], ones));
     }
-    for (int c = 0; c < N; ++c) {
-      const int64_t c0 = (ch + c) * 32, width = std::min<int64_t>(32, w.cols - c0);
-      const BlockFinish f = block_finish(w, xs, xsum[t], t, g, c0, out, out_stride);
-      const __m256i offset = _mm256_set1_epi32(f.offset);
-      alignas(32) int32_t sums[32];
-      for (int m = 0; m < 4; ++m) {
-        const __m256i part = _mm256_sub_epi32(acc[4 * c + m], offset);
-        if (width == 32) {
-          finish8(part, f.scales + 8 * m, f.mins != nullptr ? f.mins + 8 * m : nullptr, f.xs, f.xg, f.out + 8 * m);
-        } else {
-          _mm256_store_si256(reinterpret_cast<__m256i*>(sums + 8 * m), part);
-        }
+    const int64_t c0 = ch * 32, width = std::min<int64_t>(32, w.cols - c0);
+    const BlockFinish f = block_finish(w, xs, xsum[t], t, g, c0, out, out_stride);
+    const __m256i offset = _mm256_set1_epi32(f.offset);
+    alignas(32) int32_t sums[32];
+    for (int m = 0; m < 4; ++m) {
+      const __m256i part = _mm256_sub_epi32(acc[m], offset);
+      if (width == 32) {
+        finish8(part, f.scales + 8 * m, f.mins != nullptr ? f.mins + 8 * m : nullptr, f.xs, f.xg, f.out + 8 * m);
+      } else {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sums + 8 * m), part);
       }
-      if (width < 32) finish_lanes(sums, f, width);
     }
+    if (width < 32) finish_lanes(sums, f, width);
   }
 }
 
@@ -526,7 +526,7 @@ HM_AVX2 inline void tiled8_chunks_avx2(const QMatrix& w, const int8_t* xq, int64
   }
 }
 
-// Tiled int4 / int8 on AVX2: row group after row group, two (int4) or four (int8) chunks at a time.
+// Tiled int4 / int8 on AVX2: row group after row group, one (int4) or four (int8) chunks at a time.
 HM_AVX2 inline void qmatmul_tiled_avx2(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
                                        int64_t tokens, float* out, int64_t out_stride) {
   std::vector<int32_t> xsum(static_cast<size_t>(tokens));
@@ -535,8 +535,7 @@ HM_AVX2 inline void qmatmul_tiled_avx2(const QMatrix& w, const int8_t* xq, int64
     group_sums(xq, xq_stride, tokens, g * w.group, w.group, xsum.data());
     int64_t ch = 0;
     if (w.int4) {
-      for (; ch + 2 <= w.chunks(); ch += 2) tiled_chunks_avx2<2>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
-      for (; ch < w.chunks(); ++ch) tiled_chunks_avx2<1>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
+      for (; ch < w.chunks(); ++ch) tiled_chunk_avx2(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
     } else {
       for (; ch + 4 <= w.chunks(); ch += 4) tiled8_chunks_avx2<4>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
       for (; ch < w.chunks(); ++ch) tiled8_chunks_avx2<1>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
@@ -663,12 +662,14 @@ HM_AVX512 inline void qmatmul_int4_avx512(const QMatrix& w, const int8_t* xq, in
 // byte j (columns 2j and 2j + 1 of the block's lane); masking and shifting give the even and the odd columns' quads,
 // four registers each (k = 0..3: bytes 4k .. 4k + 3 of every 128-bit lane), applied to the token's broadcast quad
 // of int8 activations. Each group's sums are exact in int32 (no int16 stage), then the same finish as the other
-// paths: the same bits.
+// paths: the same bits. A last block narrower than 128 columns reads only its rows' bytes (a masked load; the rest
+// count as code 0 in columns that are never written) and finishes column by column.
+// `bytes`: which of each row's 64 bytes to read.
 HM_VNNI inline void int4_quad128(const uint8_t* a, const uint8_t* b, const uint8_t* c, const uint8_t* d,
-                                 __m512i* u) {
+                                 __m512i* u, __mmask64 bytes) {
   const __m512i low = _mm512_set1_epi8(15);
-  const __m512i ra = _mm512_loadu_si512(a), rb = _mm512_loadu_si512(b);
-  const __m512i rc = _mm512_loadu_si512(c), rd = _mm512_loadu_si512(d);
+  const __m512i ra = _mm512_maskz_loadu_epi8(bytes, a), rb = _mm512_maskz_loadu_epi8(bytes, b);
+  const __m512i rc = _mm512_maskz_loadu_epi8(bytes, c), rd = _mm512_maskz_loadu_epi8(bytes, d);
   const __m512i ab_lo = _mm512_unpacklo_epi8(ra, rb), ab_hi = _mm512_unpackhi_epi8(ra, rb);
   const __m512i cd_lo = _mm512_unpacklo_epi8(rc, rd), cd_hi = _mm512_unpackhi_epi8(rc, rd);
   const __m512i quads[4] = {_mm512_unpacklo_epi16(ab_lo, cd_lo), _mm512_unpackhi_epi16(ab_lo, cd_lo),
@@ -681,9 +682,6 @@ HM_VNNI inline void int4_quad128(const uint8_t* a, const uint8_t* b, const uint8
 
 HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
                                       int64_t tokens, float* out, int64_t out_stride) {
-  const int64_t full = w.cols / 128 * 128;
-  if (full < w.cols) qmatmul_int4_avx2(w, xq, xq_stride, xs, tokens, out, out_stride, full, w.cols);
-  if (full == 0) return;
   const int64_t quads = w.group / 4;
   const int64_t row_bytes = w.cols / 2;
   std::vector<uint8_t> tile_bytes(tokens > 1 ? static_cast<size_t>(quads * 8 * 64) : 0);
@@ -696,16 +694,19 @@ HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_
   const __m512i pair23 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
   const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + full, 0.0f);
+  alignas(64) int32_t lanes[128];  // a narrow last block's sums, in column order
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + w.cols, 0.0f);
   for (int64_t g = 0; g < w.rows / w.group; ++g) {
     const int64_t r0 = g * w.group;
     group_sums(xq, xq_stride, tokens, r0, w.group, xsum.data());
-    for (int64_t c0 = 0; c0 < full; c0 += 128) {
+    for (int64_t c0 = 0; c0 < w.cols; c0 += 128) {
+      const int64_t width = std::min<int64_t>(128, w.cols - c0);
+      const __mmask64 bytes = width == 128 ? ~__mmask64{0} : (__mmask64{1} << (width / 2)) - 1;
       const uint8_t* base = w.codes + r0 * row_bytes + c0 / 2;
       if (tokens > 1) {
         for (int64_t k = 0; k < quads; ++k) {
           const uint8_t* a = base + 4 * k * row_bytes;
-          int4_quad128(a, a + row_bytes, a + 2 * row_bytes, a + 3 * row_bytes, tile + 8 * k);
+          int4_quad128(a, a + row_bytes, a + 2 * row_bytes, a + 3 * row_bytes, tile + 8 * k, bytes);
         }
       }
       for (int64_t t = 0; t < tokens; ++t) {
@@ -721,12 +722,12 @@ HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_
             for (int r = 0; r < 8; ++r) u[r] = _mm512_loadu_si512(tile + 8 * k + r);
           } else {
             const uint8_t* a = base + 4 * k * row_bytes;
-            int4_quad128(a, a + row_bytes, a + 2 * row_bytes, a + 3 * row_bytes, u);
+            int4_quad128(a, a + row_bytes, a + 2 * row_bytes, a + 3 * row_bytes, u, bytes);
           }
           for (int r = 0; r < 8; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], u[r], x);
         }
-        const auto [off, sc, mn, xs_tg, xg, o] = block_finish(w, xs, xsum[t], t, g, c0, out, out_stride);
-        const __m512i offset = _mm512_set1_epi32(off);
+        const BlockFinish f = block_finish(w, xs, xsum[t], t, g, c0, out, out_stride);
+        const __m512i offset = _mm512_set1_epi32(f.offset);
         __m512i low_lanes[4], high_lanes[4];  // per k: columns of lanes 0-1, of lanes 2-3 (8 + 8 each)
         for (int k = 0; k < 4; ++k) {
           const __m512i even = _mm512_sub_epi32(acc[k], offset), odd = _mm512_sub_epi32(acc[4 + k], offset);
@@ -740,12 +741,18 @@ HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_
           for (int p = 0; p < 2; ++p) {  // lanes 0-1, lanes 2-3
             const int64_t lane = 2 * p;
             const int64_t at0 = 32 * lane + 16 * half, at1 = 32 * (lane + 1) + 16 * half;
-            finish16(_mm512_permutex2var_epi32(pairs[p][k], first, pairs[p][k + 1]), sc + at0,
-                     mn != nullptr ? mn + at0 : nullptr, xs_tg, xg, o + at0);
-            finish16(_mm512_permutex2var_epi32(pairs[p][k], second, pairs[p][k + 1]), sc + at1,
-                     mn != nullptr ? mn + at1 : nullptr, xs_tg, xg, o + at1);
+            const __m512i cols0 = _mm512_permutex2var_epi32(pairs[p][k], first, pairs[p][k + 1]);
+            const __m512i cols1 = _mm512_permutex2var_epi32(pairs[p][k], second, pairs[p][k + 1]);
+            if (width == 128) {
+              finish16(cols0, f.scales + at0, f.mins != nullptr ? f.mins + at0 : nullptr, f.xs, f.xg, f.out + at0);
+              finish16(cols1, f.scales + at1, f.mins != nullptr ? f.mins + at1 : nullptr, f.xs, f.xg, f.out + at1);
+            } else {
+              _mm512_store_si512(lanes + at0, cols0);
+              _mm512_store_si512(lanes + at1, cols1);
+            }
           }
         }
+        if (width < 128) finish_lanes(lanes, f, width);
       }
     }
   }

@@ -276,6 +276,8 @@ QMATMUL_CASES = [  # storage, rows, cols, group, tokens
     ("tiled4", 96, 1536, 32, 5),  # several tokens (prefill)
     ("tiled4", 36, 50, 12, 3),  # a group of 12 rows (3 quads), odd width
     ("tiled4", 64, 200, 32, 6),  # 4 + 2 tokens over a block of 4 chunks and 3 single ones, the last of 8 columns
+    ("tiled4", 128, 64, 64, 2),  # a group of 16 quads: AVX2 widens its int16 sums twice
+    ("tiled4-max", 72, 96, 36, 2),  # every code 15, every activation 127: the int16 sums at their largest (9 quads)
     # tiled int8 (Q8_0 tables): VNNI takes 8 chunks of 16 columns at a time, AVX2 4
     ("tiled8", 576, 1152, 32, 1),  # 72 chunks: 9 blocks of 8 (VNNI), 18 of 4 (AVX2), one token
     ("tiled8", 64, 200, 32, 1),  # 12 chunks + a last chunk of 8 columns
@@ -284,15 +286,18 @@ QMATMUL_CASES = [  # storage, rows, cols, group, tokens
 ]
 
 
-INT4_STORAGE = ("int4", "asym4", "tiled4")
+INT4_STORAGE = ("int4", "asym4", "tiled4", "tiled4-max")
 
 
 def qmatmul_problem(storage: str, rows: int, cols: int, group: int, tokens: int):
     """Codes, float16 scales and mins (None unless asymmetric), int8 activations and their scales (asymmetric: one
     per token and group, as hm_export::qlinear quantizes them; else one per token)."""
     mins, x = None, torch.randn(tokens, rows) * 3
-    if storage in ("asym4", "tiled4"):  # random nibbles and float16 scales / mins of both signs (Q4_1 blocks)
-        if storage == "tiled4":
+    if storage in ("asym4", "tiled4", "tiled4-max"):  # random nibbles, float16 scales / mins of both signs (Q4_1)
+        if storage == "tiled4-max":
+            codes = tile_codes(torch.full((rows, cols), 15, dtype=torch.uint8), group)[None]
+            x = torch.ones(tokens, rows)
+        elif storage == "tiled4":
             codes = tile_codes(torch.randint(0, 16, (rows, cols), dtype=torch.uint8), group)[None]
         else:
             codes = torch.randint(0, 256, (1, rows, cols // 2), dtype=torch.uint8)
