@@ -1099,39 +1099,58 @@ inline int32x4_t dot4(int32x4_t acc, int8x16_t codes, int8x16_t x) {
 #endif
 }
 
+// Tokens t0 .. t0 + T - 1 over chunk ch of row group g: each 16 bytes of codes are loaded (and split into nibbles)
+// once for the T tokens.
+template <int T>
+inline void tiled_tokens_neon(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                              const int32_t* xsum, int64_t g, int64_t ch, int64_t t0, float* out, int64_t out_stride) {
+  const int64_t quads = w.group / 4, width = w.chunk_width();
+  const uint8_t* base = w.tile(g, ch);
+  // int4: columns 4m .. 4m + 3 (low nibbles, m < 4) and 16 + 4(m - 4) .. (high, m >= 4); int8: 4m .., m < 4
+  int32x4_t acc[T][8];
+  for (auto& row : acc) {
+    for (auto& v : row) v = vdupq_n_s32(0);
+  }
+  for (int64_t k = 0; k < quads; ++k) {
+    int8x16_t x[T];
+    for (int u = 0; u < T; ++u) {
+      int32_t four;
+      std::memcpy(&four, xq + (t0 + u) * xq_stride + g * w.group + 4 * k, sizeof(four));
+      x[u] = vreinterpretq_s8_s32(vdupq_n_s32(four));
+    }
+    for (int m = 0; m < 4; ++m) {
+      const uint8x16_t v = vld1q_u8(base + 64 * k + 16 * m);
+      if (w.int4) {
+        const int8x16_t low = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15)));
+        const int8x16_t high = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+        for (int u = 0; u < T; ++u) {
+          acc[u][m] = dot4(acc[u][m], low, x[u]);
+          acc[u][4 + m] = dot4(acc[u][4 + m], high, x[u]);
+        }
+      } else {
+        for (int u = 0; u < T; ++u) acc[u][m] = dot4(acc[u][m], vreinterpretq_s8_u8(v), x[u]);
+      }
+    }
+  }
+  alignas(16) int32_t sums[32];
+  for (int u = 0; u < T; ++u) {
+    const BlockFinish f = block_finish(w, xs, xsum[t0 + u], t0 + u, g, ch * width, out, out_stride);
+    for (int m = 0; m < (w.int4 ? 8 : 4); ++m) vst1q_s32(sums + 4 * m, vsubq_s32(acc[u][m], vdupq_n_s32(f.offset)));
+    finish_lanes(sums, f, std::min<int64_t>(width, w.cols - ch * width));
+  }
+}
+
+// Tiled codes on NEON: chunk after chunk, three tokens at a time (24 of the 32 registers accumulate), then one by one.
 inline void qmatmul_tiled_neon(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
                                int64_t tokens, float* out, int64_t out_stride) {
-  const int64_t quads = w.group / 4, width = w.chunk_width();
   std::vector<int32_t> xsum(static_cast<size_t>(tokens));
-  alignas(16) int32_t sums[32];
   for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + w.cols, 0.0f);
   for (int64_t g = 0; g < w.rows / w.group; ++g) {
     group_sums(xq, xq_stride, tokens, g * w.group, w.group, xsum.data());
     for (int64_t ch = 0; ch < w.chunks(); ++ch) {
-      const uint8_t* base = w.tile(g, ch);
-      for (int64_t t = 0; t < tokens; ++t) {
-        const int8_t* q = xq + t * xq_stride + g * w.group;
-        // int4: columns 4m .. 4m + 3 (low nibbles, m < 4) and 16 + 4(m - 4) .. (high, m >= 4); int8: 4m .., m < 4
-        int32x4_t acc[8];
-        for (auto& v : acc) v = vdupq_n_s32(0);
-        for (int64_t k = 0; k < quads; ++k) {
-          int32_t four;
-          std::memcpy(&four, q + 4 * k, sizeof(four));
-          const int8x16_t x = vreinterpretq_s8_s32(vdupq_n_s32(four));
-          for (int m = 0; m < 4; ++m) {
-            const uint8x16_t v = vld1q_u8(base + 64 * k + 16 * m);
-            if (w.int4) {
-              acc[m] = dot4(acc[m], vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15))), x);
-              acc[4 + m] = dot4(acc[4 + m], vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), x);
-            } else {
-              acc[m] = dot4(acc[m], vreinterpretq_s8_u8(v), x);
-            }
-          }
-        }
-        const BlockFinish f = block_finish(w, xs, xsum[t], t, g, ch * width, out, out_stride);
-        for (int m = 0; m < (w.int4 ? 8 : 4); ++m) vst1q_s32(sums + 4 * m, vsubq_s32(acc[m], vdupq_n_s32(f.offset)));
-        finish_lanes(sums, f, std::min<int64_t>(width, w.cols - ch * width));
-      }
+      int64_t t = 0;
+      for (; t + 3 <= tokens; t += 3) tiled_tokens_neon<3>(w, xq, xq_stride, xs, xsum.data(), g, ch, t, out, out_stride);
+      for (; t < tokens; ++t) tiled_tokens_neon<1>(w, xq, xq_stride, xs, xsum.data(), g, ch, t, out, out_stride);
     }
   }
 }

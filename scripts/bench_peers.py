@@ -471,6 +471,16 @@ def mean_sd(values: list[float]) -> dict[str, Any]:
     }
 
 
+def paired_ratio(runs: list[float], base_runs: list[float]) -> dict[str, float] | None:
+    """Run ``i`` over the baseline's run ``i``: the same interleaved round, measured seconds apart, so a shared
+    host's slow spell (it lasts longer than one system's turn) hits both sides of most pairs.  The median and the
+    range of those per-round ratios; None without pairs."""
+    pairs = [a / b for a, b in zip(runs, base_runs) if b]
+    if not pairs:
+        return None
+    return {"median": round(statistics.median(pairs), 3), "min": round(min(pairs), 3), "max": round(max(pairs), 3)}
+
+
 def teacher_forced(reference: Any, logits: Any, targets: Any) -> dict[str, Any]:
     """Top-1 agreement with ``reference`` and mean KL(reference || logits) in nats over positions (rows), and
     the NLL of ``targets`` (the next tokens) under ``logits``."""
@@ -543,6 +553,7 @@ def summarize(speed: dict[str, dict[int, list[dict]]], meta: dict[str, dict], ba
             row["ratios"][key] = {
                 "prefill": ratio(row["prefill_tokens_per_s"]["mean"], base["prefill_tokens_per_s"]["mean"]),
                 "decode": ratio(row["decode_tokens_per_s"]["mean"], base["decode_tokens_per_s"]["mean"]),
+                "decode_paired": paired_ratio(row["decode_tokens_per_s"]["runs"], base["decode_tokens_per_s"]["runs"]),
                 "bytes": ratio(row["bytes_on_disk"], base["bytes_on_disk"]),
                 "peak_rss": ratio(row["peak_rss_mb"], base["peak_rss_mb"]),
             }
@@ -576,6 +587,15 @@ def markdown_tables(report: dict[str, Any]) -> str:
         for key in keys:
             r = row["ratios"].get(key, {})
             cells += [_fmt_ratio(r.get("decode")), _fmt_ratio(r.get("prefill"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    # The same decode ratios round by round (paired_ratio): steadier than the ratio of means on a shared host.
+    head = ["system", "threads"] + [f"decode vs {key}, paired: median (range)" for key in keys]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [f"`{row['system']}`", str(row["threads"])]
+        for key in keys:
+            paired = row["ratios"].get(key, {}).get("decode_paired")
+            cells.append("-" if not paired else f"{paired['median']:.2f}x ({paired['min']:.2f}-{paired['max']:.2f})")
         lines.append("| " + " | ".join(cells) + " |")
     head = [
         "system",

@@ -62,6 +62,7 @@ def test_summary_ratios_against_each_baseline_at_the_same_thread_count():
     assert mem1["ratios"]["llama"] == {
         "prefill": 1.375,
         "decode": round(45 / 105, 3),
+        "decode_paired": {"median": round((40 / 100 + 50 / 110) / 2, 3), "min": 0.4, "max": round(50 / 110, 3)},
         "bytes": 13.0,
         "peak_rss": round(950 / 52, 3),
     }
@@ -91,6 +92,7 @@ def test_summary_ratios_against_each_baseline_at_the_same_thread_count():
     assert "| `hm:mem` | 1 | 275.0 +/- 35.4 | 45.0 +/- 7.1 | - | 0.43x | 1.38x | 0.27x | 0.28x |" in table
     assert "| `hm:mem` | 0.0 | 0.0 | 27 | 1.67 | - | 950 | 13.00x | 18.27x | 13.83x | 3.06x |" in table
     assert "| `hm:mem` | float host | 4 | 3/4 (75.0%) | 0.0100 |" in table
+    assert "| `hm:mem` | 1 | 0.43x (0.40-0.46) | 0.26x (0.25-0.28) |" in table  # round by round: 40/100, 50/110 ...
     targets = peers.targets_check(report, "hm:mem")
     assert targets["decode_vs_etllm"] == {"measured": 0.265, "target": ">= 1.0", "met": False}
     assert targets["bytes_vs_llama"] == {"measured": 13.0, "target": "<= 1.25", "met": False}
