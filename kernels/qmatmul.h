@@ -217,6 +217,19 @@ inline void group_sums(const int8_t* xq, int64_t xq_stride, int64_t tokens, int6
   }
 }
 
+// A tiled product's frame: out zeroed, then row group after row group (each token's group sum in `xsum`), chunk
+// runs from the first on: `chunks(g, ch, xsum)` computes chunks ch .. for every token and returns how many it took.
+template <typename Chunks>
+inline void tiled_groups(const QMatrix& w, const int8_t* xq, int64_t xq_stride, int64_t tokens, float* out,
+                         int64_t out_stride, Chunks chunks) {
+  std::vector<int32_t> xsum(static_cast<size_t>(tokens));
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + w.cols, 0.0f);
+  for (int64_t g = 0; g < w.rows / w.group; ++g) {
+    group_sums(xq, xq_stride, tokens, g * w.group, w.group, xsum.data());
+    for (int64_t ch = 0; ch < w.chunks();) ch += chunks(g, ch, xsum.data());
+  }
+}
+
 inline BlockFinish block_finish(const QMatrix& w, const float* xs, int32_t group_sum, int64_t t, int64_t g, int64_t c0,
                                 float* out, int64_t out_stride) {
   const float xs_tg = act_scale(w, xs, t, g);
@@ -233,7 +246,9 @@ inline void finish1(int32_t sum, uint16_t scale, const uint16_t* min, float xs, 
 
 // finish1 for the first `width` columns of a tiled chunk (sums with the offset removed): a last chunk narrower than 32.
 inline void finish_lanes(const int32_t* sums, const BlockFinish& f, int64_t width) {
-  for (int64_t c = 0; c < width; ++c) finish1(sums[c], f.scales[c], f.mins != nullptr ? f.mins + c : nullptr, f.xs, f.xg, f.out + c);
+  for (int64_t c = 0; c < width; ++c) {
+    finish1(sums[c], f.scales[c], f.mins != nullptr ? f.mins + c : nullptr, f.xs, f.xg, f.out + c);
+  }
 }
 
 // The tiled x86 paths read ahead of the hardware prefetcher by this many bytes of the code stream: alone, it leaves
@@ -506,8 +521,10 @@ HM_AVX2 inline void tiled8_chunks_avx2(const QMatrix& w, const int8_t* xq, int64
       std::memcpy(&four, q + 4 * k, sizeof(four));
       const __m256i x = _mm256_set1_epi32(four);
       for (int c = 0; c < 2 * N; ++c) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + (c / 2 * quads + k) * 64 + 32 * (c % 2)));
-        acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(x, v)), ones));
+        const uint8_t* at = base + (c / 2 * quads + k) * 64 + 32 * (c % 2);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(x, v));
+        acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(pairs, ones));
       }
     }
     for (int c = 0; c < N; ++c) {
@@ -526,21 +543,21 @@ HM_AVX2 inline void tiled8_chunks_avx2(const QMatrix& w, const int8_t* xq, int64
   }
 }
 
-// Tiled int4 / int8 on AVX2: row group after row group, one (int4) or four (int8) chunks at a time.
+// Tiled int4 / int8 on AVX2: one (int4) or four (int8) chunks at a time.
 HM_AVX2 inline void qmatmul_tiled_avx2(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
                                        int64_t tokens, float* out, int64_t out_stride) {
-  std::vector<int32_t> xsum(static_cast<size_t>(tokens));
-  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + w.cols, 0.0f);
-  for (int64_t g = 0; g < w.rows / w.group; ++g) {
-    group_sums(xq, xq_stride, tokens, g * w.group, w.group, xsum.data());
-    int64_t ch = 0;
+  tiled_groups(w, xq, xq_stride, tokens, out, out_stride, [&](int64_t g, int64_t ch, const int32_t* xsum) -> int64_t {
     if (w.int4) {
-      for (; ch < w.chunks(); ++ch) tiled_chunk_avx2(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
-    } else {
-      for (; ch + 4 <= w.chunks(); ch += 4) tiled8_chunks_avx2<4>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
-      for (; ch < w.chunks(); ++ch) tiled8_chunks_avx2<1>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
+      tiled_chunk_avx2(w, xq, xq_stride, xs, tokens, xsum, g, ch, out, out_stride);
+      return 1;
     }
-  }
+    if (w.chunks() - ch >= 4) {
+      tiled8_chunks_avx2<4>(w, xq, xq_stride, xs, tokens, xsum, g, ch, out, out_stride);
+      return 4;
+    }
+    tiled8_chunks_avx2<1>(w, xq, xq_stride, xs, tokens, xsum, g, ch, out, out_stride);
+    return 1;
+  });
 }
 
 #define HM_AVX512 __attribute__((target("avx512f,avx512bw,f16c")))
@@ -811,22 +828,6 @@ HM_VNNI inline void tiled_tokens_vnni(const QMatrix& w, const int8_t* xq, int64_
   }
 }
 
-// Chunks ch .. ch + N - 1 of row group g for every token: four tokens at a time over two chunks (16 accumulators),
-// then one token at a time over all N.
-template <int N>
-HM_VNNI inline void tiled_chunks_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
-                                      int64_t tokens, const int32_t* xsum, int64_t g, int64_t ch, float* out,
-                                      int64_t out_stride) {
-  const uint8_t* base = w.tile(g, ch);
-  prefetch_ahead(base, N * (w.group / 4));
-  constexpr int M = N >= 2 ? 2 : 1;
-  int64_t t = 0;
-  for (; t + 4 <= tokens; t += 4) {
-    for (int c = 0; c < N; c += M) tiled_tokens_vnni<M, 4>(w, xq, xq_stride, xs, xsum, g, ch + c, t, out, out_stride);
-  }
-  for (; t < tokens; ++t) tiled_tokens_vnni<N, 1>(w, xq, xq_stride, xs, xsum, g, ch, t, out, out_stride);
-}
-
 // Tiled int8 on AVX-512 VNNI: tokens t0 .. t0 + T - 1 over chunks ch .. ch + N - 1 (16 columns each) of row group
 // g. vpdpbusd wants one unsigned operand: the codes with their sign bit flipped (code + 128), so each sum carries 128
 // times the token's group sum, removed exactly before the finish.
@@ -869,37 +870,53 @@ HM_VNNI inline void tiled8_tokens_vnni(const QMatrix& w, const int8_t* xq, int64
   }
 }
 
-// Chunks ch .. ch + N - 1 of row group g for every token: four tokens at a time over four chunks, then one by one.
-template <int N>
-HM_VNNI inline void tiled8_chunks_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
-                                       int64_t tokens, const int32_t* xsum, int64_t g, int64_t ch, float* out,
-                                       int64_t out_stride) {
-  const uint8_t* base = w.tile(g, ch);
-  prefetch_ahead(base, N * (w.group / 4));
-  constexpr int M = N >= 4 ? 4 : 1;
+// Chunks ch .. ch + N - 1 of row group g (int4, or int8 when Int8) for every token: four tokens at a time over two
+// int4 chunks or four int8 ones (16 accumulators), then one token at a time over all N.
+template <int N, bool Int8>
+HM_VNNI inline void tiled_chunks_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                      int64_t tokens, const int32_t* xsum, int64_t g, int64_t ch, float* out,
+                                      int64_t out_stride) {
+  prefetch_ahead(w.tile(g, ch), N * (w.group / 4));
+  constexpr int M = Int8 ? (N >= 4 ? 4 : 1) : (N >= 2 ? 2 : 1);
   int64_t t = 0;
   for (; t + 4 <= tokens; t += 4) {
-    for (int c = 0; c < N; c += M) tiled8_tokens_vnni<M, 4>(w, xq, xq_stride, xs, xsum, g, ch + c, t, out, out_stride);
-  }
-  for (; t < tokens; ++t) tiled8_tokens_vnni<N, 1>(w, xq, xq_stride, xs, xsum, g, ch, t, out, out_stride);
-}
-
-// Tiled int4 / int8 on AVX-512 VNNI: row group after row group, four (int4) or eight (int8) chunks at a time.
-HM_VNNI inline void qmatmul_tiled_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
-                                       int64_t tokens, float* out, int64_t out_stride) {
-  std::vector<int32_t> xsum(static_cast<size_t>(tokens));
-  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + w.cols, 0.0f);
-  for (int64_t g = 0; g < w.rows / w.group; ++g) {
-    group_sums(xq, xq_stride, tokens, g * w.group, w.group, xsum.data());
-    int64_t ch = 0;
-    if (w.int4) {
-      for (; ch + 4 <= w.chunks(); ch += 4) tiled_chunks_vnni<4>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
-      for (; ch < w.chunks(); ++ch) tiled_chunks_vnni<1>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
-    } else {
-      for (; ch + 8 <= w.chunks(); ch += 8) tiled8_chunks_vnni<8>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
-      for (; ch < w.chunks(); ++ch) tiled8_chunks_vnni<1>(w, xq, xq_stride, xs, tokens, xsum.data(), g, ch, out, out_stride);
+    for (int c = 0; c < N; c += M) {
+      if constexpr (Int8) {
+        tiled8_tokens_vnni<M, 4>(w, xq, xq_stride, xs, xsum, g, ch + c, t, out, out_stride);
+      } else {
+        tiled_tokens_vnni<M, 4>(w, xq, xq_stride, xs, xsum, g, ch + c, t, out, out_stride);
+      }
     }
   }
+  for (; t < tokens; ++t) {
+    if constexpr (Int8) {
+      tiled8_tokens_vnni<N, 1>(w, xq, xq_stride, xs, xsum, g, ch, t, out, out_stride);
+    } else {
+      tiled_tokens_vnni<N, 1>(w, xq, xq_stride, xs, xsum, g, ch, t, out, out_stride);
+    }
+  }
+}
+
+// Tiled int4 / int8 on AVX-512 VNNI: four (int4) or eight (int8) chunks at a time.
+HM_VNNI inline void qmatmul_tiled_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
+                                       int64_t tokens, float* out, int64_t out_stride) {
+  tiled_groups(w, xq, xq_stride, tokens, out, out_stride, [&](int64_t g, int64_t ch, const int32_t* xsum) -> int64_t {
+    const int64_t left = w.chunks() - ch;
+    if (w.int4 && left >= 4) {
+      tiled_chunks_vnni<4, false>(w, xq, xq_stride, xs, tokens, xsum, g, ch, out, out_stride);
+      return 4;
+    }
+    if (!w.int4 && left >= 8) {
+      tiled_chunks_vnni<8, true>(w, xq, xq_stride, xs, tokens, xsum, g, ch, out, out_stride);
+      return 8;
+    }
+    if (w.int4) {
+      tiled_chunks_vnni<1, false>(w, xq, xq_stride, xs, tokens, xsum, g, ch, out, out_stride);
+    } else {
+      tiled_chunks_vnni<1, true>(w, xq, xq_stride, xs, tokens, xsum, g, ch, out, out_stride);
+    }
+    return 1;
+  });
 }
 
 // int8: per group and block of 8 columns, a tile of int16 pairs [code_i[c], code_i+1[c]]; madd with the token's
@@ -1078,7 +1095,9 @@ inline void qmatmul_neon(const QMatrix& w, const int8_t* xq, int64_t xq_stride, 
         for (int64_t i = 0; i < w.group; ++i) group_sum += q[i];
         const float xs_tg = act_scale(w, xs, t, g);
         const float xg = min_factor(w, xs_tg, group_sum);
-        for (int64_t c = 0; c < width; ++c) finish1(lanes[c], sc[c], mn != nullptr ? mn + c : nullptr, xs_tg, xg, o + c);
+        for (int64_t c = 0; c < width; ++c) {
+          finish1(lanes[c], sc[c], mn != nullptr ? mn + c : nullptr, xs_tg, xg, o + c);
+        }
       }
     }
   }
@@ -1143,16 +1162,12 @@ inline void tiled_tokens_neon(const QMatrix& w, const int8_t* xq, int64_t xq_str
 // Tiled codes on NEON: chunk after chunk, three tokens at a time (24 of the 32 registers accumulate), then one by one.
 inline void qmatmul_tiled_neon(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
                                int64_t tokens, float* out, int64_t out_stride) {
-  std::vector<int32_t> xsum(static_cast<size_t>(tokens));
-  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + w.cols, 0.0f);
-  for (int64_t g = 0; g < w.rows / w.group; ++g) {
-    group_sums(xq, xq_stride, tokens, g * w.group, w.group, xsum.data());
-    for (int64_t ch = 0; ch < w.chunks(); ++ch) {
-      int64_t t = 0;
-      for (; t + 3 <= tokens; t += 3) tiled_tokens_neon<3>(w, xq, xq_stride, xs, xsum.data(), g, ch, t, out, out_stride);
-      for (; t < tokens; ++t) tiled_tokens_neon<1>(w, xq, xq_stride, xs, xsum.data(), g, ch, t, out, out_stride);
-    }
-  }
+  tiled_groups(w, xq, xq_stride, tokens, out, out_stride, [&](int64_t g, int64_t ch, const int32_t* xsum) -> int64_t {
+    int64_t t = 0;
+    for (; t + 3 <= tokens; t += 3) tiled_tokens_neon<3>(w, xq, xq_stride, xs, xsum, g, ch, t, out, out_stride);
+    for (; t < tokens; ++t) tiled_tokens_neon<1>(w, xq, xq_stride, xs, xsum, g, ch, t, out, out_stride);
+    return 1;
+  });
 }
 #endif  // NEON
 
