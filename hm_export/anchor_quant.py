@@ -324,7 +324,7 @@ class GridLinear(nn.Module):
             codes = tile_codes(q.t(), group)
         else:
             q, scales = symmetric_codes(weight, 8, group)
-            codes, mins = tile_codes(q.t().contiguous(), group), torch.empty(0)
+            codes, mins = tile_codes(q.t(), group), torch.empty(0)
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", scales.t().half().contiguous())
         self.register_buffer("mins", mins.t().half().contiguous() if mins.numel() else mins.half())

@@ -132,6 +132,22 @@ def untile_codes(codes: Tensor, cols: int) -> Tensor:
     return halves.permute(0, 2, 5, 1, 3, 4).reshape(groups * group, chunks * 32)[:, :cols].to(torch.uint8)
 
 
+def tiled_columns(codes: Tensor, ids: Tensor) -> Tensor:
+    """Columns ``ids`` (int64 ``[N]``) of a tiled table as ``[in, N]`` codes, ``untile_codes(codes, cols)[:, ids]``
+    without untiling the other columns (a lookup reads one column of a vocabulary-wide table)."""
+    groups, _, per_chunk = codes.shape
+    group, int4 = per_chunk // 16, codes.dtype == torch.uint8
+    chunk, j = torch.div(ids, 32 if int4 else 16, rounding_mode="floor"), torch.remainder(ids, 32 if int4 else 16)
+    quads, rows = torch.arange(group // 4)[:, None, None], torch.arange(4)[None, :, None]
+    picked = codes[:, chunk[None, None, :], quads * 64 + 4 * torch.remainder(j, 16)[None, None, :] + rows]
+    column = picked.reshape(groups * group, ids.numel())  # [G, quad, r, N]: row G * group + 4 quad + r
+    if not int4:
+        return column
+    wide = column.to(torch.int32)
+    nibble = torch.where(j >= 16, torch.div(wide, 16, rounding_mode="floor"), torch.remainder(wide, 16))
+    return nibble.to(torch.uint8)
+
+
 def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
     """Float32 ``[1, rows, cols]`` of a quantized slot matrix (int8 codes, or uint8 packed int4 codes)."""
     values = unpack_int4(codes) if codes.dtype == torch.uint8 else codes.to(torch.float32)
@@ -233,7 +249,7 @@ def qembedding_reference(tokens: Tensor, codes: Tensor, scales: Tensor, mins: Te
     ids = tokens.reshape(-1)
     group = width // scales.shape[0]
     scale = scales[:, ids].float().repeat_interleave(group, dim=0)
-    q = untile_codes(codes, scales.shape[1])[:, ids].float()  # [in, N]
+    q = tiled_columns(codes, ids).float()  # [in, N]
     if codes.dtype == torch.int8:
         return (scale * q).t().reshape(*tokens.shape, width)
     low = mins[:, ids].float().repeat_interleave(group, dim=0)

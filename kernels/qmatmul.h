@@ -244,7 +244,8 @@ inline void finish1(int32_t sum, uint16_t scale, const uint16_t* min, float xs, 
   *out = *out + term;
 }
 
-// finish1 for the first `width` columns of a tiled chunk (sums with the offset removed): a last chunk narrower than 32.
+// finish1 for the first `width` columns of a block from c0 (sums with any offset removed), column by column: the
+// NEON paths, and a last block narrower than a SIMD path's.
 inline void finish_lanes(const int32_t* sums, const BlockFinish& f, int64_t width) {
   for (int64_t c = 0; c < width; ++c) {
     finish1(sums[c], f.scales[c], f.mins != nullptr ? f.mins + c : nullptr, f.xs, f.xg, f.out + c);
@@ -1088,20 +1089,14 @@ inline void qmatmul_neon(const QMatrix& w, const int8_t* xq, int64_t xq_stride, 
           acc[3] = vaddw_s16(acc[3], vget_high_s16(hi));
         }
         for (int k = 0; k < 4; ++k) vst1q_s32(lanes + 4 * k, acc[k]);
-        float* o = out + t * out_stride + c0;
-        const uint16_t* sc = w.scales + g * w.cols + c0;
-        const uint16_t* mn = w.mins != nullptr ? w.mins + g * w.cols + c0 : nullptr;
         int32_t group_sum = 0;
         for (int64_t i = 0; i < w.group; ++i) group_sum += q[i];
-        const float xs_tg = act_scale(w, xs, t, g);
-        const float xg = min_factor(w, xs_tg, group_sum);
-        for (int64_t c = 0; c < width; ++c) {
-          finish1(lanes[c], sc[c], mn != nullptr ? mn + c : nullptr, xs_tg, xg, o + c);
-        }
+        finish_lanes(lanes, block_finish(w, xs, group_sum, t, g, c0, out, out_stride), width);
       }
     }
   }
 }
+
 // Tiled codes on NEON: per quad of rows each 16 bytes of a chunk hold four columns' four codes, summed per column
 // into int32 against the token's four activations by dot4: SDOT where the CPU has it (ARMv8.2 dot product; build
 // with -march=armv8.2-a+dotprod or later), else widening multiplies and pairwise adds (the same integers).

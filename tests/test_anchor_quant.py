@@ -202,7 +202,7 @@ def test_tiled_layout():
     """Row 4k + r of a group, column j of a chunk (of 32 int4 columns, j and 16 + j in one byte; of 16 int8 ones):
     byte 64k + 4j + r; the last chunk padded with code 0; untile_codes inverts tile_codes; groups must be a multiple
     of 4 rows."""
-    from hm_export.kernels import tile_codes, untile_codes
+    from hm_export.kernels import tile_codes, tiled_columns, untile_codes
 
     generator = torch.Generator().manual_seed(5)
     q = torch.randint(0, 16, (24, 40), dtype=torch.uint8, generator=generator)
@@ -212,12 +212,15 @@ def test_tiled_layout():
     assert int(tiles[1, 0, 64 + 4 * 5 + 1]) == int(q[17, 5]) + 16 * int(q[17, 21])
     assert int(tiles[1, 1, 64 + 4 * 5 + 1]) == int(q[17, 37])  # its high nibble would be column 53: padding
     assert torch.equal(untile_codes(tiles, 40), q)
+    ids = torch.tensor([0, 5, 21, 37, 39, 5])  # a lookup's columns: both nibbles, the last chunk, a repeat
+    assert torch.equal(tiled_columns(tiles, ids), q[:, ids])
     q8 = torch.randint(-127, 128, (24, 40), dtype=torch.int8, generator=generator)
     tiles8 = tile_codes(q8, 12)
     assert tiles8.shape == (2, 3, 192) and tiles8.dtype == torch.int8
     assert int(tiles8[1, 2, 64 + 4 * 5 + 1]) == int(q8[17, 37])  # column 37: chunk 2, j 5
     assert int(tiles8[1, 2, 64 + 4 * 9 + 1]) == 0  # column 41: padding
     assert torch.equal(untile_codes(tiles8, 40), q8)
+    assert torch.equal(tiled_columns(tiles8, ids), q8[:, ids])
     with pytest.raises(ValueError, match="multiple of 4"):
         tile_codes(q, 6)
 
