@@ -11,6 +11,9 @@ Plain functions (importable as ``from conftest import tiny_config, tiny_checkpoi
 * ``tiny_tree(memory, dim, seed)``: a router tree with random unit-norm centroids.
 * ``tiny_checkpoint(tmp_path, ...)``: saves all of the above with ``save_checkpoint``; returns the path.
 
+Every test starts from ``torch.manual_seed(0)`` (autouse), so a test that draws unseeded inputs sees the same
+numbers whatever ran before it.
+
 Fixtures: ``tiny_cfg`` (the default config) and ``tiny_checkpoint_factory`` (``tiny_checkpoint`` bound to the
 test's ``tmp_path``).
 """
@@ -31,6 +34,11 @@ from hm_export.model import MemoryLM
 from hm_export.router import MINILM_DIM, CentroidTree
 
 TINY_WORDS = ("[UNK]", "the", "a", "cat", "dog", "sat", "on", "mat", "memory", "tree", ".", ",")
+
+
+@pytest.fixture(autouse=True)
+def seeded_torch() -> None:
+    torch.manual_seed(0)
 
 
 def tiny_config(**overrides: Any) -> ModelConfig:
