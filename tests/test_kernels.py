@@ -278,15 +278,24 @@ QMATMUL_CASES = [  # storage, rows, cols, group, tokens
     ("tiled4", 64, 200, 32, 6),  # 4 + 2 tokens over a block of 4 chunks and 3 single ones, the last of 8 columns
     ("tiled4", 128, 64, 64, 2),  # a group of 16 quads: AVX2 widens its int16 sums twice
     ("tiled4-max", 72, 96, 36, 2),  # every code 15, every activation 127: the int16 sums at their largest (9 quads)
+    # one token (VNNI decode: every row group per block of chunks, blocks of 4, 2, 1, then a narrow last chunk)
+    ("tiled4", 64, 240, 32, 1),  # 4 + 2 + 1 full chunks + a last one of 16 columns (its high half empty)
+    ("tiled4", 36, 50, 12, 1),  # three row groups, a last chunk of 18 columns
+    ("tiled4", 32, 100, 32, 1),  # one row group
+    ("tiled4-max", 72, 96, 36, 1),  # the largest integer sums, one token
+    ("tiled4-sym", 64, 240, 32, 1),  # symmetric tiled int4 (code - 8, no mins), one scale per token
+    ("tiled4-sym", 64, 200, 32, 5),
     # tiled int8 (Q8_0 tables): VNNI takes 8 chunks of 16 columns at a time, AVX2 4
     ("tiled8", 576, 1152, 32, 1),  # 72 chunks: 9 blocks of 8 (VNNI), 18 of 4 (AVX2), one token
     ("tiled8", 64, 200, 32, 1),  # 12 chunks + a last chunk of 8 columns
     ("tiled8", 96, 272, 32, 4),  # several tokens, a 17th chunk
     ("tiled8", 24, 30, 8, 3),  # a group of 8 rows (2 quads), a narrow last chunk
+    ("tiled8", 24, 30, 8, 1),  # three row groups, one full chunk + a last one of 14 columns, one token
+    ("tiled8", 32, 240, 32, 1),  # one row group, 8 + 4 + 2 + 1 chunks, one token
 ]
 
 
-INT4_STORAGE = ("int4", "asym4", "tiled4", "tiled4-max")
+INT4_STORAGE = ("int4", "asym4", "tiled4", "tiled4-max", "tiled4-sym")
 
 
 def qmatmul_problem(storage: str, rows: int, cols: int, group: int, tokens: int):
@@ -304,6 +313,10 @@ def qmatmul_problem(storage: str, rows: int, cols: int, group: int, tokens: int)
         scales = (torch.rand(1, rows // group, cols) * 0.05).half()
         mins = (torch.randn(1, rows // group, cols) * 0.2).half()
         xq, xs = quantize_groups(x, group)
+    elif storage == "tiled4-sym":  # symmetric int4 (code - 8), tiled, one activation scale per token
+        codes = tile_codes(torch.randint(0, 16, (rows, cols), dtype=torch.uint8), group)[None]
+        scales = (torch.rand(1, rows // group, cols) * 0.05).half()
+        xq, xs = quantize_rows(x)
     elif storage == "tiled8":  # Q8_0 codes (the -asym-e8 head), activations per token and group
         codes = tile_codes(torch.randint(-127, 128, (rows, cols), dtype=torch.int8), group)[None]
         scales = (torch.rand(1, rows // group, cols) * 0.05).half()
