@@ -101,6 +101,9 @@ class StaticKVCache(nn.Module):
     cache_form: CacheForm
     cache_spec: CacheSpec
     attention: Attention
+    # Logits of the last position only (``[1, 1, vocab]``): the prefill method, which needs no other row and so
+    # skips the output head for the rest of the prompt (for a 49k vocabulary, as much work as the linears).
+    last_logits: bool = False
 
     def init_cache(self, cfg: ModelConfig, cache: CacheForm, attention: Attention = "masked") -> None:
         if cache not in ("state", "io"):
@@ -185,5 +188,5 @@ class DecodeModule(SlotModule, StaticKVCache):
                 values = self.write_cache(caches[2 * index + 1], positions, v)
                 present += [keys, values]
                 x = block.feed_forward(x + block.attn.attend(q, keys, values, mask, 1, seq), memory.get(index))
-        logits = self.output_logits(self.norm(x))
+        logits = self.output_logits(self.norm(x[:, -1:] if self.last_logits else x))
         return (logits, *present) if self.cache_form == "io" else logits

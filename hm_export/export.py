@@ -108,11 +108,11 @@ def _emit_decode(
     program."""
     # The attention kernel has no logit soft-capping: such a host (Gemma 2) attends with masks on every target.
     attention = support.attention if support.attention != "kernel" or model.kernel_attention else "masked"
-    key = (target.pipeline, support.cache, attention, id(model))
+    key = (target.pipeline, support.cache, attention, support.prefill, id(model))
     if key not in traced:
         pipeline = PIPELINES[target.pipeline]
         traced[key] = trace_decode_program(
-            model, contract, pipeline, support.cache, layout=layout, attention=attention
+            model, contract, pipeline, support.cache, layout=layout, attention=attention, prefill=support.prefill
         )  # type: ignore[arg-type]
     program = traced[key]
     emitted = support.emit(program, out_dir / target.directory, options)

@@ -56,6 +56,9 @@ class SlotProgram:
     states: tuple[TensorIO, ...] = ()
     dynamic_shapes: tuple[Any, ...] | None = None
     axes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # A decode program's prefill method: the same module, inputs and weights, returning the last position's
+    # logits only (``[1, 1, vocab]``); emitted into the same file by targets that hold several methods.
+    prefill: SlotProgram | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -146,13 +149,15 @@ def trace_decode_program(
     memory: bool = True,
     layout: SlotLayout | None = None,
     attention: Attention = "masked",
+    prefill: bool = False,
 ) -> SlotProgram:
     """Export the :class:`DecodeModule` of ``model`` (cache form ``cache``) and run the slot ``pipeline`` on it.
 
     The program's inputs are ``tokens [1, n]`` (``1 <= n <= max_seq_len``), ``input_pos [1]``, the past
     cache (``io`` form) and the slot; the slot passes hold exactly as for the full-window program.
     ``memory=False`` exports the same program without the memory FFN and without slot inputs (the baseline
-    of ``scripts/bench_decode.py``).
+    of ``scripts/bench_decode.py``). ``prefill`` also exports the module with ``last_logits`` as the program's
+    :attr:`SlotProgram.prefill` (same inputs, logits ``[1, 1, vocab]``).
     """
     cfg = model.cfg
     layers = assemble_path(model, example_path(cfg.memory)) if memory else ()
@@ -166,21 +171,29 @@ def trace_decode_program(
     present = [TensorIO(name, spec.shape, spec.dtype) for name in spec.names("present")] if cache == "io" else []
     states = [TensorIO(name, spec.shape, spec.dtype) for name in spec.names("state")] if cache == "state" else []
     rest = (None,) * (len(past) + len(contract.tensors))
-    return export_slot_module(
-        module,
-        args,
-        contract,
-        pipeline,
-        stem=DECODE_STEM,
-        inputs=(
-            TensorIO(TOKENS_INPUT, (1, TOKENS_AXIS), "int64"),
-            TensorIO(POSITION_INPUT, (1,), "int64"),
-            *cache_io,
-            *slot_io(contract),
-        ),
-        outputs=(TensorIO(LOGITS_OUTPUT, (1, TOKENS_AXIS, cfg.vocab_size), "float32"), *present),
-        states=tuple(states),
-        dynamic_shapes=({1: n}, None, *rest),
-        export_dynamic_shapes=({1: n}, None, (None,) * len(past)) if past else ({1: n}, None),
-        axes={TOKENS_AXIS: (1, cfg.max_seq_len)},
-    )
+
+    def export(positions: int | str) -> SlotProgram:
+        return export_slot_module(
+            module,
+            args,
+            contract,
+            pipeline,
+            stem=DECODE_STEM,
+            inputs=(
+                TensorIO(TOKENS_INPUT, (1, TOKENS_AXIS), "int64"),
+                TensorIO(POSITION_INPUT, (1,), "int64"),
+                *cache_io,
+                *slot_io(contract),
+            ),
+            outputs=(TensorIO(LOGITS_OUTPUT, (1, positions, cfg.vocab_size), "float32"), *present),
+            states=tuple(states),
+            dynamic_shapes=({1: n}, None, *rest),
+            export_dynamic_shapes=({1: n}, None, (None,) * len(past)) if past else ({1: n}, None),
+            axes={TOKENS_AXIS: (1, cfg.max_seq_len)},
+        )
+
+    program = export(TOKENS_AXIS)
+    if prefill:
+        module.last_logits = True
+        program.prefill = export(1)
+    return program

@@ -51,3 +51,7 @@ class CoreMLDecoder(CoreMLRunner):
     def __call__(self, tokens: Any, input_pos: int, slot: list[Any]) -> Any:  # type: ignore[override]
         feeds = {TOKENS_INPUT: tokens.numpy().astype(np.int32), POSITION_INPUT: np.array([input_pos], np.int32)}
         return self._predict(feeds, slot, self.state)[0]
+
+    def last(self, tokens: Any, input_pos: int, slot: list[Any]) -> Any:
+        """The last position's logits (the whole call's: this program has no prefill method)."""
+        return self(tokens, input_pos, slot)[-1]

@@ -141,6 +141,10 @@ class WindowDecoder:
             raise UsageError(f"sequence of {len(self.history)} tokens exceeds the program's {window}")
         return self.loader.logits(self.history)[input_pos:]
 
+    def last(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor:
+        """The last position's logits (the whole call's: this program has no prefill method)."""
+        return self(tokens, input_pos, slot)[-1]
+
 
 class Generator:
     """Generate text from a bundle with one target's decode program (see the module docstring)."""
@@ -168,13 +172,22 @@ class Generator:
 
     def prefill(self, tokens: Sequence[int]) -> torch.Tensor:
         """Start a new sequence: logits ``[n, vocab]`` of ``tokens`` fed from position 0 in one call."""
+        return self.decoder(self._new_sequence(tokens), 0, self.loader.slot)
+
+    def prefill_last(self, tokens: Sequence[int]) -> torch.Tensor:
+        """:meth:`prefill`, returning the last position's logits ``[vocab]`` only: what generation needs, and
+        all a program with a prefill method computes the output head for."""
+        return self.decoder.last(self._new_sequence(tokens), 0, self.loader.slot)
+
+    def _new_sequence(self, tokens: Sequence[int]) -> torch.Tensor:
+        """``tokens [1, n]`` for a prefill from position 0, after checking the path and the prompt's length."""
         if any(node is None for node in self.loader.path):
             raise UsageError("no memory path set: call set_context() (or the loader's set_path()) first")
         tokens = list(tokens)
         if not 1 <= len(tokens) <= self.capacity:
             raise UsageError(f"prompt of {len(tokens)} tokens: need 1 to {self.capacity}")
         self.decoder.reset()
-        return self.decoder(torch.tensor([tokens]), 0, self.loader.slot)
+        return torch.tensor([tokens])
 
     def generate(
         self,
@@ -187,7 +200,7 @@ class Generator:
         generator = sampling.torch_generator()
         stream = TextStream(self.loader.tokenizer.decode)
         start = time.perf_counter()
-        logits = self.prefill(tokens)[-1]
+        logits = self.prefill_last(tokens)
         prefill_seconds = time.perf_counter() - start
         new: list[int] = []
         steps: list[float] = []

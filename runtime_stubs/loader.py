@@ -150,6 +150,13 @@ class _CheckedProgram:
             logits = self.inner(tokens, *args)
         return self._logits(logits, tokens.shape[-1])
 
+    def last(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor:
+        """A decoder's last-position logits (:meth:`hm_export.targets.Decoder.last`), bounded as every call."""
+        self._check(tokens, input_pos)
+        with wrapped(self.program, "the program's prefill failed to run"):
+            logits = self.inner.last(tokens, input_pos, slot)
+        return self._logits(logits[None], 1)[0]
+
     def reset(self) -> None:
         self.inner.reset()
 

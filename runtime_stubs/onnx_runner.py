@@ -114,3 +114,7 @@ class OnnxDecoder(_BoundSession):
         logits = self._run(tokens, slot)
         self._past, self._present = self._present, self._past
         return logits[0]
+
+    def last(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor:
+        """The last position's logits (the whole call's: this program has no prefill method)."""
+        return self(tokens, input_pos, slot)[-1]

@@ -38,15 +38,22 @@ def test_teacher_forced_agreement_kl_and_nll():
         peers.teacher_forced(reference, other[:1], [0])
 
 
-def _result(prefill: float, decode: float, rss: float) -> dict:
-    return {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode, "peak_rss_mb": rss}
+def _result(prefill: float, decode: float, rss: float, p10_ms: float | None = None) -> dict:
+    result = {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode, "peak_rss_mb": rss}
+    return result if p10_ms is None else {**result, "decode_step_ms_p10": p10_ms}
+
+
+def test_fastest_decile_is_the_tenth_percentile_step():
+    steps = [0.010 + 0.001 * k for k in range(20)][::-1]  # 20 steps, 10..29 ms, slowest first
+    assert peers.fastest_decile(steps) == pytest.approx(0.012)  # the third fastest: index 20 // 10
+    assert peers.fastest_decile([0.5, 0.2, 0.9]) == 0.2
 
 
 def test_summary_ratios_against_each_baseline_at_the_same_thread_count():
     speed = {
-        "llama:q4_1": {1: [_result(200, 100, 50), _result(200, 110, 52)], 2: [_result(400, 150, 55)]},
-        "etllm:8da4w": {1: [_result(1000, 160, 300), _result(1000, 180, 310)]},
-        "hm:mem": {1: [_result(300, 40, 900), _result(250, 50, 950)], 2: [_result(500, 75, 990)]},
+        "llama:q4_1": {1: [_result(200, 100, 50, 8.0), _result(200, 110, 52, 7.5)], 2: [_result(400, 150, 55)]},
+        "etllm:8da4w": {1: [_result(1000, 160, 300), _result(1000, 180, 310)]},  # results from before p10
+        "hm:mem": {1: [_result(300, 40, 900, 20.0), _result(250, 50, 950, 16.0)], 2: [_result(500, 75, 990)]},
     }
     meta = {
         "llama:q4_1": {"bytes_on_disk": 100, "bytes_per_token": 100, "ceiling_tokens_per_s": 150.0},
@@ -63,9 +70,14 @@ def test_summary_ratios_against_each_baseline_at_the_same_thread_count():
         "prefill": 1.375,
         "decode": round(45 / 105, 3),
         "decode_paired": {"median": round((40 / 100 + 50 / 110) / 2, 3), "min": 0.4, "max": round(50 / 110, 3)},
+        "decode_least_contended": round(62.5 / 133.33, 3),  # 1000 / 16 ms over 1000 / 7.5 ms
         "bytes": 13.0,
         "peak_rss": round(950 / 52, 3),
     }
+    assert (
+        mem1["decode_tokens_per_s_least_contended"] == 62.5
+        and mem1["ratios"]["etllm"]["decode_least_contended"] is None
+    )
     assert mem1["ratios"]["etllm"]["decode"] == round(45 / 170, 3)
     # No export_llm row at 2 threads: only the llama ratio exists there.
     assert set(row[("hm:mem", 2)]["ratios"]) == {"llama"}
@@ -92,7 +104,8 @@ def test_summary_ratios_against_each_baseline_at_the_same_thread_count():
     assert "| `hm:mem` | 1 | 275.0 +/- 35.4 | 45.0 +/- 7.1 | - | 0.43x | 1.38x | 0.27x | 0.28x |" in table
     assert "| `hm:mem` | 0.0 | 0.0 | 27 | 1.67 | - | 950 | 13.00x | 18.27x | 13.83x | 3.06x |" in table
     assert "| `hm:mem` | float host | 4 | 3/4 (75.0%) | 0.0100 |" in table
-    assert "| `hm:mem` | 1 | 0.43x (0.40-0.46) | 0.26x (0.25-0.28) |" in table  # round by round: 40/100, 50/110 ...
+    # round by round: 40/100, 50/110 ...; then the fastest deciles' ratios (none for export_llm's older results)
+    assert "| `hm:mem` | 1 | 62.5 | 0.43x (0.40-0.46) | 0.26x (0.25-0.28) | 0.47x | - |" in table
     targets = peers.targets_check(report, "hm:mem")
     assert targets["decode_vs_etllm"] == {"measured": 0.265, "target": ">= 1.0", "met": False}
     assert targets["bytes_vs_llama"] == {"measured": 13.0, "target": "<= 1.25", "met": False}

@@ -95,6 +95,26 @@ def test_manifest_describes_the_decode_programs(decode_bundle):
     entry = manifest["targets"]["executorch"]
     assert entry["files"] == {} and entry["window"] == "decode"  # the decode program is the target's one program
     assert entry["decode"]["attention"] == "kernel" and "hm_export::attend_cache" in entry["decode"]["custom_ops"]
+    # Only ExecuTorch's program holds a second method: the prompt's prefill, the last position's logits.
+    assert entry["decode"]["prefill_method"] == "prefill"
+    assert all("prefill_method" not in manifest["targets"][t]["decode"] for t in ("onnx", "coreml"))
+
+
+@pytest.mark.slow
+def test_prefill_method_gives_the_last_row_and_fills_the_cache_forward_reads(loader, ckpt):
+    decoder = loader.open_decoder("executorch")
+    assert decoder.inner.prefill_method is not None  # the program's own method, not the fallback to forward
+    path = (1, 5)
+    loader.set_path(path)
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
+    with torch.no_grad():
+        want = ckpt.model.forward_path(torch.tensor([tokens]), torch.tensor(path))[0]
+    decoder(torch.tensor([[7, 7, 7, 7, 7, 7, 7, 7, 7]]), 0, loader.slot)  # another sequence in the cache first
+    last = decoder.last(torch.tensor([tokens[:7]]), 0, loader.slot)
+    assert last.shape == (ckpt.config.vocab_size,) and (last - want[6]).abs().max() < 1e-4
+    # The prefill method wrote positions 0..6 of the KV cache that forward's steps read.
+    steps = [decoder(torch.tensor([[t]]), 7 + i, loader.slot) for i, t in enumerate(tokens[7:])]
+    assert (torch.cat(steps) - want[7:]).abs().max() < 1e-4
 
 
 @pytest.mark.slow

@@ -412,18 +412,28 @@ def set_model_field(field: str, value: object):
     return edit
 
 
+def set_prefill_method(value: object):
+    def edit(manifest: dict) -> None:
+        manifest["targets"]["executorch"]["decode"]["prefill_method"] = value
+
+    return edit
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
         (set_model_field("vocab_size", 0), r"model.vocab_size: 0 is outside \[1, 4194304\]"),
         (set_model_field("vocab_size", -1), r"model.vocab_size: -1 is outside"),
         (set_model_field("vocab_size", 2**31), r"model.vocab_size: 2147483648 is outside"),
-        (set_model_field("vocab_size", 63), r"decode.pte: its logits are not float32 \[1, n, 63\]"),
+        (set_model_field("vocab_size", 63), r"decode.pte: method 'forward': its logits are not float32 \[1, n, 63\]"),
         (
             set_model_field("max_seq_len", 64),
-            r"decode.pte: its tokens input holds fewer than the manifest's max_seq_len",
+            r"decode.pte: method 'forward': its tokens input holds fewer than the manifest's max_seq_len",
         ),
         (set_model_field("vocab_size", "64"), r"model.vocab_size: expected a number"),
+        (set_prefill_method("nosuch"), r"decode.pte: ExecuTorch cannot load method 'nosuch'"),
+        (set_prefill_method("forward"), r"decode.pte: method 'forward': its logits are not float32 \[1, 1, 64\]"),
+        (set_prefill_method(3), r"prefill_method"),
     ],
 )
 def test_consistent_hostile_manifest_values_are_refused(runner, bundles, tmp_path, edit, message):

@@ -298,6 +298,7 @@ def validate(root: Path, manifest: dict[str, Any]) -> None:
                 raise fields.refuse(f"{field_name}.files", "no program files")
             for role in roles:
                 _listed_program(fields, files, roles, role, f"{field_name}.files.{role}")
+            fields.get(program, "prefill_method", f"{field_name}.prefill_method", str, optional=True)
         _check_checks(fields, entry, f"targets.{name}.checks", listed)
     _check_checks(fields, manifest, "checks", listed)
     fields.get(manifest, "created", "created", str, optional=True)

@@ -151,16 +151,23 @@ class HostDecodeModule(HostSlotModule, StaticKVCache):
     def forward(self, tokens: Tensor, input_pos: Tensor, *past: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
         positions = input_pos + torch.arange(tokens.shape[1], dtype=input_pos.dtype)
         memory = self.slot_memory() if len(self.slot) else None
+        keep = 1 if self.last_logits else 0  # transformers' logits_to_keep: 0 keeps every position
         if self.attention == "kernel":
             cache = _KernelCache(self.cache_tensors(past), input_pos)
             with cache.use(), _attention_implementation(self.host.config, KERNEL_ATTENTION):
                 with self.active.use(self.cfg.memory.layers, memory):
-                    return self.host(input_ids=tokens, position_ids=positions.unsqueeze(0), cache=cache).logits
+                    return self.host(
+                        input_ids=tokens, position_ids=positions.unsqueeze(0), cache=cache, logits_to_keep=keep
+                    ).logits
         masks = {kind: getattr(self, f"mask_{kind}").index_select(0, positions)[None, None] for kind in self.mask_kinds}
         mask: Tensor | dict[str, Tensor] = masks if self.per_layer_type else masks["all_layers"]
         writer = _CacheWriter(self, self.cache_tensors(past), positions)
         with self.active.use(self.cfg.memory.layers, memory):
             logits = self.host(
-                input_ids=tokens, position_ids=positions.unsqueeze(0), attention_mask=mask, cache=writer
+                input_ids=tokens,
+                position_ids=positions.unsqueeze(0),
+                attention_mask=mask,
+                cache=writer,
+                logits_to_keep=keep,
             ).logits
         return (logits, *writer.present) if self.cache_form == "io" else logits

@@ -31,6 +31,11 @@ class Decoder(Protocol):
 
     def __call__(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor: ...
 
+    def last(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor:
+        """The same call's last position's logits ``[vocab]`` (what a prompt's prefill needs): a program with a
+        prefill method computes the output head for that position only."""
+        ...
+
     def reset(self) -> None: ...
 
 
@@ -48,12 +53,14 @@ class EmitOptions:
 class DecodeSupport:
     """How a target holds the KV cache (``state``: in the program; ``io``: past/present tensors), emits the
     decode program (the target's own emitter: files are named after the program's stem) and runs it;
-    ``attention`` is the decode module's (:data:`hm_export.decode.ATTENTION`)."""
+    ``attention`` is the decode module's (:data:`hm_export.decode.ATTENTION`); ``prefill``, whether the program
+    gets a second method for prompts that returns only the last position's logits."""
 
     cache: str
     emit: Callable[[SlotProgram, Path, EmitOptions], dict[str, Any]]
     open_decoder: Callable[[dict[str, Path], list[str], dict[str, Any]], Decoder] | None  # None: never runs here
     attention: str = "masked"
+    prefill: bool = False  # the program also holds a prefill method (last position's logits; trace.SlotProgram)
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ def _run_executorch(files: dict[str, Path], slot_names: list[str], entry: dict[s
 def _decode_executorch(files: dict[str, Path], slot_names: list[str], entry: dict[str, Any]) -> Decoder:
     from hm_export.runtime_stubs.executorch_runner import ExecuTorchDecoder
 
-    return ExecuTorchDecoder(files["program"], files.get("data"), entry.get("custom_ops"))
+    return ExecuTorchDecoder(files["program"], files.get("data"), entry.get("custom_ops"), entry.get("prefill_method"))
 
 
 def _emit_onnx(program: SlotProgram, out_dir: Path, options: EmitOptions) -> dict[str, Any]:
@@ -165,7 +172,7 @@ TARGETS: dict[str, Target] = {
         "executorch",
         _emit_executorch,
         _run_executorch,
-        decode=DecodeSupport("state", _emit_executorch, _decode_executorch, attention="kernel"),
+        decode=DecodeSupport("state", _emit_executorch, _decode_executorch, attention="kernel", prefill=True),
         requires=(("executorch", "executorch"),),
     ),
     "onnx": Target(

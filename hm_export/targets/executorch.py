@@ -23,6 +23,10 @@ from hm_export.errors import ExportError
 from hm_export.passes.base import SlotPassError
 from hm_export.trace import WINDOW_STEM, SlotProgram
 
+# The decode program's second method (trace.SlotProgram.prefill): same inputs as ``forward``, the last position's
+# logits; both methods read one copy of the weights (ExecuTorch stores equal constants once) and one KV cache
+# (shared mutable buffers: a runtime loads them with shared memory arenas).
+PREFILL_METHOD = "prefill"
 DATA_TAG = "anchor"  # the full-window program's .ptd stem; one tag for delegated and portable constants
 
 
@@ -102,7 +106,8 @@ def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: 
 
     The full-window program is ``model.pte`` (+ ``anchor.ptd``), the decode program ``decode.pte`` (+
     ``decode.ptd``); the decode program's KV cache becomes mutable buffers that live in the method's
-    planned memory across calls.
+    planned memory across calls. A decode program with a :attr:`SlotProgram.prefill` gets it as the method
+    :data:`PREFILL_METHOD`, sharing ``forward``'s constants and KV cache.
     """
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -111,19 +116,25 @@ def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: 
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    program = _tag_constants_for_data_file(slot_program) if separate_weights else slot_program.program
+    methods = {"forward": slot_program}
+    if slot_program.prefill is not None:
+        methods[PREFILL_METHOD] = slot_program.prefill
+    programs = {
+        name: _tag_constants_for_data_file(method) if separate_weights else method.program
+        for name, method in methods.items()
+    }
     # Only slot-fed matmuls may take XNNPACK's non-static-weight path: the anchor's weights stay pre-packed.
     partitioner = slot_weight_partitioner(slot_program.contract.input_names)
-    edge = to_edge_transform_and_lower(program, partitioner=[partitioner])
+    edge = to_edge_transform_and_lower(programs, partitioner=[partitioner])
     seconds["lower"] = time.perf_counter() - start
     slot_reader = str(slot_program.notes.get("slot_reader", "bmm"))
-    delegation = _delegation_summary(edge.exported_program(), slot_program.contract.input_names, slot_reader)
-    custom_ops = _custom_ops(edge.exported_program())
+    delegation = _delegation_summary(edge.exported_program("forward"), slot_program.contract.input_names, slot_reader)
+    custom_ops = sorted({op for name in methods for op in _custom_ops(edge.exported_program(name))})
 
     start = time.perf_counter()
     tag = _data_tag(slot_program)
     config = ExecutorchBackendConfig(
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=len(methods) > 1),
         external_constants=(lambda _node: tag) if separate_weights else False,
     )
     et_program = edge.to_executorch(config)
@@ -142,6 +153,7 @@ def emit_executorch(slot_program: SlotProgram, out_dir: Path, separate_weights: 
         "files": files,
         "delegation": delegation,
         **({"custom_ops": custom_ops} if custom_ops else {}),
+        **({"prefill_method": PREFILL_METHOD} if PREFILL_METHOD in methods else {}),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
 

@@ -114,6 +114,9 @@ class Runtime {
 
   // Starts a new sequence: logits [n, vocab] of `tokens` fed from position 0 in one call.
   std::vector<float> prefill(const std::vector<int64_t>& tokens);
+  // The same, returning the last position's logits [vocab] only: through the program's prefill method when it
+  // has one (the output head computed for that position alone), what generation needs.
+  std::vector<float> prefill_last(const std::vector<int64_t>& tokens);
   // Feeds one token at the next position; returns its logits [vocab].
   std::vector<float> decode(int64_t token);
   int position() const;  // tokens in the KV cache

@@ -133,8 +133,8 @@ int hm_set_path(hm_runtime* runtime, const int32_t* path, size_t levels, hm_slot
 
 int hm_prefill(hm_runtime* runtime, const int64_t* tokens, size_t count, float* logits_out) {
   return guarded([&] {
-    std::vector<float> logits = runtime->runtime.prefill(std::vector<int64_t>(tokens, tokens + count));
-    copy_last(logits, runtime->runtime.vocab_size(), logits_out);
+    copy_last(runtime->runtime.prefill_last(std::vector<int64_t>(tokens, tokens + count)),
+              runtime->runtime.vocab_size(), logits_out);
   });
 }
 

@@ -21,6 +21,7 @@
 #include <random>
 #include <set>
 #include <thread>
+#include <utility>
 
 #include "bank.hpp"
 #include "files.hpp"
@@ -276,6 +277,9 @@ struct Runtime::Impl {
   std::vector<int> path;
   std::vector<std::vector<float>> centroids;  // per level [n_l, embed_dim]
   std::unique_ptr<Module> module;
+  // The decode program's prefill method (manifest decode.prefill_method; empty: none): the last position's logits
+  // only. It shares forward's KV cache, so the module shares its memory arenas between methods.
+  std::string prefill_method;
   int position = 0;
   Options options;
   // Text in / out, loaded on first use.
@@ -305,12 +309,14 @@ struct Runtime::Impl {
   void check_tensor(const json::Value& tensor, const TensorSpec& want, const std::string& where) const;
   void bind_views(const SlotBuffer& codes, const SlotBuffer* scales);
   void open_program(const Options& options);
-  void check_method(const std::string& program) const;
+  void check_method(const std::string& program, const std::string& method, bool last_only) const;
   void read_router();
   void load_router_program();
   std::vector<float> embed(const std::string& context);
   const Tokenizer& lm() ;
-  std::vector<float> run(const std::vector<int64_t>& tokens, int64_t input_pos);
+  std::vector<float> run(const std::vector<int64_t>& tokens, int64_t input_pos, const std::string& method = "forward");
+  // A new sequence: `tokens` from position 0 through `method` (prefill / prefill_last).
+  std::vector<float> start(const std::vector<int64_t>& tokens, const std::string& method);
 };
 
 // The declared size of a file the manifest names elsewhere (tokenizer, router, checks, programs): it must be
@@ -465,18 +471,26 @@ void Runtime::Impl::open_program(const Options& options) {
   if (inputs != expected) refuse("decode program inputs differ from tokens, input_pos and the slot contract");
   const std::string relative = files.at("program", "decode.files").as_string("decode.files.program");
   const std::string program = root + "/" + relative, program_fd = open_program(relative, "decode program");
+  if (const json::Value* method = decode.find("prefill_method"))
+    prefill_method = method->as_string("targets.executorch.decode.prefill_method");
+  const bool shared = !prefill_method.empty();  // prefill and forward write one KV cache
   if (const json::Value* data = files.find("data"))
-    module = std::make_unique<Module>(
-        program_fd, open_program(data->as_string("decode.files.data"), "decode program data"), Module::LoadMode::Mmap);
+    module = std::make_unique<Module>(program_fd,
+                                      open_program(data->as_string("decode.files.data"), "decode program data"),
+                                      Module::LoadMode::Mmap, nullptr, nullptr, nullptr, shared);
   else
-    module = std::make_unique<Module>(program_fd, Module::LoadMode::Mmap);
+    module = std::make_unique<Module>(program_fd, Module::LoadMode::Mmap, nullptr, nullptr, nullptr, shared);
   if (options.threads > 0) executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(options.threads);
   // Full verification always: trusted storage (verify_files off) skips the sha256s, not this.
   if (module->load(executorch::runtime::Program::Verification::InternalConsistency) != executorch::runtime::Error::Ok)
     throw Error(program + ": ExecuTorch refuses the program (it fails verification: corrupt or not a .pte)");
-  if (module->load_method("forward") != executorch::runtime::Error::Ok)
-    throw Error(program + ": ExecuTorch cannot load method 'forward' (corrupt program or a missing kernel/backend)");
-  check_method(program);
+  for (const auto& [method, last_only] : {std::pair<std::string, bool>{"forward", false}, {prefill_method, true}}) {
+    if (method.empty()) continue;
+    if (module->load_method(method) != executorch::runtime::Error::Ok)
+      throw Error(program + ": ExecuTorch cannot load method '" + method +
+                  "' (corrupt program, a missing kernel/backend, or a manifest naming a method it lacks)");
+    check_method(program, method, last_only);
+  }
   for (SlotBuffer& buffer : slot)  // bound once: filling the slot writes into these buffers
     buffer.tensor = executorch::extension::from_blob(
         buffer.data.data(), {buffer.spec.shape[0], buffer.spec.shape[1], buffer.spec.shape[2]},
@@ -484,12 +498,13 @@ void Runtime::Impl::open_program(const Options& options) {
 }
 
 // The program must be the one the manifest describes: tokens of up to max_seq_len positions (its KV cache),
-// float32 logits of the manifest's vocabulary, the slot tensors with their shapes and dtypes. A manifest that
-// disagrees (an edited vocab_size, a larger max_seq_len) is refused here rather than trusted at run time.
-void Runtime::Impl::check_method(const std::string& program) const {
-  auto meta = module->method_meta("forward");
-  if (!meta.ok()) throw Error(program + ": no metadata for method 'forward'");
-  auto refuse_program = [&](const std::string& why) { throw Error(program + ": " + why); };
+// float32 logits of the manifest's vocabulary (of one position for the prefill method: `last_only`), the slot
+// tensors with their shapes and dtypes. A manifest that disagrees (an edited vocab_size, a larger max_seq_len) is
+// refused here rather than trusted at run time.
+void Runtime::Impl::check_method(const std::string& program, const std::string& method, bool last_only) const {
+  auto meta = module->method_meta(method);
+  if (!meta.ok()) throw Error(program + ": no metadata for method '" + method + "'");
+  auto refuse_program = [&](const std::string& why) { throw Error(program + ": method '" + method + "': " + why); };
   if (meta->num_inputs() != 2 + slot.size() || meta->num_outputs() < 1)
     refuse_program("inputs or outputs differ from tokens, input_pos, the slot -> logits");
   auto tokens = meta->input_tensor_meta(0);
@@ -498,8 +513,9 @@ void Runtime::Impl::check_method(const std::string& program) const {
                    " positions");
   auto logits = meta->output_tensor_meta(0);
   if (!logits.ok() || logits->sizes().size() != 3 || logits->sizes()[2] != vocab ||
-      logits->scalar_type() != executorch::aten::ScalarType::Float)
-    refuse_program("its logits are not float32 [1, n, " + std::to_string(vocab) + "] (the manifest's vocab_size)");
+      (last_only && logits->sizes()[1] != 1) || logits->scalar_type() != executorch::aten::ScalarType::Float)
+    refuse_program("its logits are not float32 [1, " + std::string(last_only ? "1" : "n") + ", " +
+                   std::to_string(vocab) + "] (the manifest's vocab_size)");
   for (size_t t = 0; t < slot.size(); ++t) {
     auto input = meta->input_tensor_meta(2 + t);
     const TensorSpec& spec = slot[t].spec;
@@ -625,7 +641,8 @@ const Tokenizer& Runtime::Impl::lm() {
   return *lm_tokenizer;
 }
 
-std::vector<float> Runtime::Impl::run(const std::vector<int64_t>& tokens, int64_t input_pos) {
+// Logits [rows, vocab] of `tokens` at input_pos ..: every position's (forward), or the last one's (prefill method).
+std::vector<float> Runtime::Impl::run(const std::vector<int64_t>& tokens, int64_t input_pos, const std::string& method) {
   const int n = static_cast<int>(tokens.size());
   for (int64_t token : tokens)  // an id outside the vocabulary would index the embedding out of bounds
     if (token < 0 || token >= vocab)
@@ -634,15 +651,18 @@ std::vector<float> Runtime::Impl::run(const std::vector<int64_t>& tokens, int64_
   auto pos_tensor = executorch::extension::make_tensor_ptr({1}, std::vector<int64_t>{input_pos});
   std::vector<EValue> inputs = {EValue(*token_tensor), EValue(*pos_tensor)};
   for (const SlotBuffer& buffer : slot) inputs.emplace_back(*buffer.tensor);
-  auto result = module->forward(inputs);
+  auto result = module->execute(method, inputs);
   if (!result.ok())
-    throw Error("decode program failed (ExecuTorch error " + std::to_string(static_cast<int>(result.error())) + ")");
+    throw Error("decode program method '" + method + "' failed (ExecuTorch error " +
+                std::to_string(static_cast<int>(result.error())) + ")");
   if (result->empty() || !result->at(0).isTensor())
-    throw Error("decode program returned no logits tensor");
+    throw Error("decode program method '" + method + "' returned no logits tensor");
   const auto& logits = result->at(0).toTensor();
-  if (logits.scalar_type() != executorch::aten::ScalarType::Float || logits.numel() != static_cast<ssize_t>(n) * vocab)
-    throw Error("decode program returned " + std::to_string(logits.numel()) + " logits for " + std::to_string(n) +
-                " tokens, expected " + std::to_string(static_cast<int64_t>(n) * vocab) + " float32 values");
+  const int64_t rows = method == "forward" ? n : 1;
+  if (logits.scalar_type() != executorch::aten::ScalarType::Float || logits.numel() != rows * vocab)
+    throw Error("decode program method '" + method + "' returned " + std::to_string(logits.numel()) +
+                " logits for " + std::to_string(n) + " tokens, expected " + std::to_string(rows * vocab) +
+                " float32 values");
   const float* data = logits.const_data_ptr<float>();
   return std::vector<float>(data, data + logits.numel());
 }
@@ -838,9 +858,9 @@ Generation Runtime::generate(const std::string& context, const std::string& prom
   out.fill_seconds = seconds_since(start);
   out.prompt_tokens = encode(prompt);
   start = Clock::now();
-  std::vector<float> logits = prefill(out.prompt_tokens);
+  std::vector<float> logits = prefill_last(out.prompt_tokens);
   out.prefill_seconds = seconds_since(start);
-  const float* last = logits.data() + logits.size() - m.vocab;
+  const float* last = logits.data();
   std::mt19937_64 rng(options.seed);
   std::string shown;
   out.stop_reason = "max_new_tokens";
@@ -874,15 +894,25 @@ Generation Runtime::generate(const std::string& context, const std::string& prom
   return out;
 }
 
-std::vector<float> Runtime::prefill(const std::vector<int64_t>& tokens) {
+std::vector<float> Runtime::prefill(const std::vector<int64_t>& tokens) { return impl_->start(tokens, "forward"); }
+
+std::vector<float> Runtime::prefill_last(const std::vector<int64_t>& tokens) {
   Impl& m = *impl_;
-  for (int node : m.path)
+  if (m.prefill_method.empty()) {  // an older program: every position's logits, keep the last
+    std::vector<float> logits = m.start(tokens, "forward");
+    return std::vector<float>(logits.end() - m.vocab, logits.end());
+  }
+  return m.start(tokens, m.prefill_method);
+}
+
+std::vector<float> Runtime::Impl::start(const std::vector<int64_t>& tokens, const std::string& method) {
+  for (int node : path)
     if (node < 0) throw Error("no memory path set: call set_path() first");
-  if (tokens.empty() || tokens.size() > static_cast<size_t>(m.max_seq_len))
-    throw Error("prompt of " + std::to_string(tokens.size()) + " tokens: need 1 to " + std::to_string(m.max_seq_len));
+  if (tokens.empty() || tokens.size() > static_cast<size_t>(max_seq_len))
+    throw Error("prompt of " + std::to_string(tokens.size()) + " tokens: need 1 to " + std::to_string(max_seq_len));
   // A new sequence needs no cache reset: positions after the last written one are masked (docs/decode.md).
-  std::vector<float> logits = m.run(tokens, 0);
-  m.position = static_cast<int>(tokens.size());
+  std::vector<float> logits = run(tokens, 0, method);
+  position = static_cast<int>(tokens.size());
   return logits;
 }
 
