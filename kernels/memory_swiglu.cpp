@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "parallel.h"
 #include "qmatmul.h"
 
 namespace {
@@ -102,16 +103,21 @@ EXECUTORCH_LIBRARY(hm_export, "memory_swiglu.out", memory_swiglu_out);
 // For tests (ctypes): one quantized matrix product on a chosen path (0 scalar, 1 AVX2, 2 NEON, 3 AVX-512, 4 AVX-512
 // VNNI); `mins` null, or the float16 mins of asymmetric int4 (qmatmul.h); `tiled`: int4 or int8 codes in the tiled
 // layout (a group of a multiple of 4 rows); xq in -127..127, as the quantizers write it; `group_scales`: xs holds
-// one scale per token and row group; returns the path used, -1 when the requested one is not compiled in or not
-// supported here (or the tiled group is not a multiple of 4).
+// one scale per token and row group; `split`: a tiled product's columns split over every thread of ExecuTorch's
+// threadpool whatever the product's size (parallel.h), else computed on the caller; returns the path used,
+// -1 when the requested one is not compiled in or not supported here (or the tiled group is not a multiple of 4).
 extern "C" int hm_kernels_qmatmul(const uint8_t* codes, const uint16_t* scales, const uint16_t* mins, int64_t rows,
                                   int64_t cols, int64_t group, int int4, int tiled, const int8_t* xq,
                                   int64_t xq_stride, const float* xs, int group_scales, int64_t tokens, float* out,
-                                  int isa) {
+                                  int isa, int split) {
   const auto wanted = static_cast<hm_kernels::Isa>(isa);
   if (!hm_kernels::supports(wanted) || (tiled != 0 && group % 4 != 0)) return -1;
   const QMatrix w{codes, scales, rows, cols, group, int4 != 0, mins, group_scales != 0, tiled != 0};
-  hm_kernels::qmatmul(w, xq, xq_stride, xs, tokens, out, cols, wanted);
+  if (split != 0) {
+    hm_kernels::qmatmul_parallel(w, xq, xq_stride, xs, tokens, out, cols, wanted, hm_kernels::pool_threads());
+  } else {
+    hm_kernels::qmatmul(w, xq, xq_stride, xs, tokens, out, cols, wanted);
+  }
   return isa;
 }
 

@@ -17,6 +17,8 @@
 // float(scale[i / g, v]) * q[i, v] (+ float(min[i / g, v]) for int4). A tied embedding and its output head read one table:
 // the head is qlinear over [d, V], the lookup is qembedding over the same tensors.
 // The reference implementations are in kernels/__init__.py (qlinear_reference, qembedding_reference).
+// qlinear splits its columns over ExecuTorch's threadpool (parallel.h; the threads XNNPACK uses): the same bits for
+// any thread count.
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
@@ -24,6 +26,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "parallel.h"
 #include "qmatmul.h"
 
 namespace {
@@ -90,7 +93,7 @@ Tensor& qlinear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& co
   xs.resize(tokens * (w.rows / w.group));
   w.group_scales = true;
   hm_kernels::quantize_groups(x.const_data_ptr<float>(), tokens, w.rows, w.rows, w.group, xq.data(), pad, xs.data());
-  hm_kernels::qmatmul(w, xq.data(), pad, xs.data(), tokens, out.mutable_data_ptr<float>(), w.cols);
+  hm_kernels::qmatmul_parallel(w, xq.data(), pad, xs.data(), tokens, out.mutable_data_ptr<float>(), w.cols);
   return out;
 }
 
@@ -126,3 +129,4 @@ Tensor& qembedding_out(KernelRuntimeContext& ctx, const Tensor& tokens, const Te
 
 EXECUTORCH_LIBRARY(hm_export, "qlinear.out", qlinear_out);
 EXECUTORCH_LIBRARY(hm_export, "qembedding.out", qembedding_out);
+

@@ -217,16 +217,28 @@ inline void group_sums(const int8_t* xq, int64_t xq_stride, int64_t tokens, int6
   }
 }
 
-// A tiled product's frame: out zeroed, then row group after row group (each token's group sum in `xsum`), chunk
-// runs from the first on: `chunks(g, ch, xsum)` computes chunks ch .. for every token and returns how many it took.
+// The columns [begin, end) of a product; end < 0: up to the last (both clamped to the matrix). A tiled product
+// takes ranges that start on a chunk boundary (32 int4 columns, 16 int8 ones) and end on one or at the last column.
+struct Columns {
+  int64_t begin = 0;
+  int64_t end = -1;
+  int64_t stop(const QMatrix& w) const { return end < 0 ? w.cols : std::min(end, w.cols); }
+  int64_t start(const QMatrix& w) const { return std::min(begin, stop(w)); }
+};
+
+// A tiled product's frame for the chunks of `columns`: their columns of out zeroed, then row group after row group
+// (each token's group sum in `xsum`), chunk runs from the range's first on: `chunks(g, ch, left, xsum)` computes
+// chunks ch .. (at most `left` of them, those the range has left) for every token and returns how many it took.
 template <typename Chunks>
 inline void tiled_groups(const QMatrix& w, const int8_t* xq, int64_t xq_stride, int64_t tokens, float* out,
-                         int64_t out_stride, Chunks chunks) {
+                         int64_t out_stride, Columns columns, Chunks chunks) {
+  const int64_t start = columns.start(w), stop = columns.stop(w);
+  const int64_t first = start / w.chunk_width(), last = (stop + w.chunk_width() - 1) / w.chunk_width();
   std::vector<int32_t> xsum(static_cast<size_t>(tokens));
-  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + w.cols, 0.0f);
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride + start, out + t * out_stride + stop, 0.0f);
   for (int64_t g = 0; g < w.rows / w.group; ++g) {
     group_sums(xq, xq_stride, tokens, g * w.group, w.group, xsum.data());
-    for (int64_t ch = 0; ch < w.chunks();) ch += chunks(g, ch, xsum.data());
+    for (int64_t ch = first; ch < last;) ch += chunks(g, ch, last - ch, xsum.data());
   }
 }
 
@@ -267,11 +279,12 @@ inline void prefetch_ahead(const uint8_t* from, int64_t lines) {
 
 // out [tokens, cols] (stride out_stride) = xq [tokens, rows] (stride xq_stride, even-padded) @ W, see the header.
 inline void qmatmul_scalar(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs, int64_t tokens,
-                           float* out, int64_t out_stride) {
+                           float* out, int64_t out_stride, Columns columns = {}) {
+  const int64_t c_begin = columns.start(w), c_end = columns.stop(w);
   std::vector<int32_t> acc(static_cast<size_t>(w.cols));
   for (int64_t t = 0; t < tokens; ++t) {
     float* o = out + t * out_stride;
-    std::fill(o, o + w.cols, 0.0f);
+    std::fill(o + c_begin, o + c_end, 0.0f);
     const int8_t* q = xq + t * xq_stride;
     for (int64_t g = 0; g < w.rows / w.group; ++g) {
       std::fill(acc.begin(), acc.end(), 0);
@@ -280,12 +293,12 @@ inline void qmatmul_scalar(const QMatrix& w, const int8_t* xq, int64_t xq_stride
         const int32_t a = q[i];
         group_sum += a;
         if (a == 0) continue;
-        for (int64_t c = 0; c < w.cols; ++c) acc[c] += a * w.code(i, c);
+        for (int64_t c = c_begin; c < c_end; ++c) acc[c] += a * w.code(i, c);
       }
       const float xs_tg = act_scale(w, xs, t, g);
       const float xg = min_factor(w, xs_tg, group_sum);
       const uint16_t* mins = w.mins != nullptr ? w.mins + g * w.cols : nullptr;
-      for (int64_t c = 0; c < w.cols; ++c) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
         finish1(acc[c], w.scales[g * w.cols + c], mins != nullptr ? mins + c : nullptr, xs_tg, xg, o + c);
       }
     }
@@ -546,13 +559,14 @@ HM_AVX2 inline void tiled8_chunks_avx2(const QMatrix& w, const int8_t* xq, int64
 
 // Tiled int4 / int8 on AVX2: one (int4) or four (int8) chunks at a time.
 HM_AVX2 inline void qmatmul_tiled_avx2(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
-                                       int64_t tokens, float* out, int64_t out_stride) {
-  tiled_groups(w, xq, xq_stride, tokens, out, out_stride, [&](int64_t g, int64_t ch, const int32_t* xsum) -> int64_t {
+                                       int64_t tokens, float* out, int64_t out_stride, Columns columns) {
+  tiled_groups(w, xq, xq_stride, tokens, out, out_stride, columns,
+               [&](int64_t g, int64_t ch, int64_t left, const int32_t* xsum) -> int64_t {
     if (w.int4) {
       tiled_chunk_avx2(w, xq, xq_stride, xs, tokens, xsum, g, ch, out, out_stride);
       return 1;
     }
-    if (w.chunks() - ch >= 4) {
+    if (left >= 4) {
       tiled8_chunks_avx2<4>(w, xq, xq_stride, xs, tokens, xsum, g, ch, out, out_stride);
       return 4;
     }
@@ -900,9 +914,9 @@ HM_VNNI inline void tiled_chunks_vnni(const QMatrix& w, const int8_t* xq, int64_
 
 // Tiled int4 / int8 on AVX-512 VNNI: four (int4) or eight (int8) chunks at a time.
 HM_VNNI inline void qmatmul_tiled_vnni(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
-                                       int64_t tokens, float* out, int64_t out_stride) {
-  tiled_groups(w, xq, xq_stride, tokens, out, out_stride, [&](int64_t g, int64_t ch, const int32_t* xsum) -> int64_t {
-    const int64_t left = w.chunks() - ch;
+                                       int64_t tokens, float* out, int64_t out_stride, Columns columns) {
+  tiled_groups(w, xq, xq_stride, tokens, out, out_stride, columns,
+               [&](int64_t g, int64_t ch, int64_t left, const int32_t* xsum) -> int64_t {
     if (w.int4 && left >= 4) {
       tiled_chunks_vnni<4, false>(w, xq, xq_stride, xs, tokens, xsum, g, ch, out, out_stride);
       return 4;
@@ -1156,8 +1170,9 @@ inline void tiled_tokens_neon(const QMatrix& w, const int8_t* xq, int64_t xq_str
 
 // Tiled codes on NEON: chunk after chunk, three tokens at a time (24 of the 32 registers accumulate), then one by one.
 inline void qmatmul_tiled_neon(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs,
-                               int64_t tokens, float* out, int64_t out_stride) {
-  tiled_groups(w, xq, xq_stride, tokens, out, out_stride, [&](int64_t g, int64_t ch, const int32_t* xsum) -> int64_t {
+                               int64_t tokens, float* out, int64_t out_stride, Columns columns) {
+  tiled_groups(w, xq, xq_stride, tokens, out, out_stride, columns,
+               [&](int64_t g, int64_t ch, int64_t, const int32_t* xsum) -> int64_t {
     int64_t t = 0;
     for (; t + 3 <= tokens; t += 3) tiled_tokens_neon<3>(w, xq, xq_stride, xs, xsum, g, ch, t, out, out_stride);
     for (; t < tokens; ++t) tiled_tokens_neon<1>(w, xq, xq_stride, xs, xsum, g, ch, t, out, out_stride);
@@ -1227,16 +1242,17 @@ inline void quantize_groups(const float* x, int64_t tokens, int64_t n, int64_t s
   }
 }
 
-// Dispatch to `isa` (default: the active path).
+// Dispatch to `isa` (default: the active path). A tiled matrix may be given a range of `columns` (see Columns):
+// only those columns of out are written, each with the bits of the whole product; other matrices take all.
 inline void qmatmul(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs, int64_t tokens, float* out,
-                    int64_t out_stride, Isa isa = active_isa()) {
+                    int64_t out_stride, Isa isa = active_isa(), Columns columns = {}) {
 #if defined(HM_KERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
   if (w.tiled && isa == Isa::Avx512Vnni) {
-    qmatmul_tiled_vnni(w, xq, xq_stride, xs, tokens, out, out_stride);
+    qmatmul_tiled_vnni(w, xq, xq_stride, xs, tokens, out, out_stride, columns);
     return;
   }
   if (w.tiled && (isa == Isa::Avx2 || isa == Isa::Avx512)) {
-    qmatmul_tiled_avx2(w, xq, xq_stride, xs, tokens, out, out_stride);
+    qmatmul_tiled_avx2(w, xq, xq_stride, xs, tokens, out, out_stride, columns);
     return;
   }
   if (isa == Isa::Avx512Vnni && w.int4 && w.group % 4 == 0) {
@@ -1263,14 +1279,14 @@ inline void qmatmul(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const
 #if defined(HM_KERNELS_NEON)
   if (isa == Isa::Neon) {
     if (w.tiled) {
-      qmatmul_tiled_neon(w, xq, xq_stride, xs, tokens, out, out_stride);
+      qmatmul_tiled_neon(w, xq, xq_stride, xs, tokens, out, out_stride, columns);
     } else {
       qmatmul_neon(w, xq, xq_stride, xs, tokens, out, out_stride);
     }
     return;
   }
 #endif
-  qmatmul_scalar(w, xq, xq_stride, xs, tokens, out, out_stride);
+  qmatmul_scalar(w, xq, xq_stride, xs, tokens, out, out_stride, w.tiled ? columns : Columns{});
 }
 
 }  // namespace hm_kernels

@@ -242,17 +242,25 @@ class GridLayer(torch.nn.Module):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits", [4, 8])
-def test_cpp_grid_ops_match_the_reference_bit_for_bit(kernel_library, tmp_path, bits):
+@pytest.mark.parametrize(("bits", "threads"), [(4, 1), (8, 1), (4, 2), (8, 2)])
+def test_cpp_grid_ops_match_the_reference_bit_for_bit(kernel_library, tmp_path, bits, threads):
     from executorch.runtime import Runtime
 
     from hm_export.anchor_quant import GridLinear, WeightQuant
+    from hm_export.bench import set_threads
 
-    # 200 outputs: one 128-column AVX-512 block and a 72-column AVX2 tail (int4); input 96 = three groups of 32
-    table = GridLinear(torch.randn(200, 96), WeightQuant(4, 32, asymmetric=True) if bits == 4 else WeightQuant(8, 32))
+    # 200 outputs: one 128-column AVX-512 block and a 72-column AVX2 tail (int4); input 96 = three groups of 32.
+    # 2 threads: 520 outputs, enough work for qlinear to split its columns (5 blocks of 128, the last of 8 columns)
+    outputs = 200 if threads == 1 else 520
+    quant = WeightQuant(4, 32, asymmetric=True) if bits == 4 else WeightQuant(8, 32)
+    table = GridLinear(torch.randn(outputs, 96), quant)
     operands = (torch.tensor([[0, 199, 7, 120]]), torch.randn(1, 3, 96) * 2, table.codes, table.scales, table.mins)
     pte = lower_to_pte(GridLayer(), operands, tmp_path / "grid.pte")
-    got = Runtime.get().load_program(str(pte)).load_method("forward").execute(list(operands))
+    set_threads(threads)  # ExecuTorch's threadpool: XNNPACK's threads and qlinear's
+    try:
+        got = Runtime.get().load_program(str(pte)).load_method("forward").execute(list(operands))
+    finally:
+        set_threads(1)
     want = GridLayer()(*operands)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -334,29 +342,69 @@ def padded_int8(xq: torch.Tensor) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("case", QMATMUL_CASES)
-@pytest.mark.parametrize("isa", [0, 1, 3, 4])
-def test_qmatmul_paths_are_bit_exact(kernel_library, case, isa):
+def library_qmatmul(library: ctypes.CDLL, case, problem, isa: int, split: bool = False) -> np.ndarray | None:
+    """out of one product through the C entry point on path ``isa`` (None: not run here); ``split``: columns split
+    over the kernels' pool."""
     storage, rows, cols, group, tokens = case
-    codes, scales, mins, xq, xs = qmatmul_problem(*case)
-    library = ctypes.CDLL(str(kernel_library))
+    codes, scales, mins, xq, xs = problem
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     flag = ctypes.c_int
     library.hm_kernels_qmatmul.argtypes = [pointer, pointer, pointer, size, size, size, flag, flag, pointer, size,
-                                           pointer, flag, size, pointer, flag]  # fmt: skip
+                                           pointer, flag, size, pointer, flag, flag]  # fmt: skip
     code_bytes = np.ascontiguousarray(codes[0].numpy())
     scale_bits = np.ascontiguousarray(scales[0].numpy().view(np.uint16))
     min_bits = None if mins is None else np.ascontiguousarray(mins[0].numpy().view(np.uint16))
     xq_rows, xs_rows = padded_int8(xq), np.ascontiguousarray(xs.numpy().reshape(-1), np.float32)
-    out = np.zeros((tokens, cols), np.float32)
+    out = np.full((tokens, cols), np.nan, np.float32)  # every column must be written
     used = library.hm_kernels_qmatmul(
         code_bytes.ctypes.data, scale_bits.ctypes.data, None if min_bits is None else min_bits.ctypes.data, rows, cols,
         group, int(storage in INT4_STORAGE), int(storage.startswith("tiled")), xq_rows.ctypes.data, xq_rows.shape[1],
-        xs_rows.ctypes.data, int(xs.shape[1] > 1), tokens, out.ctypes.data, isa,
+        xs_rows.ctypes.data, int(xs.shape[1] > 1), tokens, out.ctypes.data, isa, int(split),
     )  # fmt: skip
-    if used < 0:
+    return None if used < 0 else out
+
+
+@pytest.mark.parametrize("case", QMATMUL_CASES)
+@pytest.mark.parametrize("isa", [0, 1, 3, 4])
+def test_qmatmul_paths_are_bit_exact(kernel_library, case, isa):
+    codes, scales, mins, xq, xs = problem = qmatmul_problem(*case)
+    out = library_qmatmul(ctypes.CDLL(str(kernel_library)), case, problem, isa)
+    if out is None:
         pytest.skip(f"this CPU does not run path {isa}")
     assert torch.equal(torch.from_numpy(out), qmatmul_reference(xq, xs, codes, scales, mins))
+
+
+SPLIT_CASES = [  # storage, rows, cols, group, tokens: split in blocks of 128 columns (4 int4 / 8 int8 chunks)
+    ("tiled4", 576, 576, 32, 1),  # SmolLM2's q_proj: 5 blocks, the last of 64 columns
+    ("tiled4", 576, 576, 32, 5),
+    ("tiled4", 64, 200, 32, 1),  # 2 blocks, the last of 2 chunks and a narrow one (8 columns)
+    ("tiled4", 64, 200, 32, 5),
+    ("tiled4-sym", 64, 520, 32, 5),  # 5 blocks, a last block of 8 columns
+    ("tiled8", 576, 300, 32, 1),  # 3 blocks, the last of 2 chunks and a narrow one (12 columns)
+    ("tiled8", 576, 300, 32, 5),
+    ("tiled8", 96, 1152, 32, 5),  # 9 full blocks
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES)
+@pytest.mark.parametrize("isa", [0, 1, 3, 4])
+def test_qmatmul_split_over_threads_has_the_bits_of_one_thread(kernel_library, case, isa):
+    from hm_export.bench import set_threads  # ExecuTorch's threadpool, which the split runs on
+
+    codes, scales, mins, xq, xs = problem = qmatmul_problem(*case)
+    library = ctypes.CDLL(str(kernel_library))
+    whole = library_qmatmul(library, case, problem, isa)
+    if whole is None:
+        pytest.skip(f"this CPU does not run path {isa}")
+    assert torch.equal(torch.from_numpy(whole), qmatmul_reference(xq, xs, codes, scales, mins))
+    try:
+        for threads in (2, 3):
+            set_threads(threads)
+            for _ in range(2):  # the second split reuses the threads the first woke
+                split = library_qmatmul(library, case, problem, isa, split=True)
+                assert np.array_equal(split, whole), f"{threads} threads"
+    finally:
+        set_threads(1)
 
 
 @pytest.fixture(scope="session", params=["armv8-a", "armv8.2-a+dotprod"])

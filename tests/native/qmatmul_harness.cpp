@@ -6,7 +6,11 @@
 //   the float16 mins when asymmetric (as many), xq (tokens * rows int8, rows rounded up to even), xs (tokens float32,
 //   times rows / group with group scales)
 //   stdout: int64 path used (-1: not compiled in), then out (tokens * cols float32)
+// A tiled product is also computed in ranges of 128 columns (the blocks qlinear's threads take, last one first): the
+// harness exits with 3 unless that gives the whole product's bits.
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "qmatmul.h"
@@ -37,6 +41,13 @@ int main() {
     const hm_kernels::QMatrix w{codes.data(), scales.data(), rows, cols, group, int4 != 0,
                                 asymmetric ? mins.data() : nullptr, group_scales, tiled};
     hm_kernels::qmatmul(w, xq.data(), stride, xs.data(), tokens, out.data(), cols, wanted);
+    if (tiled) {
+      std::vector<float> ranges(out.size(), NAN);
+      for (int64_t c0 = (cols - 1) / 128 * 128; c0 >= 0; c0 -= 128) {
+        hm_kernels::qmatmul(w, xq.data(), stride, xs.data(), tokens, ranges.data(), cols, wanted, {c0, c0 + 128});
+      }
+      if (std::memcmp(ranges.data(), out.data(), 4 * out.size()) != 0) return 3;
+    }
   }
   std::fwrite(&used, sizeof(used), 1, stdout);
   std::fwrite(out.data(), 4, out.size(), stdout);

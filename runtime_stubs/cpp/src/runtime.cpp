@@ -31,14 +31,7 @@
 #include "slot.hpp"
 #include "tokenizer.hpp"
 
-// The wheel ships libexecutorch_threadpool.so but not threadpool.h; these two symbols are all we call.
-namespace executorch::extension::threadpool {
-class ThreadPool {
- public:
-  bool _unsafe_reset_threadpool(uint32_t num_threads);
-};
-ThreadPool* get_threadpool();
-}  // namespace executorch::extension::threadpool
+#include "et_threadpool.h"  // kernels/: ExecuTorch's threadpool, which the qlinear kernel shares with XNNPACK
 
 namespace hm {
 namespace {
