@@ -2,7 +2,9 @@
 // int4 g32 linears (576x576 q/o, 576x192 k/v, 576x1536 gate/up, 1536x576 down) and the 576 x 49152 Q8_0 head, one
 // pass per token block (each product quantizes its activations per group of 32, as qlinear does), on ExecuTorch's
 // threadpool (kernels/parallel.h). Interleaved per pass: 1 thread, 2 threads with qlinear's size rule, 2 threads
-// with every product split. Prints min / p25 / median ms per pass and whether the three agree bit for bit.
+// with every product split. Prints min / p25 / median ms per pass and whether the three agree bit for bit, after
+// the host's own scaling: a compute-only loop on the same pool at 1 and at THREADS threads (on a busy shared host it
+// is near 1x, and then no thread count can speed the kernels up either).
 //   E=$(python -c "import executorch, os; print(os.path.dirname(executorch.__file__))")
 //   g++ -std=c++17 -O3 -ffp-contract=off -mf16c -Ikernels -I$E/include scripts/bench_anchor_kernels.cpp
 //       -o /tmp/bench_anchor_kernels -L$E/lib -lexecutorch_threadpool -lexecutorch -Wl,-rpath,$E/lib -lpthread
@@ -53,6 +55,16 @@ int main(int argc, char** argv) {
   }
   add(576, 49152, false);
   executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(threads);
+  auto spin = [](int64_t most) {  // 64 ranges of pure arithmetic, on at most `most` threads
+    const auto t0 = std::chrono::steady_clock::now();
+    parallel_for(64, most, [](int64_t begin, int64_t end) {
+      volatile double sum = 0;
+      for (int64_t i = 0; i < (end - begin) * 2000000; ++i) sum = sum + static_cast<double>(i);
+    });
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  };
+  const double alone = spin(1), shared = spin(threads);
+  std::printf("host: compute loop %.0f ms on 1 thread, %.0f ms on %d (%.2fx)\n", alone, shared, threads, alone / shared);
   std::vector<float> x(tokens * 1536), out(tokens * 49152), first(tokens * 49152);
   for (auto& v : x) v = (rng() % 2000) / 1000.0f - 1;
   std::vector<int8_t> xq(tokens * 1536);
