@@ -16,7 +16,15 @@ preset             linears             head               embedding
 ``8da4w-g32-e8``   int4, groups of 32  int8 per channel   int8 per row
 ``8da4w-g32-asym`` asym. int4, g 32    asym. int4, g 32   the head's table (tied), else asym. int4, g 32
 ``8da4w-g32-asym-e8`` asym. int4, g 32 int8, groups of 32 the head's table (tied), else int8, g 32
+``...-e8-screen64`` asym. int4, g 32   screened (below)   int8, groups of 32 (the head's exact table)
 =================  ==================  =================  ====================================================
+
+``8da4w-g32-asym-e8-screen64`` reads a tied head mostly from a small table: ``hm_export::screened_head`` computes
+every logit from an asymmetric int4 copy of the table (groups of 32), then recomputes the 64 largest per token from
+the embedding's int8 table with float activations.  A decode step reads 5 bits per head weight instead of 8.5 and
+64 columns of the int8 table; greedy decoding, top-k / top-p sampling and the likelihood of any likely token see
+the int8 table's values.  The price is the int4 copy on disk (0.63 bytes per head weight).  An untied head is a
+linear in the linears' grid, as in the other ``-asym`` presets.
 
 The ``-asym`` presets store llama.cpp's grids: asymmetric int4 (Q4_1: ``w = scale * q + min``, ``q`` in 0..15, a
 float16 scale and min per group of 32 input values, chosen min-max) and symmetric int8 (Q8_0: ``w = scale * q``, a
@@ -65,7 +73,7 @@ from torch import Tensor, nn
 
 from hm_export.architectures import MemoryModel
 from hm_export.errors import ConfigError, UsageError
-from hm_export.kernels import qembedding, qlinear, tied_head, tile_codes, untile_codes
+from hm_export.kernels import qembedding, qlinear, screened_head, tied_head, tile_codes, untile_codes
 from hm_export.model import TiedHead
 
 ANCHOR_QUANT_TARGETS = ("executorch", "onnx", "coreml")  # targets that quantize the anchor; others refuse
@@ -117,6 +125,9 @@ class AnchorQuant:
     tolerance: tuple[float, float] = (0.0, 1.0)
     kernel: str = "xnnpack"  # ExecuTorch: "xnnpack" (torchao 8da, qd8 GEMMs) or "hm_export" (qlinear / qembedding)
     targets: tuple[str, ...] = ANCHOR_QUANT_TARGETS  # the targets with a mapping for this preset
+    # hm_export kernels: a tied head screened in this grid, its `screen_top` best logits per token from `head`'s table
+    screen: WeightQuant | None = None
+    screen_top: int = 0
 
     @property
     def quantized(self) -> bool:
@@ -178,6 +189,19 @@ PRESETS: dict[str, AnchorQuant] = {
             (2.0, 0.90),
             kernel="hm_export",
             targets=("executorch",),
+        ),
+        AnchorQuant(
+            "8da4w-g32-asym-e8-screen64",
+            WeightQuant(4, 32, asymmetric=True),
+            WeightQuant(8, 32),
+            WeightQuant(8, 32),
+            "as -asym-e8, the tied head screened in asymmetric int4 and its 64 best logits per token from the int8 "
+            "table, hm_export kernels",
+            (3.0, 0.90),
+            kernel="hm_export",
+            targets=("executorch",),
+            screen=WeightQuant(4, 32, asymmetric=True),
+            screen_top=64,
         ),
     )
 }
@@ -368,6 +392,23 @@ class GridTiedHead(nn.Module):
         return self.embedding[0].table(h)
 
 
+class ScreenedTiedHead(nn.Module):
+    """The output head tied to a :class:`GridEmbedding`, computed by ``hm_export::screened_head``: every logit from
+    ``screen`` (a smaller copy of the table), the ``top`` largest per token again from the embedding's table."""
+
+    def __init__(self, embedding: GridEmbedding, screen: GridLinear, top: int) -> None:
+        super().__init__()
+        self.embedding = [embedding]  # a list: not a registered submodule
+        self.screen = screen
+        self.top = top
+
+    def forward(self, h: Tensor) -> Tensor:
+        exact, screen = self.embedding[0].table, self.screen
+        return screened_head(
+            h, (screen.codes, screen.scales, screen.mins), (exact.codes, exact.scales, exact.mins), self.top
+        )
+
+
 def _quantize_to_grids(module: nn.Module, preset: AnchorQuant) -> dict[str, Any]:
     """``quantize_for_executorch`` for the ``-asym`` presets: every anchor linear a :class:`GridLinear`, a tied
     embedding and head one table (:class:`GridEmbedding`, :class:`GridTiedHead`)."""
@@ -395,8 +436,19 @@ def _quantize_to_grids(module: nn.Module, preset: AnchorQuant) -> dict[str, Any]
             "kernel": "hm_export::qembedding" + (" (reads the head's table)" if tied else ""),
             "shared_with_head": tied,
         }
-        if tied:
-            _untie_to(module, heads, grid)
+        if tied and preset.screen is not None:
+            screen = GridLinear(embedding.weight, preset.screen, name=f"{name} (head screen)")
+            _untie_to(module, heads, ScreenedTiedHead(grid, screen, min(preset.screen_top, embedding.num_embeddings)))
+            done["head"] = {
+                "scheme": "screened",
+                "screen": _grid_weights(preset.screen),
+                "exact": f"the embedding's table ({_grid_weights(preset.embedding)}), float activations",
+                "exact_top": preset.screen_top,
+                "groups_by_input_width": {str(width): preset.screen.group_for(width) or width},
+                "kernel": "hm_export::screened_head",
+            }
+        elif tied:
+            _untie_to(module, heads, GridTiedHead(grid))
             groups["head"][width] = group
     for role, quant in (("linears", preset.linears), ("head", preset.head)):
         if groups[role]:
@@ -407,7 +459,11 @@ def _quantize_to_grids(module: nn.Module, preset: AnchorQuant) -> dict[str, Any]
                 "groups_by_input_width": {str(w): g for w, g in sorted(groups[role].items())},
                 "kernel": "hm_export::qlinear",
             }
-    if tied:
+    if tied and preset.screen is not None:
+        done["tied_embedding"] = (
+            "stored once, read by the lookup and the head's exact logits; the head's screen is an int4 copy"
+        )
+    elif tied:
         done["tied_embedding"] = "stored once: the head (hm_export::qlinear) and the lookup read one table"
     return done
 
@@ -416,11 +472,11 @@ def _grid_weights(quant: WeightQuant) -> str:
     return quant.describe() + ", float16 scales" + (" and mins" if quant.asymmetric else "")
 
 
-def _untie_to(module: nn.Module, names: set[str], embedding: GridEmbedding) -> None:
+def _untie_to(module: nn.Module, names: set[str], head: nn.Module) -> None:
     for parent, name, child in _parents(module):
         full = next((n for n, m in module.named_modules() if m is child), None)
         if full in names:
-            setattr(parent, name, GridTiedHead(embedding))
+            setattr(parent, name, head)
 
 
 @torch.no_grad()

@@ -37,6 +37,14 @@ with one scale per token *and group of g inputs* (llama.cpp's Q8_1 / Q8_0 activa
 ``hm_export::qembedding(tokens, codes, scales, mins) -> Tensor`` looks tokens up in the same table (column ``v``
 is token ``v``'s embedding, ``scale * q (+ min)`` per element), so a tied embedding and its head share one table.
 
+``hm_export::screened_head(x, codes, scales, mins, exact_codes, exact_scales, exact_mins, top) -> Tensor`` is an
+output head read mostly from a small table: ``qlinear`` over the screen table (``codes``, ``scales``, ``mins``),
+then, per token, the ``top`` columns with the largest screen values (ties: the lower column) recomputed from the
+exact table (``exact_*``, the same ``[in, out]`` in its own grid, e.g. a tied embedding's int8 table) with float
+activations, ``sum_i x[i] * w[i, v]`` summed in float64 and rounded once.  Sampling and the teacher-forced
+likelihood of a likely token then see the exact table's logits, while a decode step reads the screen whole and only
+``top`` columns of the exact table.
+
 ``hm_export::tied_head(h, weight) -> Tensor`` is the output head of a float32 model whose head is tied to its
 token embedding: ``h @ weight^T`` read from the embedding's own table ``[V, d]``, so a program stores that table
 once (an XNNPACK linear keeps its own packed copy of its weight).
@@ -56,6 +64,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +76,14 @@ NAMESPACE = "hm_export"
 LIBRARY_NAME = "libhm_export_kernels.so"
 SOURCE_DIR = Path(__file__).resolve().parent  # the C++ sources ship with the package (kernels/ in the repo)
 # the ExecuTorch kernels of the library
-OPERATORS = ("memory_swiglu.out", "attend_cache.out", "tied_head.out", "qlinear.out", "qembedding.out")
+OPERATORS = (
+    "memory_swiglu.out",
+    "attend_cache.out",
+    "tied_head.out",
+    "qlinear.out",
+    "qembedding.out",
+    "screened_head.out",
+)
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define("memory_swiglu(Tensor x, Tensor gate_up, Tensor gate_up_scales, Tensor down, Tensor down_scales) -> Tensor")
@@ -85,6 +101,12 @@ _lib.define("qlinear.out(Tensor x, Tensor codes, Tensor scales, Tensor mins, *, 
 _lib.define("qembedding(Tensor tokens, Tensor codes, Tensor scales, Tensor mins) -> Tensor")
 _lib.define("qembedding.out(Tensor tokens, Tensor codes, Tensor scales, Tensor mins, *, Tensor(a!) out) -> Tensor(a!)")
 _lib.define("tied_head.out(Tensor h, Tensor weight, *, Tensor(a!) out) -> Tensor(a!)")
+_SCREENED_HEAD = (
+    "Tensor x, Tensor codes, Tensor scales, Tensor mins, Tensor exact_codes, Tensor exact_scales, Tensor exact_mins, "
+    "int top"
+)
+_lib.define(f"screened_head({_SCREENED_HEAD}) -> Tensor")
+_lib.define(f"screened_head.out({_SCREENED_HEAD}, *, Tensor(a!) out) -> Tensor(a!)")
 _lib.define(
     "attend_cache.out(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos, "
     "float scale, int window, *, Tensor(c!) out) -> Tensor(c!)"
@@ -256,6 +278,32 @@ def qembedding_reference(tokens: Tensor, codes: Tensor, scales: Tensor, mins: Te
     return (scale * q + low).t().reshape(*tokens.shape, width)
 
 
+def screened_head_reference(
+    x: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    mins: Tensor,
+    exact_codes: Tensor,
+    exact_scales: Tensor,
+    exact_mins: Tensor,
+    top: int,
+) -> Tensor:
+    """What ``hm_export::screened_head`` computes (see the module docstring)."""
+    width = check_table("screened_head", exact_codes, exact_scales, exact_mins)
+    if check_table("screened_head", codes, scales, mins) != width or scales.shape[1] != exact_scales.shape[1]:
+        raise UsageError(
+            f"screened_head: the screen [{width}, {scales.shape[1]}] and the exact table [{width}, "
+            f"{exact_scales.shape[1]}] must have one shape"
+        )
+    if not 1 <= top <= scales.shape[1]:
+        raise UsageError(f"screened_head: top must be in [1, {scales.shape[1]}], got {top}")
+    logits = qlinear_reference(x, codes, scales, mins)
+    chosen = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top]  # ties: the lower column
+    columns = qembedding_reference(chosen, exact_codes, exact_scales, exact_mins)  # [..., top, in]
+    exact = (columns.double() * x.double().unsqueeze(-2)).sum(-1).float()
+    return logits.scatter(-1, chosen, exact)
+
+
 def memory_swiglu_reference(
     x: Tensor, gate_up: Tensor, gate_up_scales: Tensor, down: Tensor, down_scales: Tensor
 ) -> Tensor:
@@ -392,12 +440,12 @@ def _tied_head_fake(h: Tensor, weight: Tensor) -> Tensor:
     return h.new_empty((*h.shape[:-1], weight.shape[0]))
 
 
-def _register_table_op(name: str, reference: Callable[..., Tensor], fake: Callable[..., Tensor]) -> None:
-    """Register ``hm_export::name`` and its out variant, both computed by ``reference(a, codes, scales, mins)``,
-    and its fake kernel (the ops over one ``qlinear`` / ``qembedding`` table)."""
+def _register_op(name: str, reference: Callable[..., Tensor], fake: Callable[..., Tensor]) -> None:
+    """Register ``hm_export::name`` and its out variant, both computed by ``reference(*operands)``, and its fake
+    kernel (the ops over ``qlinear`` / ``qembedding`` tables)."""
 
-    def out_variant(a: Tensor, codes: Tensor, scales: Tensor, mins: Tensor, *, out: Tensor) -> Tensor:
-        result = reference(a, codes, scales, mins)
+    def out_variant(*operands: Any, out: Tensor) -> Tensor:
+        result = reference(*operands)
         out.resize_(result.shape).copy_(result)
         return out
 
@@ -406,15 +454,20 @@ def _register_table_op(name: str, reference: Callable[..., Tensor], fake: Callab
     torch.library.register_fake(f"{NAMESPACE}::{name}")(fake)
 
 
-_register_table_op(
-    "qlinear", qlinear_reference, lambda x, codes, scales, mins: x.new_empty((*x.shape[:-1], scales.shape[1]))
-)
-_register_table_op(
+_register_op("qlinear", qlinear_reference, lambda x, codes, scales, mins: x.new_empty((*x.shape[:-1], scales.shape[1])))
+_register_op(
     "qembedding",
     qembedding_reference,
     lambda tokens, codes, scales, mins: scales.new_empty(
         (*tokens.shape, check_table("qembedding", codes, scales, mins)), dtype=torch.float32
     ),
+)
+
+
+_register_op(
+    "screened_head",
+    screened_head_reference,
+    lambda x, codes, scales, *exact: x.new_empty((*x.shape[:-1], scales.shape[1])),
 )
 
 
@@ -426,6 +479,14 @@ def qlinear(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
 def qembedding(tokens: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
     """A lookup in an asymmetric int4 table (see the module docstring); traced as one op."""
     return torch.ops.hm_export.qembedding(tokens, codes, scales, mins)
+
+
+Table = tuple[Tensor, Tensor, Tensor]  # a qlinear / qembedding table: (codes, scales, mins)
+
+
+def screened_head(x: Tensor, screen: Table, exact: Table, top: int) -> Tensor:
+    """A head screened in one table and exact in another where it matters (see the module docstring); one op."""
+    return torch.ops.hm_export.screened_head(x, *screen, *exact, top)
 
 
 def tied_head(h: Tensor, weight: Tensor) -> Tensor:
@@ -550,5 +611,7 @@ __all__ = [
     "qlinear_reference",
     "quantize_groups",
     "registered_in_runtime",
+    "screened_head",
+    "screened_head_reference",
     "unpack_int4",
 ]

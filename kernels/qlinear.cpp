@@ -17,12 +17,19 @@
 // float(scale[i / g, v]) * q[i, v] (+ float(min[i / g, v]) for int4). A tied embedding and its output head read one table:
 // the head is qlinear over [d, V], the lookup is qembedding over the same tensors.
 // The reference implementations are in kernels/__init__.py (qlinear_reference, qembedding_reference).
+// screened_head: x float32 [..., in] -> out float32 [..., out]: a head read mostly from a small table and exactly
+// where it matters. out = qlinear(x, codes, scales, mins) (the screen, e.g. asymmetric int4), then, per token, the
+// `top` columns with the largest screen values (ties: the lower column) are recomputed from the exact table
+// (exact_codes, exact_scales, exact_mins, e.g. the tied embedding's int8 table) with float activations: out[v] =
+// sum_i x[i] * (scale * q (+ min)), summed in double and rounded once. A decode step reads the screen whole and `top`
+// columns of the exact table, which a tied embedding's lookup reads anyway.
 // qlinear splits its columns over ExecuTorch's threadpool (parallel.h; the threads XNNPACK uses): the same bits for
 // any thread count.
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -78,6 +85,38 @@ bool resize_like(const Tensor& in, int64_t last, bool append, Tensor& out) {
   return executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(out_dims)}) == Error::Ok;
 }
 
+// out [tokens, w.cols] = qmatmul(q8(x), w) for x float32 [tokens, w.rows].
+void qlinear_rows(QMatrix w, const float* x, int64_t tokens, float* out) {
+  const int64_t pad = w.rows + w.rows % 2;
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xs;
+  xq.resize(tokens * pad);
+  xs.resize(tokens * (w.rows / w.group));
+  w.group_scales = true;
+  hm_kernels::quantize_groups(x, tokens, w.rows, w.rows, w.group, xq.data(), pad, xs.data());
+  hm_kernels::qmatmul_parallel(w, xq.data(), pad, xs.data(), tokens, out, w.cols);
+}
+
+// Column v of a tiled table, dequantized: column[i] = scale * q (+ min), i in [0, w.rows).
+void table_column(const QMatrix& w, int64_t v, float* column) {
+  const int64_t lane = v % w.chunk_width(), at = 4 * (lane % 16);
+  const bool high = lane >= 16;
+  for (int64_t g = 0; g < w.rows / w.group; ++g) {
+    const uint8_t* tile = w.tile(g, v / w.chunk_width()) + at;
+    const float scale = hm_kernels::half_to_float(w.scales[g * w.cols + v]);
+    const float low = w.int4 ? hm_kernels::half_to_float(w.mins[g * w.cols + v]) : 0.0f;
+    float* out = column + g * w.group;
+    for (int64_t r = 0; r < w.group; ++r) {
+      const uint8_t byte = tile[r / 4 * 64 + r % 4];
+      if (w.int4) {  // the nibble itself: no offset in the asymmetric grid
+        out[r] = scale * static_cast<float>(high ? byte >> 4 : byte & 15) + low;
+      } else {
+        out[r] = scale * static_cast<float>(static_cast<int8_t>(byte));
+      }
+    }
+  }
+}
+
 Tensor& qlinear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& scales,
                     const Tensor& mins, Tensor& out) {
   QMatrix w{};
@@ -86,14 +125,55 @@ Tensor& qlinear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& co
   ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.size(x.dim() - 1) == w.rows,
                       InvalidArgument, out, "qlinear: x must be float32 [..., in]");
   ET_KERNEL_CHECK(ctx, resize_like(x, w.cols, false, out), InvalidArgument, out);
-  const int64_t tokens = x.numel() / w.rows, pad = w.rows + w.rows % 2;
-  thread_local std::vector<int8_t> xq;
-  thread_local std::vector<float> xs;
-  xq.resize(tokens * pad);
-  xs.resize(tokens * (w.rows / w.group));
-  w.group_scales = true;
-  hm_kernels::quantize_groups(x.const_data_ptr<float>(), tokens, w.rows, w.rows, w.group, xq.data(), pad, xs.data());
-  hm_kernels::qmatmul_parallel(w, xq.data(), pad, xs.data(), tokens, out.mutable_data_ptr<float>(), w.cols);
+  qlinear_rows(w, x.const_data_ptr<float>(), x.numel() / w.rows, out.mutable_data_ptr<float>());
+  return out;
+}
+
+Tensor& screened_head_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& scales,
+                          const Tensor& mins, const Tensor& exact_codes, const Tensor& exact_scales,
+                          const Tensor& exact_mins, int64_t top, Tensor& out) {
+  QMatrix screen{}, exact{};
+  const char* problem = table_matrix(codes, scales, mins, screen);
+  ET_KERNEL_CHECK_MSG(ctx, problem == nullptr, InvalidArgument, out, "screened_head: screen: %s", problem);
+  problem = table_matrix(exact_codes, exact_scales, exact_mins, exact);
+  ET_KERNEL_CHECK_MSG(ctx, problem == nullptr, InvalidArgument, out, "screened_head: exact table: %s", problem);
+  ET_KERNEL_CHECK_MSG(ctx, exact.rows == screen.rows && exact.cols == screen.cols, InvalidArgument, out,
+                      "screened_head: the screen and the exact table must have one shape");
+  ET_KERNEL_CHECK_MSG(ctx, top >= 1 && top <= screen.cols, InvalidArgument, out,
+                      "screened_head: top must be in [1, out]");
+  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.size(x.dim() - 1) == screen.rows,
+                      InvalidArgument, out, "screened_head: x must be float32 [..., in]");
+  ET_KERNEL_CHECK(ctx, resize_like(x, screen.cols, false, out), InvalidArgument, out);
+  const int64_t tokens = x.numel() / screen.rows;
+  float* logits = out.mutable_data_ptr<float>();
+  qlinear_rows(screen, x.const_data_ptr<float>(), tokens, logits);
+  thread_local std::vector<int32_t> kept;
+  thread_local std::vector<float> column;
+  column.resize(exact.rows);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* h = x.const_data_ptr<float>() + t * exact.rows;
+    float* row = logits + t * screen.cols;
+    // a heap of the columns kept, ordered by rank (larger value first, then lower column), the last-ranked in front:
+    // a later column enters only when strictly larger, as it ranks after an equal one
+    const auto ranks_before = [row](int32_t a, int32_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); };
+    kept.clear();
+    for (int32_t v = 0; v < screen.cols; ++v) {
+      if (static_cast<int64_t>(kept.size()) < top) {
+        kept.push_back(v);
+        std::push_heap(kept.begin(), kept.end(), ranks_before);
+      } else if (row[v] > row[kept.front()]) {
+        std::pop_heap(kept.begin(), kept.end(), ranks_before);
+        kept.back() = v;
+        std::push_heap(kept.begin(), kept.end(), ranks_before);
+      }
+    }
+    for (const int32_t v : kept) {
+      table_column(exact, v, column.data());
+      double sum = 0.0;
+      for (int64_t i = 0; i < exact.rows; ++i) sum += static_cast<double>(h[i]) * static_cast<double>(column[i]);
+      row[v] = static_cast<float>(sum);
+    }
+  }
   return out;
 }
 
@@ -111,16 +191,7 @@ Tensor& qembedding_out(KernelRuntimeContext& ctx, const Tensor& tokens, const Te
     const int64_t v = ids[t];
     ET_KERNEL_CHECK_MSG(ctx, v >= 0 && v < w.cols, InvalidArgument, out, "qembedding: token %lld outside [0, %lld)",
                         static_cast<long long>(v), static_cast<long long>(w.cols));
-    float* row = o + t * w.rows;
-    for (int64_t i = 0; i < w.rows; ++i) {
-      const int64_t at = i / w.group * w.cols + v;
-      const float scale = hm_kernels::half_to_float(w.scales[at]);
-      if (w.int4) {  // the nibble itself: no offset in the asymmetric grid
-        row[i] = scale * static_cast<float>(w.code(i, v)) + hm_kernels::half_to_float(w.mins[at]);
-      } else {
-        row[i] = scale * static_cast<float>(w.code(i, v));
-      }
-    }
+    table_column(w, v, o + t * w.rows);
   }
   return out;
 }
@@ -129,4 +200,5 @@ Tensor& qembedding_out(KernelRuntimeContext& ctx, const Tensor& tokens, const Te
 
 EXECUTORCH_LIBRARY(hm_export, "qlinear.out", qlinear_out);
 EXECUTORCH_LIBRARY(hm_export, "qembedding.out", qembedding_out);
+EXECUTORCH_LIBRARY(hm_export, "screened_head.out", screened_head_out);
 

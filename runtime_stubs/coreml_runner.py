@@ -11,6 +11,7 @@ import numpy as np
 
 from hm_export.decode import POSITION_INPUT
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT
+from hm_export.targets import LastOfWholeCall
 
 
 class CoreMLRunner:
@@ -38,7 +39,7 @@ class CoreMLRunner:
         return self._predict({TOKENS_INPUT: tokens.numpy().astype(np.int32)}, slot)
 
 
-class CoreMLDecoder(CoreMLRunner):
+class CoreMLDecoder(LastOfWholeCall, CoreMLRunner):
     """The decode package: the KV cache is a Core ML state object (``MLModel.make_state``), kept across calls."""
 
     def __init__(self, package: Path, slot_names: list[str], precision: str) -> None:
@@ -51,7 +52,3 @@ class CoreMLDecoder(CoreMLRunner):
     def __call__(self, tokens: Any, input_pos: int, slot: list[Any]) -> Any:  # type: ignore[override]
         feeds = {TOKENS_INPUT: tokens.numpy().astype(np.int32), POSITION_INPUT: np.array([input_pos], np.int32)}
         return self._predict(feeds, slot, self.state)[0]
-
-    def last(self, tokens: Any, input_pos: int, slot: list[Any]) -> Any:
-        """The last position's logits (the whole call's: this program has no prefill method)."""
-        return self(tokens, input_pos, slot)[-1]

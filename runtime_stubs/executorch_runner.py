@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from hm_export.targets import LastOfWholeCall
+
 
 def load_program(program: Path, data: Path | None, custom_ops: list[str] | None = None) -> Any:
     """The ExecuTorch program; ``custom_ops`` (the manifest's list) makes the hm_export kernel library load first.
@@ -46,7 +48,7 @@ class ExecuTorchRunner:
         return self.method.execute([tokens, *slot])[0]
 
 
-class ExecuTorchDecoder:
+class ExecuTorchDecoder(LastOfWholeCall):
     """Runs ``decode.pte``: the KV cache is the method's mutable buffers, kept across calls.
 
     A call feeds ``tokens [1, n]`` at positions ``input_pos ..``; positions after the last one written are
@@ -77,5 +79,5 @@ class ExecuTorchDecoder:
     def last(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor:
         """The last position's logits ``[vocab]``: the prefill method skips the output head for the others."""
         if self.prefill_method is None:
-            return self(tokens, input_pos, slot)[-1]
+            return super().last(tokens, input_pos, slot)
         return self.prefill_method.execute([tokens, torch.tensor([input_pos]), *slot])[0][0, -1]

@@ -30,6 +30,7 @@ import torch
 
 from hm_export.errors import BundleError, UsageError
 from hm_export.runtime_stubs.block_cache import SlotUpdate
+from hm_export.targets import LastOfWholeCall
 
 if TYPE_CHECKING:
     from hm_export.runtime_stubs.loader import BundleLoader
@@ -124,7 +125,7 @@ class Generation:
         return len(self.step_seconds) / self.decode_seconds if self.decode_seconds else 0.0
 
 
-class WindowDecoder:
+class WindowDecoder(LastOfWholeCall):
     """The :class:`~hm_export.targets.Decoder` interface over a full-window program: every call re-runs the
     window on the whole sequence so far (no KV cache; for bundles without a decode program)."""
 
@@ -140,10 +141,6 @@ class WindowDecoder:
         if len(self.history) > window:
             raise UsageError(f"sequence of {len(self.history)} tokens exceeds the program's {window}")
         return self.loader.logits(self.history)[input_pos:]
-
-    def last(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor:
-        """The last position's logits (the whole call's: this program has no prefill method)."""
-        return self(tokens, input_pos, slot)[-1]
 
 
 class Generator:

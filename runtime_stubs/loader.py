@@ -76,9 +76,7 @@ def target_files(root: Path, manifest: Manifest, target: str, decode: bool = Fal
     if program is None:
         raise BundleError(f"{root / MANIFEST}: target {target!r} has no decode program", field=f"targets.{target}")
     what = f"{target} {'decode' if decode else 'window'} program"
-    return program_files(
-        root, manifest, program.files, what, TARGETS[target].side_files if target in TARGETS else None
-    )
+    return program_files(root, manifest, program.files, what, TARGETS[target].side_files if target in TARGETS else None)
 
 
 def program_files(

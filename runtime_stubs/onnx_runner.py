@@ -11,6 +11,7 @@ import torch
 from hm_export.decode import POSITION_INPUT, CacheSpec
 from hm_export.errors import BundleError, UsageError
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT
+from hm_export.targets import LastOfWholeCall
 
 _NUMPY_DTYPES = {
     torch.int64: np.int64,
@@ -85,7 +86,7 @@ class OnnxRunner(_BoundSession):
         return self._run(tokens, slot)
 
 
-class OnnxDecoder(_BoundSession):
+class OnnxDecoder(LastOfWholeCall, _BoundSession):
     """The decode program: ``past_*`` inputs read one cache buffer set, ``present_*`` outputs write the other,
     and the two sets swap after every call, so the cache is never allocated or copied by the caller."""
 
@@ -114,7 +115,3 @@ class OnnxDecoder(_BoundSession):
         logits = self._run(tokens, slot)
         self._past, self._present = self._present, self._past
         return logits[0]
-
-    def last(self, tokens: torch.Tensor, input_pos: int, slot: list[torch.Tensor]) -> torch.Tensor:
-        """The last position's logits (the whole call's: this program has no prefill method)."""
-        return self(tokens, input_pos, slot)[-1]

@@ -84,9 +84,10 @@ MAX_CONTEXT = 256  # KV-cache positions of every program: prompt 64 + 128 new to
 DEFAULT_EXPORTS = {
     f"mem-{preset}": "--target executorch --bank-scheme int4-g32 --slot-strategy fused-int4 "
     f"--anchor-quant {preset} --checks 2"
-    for preset in ("8da4w-g32", "8da4w-g32-asym-e8")
+    for preset in ("8da4w-g32", "8da4w-g32-asym-e8", "8da4w-g32-asym-e8-screen64")
 }
-DEFAULT_ANCHORS = ("8da4w-g32", "8da4w-g32-asym-e8")  # anchor-only programs (no memory) --prepare builds
+# anchor-only programs (no memory) --prepare builds
+DEFAULT_ANCHORS = ("8da4w-g32", "8da4w-g32-asym-e8", "8da4w-g32-asym-e8-screen64")
 KINDS = ("llama", "etllm", "hm", "hm-native", "hm-anchor")
 REBUILD_KINDS = ("llama-venv", "gguf", "host", "etllm", "checkpoint", "bundles", "anchors", "native")
 # The issue's targets (ratios of the bundle with memory, 1 thread).
@@ -749,14 +750,18 @@ def _gguf_bytes(path: Path) -> tuple[int, int]:
     return path.stat().st_size, per_token
 
 
-def embedding_table_bytes(vocab: int, d_model: int, quant: dict[str, Any] | None) -> int:
-    """Bytes of a program's token-embedding table stored apart from the output head (a decode step reads one
-    row of it): the preset's int4/int8 codes plus one float16 scale per group (``quant``:
-    ``anchor_quant.embedding``).  Without ``quant`` the anchor is float and its tied table *is* the head
-    (``hm_export::tied_head``, read whole every step): nothing apart, 0; so with ``shared_with_head`` (the
-    ``-asym`` presets: ``hm_export::qembedding`` reads ``hm_export::qlinear``'s table)."""
+def embedding_table_bytes(
+    vocab: int, d_model: int, quant: dict[str, Any] | None, head: dict[str, Any] | None = None
+) -> int:
+    """Bytes of a program's token-embedding table that a decode step does not read whole (it reads one row): the
+    preset's int4/int8 codes plus one float16 scale per group (``quant``: ``anchor_quant.embedding``, ``head``:
+    ``anchor_quant.head``).  Without ``quant`` the anchor is float and its tied table *is* the head
+    (``hm_export::tied_head``, read whole every step): 0; so with ``shared_with_head`` (the ``-asym`` presets:
+    ``hm_export::qembedding`` reads ``hm_export::qlinear``'s table), unless the head is screened (``-screen64``:
+    the step reads the int4 screen whole and only 64 columns of this table)."""
     values = vocab * d_model
-    if not quant or quant.get("shared_with_head"):  # the -asym presets' lookup reads the head's own table
+    screened = (head or {}).get("scheme") == "screened"
+    if not quant or (quant.get("shared_with_head") and not screened):  # the head reads the table whole
         return 0
     bits = 4 if "int4" in quant["weights"] else 8
     return values * bits // 8 + 2 * values // (quant.get("group") or d_model)
@@ -782,7 +787,9 @@ def _bundle_bytes(bundle: Path, target: str) -> tuple[int, int, dict[str, int]]:
         per_level[block.level] = max(per_level.get(block.level, 0), block.length)
     path_bytes = sum(per_level.values())
     quant = entry.get("anchor_quant") or {}
-    embedding = embedding_table_bytes(manifest.model["vocab_size"], manifest.model["d_model"], quant.get("embedding"))
+    embedding = embedding_table_bytes(
+        manifest.model["vocab_size"], manifest.model["d_model"], quant.get("embedding"), quant.get("head")
+    )
     router = sum(r.bytes for name, r in manifest.files.items() if name.startswith("router"))
     parts = {
         "programs": programs,
@@ -794,10 +801,10 @@ def _bundle_bytes(bundle: Path, target: str) -> tuple[int, int, dict[str, int]]:
     return programs + path_bytes, programs - embedding + path_bytes, parts
 
 
-def _anchor_embedding(program: Path) -> dict[str, Any] | None:
-    """The embedding quantization of an anchor-only program (``anchor.json`` written beside it by --prepare)."""
+def _anchor_quant(program: Path) -> dict[str, Any]:
+    """The anchor quantization of an anchor-only program (``anchor.json`` written beside it by --prepare)."""
     described = program.parent / "anchor.json"
-    return json.loads(described.read_text()).get("embedding") if described.is_file() else None
+    return json.loads(described.read_text()) if described.is_file() else {}
 
 
 def system_sizes(system: System, host: dict[str, int], bandwidth: float) -> dict[str, Any]:  # GB/s
@@ -811,8 +818,10 @@ def system_sizes(system: System, host: dict[str, int], bandwidth: float) -> dict
         on_disk, per_token, parts = _bundle_bytes(path, "executorch")
     else:  # a .pte: the embedding table apart from the head (export_llm: 4-bit, groups of 32; ours: its preset)
         on_disk = path.stat().st_size
-        quant = {"weights": "int4", "group": 32} if system.kind == "etllm" else _anchor_embedding(path)
-        per_token = on_disk - embedding_table_bytes(host["vocab_size"], host["d_model"], quant)
+        quant = {"embedding": {"weights": "int4", "group": 32}} if system.kind == "etllm" else _anchor_quant(path)
+        per_token = on_disk - embedding_table_bytes(
+            host["vocab_size"], host["d_model"], quant.get("embedding"), quant.get("head")
+        )
     return {
         "bytes_on_disk": on_disk,
         "bytes_per_token": per_token,

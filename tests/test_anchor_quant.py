@@ -269,7 +269,7 @@ def test_grid_ops_compute_the_dequantized_product_and_lookup(quant):
 
 
 def test_asym_presets_are_executorch_only():
-    for preset in ("8da4w-g32-asym", "8da4w-g32-asym-e8"):
+    for preset in ("8da4w-g32-asym", "8da4w-g32-asym-e8", "8da4w-g32-asym-e8-screen64"):
         ExportRecipe(("executorch",), options=EmitOptions(anchor_quant=preset))
         for target in ("onnx", "coreml"):
             with pytest.raises(ValueError, match=f"{preset}' is not available for targets \\['{target}'\\]"):
@@ -287,3 +287,25 @@ def test_asym_preset_ties_one_table_and_keeps_the_slot(tmp_path):
     assert description["linears"]["groups_by_input_width"] == {"64": 32, "128": 32}
     float_logits, quantized_logits, cosine = path_logits(model, quantized)
     assert not torch.equal(quantized_logits, float_logits) and cosine > 0.95
+
+
+def test_screened_head_reads_the_int8_table_where_it_matters(tmp_path):
+    """``-screen64``: the head's logits from an int4 copy of the tied table, the 64 best per token from the int8
+    table the lookup reads (one table, stored once): close to the ``-asym-e8`` head's logits."""
+    from hm_export.anchor_quant import ScreenedTiedHead
+
+    model = load_checkpoint(tiny_checkpoint(tmp_path, cfg=CFG)).model
+    screened, description = exported_model(model, get_preset("8da4w-g32-asym-e8-screen64"))
+    head = screened.head
+    assert isinstance(head, ScreenedTiedHead) and head.embedding[0] is screened.embed and head.top == 64
+    assert head.screen.codes.dtype == torch.uint8 and head.embedding[0].table.codes.dtype == torch.int8
+    assert description["head"]["kernel"] == "hm_export::screened_head" and description["head"]["exact_top"] == 64
+    assert description["embedding"]["shared_with_head"] and "stored once" in description["tied_embedding"]
+    e8, _ = exported_model(model, get_preset("8da4w-g32-asym-e8"))
+    _, e8_logits, _ = path_logits(model, e8)
+    _, screened_logits, cosine = path_logits(model, screened)
+    best = screened_logits.topk(64, dim=-1).indices
+    # the best 64: the int8 table with float activations, against the e8 head's int8 activations (max 0.012 here;
+    # the int4 head of -asym: 0.069)
+    torch.testing.assert_close(screened_logits.gather(-1, best), e8_logits.gather(-1, best), rtol=0, atol=0.03)
+    assert not torch.equal(screened_logits, e8_logits) and cosine > 0.95

@@ -150,3 +150,5 @@ def test_bundle_bytes_count_the_one_program_once_and_one_path(decode_bundle):
     assert peers.embedding_table_bytes(64, 32, None) == 0  # float tied table: the head, read whole
     shared = {"weights": "int8 groups of 32, float16 scales", "group": 32, "shared_with_head": True}
     assert peers.embedding_table_bytes(64, 32, shared) == 0  # -asym: the lookup reads the head's table
+    screened = {"scheme": "screened", "exact_top": 64}  # -screen64: the step reads the int4 screen, 64 columns here
+    assert peers.embedding_table_bytes(64, 32, shared, screened) == 64 * 32 + 2 * 64 * 32 // 32

@@ -37,6 +37,8 @@ from hm_export.kernels import (
     quantize_groups,
     quantize_rows,
     registered_in_runtime,
+    screened_head,
+    screened_head_reference,
     tile_codes,
 )
 from hm_export.kernels.strategies import SlotLayout, quantize
@@ -263,6 +265,66 @@ def test_cpp_grid_ops_match_the_reference_bit_for_bit(kernel_library, tmp_path, 
         set_threads(1)
     want = GridLayer()(*operands)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+class ScreenedHead(torch.nn.Module):
+    def __init__(self, top: int) -> None:
+        super().__init__()
+        self.top = top
+
+    def forward(self, x, codes, scales, mins, exact_codes, exact_scales, exact_mins):
+        return screened_head(x, (codes, scales, mins), (exact_codes, exact_scales, exact_mins), self.top)
+
+
+def screened_operands(outputs: int, seed: int = 0):
+    """A head [outputs, 96] as its asymmetric int4 screen and its int8 table; 4 tokens, the third all zeros (every
+    screen logit 0: the tie rule picks the lowest columns)."""
+    from hm_export.anchor_quant import GridLinear, WeightQuant
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(outputs, 96, generator=generator)
+    screen, exact = GridLinear(weight, WeightQuant(4, 32, asymmetric=True)), GridLinear(weight, WeightQuant(8, 32))
+    x = torch.randn(1, 4, 96, generator=generator) * 2
+    x[0, 2] = 0
+    return (x, screen.codes, screen.scales, screen.mins, exact.codes, exact.scales, exact.mins), exact.dequantized()
+
+
+def test_screened_head_reference_recomputes_the_top_columns_from_the_exact_table():
+    operands, exact_weight = screened_operands(100)
+    top = 9
+    got = screened_head_reference(*operands, top)
+    screen = qlinear(*operands[:4])
+    chosen = torch.sort(screen, dim=-1, descending=True, stable=True).indices[..., :top]
+    exact = operands[0] @ exact_weight.t()
+    torch.testing.assert_close(got.gather(-1, chosen), exact.gather(-1, chosen), rtol=1e-6, atol=1e-5)
+    kept = torch.ones_like(got, dtype=torch.bool).scatter(-1, chosen, False)
+    assert torch.equal(got[kept], screen[kept])  # the other columns: the screen's values
+    assert torch.equal(chosen[0, 2], torch.arange(top))  # all ties: the lowest columns
+    assert (got[0, 2] == 0).all()
+    with pytest.raises(ValueError, match="top must be in \\[1, 100\\], got 101"):
+        screened_head_reference(*operands, 101)
+    with pytest.raises(ValueError, match="must have one shape"):
+        screened_head_reference(*operands[:4], *screened_operands(64)[0][4:], top)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_screened_head_matches_the_reference_bit_for_bit(kernel_library, tmp_path, threads):
+    from executorch.runtime import Runtime
+
+    from hm_export.bench import set_threads
+
+    operands, _ = screened_operands(520)  # 520 columns: qlinear splits them over 2 threads
+    module = ScreenedHead(top=17)
+    pte = lower_to_pte(module, operands, tmp_path / "screened.pte")
+    set_threads(threads)
+    try:
+        got = Runtime.get().load_program(str(pte)).load_method("forward").execute(list(operands))[0]
+    finally:
+        set_threads(1)
+    want = module(*operands)
+    assert torch.equal(got, want)
+    assert int((want != qlinear(*operands[:4])).sum()) >= 3 * 17 - 3  # the top columns of 3 tokens were recomputed
 
 
 # One quantized product per path through the library's C entry point (0 scalar, 1 AVX2, 3 AVX-512, 4 AVX-512 VNNI), or
