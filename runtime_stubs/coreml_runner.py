@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from hm_export.decode import POSITION_INPUT
+from hm_export.runtime_stubs.decoders import LastOfWholeCall
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT
-from hm_export.targets import LastOfWholeCall
 
 
 class CoreMLRunner:

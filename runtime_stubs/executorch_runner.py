@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from hm_export.targets import LastOfWholeCall
+from hm_export.runtime_stubs.decoders import LastOfWholeCall
 
 
 def load_program(program: Path, data: Path | None, custom_ops: list[str] | None = None) -> Any:

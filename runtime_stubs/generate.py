@@ -30,7 +30,7 @@ import torch
 
 from hm_export.errors import BundleError, UsageError
 from hm_export.runtime_stubs.block_cache import SlotUpdate
-from hm_export.targets import LastOfWholeCall
+from hm_export.runtime_stubs.decoders import LastOfWholeCall
 
 if TYPE_CHECKING:
     from hm_export.runtime_stubs.loader import BundleLoader

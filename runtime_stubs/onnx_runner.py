@@ -10,8 +10,8 @@ import torch
 
 from hm_export.decode import POSITION_INPUT, CacheSpec
 from hm_export.errors import BundleError, UsageError
+from hm_export.runtime_stubs.decoders import LastOfWholeCall
 from hm_export.slot import LOGITS_OUTPUT, TOKENS_INPUT
-from hm_export.targets import LastOfWholeCall
 
 _NUMPY_DTYPES = {
     torch.int64: np.int64,

@@ -39,13 +39,6 @@ class Decoder(Protocol):
     def reset(self) -> None: ...
 
 
-class LastOfWholeCall:
-    """:meth:`Decoder.last` for a decoder whose program has no prefill method: the whole call, its last row."""
-
-    def last(self, tokens: Any, input_pos: int, slot: list[Any]) -> Any:
-        return self(tokens, input_pos, slot)[-1]  # type: ignore[operator]
-
-
 @dataclass(frozen=True)
 class EmitOptions:
     separate_weights: bool = False  # ExecuTorch: anchor weights in a .ptd file
