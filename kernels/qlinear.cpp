@@ -117,6 +117,40 @@ void table_column(const QMatrix& w, int64_t v, float* column) {
   }
 }
 
+// The `top` columns of row [cols] with the largest values (larger first, then the lower column), in no order:
+// a heap of the columns kept, the last-ranked in front; a later column enters only when strictly larger than it (it
+// ranks after an equal one), so almost every value costs one comparison with a register.
+void top_columns(const float* row, int64_t cols, int64_t top, std::vector<int32_t>& kept) {
+  const auto ranks_before = [row](int32_t a, int32_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); };
+  kept.clear();
+  int32_t v = 0;
+  for (; v < cols && static_cast<int64_t>(kept.size()) < top; ++v) {
+    kept.push_back(v);
+    std::push_heap(kept.begin(), kept.end(), ranks_before);
+  }
+  float floor = row[kept.front()];
+  for (; v < cols; ++v) {
+    if (row[v] > floor) {
+      std::pop_heap(kept.begin(), kept.end(), ranks_before);
+      kept.back() = v;
+      std::push_heap(kept.begin(), kept.end(), ranks_before);
+      floor = row[kept.front()];
+    }
+  }
+}
+
+// sum_i a[i] * b[i] in float64 (four partial sums: float64 keeps the order's effect far below float32's last bit),
+// rounded once to float32.
+float dot_in_double(const float* a, const float* b, int64_t n) {
+  double sums[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int k = 0; k < 4; ++k) sums[k] += static_cast<double>(a[i + k]) * static_cast<double>(b[i + k]);
+  }
+  for (; i < n; ++i) sums[0] += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  return static_cast<float>((sums[0] + sums[1]) + (sums[2] + sums[3]));
+}
+
 Tensor& qlinear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& scales,
                     const Tensor& mins, Tensor& out) {
   QMatrix w{};
@@ -153,25 +187,10 @@ Tensor& screened_head_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   for (int64_t t = 0; t < tokens; ++t) {
     const float* h = x.const_data_ptr<float>() + t * exact.rows;
     float* row = logits + t * screen.cols;
-    // a heap of the columns kept, ordered by rank (larger value first, then lower column), the last-ranked in front:
-    // a later column enters only when strictly larger, as it ranks after an equal one
-    const auto ranks_before = [row](int32_t a, int32_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); };
-    kept.clear();
-    for (int32_t v = 0; v < screen.cols; ++v) {
-      if (static_cast<int64_t>(kept.size()) < top) {
-        kept.push_back(v);
-        std::push_heap(kept.begin(), kept.end(), ranks_before);
-      } else if (row[v] > row[kept.front()]) {
-        std::pop_heap(kept.begin(), kept.end(), ranks_before);
-        kept.back() = v;
-        std::push_heap(kept.begin(), kept.end(), ranks_before);
-      }
-    }
+    top_columns(row, screen.cols, top, kept);
     for (const int32_t v : kept) {
       table_column(exact, v, column.data());
-      double sum = 0.0;
-      for (int64_t i = 0; i < exact.rows; ++i) sum += static_cast<double>(h[i]) * static_cast<double>(column[i]);
-      row[v] = static_cast<float>(sum);
+      row[v] = dot_in_double(h, column.data(), exact.rows);
     }
   }
   return out;
