@@ -437,19 +437,25 @@ def _quantize_to_grids(module: nn.Module, preset: AnchorQuant) -> dict[str, Any]
             "shared_with_head": tied,
         }
         if tied and preset.screen is not None:
+            top = min(preset.screen_top, embedding.num_embeddings)
             screen = GridLinear(embedding.weight, preset.screen, name=f"{name} (head screen)")
-            _untie_to(module, heads, ScreenedTiedHead(grid, screen, min(preset.screen_top, embedding.num_embeddings)))
+            _untie_to(module, heads, ScreenedTiedHead(grid, screen, top))
             done["head"] = {
                 "scheme": "screened",
                 "screen": _grid_weights(preset.screen),
                 "exact": f"the embedding's table ({_grid_weights(preset.embedding)}), float activations",
-                "exact_top": preset.screen_top,
+                "exact_top": top,
                 "groups_by_input_width": {str(width): preset.screen.group_for(width) or width},
                 "kernel": "hm_export::screened_head",
             }
+            done["tied_embedding"] = (
+                "stored once, read by the lookup and the head's exact logits; the head's screen is a copy in "
+                + _grid_weights(preset.screen)
+            )
         elif tied:
             _untie_to(module, heads, GridTiedHead(grid))
             groups["head"][width] = group
+            done["tied_embedding"] = "stored once: the head (hm_export::qlinear) and the lookup read one table"
     for role, quant in (("linears", preset.linears), ("head", preset.head)):
         if groups[role]:
             done[role] = {
@@ -459,12 +465,6 @@ def _quantize_to_grids(module: nn.Module, preset: AnchorQuant) -> dict[str, Any]
                 "groups_by_input_width": {str(w): g for w, g in sorted(groups[role].items())},
                 "kernel": "hm_export::qlinear",
             }
-    if tied and preset.screen is not None:
-        done["tied_embedding"] = (
-            "stored once, read by the lookup and the head's exact logits; the head's screen is an int4 copy"
-        )
-    elif tied:
-        done["tied_embedding"] = "stored once: the head (hm_export::qlinear) and the lookup read one table"
     return done
 
 
