@@ -97,29 +97,43 @@ HM_AVX2_FMA inline __m256 exp_neg(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
-// attend_group on x86 (dim a multiple of 8, group <= 8): each key row is loaded once for the whole group, the
-// exponentials are vectorized, and the value rows are accumulated with FMAs.
-HM_AVX2_FMA void attend_group_avx2(const float* q, int64_t q_stride, int64_t group, const float* keys,
-                                   const float* values, int64_t lo, int64_t hi, int64_t dim, float scale,
-                                   float* scores, float* out, int64_t out_stride) {
+// Key rows this far ahead of the one being read are prefetched: each KV head's keys (and values) are a short
+// stream of `count` rows that the hardware prefetcher only catches up with near its end.
+constexpr int64_t kAttendPrefetchRows = 8;
+
+// attend_group on x86 for G query rows per KV head (dim a multiple of 8): each key row is loaded once for the whole
+// group, the exponentials are vectorized, and the value rows are accumulated with FMAs in 32-column blocks whose
+// accumulators stay in registers (G is a template argument for the same reason). Keys are prefetched a few rows
+// ahead and the values while the scores are computed, so the value pass reads them from cache.
+template <int G>
+HM_AVX2_FMA void attend_group_avx2(const float* q, int64_t q_stride, const float* keys, const float* values,
+                                   int64_t lo, int64_t hi, int64_t dim, float scale, float* scores, float* out,
+                                   int64_t out_stride) {
   const int64_t count = hi - lo + 1;
-  float top[8];
-  for (int64_t g = 0; g < group; ++g) top[g] = -INFINITY;
+  float top[G];
+  for (int g = 0; g < G; ++g) top[g] = -INFINITY;
   for (int64_t j = 0; j < count; ++j) {
     const float* k = keys + (lo + j) * dim;
-    __m256 acc[8];
-    for (int64_t g = 0; g < group; ++g) acc[g] = _mm256_setzero_ps();
+    // An address, not a pointer: it may lie past the cache, where a prefetch is a no-op.
+    const uintptr_t k_ahead = reinterpret_cast<uintptr_t>(k + dim) + (kAttendPrefetchRows - 1) * dim * sizeof(float);
+    const float* v_row = values + (lo + j) * dim;
+    for (int64_t e = 0; e < dim; e += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(k_ahead + e * sizeof(float)), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v_row + e), _MM_HINT_T1);
+    }
+    __m256 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t e = 0; e < dim; e += 8) {
       const __m256 kv = _mm256_loadu_ps(k + e);
-      for (int64_t g = 0; g < group; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * q_stride + e), kv, acc[g]);
+      for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * q_stride + e), kv, acc[g]);
     }
-    for (int64_t g = 0; g < group; ++g) {
+    for (int g = 0; g < G; ++g) {
       const float score = hsum(acc[g]) * scale;
       scores[g * count + j] = score;
       top[g] = std::max(top[g], score);
     }
   }
-  for (int64_t g = 0; g < group; ++g) {
+  for (int g = 0; g < G; ++g) {
     float* sg = scores + g * count;
     const __m256 shift = _mm256_set1_ps(top[g]);
     __m256 sum8 = _mm256_setzero_ps();
@@ -138,20 +152,36 @@ HM_AVX2_FMA void attend_group_avx2(const float* q, int64_t q_stride, int64_t gro
     for (j = 0; j + 8 <= count; j += 8) _mm256_storeu_ps(sg + j, _mm256_mul_ps(_mm256_loadu_ps(sg + j), inv));
     for (; j < count; ++j) sg[j] /= total;
   }
-  for (int64_t e0 = 0; e0 < dim; e0 += 32) {  // 32 columns x group rows of accumulators stay in registers
-    const int64_t width = std::min<int64_t>(32, dim - e0);
-    for (int64_t g = 0; g < group; ++g) {
+  int64_t e0 = 0;
+  for (; e0 + 32 <= dim; e0 += 32) {  // 32 columns of one row: four accumulators in registers
+    for (int g = 0; g < G; ++g) {
       __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       const float* sg = scores + g * count;
-      for (int64_t j = 0; j < count; ++j) {
+      const float* v = values + lo * dim + e0;
+      for (int64_t j = 0; j < count; ++j, v += dim) {
         const __m256 w = _mm256_set1_ps(sg[j]);
-        const float* v = values + (lo + j) * dim + e0;
-        for (int64_t c = 0; c < width / 8; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+        for (int c = 0; c < 4; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
       }
-      for (int64_t c = 0; c < width / 8; ++c) _mm256_storeu_ps(out + g * out_stride + e0 + 8 * c, acc[c]);
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + g * out_stride + e0 + 8 * c, acc[c]);
+    }
+  }
+  for (; e0 < dim; e0 += 8) {  // the last 8, 16 or 24 columns
+    for (int g = 0; g < G; ++g) {
+      __m256 acc = _mm256_setzero_ps();
+      const float* sg = scores + g * count;
+      const float* v = values + lo * dim + e0;
+      for (int64_t j = 0; j < count; ++j, v += dim) acc = _mm256_fmadd_ps(_mm256_set1_ps(sg[j]), _mm256_loadu_ps(v), acc);
+      _mm256_storeu_ps(out + g * out_stride + e0, acc);
     }
   }
 }
+
+// attend_group_avx2 for a run-time group of 1..8 rows.
+using AttendGroupAvx2 = void (*)(const float*, int64_t, const float*, const float*, int64_t, int64_t, int64_t, float,
+                                 float*, float*, int64_t);
+constexpr AttendGroupAvx2 kAttendGroupAvx2[8] = {
+    attend_group_avx2<1>, attend_group_avx2<2>, attend_group_avx2<3>, attend_group_avx2<4>,
+    attend_group_avx2<5>, attend_group_avx2<6>, attend_group_avx2<7>, attend_group_avx2<8>};
 
 bool use_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -217,8 +247,8 @@ Tensor& attend_cache_out(
       const float* v = values + kv * length * dim;
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
       if (use_avx2() && dim % 8 == 0 && group <= 8) {
-        attend_group_avx2(rows, seq * dim, group, k, v, lo, hi, dim, static_cast<float>(scale), scores.data(), outs,
-                          dim);
+        kAttendGroupAvx2[group - 1](rows, seq * dim, k, v, lo, hi, dim, static_cast<float>(scale), scores.data(),
+                                    outs, dim);
         continue;
       }
 #endif

@@ -277,6 +277,20 @@ inline void prefetch_ahead(const uint8_t* from, int64_t lines) {
 }
 #endif
 
+#if defined(HM_KERNELS_X86)
+// The row-major VNNI path reads one column block of a row group as `group` strided runs of `bytes` (a row's share
+// of the block), too short for the hardware prefetcher to follow; it prefetches the same block of the next row group
+// while it works on this one (`block`: this group's first row at the block; past the codes' end, a no-op).
+inline void prefetch_next_group(const uint8_t* block, int64_t group, int64_t row_bytes, int64_t bytes) {
+  const uintptr_t next = reinterpret_cast<uintptr_t>(block) + group * row_bytes;
+  for (int64_t r = 0; r < group; ++r) {
+    const uintptr_t row = next + r * row_bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + bytes - 1), _MM_HINT_T0);
+  }
+}
+#endif
+
 // out [tokens, cols] (stride out_stride) = xq [tokens, rows] (stride xq_stride, even-padded) @ W, see the header.
 inline void qmatmul_scalar(const QMatrix& w, const int8_t* xq, int64_t xq_stride, const float* xs, int64_t tokens,
                            float* out, int64_t out_stride, Columns columns = {}) {
@@ -735,6 +749,7 @@ HM_VNNI inline void qmatmul_int4_vnni(const QMatrix& w, const int8_t* xq, int64_
       const int64_t width = std::min<int64_t>(128, w.cols - c0);
       const __mmask64 bytes = width == 128 ? ~__mmask64{0} : (__mmask64{1} << (width / 2)) - 1;
       const uint8_t* base = w.codes + r0 * row_bytes + c0 / 2;
+      prefetch_next_group(base, w.group, row_bytes, (width + 1) / 2);
       if (tokens > 1) {
         for (int64_t k = 0; k < quads; ++k) {
           const uint8_t* a = base + 4 * k * row_bytes;

@@ -519,19 +519,24 @@ class CacheAttention(torch.nn.Module):
         return attend_cache(q, k, v, self.k_cache, self.v_cache, input_pos, q.shape[-1] ** -0.5, self.window)
 
 
+# Groups of 3, 1 and 8 query heads per KV head; head dims of 8 (the x86 path's last columns only), 64 (two full
+# 32-column blocks: SmolLM2's) and 40 (a block and a tail); 12 query heads on one KV head take the portable path.
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(6, 2, 8), (9, 3, 64), (3, 3, 40), (8, 1, 40), (12, 1, 16)])
 @pytest.mark.parametrize("window", [0, 4])
-def test_cpp_attention_matches_the_reference_across_calls(kernel_library, tmp_path, window):
+def test_cpp_attention_matches_the_reference_across_calls(kernel_library, tmp_path, window, heads, kv_heads, dim):
     from executorch.runtime import Runtime
 
-    q, k, v, _ = attention_operands(6, 2, 5, 16, 8)
+    q, k, v, _ = attention_operands(heads, kv_heads, 5, 16, dim)
     dynamic = {"q": {2: torch.export.Dim("n", min=1, max=16)}}
     dynamic.update({"k": {2: dynamic["q"][2]}, "v": {2: dynamic["q"][2]}, "input_pos": None})
-    eager = CacheAttention(2, 16, 8, window)
-    pte = lower_to_pte(CacheAttention(2, 16, 8, window), (q, k, v, torch.tensor([0])), tmp_path / "a.pte", dynamic)
+    eager = CacheAttention(kv_heads, 16, dim, window)
+    pte = lower_to_pte(
+        CacheAttention(kv_heads, 16, dim, window), (q, k, v, torch.tensor([0])), tmp_path / "a.pte", dynamic
+    )
     method = Runtime.get().load_program(str(pte)).load_method("forward")
     position = 0
     for seq in (5, 1, 1, 3):  # a prefill, then decode steps that must see the cache the earlier calls wrote
-        q, k, v, _ = attention_operands(6, 2, seq, 16, 8, seed=position + 1)
+        q, k, v, _ = attention_operands(heads, kv_heads, seq, 16, dim, seed=position + 1)
         want = eager(q, k, v, torch.tensor([position]))
         got = method.execute([q, k, v, torch.tensor([position])])[0]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
