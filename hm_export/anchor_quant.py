@@ -43,7 +43,9 @@ What each target makes of a preset (recorded per target in the manifest as ``anc
 * **executorch** (``-asym`` presets): every linear becomes ``hm_export::qlinear`` (int8 activations with one
   symmetric scale per token and group of 32, times the grid's codes; the min term from each token's group sums),
   a tied embedding becomes
-  ``hm_export::qembedding`` over the head's own table.
+  ``hm_export::qembedding`` over the head's own table.  A table no ``qlinear`` reads (an untied embedding, or
+  ``-screen64``'s int8 table: the lookup and the 64 exact logits read it one column at a time) is stored by column
+  (:class:`LookupTable`), each token's codes one contiguous run.
 * **executorch** (the others): the linears and the head get torchao's ``Int8DynamicActivationIntxWeightConfig``
   (``8da``: int8 activations quantized per token at run time, weights int4/int8, scales chosen by HQQ), the
   configuration ExecuTorch's own ``export_llm`` uses, lowered to XNNPACK's ``qd8`` GEMMs; the embedding becomes
@@ -73,7 +75,7 @@ from torch import Tensor, nn
 
 from hm_export.architectures import MemoryModel
 from hm_export.errors import ConfigError, UsageError
-from hm_export.kernels import qembedding, qlinear, screened_head, tied_head, tile_codes, untile_codes
+from hm_export.kernels import column_codes, qembedding, qlinear, screened_head, tied_head, tile_codes, untile_codes
 from hm_export.model import TiedHead
 
 ANCHOR_QUANT_TARGETS = ("executorch", "onnx", "coreml")  # targets that quantize the anchor; others refuse
@@ -325,6 +327,20 @@ def asymmetric_codes(weight: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor
     return codes.view(rows, cols), scales, mins
 
 
+def grid_codes(weight: Tensor, quant: WeightQuant, name: str) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Float ``[out, in]`` in one of llama.cpp's grids, per group of inputs: (codes ``[out, in]``: uint8 0..15
+    (asymmetric int4, :func:`asymmetric_codes`) or int8 (symmetric int8); scales and mins float32 ``[out, in / g]``
+    (mins empty for int8); the group ``g``)."""
+    group = quant.group_for(weight.shape[1]) or weight.shape[1]
+    weight = weight.detach().float()
+    if quant.bits == 4:
+        if not quant.asymmetric:
+            raise ConfigError(f"{name}: int4 tables are asymmetric (Q4_1), got {quant.describe()}")
+        return (*asymmetric_codes(weight, group), group)
+    q, scales = symmetric_codes(weight, 8, group)
+    return q, scales, torch.empty(0), group
+
+
 class GridLinear(nn.Module):
     """A linear layer in llama.cpp's grids, computed by ``hm_export::qlinear`` (kernels/__init__.py): the weight
     ``[out, in]`` stored with the input as rows, as asymmetric int4 (``codes`` uint8 tiled ``[in / g, ceil(out /
@@ -333,23 +349,13 @@ class GridLinear(nn.Module):
 
     def __init__(self, weight: Tensor, quant: WeightQuant, bias: Tensor | None = None, name: str = "weight") -> None:
         super().__init__()
-        in_features = weight.shape[1]
-        group = quant.group_for(in_features) or in_features
-        weight = weight.detach().float()
+        q, scales, mins, group = grid_codes(weight, quant, name)
         if group % 4:
             raise ConfigError(
                 f"{name}: tables come in groups of a multiple of 4 input rows (the tiled layout), got "
                 f"{list(weight.shape)} in groups of {group}"
             )
-        if quant.bits == 4:
-            if not quant.asymmetric:
-                raise ConfigError(f"{name}: int4 tables are asymmetric (Q4_1), got {quant.describe()}")
-            q, scales, mins = asymmetric_codes(weight, group)
-            codes = tile_codes(q.t(), group)
-        else:
-            q, scales = symmetric_codes(weight, 8, group)
-            codes, mins = tile_codes(q.t(), group), torch.empty(0)
-        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("codes", tile_codes(q.t(), group).contiguous())
         self.register_buffer("scales", scales.t().half().contiguous())
         self.register_buffer("mins", mins.t().half().contiguous() if mins.numel() else mins.half())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -368,12 +374,26 @@ class GridLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-class GridEmbedding(nn.Module):
-    """A token embedding looked up (``hm_export::qembedding``) in a :class:`GridLinear`'s table: the embedding
-    ``[V, d]`` is that linear's weight (``d`` inputs, ``V`` outputs), so a tied head is the same module and the
-    program holds one table."""
+class LookupTable(nn.Module):
+    """An embedding ``[V, d]`` in llama.cpp's grids that only lookups read (``hm_export::qembedding``; a screened
+    head's exact logits), stored by column (:func:`hm_export.kernels.column_codes`): token ``v``'s codes are one
+    contiguous run (576 bytes for SmolLM2 in int8) where a tiled table spreads them over ``d / 4`` quads of 64 bytes;
+    ``scales`` / ``mins`` float16 ``[V, d / g]``."""
 
-    def __init__(self, table: GridLinear) -> None:
+    def __init__(self, weight: Tensor, quant: WeightQuant, name: str = "weight") -> None:
+        super().__init__()
+        q, scales, mins, _ = grid_codes(weight, quant, name)
+        self.register_buffer("codes", column_codes(q))
+        self.register_buffer("scales", scales.half().contiguous())
+        self.register_buffer("mins", mins.half().contiguous())
+
+
+class GridEmbedding(nn.Module):
+    """A token embedding looked up (``hm_export::qembedding``) in a table: a :class:`GridLinear`'s when a tied head
+    reads it as a linear (the embedding ``[V, d]`` is that linear's weight, ``d`` inputs and ``V`` outputs, so the
+    head is the same module and the program holds one table), else a :class:`LookupTable`."""
+
+    def __init__(self, table: GridLinear | LookupTable) -> None:
         super().__init__()
         self.table = table
 
@@ -425,18 +445,22 @@ def _quantize_to_grids(module: nn.Module, preset: AnchorQuant) -> dict[str, Any]
         if isinstance(child, nn.Linear) and not full.startswith("slot") and full not in heads:  # an untied head too
             setattr(parent, name, GridLinear(child.weight, preset.linears, child.bias, name=full))
             groups["linears"][child.in_features] = preset.linears.group_for(child.in_features) or child.in_features
+    screened = tied and preset.screen is not None
     for parent, name, embedding in embeddings:
         width = embedding.embedding_dim
-        grid = GridEmbedding(GridLinear(embedding.weight, preset.embedding, name=name))
+        head_linear = tied and not screened  # the head reads the table as a qlinear: tiled; else lookups only
+        table = (GridLinear if head_linear else LookupTable)(embedding.weight, preset.embedding, name=name)
+        grid = GridEmbedding(table)
         setattr(parent, name, grid)
         group = preset.embedding.group_for(width) or width
         done["embedding"] = {
             "weights": _grid_weights(preset.embedding),
             "group": group,
+            "layout": "tiled (the head's qlinear table)" if head_linear else "by column (lookups only)",
             "kernel": "hm_export::qembedding" + (" (reads the head's table)" if tied else ""),
             "shared_with_head": tied,
         }
-        if tied and preset.screen is not None:
+        if screened:
             top = min(preset.screen_top, embedding.num_embeddings)
             screen = GridLinear(embedding.weight, preset.screen, name=f"{name} (head screen)")
             _untie_to(module, heads, ScreenedTiedHead(grid, screen, top))

@@ -36,6 +36,10 @@ with one scale per token *and group of g inputs* (llama.cpp's Q8_1 / Q8_0 activa
 ``float(sum xq * q) * (scale * xs_g)`` (int4: ``+ min * (xs_g * float(sum xq))``).
 ``hm_export::qembedding(tokens, codes, scales, mins) -> Tensor`` looks tokens up in the same table (column ``v``
 is token ``v``'s embedding, ``scale * q (+ min)`` per element), so a tied embedding and its head share one table.
+A table that only lookups read (an untied embedding; a screened head's exact table) is stored **by column** instead
+(:func:`column_codes`): ``codes`` int8 ``[out, in]`` or uint8 ``[out, in / 2]`` (two int4 codes per byte, input
+``2i`` in the low nibble), ``scales`` and ``mins`` float16 ``[out, in / g]``, so a column is one contiguous run
+(a tiled column is a few bytes in each of ``in / 4`` quads); ``qlinear`` refuses it.
 
 ``hm_export::screened_head(x, codes, scales, mins, exact_codes, exact_scales, exact_mins, top) -> Tensor`` is an
 output head read mostly from a small table: ``qlinear`` over the screen table (``codes``, ``scales``, ``mins``),
@@ -170,6 +174,25 @@ def tiled_columns(codes: Tensor, ids: Tensor) -> Tensor:
     return nibble.to(torch.uint8)
 
 
+def column_codes(q: Tensor) -> Tensor:
+    """Codes ``q`` ``[out, in]`` (uint8 int4 values 0..15, or int8) in the by-column layout of a lookup table: int8
+    as they are; int4 two per byte, input ``2i`` in the low nibble and ``2i + 1`` in the high one, uint8 ``[out, in
+    / 2]``."""
+    if q.dtype == torch.int8:
+        return q.contiguous()
+    if q.shape[1] % 2:
+        raise UsageError(f"int4 codes by column pack two inputs per byte: {q.shape[1]} inputs is odd")
+    return (q[:, 0::2] + q[:, 1::2] * 16).contiguous()
+
+
+def _column_values(codes: Tensor) -> Tensor:
+    """The codes of a by-column table as ``[out, in]``: int8, or uint8 int4 values 0..15 (:func:`column_codes`)."""
+    if codes.dtype == torch.int8:
+        return codes
+    wide = codes.to(torch.int32)
+    return torch.stack((torch.remainder(wide, 16), torch.div(wide, 16, rounding_mode="floor")), -1).flatten(-2)
+
+
 def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
     """Float32 ``[1, rows, cols]`` of a quantized slot matrix (int8 codes, or uint8 packed int4 codes)."""
     values = unpack_int4(codes) if codes.dtype == torch.uint8 else codes.to(torch.float32)
@@ -254,6 +277,26 @@ def check_table(op: str, codes: Tensor, scales: Tensor, mins: Tensor) -> int:
     return groups * (per_chunk // 16)
 
 
+def check_lookup_table(op: str, codes: Tensor, scales: Tensor, mins: Tensor) -> tuple[int, int]:
+    """``(in, out)`` of a table a lookup reads: tiled (:func:`check_table`) or by column (``codes`` 2-D, see the
+    module docstring); raise UsageError naming the operand that breaks its layout."""
+    if codes.dim() != 2:
+        return check_table(op, codes, scales, mins), scales.shape[-1]
+    int4 = codes.dtype == torch.uint8
+    if codes.dtype not in (torch.uint8, torch.int8):
+        raise UsageError(f"{op}: codes by column must be int8 [out, in] or uint8 [out, in / 2], got {codes.dtype}")
+    width, cols = codes.shape[1] * (2 if int4 else 1), codes.shape[0]
+    if scales.dtype != torch.float16 or scales.dim() != 2 or scales.shape[0] != cols or not scales.shape[1]:
+        raise UsageError(f"{op}: scales {scales.dtype} {list(scales.shape)}, expected float16 [{cols}, in / g]")
+    if not width or width % scales.shape[1]:
+        raise UsageError(f"{op}: codes {list(codes.shape)} do not split into the {scales.shape[1]} groups of scales")
+    if int4 and (mins.dtype != torch.float16 or mins.shape != scales.shape):
+        raise UsageError(f"{op}: mins {mins.dtype} {list(mins.shape)} must match scales {list(scales.shape)}")
+    if not int4 and (mins.numel() or mins.dtype != torch.float16):
+        raise UsageError(f"{op}: int8 codes take no mins (an empty float16 tensor), got {list(mins.shape)}")
+    return width, cols
+
+
 def qlinear_reference(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
     """What ``hm_export::qlinear`` computes (see the module docstring)."""
     width = check_table("qlinear", codes, scales, mins)
@@ -267,15 +310,19 @@ def qlinear_reference(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) ->
 
 def qembedding_reference(tokens: Tensor, codes: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
     """What ``hm_export::qembedding`` computes: ``[..., in]`` = the columns ``tokens``, ``scale * q (+ min)``."""
-    width = check_table("qembedding", codes, scales, mins)
+    width, _ = check_lookup_table("qembedding", codes, scales, mins)
     ids = tokens.reshape(-1)
-    group = width // scales.shape[0]
-    scale = scales[:, ids].float().repeat_interleave(group, dim=0)
-    q = tiled_columns(codes, ids).float()  # [in, N]
-    if codes.dtype == torch.int8:
-        return (scale * q).t().reshape(*tokens.shape, width)
-    low = mins[:, ids].float().repeat_interleave(group, dim=0)
-    return (scale * q + low).t().reshape(*tokens.shape, width)
+    if codes.dim() == 2:  # by column: token v's codes, scales and mins are row v
+        q, scale = _column_values(codes[ids]).float(), scales[ids].float()
+        low = mins[ids].float() if mins.numel() else None
+    else:
+        q, scale = tiled_columns(codes, ids).float().t(), scales[:, ids].float().t()
+        low = mins[:, ids].float().t() if mins.numel() else None
+    group = width // scale.shape[1]
+    values = scale.repeat_interleave(group, dim=1) * q  # [N, in]
+    if low is not None:
+        values = values + low.repeat_interleave(group, dim=1)
+    return values.reshape(*tokens.shape, width)
 
 
 def screened_head_reference(
@@ -289,11 +336,12 @@ def screened_head_reference(
     top: int,
 ) -> Tensor:
     """What ``hm_export::screened_head`` computes (see the module docstring)."""
-    width = check_table("screened_head", exact_codes, exact_scales, exact_mins)
-    if check_table("screened_head", codes, scales, mins) != width or scales.shape[1] != exact_scales.shape[1]:
+    width, cols = check_lookup_table("screened_head", exact_codes, exact_scales, exact_mins)
+    screen_width = check_table("screened_head", codes, scales, mins)
+    if (screen_width, scales.shape[1]) != (width, cols):
         raise UsageError(
-            f"screened_head: the screen [{width}, {scales.shape[1]}] and the exact table [{width}, "
-            f"{exact_scales.shape[1]}] must have one shape"
+            f"screened_head: the screen [{screen_width}, {scales.shape[1]}] and the exact table [{width}, {cols}] "
+            "must have one shape"
         )
     if not 1 <= top <= scales.shape[1]:
         raise UsageError(f"screened_head: top must be in [1, {scales.shape[1]}], got {top}")
@@ -459,7 +507,7 @@ _register_op(
     "qembedding",
     qembedding_reference,
     lambda tokens, codes, scales, mins: scales.new_empty(
-        (*tokens.shape, check_table("qembedding", codes, scales, mins)), dtype=torch.float32
+        (*tokens.shape, check_lookup_table("qembedding", codes, scales, mins)[0]), dtype=torch.float32
     ),
 )
 

@@ -16,6 +16,9 @@
 // qembedding: tokens int64 [...] -> out float32 [..., in]: column v of the same table, out[..., i] =
 // float(scale[i / g, v]) * q[i, v] (+ float(min[i / g, v]) for int4). A tied embedding and its output head read one table:
 // the head is qlinear over [d, V], the lookup is qembedding over the same tensors.
+// A table that only lookups read (qembedding's, the screened head's exact table) may instead be stored by column:
+// codes int8 [out, in] or uint8 [out, in / 2] (two int4 codes per byte, input 2i in the low nibble), scales and
+// mins float16 [out, in / g], so a column is one contiguous run; qlinear takes tiled tables only.
 // The reference implementations are in kernels/__init__.py (qlinear_reference, qembedding_reference).
 // screened_head: x float32 [..., in] -> out float32 [..., out]: a head read mostly from a small table and exactly
 // where it matters. out = qlinear(x, codes, scales, mins) (the screen, e.g. asymmetric int4), then, per token, the
@@ -74,6 +77,38 @@ const char* table_matrix(const Tensor& codes, const Tensor& scales, const Tensor
   return nullptr;
 }
 
+// A table read one column at a time: tiled (`w` as qlinear reads it) or by column (`w.codes` [out, in] int8 or
+// [out, in / 2] packed int4, `w.scales` / `w.mins` [out, in / group]; `w.tiled` false).
+struct LookupTable {
+  QMatrix w{};  // rows = in, cols = out
+  bool by_column = false;
+};
+
+// The table a lookup reads (either layout), or an error message when shapes or dtypes disagree.
+const char* lookup_table(const Tensor& codes, const Tensor& scales, const Tensor& mins, LookupTable& t) {
+  t.by_column = codes.dim() == 2;
+  if (!t.by_column) return table_matrix(codes, scales, mins, t.w);
+  const bool int4 = codes.scalar_type() == ScalarType::Byte;
+  if (!int4 && codes.scalar_type() != ScalarType::Char) {
+    return "codes by column must be int8 [out, in] or uint8 [out, in / 2]";
+  }
+  if (scales.scalar_type() != ScalarType::Half || mins.scalar_type() != ScalarType::Half) {
+    return "scales and mins must be float16";
+  }
+  const int64_t cols = codes.size(0), rows = codes.size(1) * (int4 ? 2 : 1);
+  if (scales.dim() != 2 || scales.size(0) != cols || scales.size(1) < 1 || rows < 1 || rows % scales.size(1) != 0) {
+    return "codes by column [out, in] and scales [out, in / group] disagree";
+  }
+  if (int4 && (mins.dim() != 2 || mins.size(0) != scales.size(0) || mins.size(1) != scales.size(1))) {
+    return "mins must match scales";
+  }
+  if (!int4 && mins.numel() != 0) return "int8 codes take no mins (an empty tensor)";
+  t.w = QMatrix{codes.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.const_data_ptr<Half>()),
+                rows, cols, rows / scales.size(1), int4,
+                int4 ? reinterpret_cast<const uint16_t*>(mins.const_data_ptr<Half>()) : nullptr};
+  return nullptr;
+}
+
 // `out` resized to `in`'s sizes with the last one replaced by `last` (or appended when `append`).
 bool resize_like(const Tensor& in, int64_t last, bool append, Tensor& out) {
   SizesType sizes[executorch::runtime::kTensorDimensionLimit];
@@ -97,8 +132,26 @@ void qlinear_rows(QMatrix w, const float* x, int64_t tokens, float* out) {
   hm_kernels::qmatmul_parallel(w, xq.data(), pad, xs.data(), tokens, out, w.cols);
 }
 
-// Column v of a tiled table, dequantized: column[i] = scale * q (+ min), i in [0, w.rows).
-void table_column(const QMatrix& w, int64_t v, float* column) {
+// Column v of a table, dequantized: column[i] = scale * q (+ min), i in [0, w.rows).
+void table_column(const LookupTable& t, int64_t v, float* column) {
+  const QMatrix& w = t.w;
+  if (t.by_column) {
+    const int64_t groups = w.rows / w.group;
+    const uint8_t* codes = w.codes + v * (w.int4 ? w.rows / 2 : w.rows);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float scale = hm_kernels::half_to_float(w.scales[v * groups + g]);
+      const float low = w.int4 ? hm_kernels::half_to_float(w.mins[v * groups + g]) : 0.0f;
+      for (int64_t i = g * w.group; i < (g + 1) * w.group; ++i) {
+        if (w.int4) {
+          const uint8_t byte = codes[i / 2];
+          column[i] = scale * static_cast<float>(i % 2 ? byte >> 4 : byte & 15) + low;
+        } else {
+          column[i] = scale * static_cast<float>(static_cast<int8_t>(codes[i]));
+        }
+      }
+    }
+    return;
+  }
   const int64_t lane = v % w.chunk_width(), at = 4 * (lane % 16);
   const bool high = lane >= 16;
   for (int64_t g = 0; g < w.rows / w.group; ++g) {
@@ -166,12 +219,13 @@ Tensor& qlinear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& co
 Tensor& screened_head_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& scales,
                           const Tensor& mins, const Tensor& exact_codes, const Tensor& exact_scales,
                           const Tensor& exact_mins, int64_t top, Tensor& out) {
-  QMatrix screen{}, exact{};
+  QMatrix screen{};
+  LookupTable exact{};
   const char* problem = table_matrix(codes, scales, mins, screen);
   ET_KERNEL_CHECK_MSG(ctx, problem == nullptr, InvalidArgument, out, "screened_head: screen: %s", problem);
-  problem = table_matrix(exact_codes, exact_scales, exact_mins, exact);
+  problem = lookup_table(exact_codes, exact_scales, exact_mins, exact);
   ET_KERNEL_CHECK_MSG(ctx, problem == nullptr, InvalidArgument, out, "screened_head: exact table: %s", problem);
-  ET_KERNEL_CHECK_MSG(ctx, exact.rows == screen.rows && exact.cols == screen.cols, InvalidArgument, out,
+  ET_KERNEL_CHECK_MSG(ctx, exact.w.rows == screen.rows && exact.w.cols == screen.cols, InvalidArgument, out,
                       "screened_head: the screen and the exact table must have one shape");
   ET_KERNEL_CHECK_MSG(ctx, top >= 1 && top <= screen.cols, InvalidArgument, out,
                       "screened_head: top must be in [1, out]");
@@ -183,14 +237,14 @@ Tensor& screened_head_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   qlinear_rows(screen, x.const_data_ptr<float>(), tokens, logits);
   thread_local std::vector<int32_t> kept;
   thread_local std::vector<float> column;
-  column.resize(exact.rows);
+  column.resize(screen.rows);
   for (int64_t t = 0; t < tokens; ++t) {
-    const float* h = x.const_data_ptr<float>() + t * exact.rows;
+    const float* h = x.const_data_ptr<float>() + t * screen.rows;
     float* row = logits + t * screen.cols;
     top_columns(row, screen.cols, top, kept);
     for (const int32_t v : kept) {
       table_column(exact, v, column.data());
-      row[v] = dot_in_double(h, column.data(), exact.rows);
+      row[v] = dot_in_double(h, column.data(), screen.rows);
     }
   }
   return out;
@@ -198,11 +252,12 @@ Tensor& screened_head_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
 
 Tensor& qembedding_out(KernelRuntimeContext& ctx, const Tensor& tokens, const Tensor& codes, const Tensor& scales,
                        const Tensor& mins, Tensor& out) {
-  QMatrix w{};
-  const char* problem = table_matrix(codes, scales, mins, w);
+  LookupTable table{};
+  const char* problem = lookup_table(codes, scales, mins, table);
   ET_KERNEL_CHECK_MSG(ctx, problem == nullptr, InvalidArgument, out, "qembedding: %s", problem);
   ET_KERNEL_CHECK_MSG(ctx, tokens.scalar_type() == ScalarType::Long, InvalidArgument, out,
                       "qembedding: tokens must be int64");
+  const QMatrix& w = table.w;
   ET_KERNEL_CHECK(ctx, resize_like(tokens, w.rows, true, out), InvalidArgument, out);
   const int64_t* ids = tokens.const_data_ptr<int64_t>();
   float* o = out.mutable_data_ptr<float>();
@@ -210,7 +265,7 @@ Tensor& qembedding_out(KernelRuntimeContext& ctx, const Tensor& tokens, const Te
     const int64_t v = ids[t];
     ET_KERNEL_CHECK_MSG(ctx, v >= 0 && v < w.cols, InvalidArgument, out, "qembedding: token %lld outside [0, %lld)",
                         static_cast<long long>(v), static_cast<long long>(w.cols));
-    table_column(w, v, o + t * w.rows);
+    table_column(table, v, o + t * w.rows);
   }
   return out;
 }

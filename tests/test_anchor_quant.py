@@ -20,6 +20,7 @@ from conftest import DECODE_CONTEXTS, tiny_checkpoint, tiny_config
 from hm_export.anchor_quant import (
     PRESETS,
     GridLinear,
+    LookupTable,
     QuantizedEmbedding,
     WeightQuant,
     asymmetric_codes,
@@ -58,7 +59,7 @@ def stored_forms(module: torch.nn.Module) -> dict[str, bytes]:
                     forms[name] = codes.numpy().tobytes()
             else:
                 forms[name] = weight.detach().numpy().astype("<f4").tobytes()
-        elif isinstance(child, GridLinear):  # the codes as the kernel reads them (a tied table: once, here)
+        elif isinstance(child, (GridLinear, LookupTable)):  # the codes as the kernels read them (a tied table: once)
             forms[name] = child.codes.numpy().tobytes()
         elif isinstance(child, QuantizedEmbedding):
             forms[name] = child.weight.numpy().tobytes()
@@ -298,7 +299,9 @@ def test_screened_head_reads_the_int8_table_where_it_matters(tmp_path):
     screened, description = exported_model(model, get_preset("8da4w-g32-asym-e8-screen64"))
     head = screened.head
     assert isinstance(head, ScreenedTiedHead) and head.embedding[0] is screened.embed and head.top == 64
-    assert head.screen.codes.dtype == torch.uint8 and head.embedding[0].table.codes.dtype == torch.int8
+    table = head.embedding[0].table  # the int8 table, by column: token v's codes are row v
+    assert head.screen.codes.dtype == torch.uint8 and table.codes.dtype == torch.int8
+    assert table.codes.shape == (CFG.vocab_size, CFG.d_model) and description["embedding"]["layout"].startswith("by")
     assert description["head"]["kernel"] == "hm_export::screened_head" and description["head"]["exact_top"] == 64
     assert description["embedding"]["shared_with_head"] and "stored once" in description["tied_embedding"]
     e8, _ = exported_model(model, get_preset("8da4w-g32-asym-e8"))

@@ -267,6 +267,48 @@ def test_cpp_grid_ops_match_the_reference_bit_for_bit(kernel_library, tmp_path, 
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+class Lookup(torch.nn.Module):
+    def forward(self, tokens, codes, scales, mins):
+        return qembedding(tokens, codes, scales, mins)
+
+
+def lookup_tables(bits: int, outputs: int = 200, seed: int = 0):
+    """One embedding [outputs, 96] as a tiled table (a head's) and as a table by column (lookups only)."""
+    from hm_export.anchor_quant import GridLinear, LookupTable, WeightQuant
+
+    weight = torch.randn(outputs, 96, generator=torch.Generator().manual_seed(seed))
+    quant = WeightQuant(4, 32, asymmetric=True) if bits == 4 else WeightQuant(8, 32)
+    return GridLinear(weight, quant), LookupTable(weight, quant)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_table_by_column_looks_up_what_the_tiled_table_holds(bits):
+    tiled, by_column = lookup_tables(bits)
+    assert by_column.codes.shape == ((200, 48) if bits == 4 else (200, 96)) and by_column.scales.shape == (200, 3)
+    tokens = torch.tensor([[0, 199, 7], [120, 7, 31]])
+    want = qembedding(tokens, tiled.codes, tiled.scales, tiled.mins)
+    assert torch.equal(qembedding(tokens, by_column.codes, by_column.scales, by_column.mins), want)
+    assert torch.equal(want, tiled.dequantized()[tokens])
+    with pytest.raises(ValueError, match="qlinear: codes must be tiled"):
+        qlinear(torch.randn(1, 96), by_column.codes, by_column.scales, by_column.mins)
+    with pytest.raises(ValueError, match=r"scales .* expected float16 \[200, in / g\]"):
+        qembedding(tokens, by_column.codes, by_column.scales[:100], by_column.mins)
+    with pytest.raises(ValueError, match="do not split into the 5 groups"):
+        qembedding(tokens, by_column.codes, torch.zeros(200, 5, dtype=torch.float16), torch.empty(0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpp_lookup_by_column_matches_the_reference_bit_for_bit(kernel_library, tmp_path, bits):
+    from executorch.runtime import Runtime
+
+    _, table = lookup_tables(bits)
+    operands = (torch.tensor([[0, 199, 7, 120]]), table.codes, table.scales, table.mins)
+    pte = lower_to_pte(Lookup(), operands, tmp_path / "lookup.pte")
+    got = Runtime.get().load_program(str(pte)).load_method("forward").execute(list(operands))[0]
+    assert torch.equal(got, Lookup()(*operands))
+
+
 class ScreenedHead(torch.nn.Module):
     def __init__(self, top: int) -> None:
         super().__init__()
@@ -276,17 +318,20 @@ class ScreenedHead(torch.nn.Module):
         return screened_head(x, (codes, scales, mins), (exact_codes, exact_scales, exact_mins), self.top)
 
 
-def screened_operands(outputs: int, seed: int = 0):
-    """A head [outputs, 96] as its asymmetric int4 screen and its int8 table; 4 tokens, the third all zeros (every
-    screen logit 0: the tie rule picks the lowest columns)."""
-    from hm_export.anchor_quant import GridLinear, WeightQuant
+def screened_operands(outputs: int, seed: int = 0, by_column: bool = False):
+    """A head [outputs, 96] as its asymmetric int4 screen and its int8 table (tiled, or by column as the
+    ``-screen64`` preset stores it); 4 tokens, the third all zeros (every screen logit 0: the tie rule picks the
+    lowest columns)."""
+    from hm_export.anchor_quant import GridLinear, LookupTable, WeightQuant
 
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(outputs, 96, generator=generator)
-    screen, exact = GridLinear(weight, WeightQuant(4, 32, asymmetric=True)), GridLinear(weight, WeightQuant(8, 32))
+    screen = GridLinear(weight, WeightQuant(4, 32, asymmetric=True))
+    exact = (LookupTable if by_column else GridLinear)(weight, WeightQuant(8, 32))
     x = torch.randn(1, 4, 96, generator=generator) * 2
     x[0, 2] = 0
-    return (x, screen.codes, screen.scales, screen.mins, exact.codes, exact.scales, exact.mins), exact.dequantized()
+    operands = (x, screen.codes, screen.scales, screen.mins, exact.codes, exact.scales, exact.mins)
+    return operands, None if by_column else exact.dequantized()
 
 
 def test_screened_head_reference_recomputes_the_top_columns_from_the_exact_table():
@@ -305,16 +350,17 @@ def test_screened_head_reference_recomputes_the_top_columns_from_the_exact_table
         screened_head_reference(*operands, 101)
     with pytest.raises(ValueError, match="must have one shape"):
         screened_head_reference(*operands[:4], *screened_operands(64)[0][4:], top)
+    assert torch.equal(screened_head_reference(*screened_operands(100, by_column=True)[0], top), got)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("threads", [1, 2])
-def test_cpp_screened_head_matches_the_reference_bit_for_bit(kernel_library, tmp_path, threads):
+@pytest.mark.parametrize(("threads", "by_column"), [(1, False), (2, False), (1, True)])
+def test_cpp_screened_head_matches_the_reference_bit_for_bit(kernel_library, tmp_path, threads, by_column):
     from executorch.runtime import Runtime
 
     from hm_export.bench import set_threads
 
-    operands, _ = screened_operands(520)  # 520 columns: qlinear splits them over 2 threads
+    operands, _ = screened_operands(520, by_column=by_column)  # 520 columns: qlinear splits them over 2 threads
     module = ScreenedHead(top=17)
     pte = lower_to_pte(module, operands, tmp_path / "screened.pte")
     set_threads(threads)
