@@ -446,9 +446,9 @@ def _quantize_to_grids(module: nn.Module, preset: AnchorQuant) -> dict[str, Any]
             setattr(parent, name, GridLinear(child.weight, preset.linears, child.bias, name=full))
             groups["linears"][child.in_features] = preset.linears.group_for(child.in_features) or child.in_features
     screened = tied and preset.screen is not None
+    head_linear = tied and not screened  # the head reads the table as a qlinear: tiled; else lookups only
     for parent, name, embedding in embeddings:
         width = embedding.embedding_dim
-        head_linear = tied and not screened  # the head reads the table as a qlinear: tiled; else lookups only
         table = (GridLinear if head_linear else LookupTable)(embedding.weight, preset.embedding, name=name)
         grid = GridEmbedding(table)
         setattr(parent, name, grid)
