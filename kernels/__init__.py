@@ -185,14 +185,6 @@ def column_codes(q: Tensor) -> Tensor:
     return (q[:, 0::2] + q[:, 1::2] * 16).contiguous()
 
 
-def _column_values(codes: Tensor) -> Tensor:
-    """The codes of a by-column table as ``[out, in]``: int8, or uint8 int4 values 0..15 (:func:`column_codes`)."""
-    if codes.dtype == torch.int8:
-        return codes
-    wide = codes.to(torch.int32)
-    return torch.stack((torch.remainder(wide, 16), torch.div(wide, 16, rounding_mode="floor")), -1).flatten(-2)
-
-
 def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
     """Float32 ``[1, rows, cols]`` of a quantized slot matrix (int8 codes, or uint8 packed int4 codes)."""
     values = unpack_int4(codes) if codes.dtype == torch.uint8 else codes.to(torch.float32)
@@ -313,7 +305,9 @@ def qembedding_reference(tokens: Tensor, codes: Tensor, scales: Tensor, mins: Te
     width, _ = check_lookup_table("qembedding", codes, scales, mins)
     ids = tokens.reshape(-1)
     if codes.dim() == 2:  # by column: token v's codes, scales and mins are row v
-        q, scale = _column_values(codes[ids]).float(), scales[ids].float()
+        rows = codes[ids]  # int4: unpack_int4's codes less its offset, the asymmetric grid's 0..15
+        q = rows.float() if rows.dtype == torch.int8 else unpack_int4(rows) + 8.0
+        scale = scales[ids].float()
         low = mins[ids].float() if mins.numel() else None
     else:
         q, scale = tiled_columns(codes, ids).float().t(), scales[:, ids].float().t()
