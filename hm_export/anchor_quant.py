@@ -135,6 +135,13 @@ class AnchorQuant:
     def quantized(self) -> bool:
         return any(q is not None for q in (self.linears, self.head, self.embedding))
 
+    @property
+    def kv_cache(self) -> str:
+        """The KV cache of the ExecuTorch decode program (``hm_export::attend_cache``): float16 for a quantized
+        anchor, exported for speed, whose own error dwarfs the rounding of keys and values (a step reads half the
+        cache's bytes); float32 for the float anchor, exported to match the checkpoint."""
+        return "float16" if self.quantized else "float32"
+
 
 PRESETS: dict[str, AnchorQuant] = {
     preset.name: preset

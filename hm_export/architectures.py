@@ -67,11 +67,12 @@ def decode_module(
     cache: CacheForm = "state",
     layout: SlotLayout | None = None,
     attention: Attention = "masked",
+    cache_dtype: str = "float32",
 ) -> nn.Module:
     """The KV-cache decode module of ``model`` with ``memory`` (``()``: none): :class:`~hm_export.decode.DecodeModule`,
     or a host's :class:`~hm_export.hf.decode.HostDecodeModule`."""
     if _is_host(model):
         from hm_export.hf.decode import HostDecodeModule
 
-        return HostDecodeModule(model, memory, cache, layout, attention)  # type: ignore[arg-type]
-    return DecodeModule(model, memory, cache, layout, attention)  # type: ignore[arg-type]
+        return HostDecodeModule(model, memory, cache, layout, attention, cache_dtype)  # type: ignore[arg-type]
+    return DecodeModule(model, memory, cache, layout, attention, cache_dtype)  # type: ignore[arg-type]

@@ -44,6 +44,9 @@ Attention = Literal["masked", "kernel"]
 # each query (plain ops, every target); ``kernel``, ``hm_export::attend_cache`` (it writes the cache and reads
 # only the filled positions each query may see; the ExecuTorch target, whose runtimes load the op's kernel).
 ATTENTION: tuple[str, ...] = ("masked", "kernel")
+# The cache's element types: float16 only with ``kernel`` attention, whose op rounds what it writes and converts
+# each row back exactly as it reads (the masked form's plain ops take float32).
+CACHE_DTYPES: tuple[str, ...] = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,8 @@ class CacheSpec:
     dtype: str = "float32"
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig) -> CacheSpec:
-        return cls(cfg.n_layers, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+    def for_model(cls, cfg: ModelConfig, dtype: str = "float32") -> CacheSpec:
+        return cls(cfg.n_layers, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim, dtype)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -105,16 +108,20 @@ class StaticKVCache(nn.Module):
     # skips the output head for the rest of the prompt (for a 49k vocabulary, as much work as the linears).
     last_logits: bool = False
 
-    def init_cache(self, cfg: ModelConfig, cache: CacheForm, attention: Attention = "masked") -> None:
+    def init_cache(
+        self, cfg: ModelConfig, cache: CacheForm, attention: Attention = "masked", cache_dtype: str = "float32"
+    ) -> None:
         if cache not in ("state", "io"):
             raise UsageError(f"cache must be 'state' or 'io', not {cache!r}")
         if attention not in ATTENTION or (attention == "kernel" and cache != "state"):
             raise UsageError(
                 f"attention must be one of {ATTENTION} ('kernel' needs the state cache), not {attention!r}"
             )
+        if cache_dtype not in CACHE_DTYPES or (cache_dtype != "float32" and attention != "kernel"):
+            raise UsageError(f"cache_dtype must be one of {CACHE_DTYPES} (float16 needs attention='kernel')")
         self.cache_form = cache
         self.attention = attention
-        self.cache_spec = CacheSpec.for_model(cfg)
+        self.cache_spec = CacheSpec.for_model(cfg, cache_dtype)
         if cache == "state":
             for name, tensor in zip(self.cache_spec.names("state"), self.cache_spec.empty()):
                 self.register_buffer(name, tensor, persistent=False)
@@ -157,9 +164,10 @@ class DecodeModule(SlotModule, StaticKVCache):
         cache: CacheForm = "state",
         layout: SlotLayout | None = None,
         attention: Attention = "masked",
+        cache_dtype: str = "float32",
     ) -> None:
         super().__init__(model, memory, layout)
-        self.init_cache(model.cfg, cache, attention)
+        self.init_cache(model.cfg, cache, attention, cache_dtype)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, *past: Tensor) -> Tensor | tuple[Tensor, ...]:  # type: ignore[override]
         seq = tokens.shape[1]

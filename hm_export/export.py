@@ -108,17 +108,25 @@ def _emit_decode(
     program."""
     # The attention kernel has no logit soft-capping: such a host (Gemma 2) attends with masks on every target.
     attention = support.attention if support.attention != "kernel" or model.kernel_attention else "masked"
-    key = (target.pipeline, support.cache, attention, support.prefill, id(model))
+    cache_dtype = get_preset(options.anchor_quant).kv_cache if attention == "kernel" else "float32"
+    key = (target.pipeline, support.cache, attention, cache_dtype, support.prefill, id(model))
     if key not in traced:
         pipeline = PIPELINES[target.pipeline]
         traced[key] = trace_decode_program(
-            model, contract, pipeline, support.cache, layout=layout, attention=attention, prefill=support.prefill
-        )  # type: ignore[arg-type]
+            model,
+            contract,
+            pipeline,
+            support.cache,
+            layout=layout,
+            attention=attention,  # type: ignore[arg-type]
+            prefill=support.prefill,
+            cache_dtype=cache_dtype,
+        )
     program = traced[key]
     emitted = support.emit(program, out_dir / target.directory, options)
     emitted["files"] = {role: f"{target.directory}/{f}" for role, f in emitted["files"].items()}
     emitted["io"] = program.io_dict()
-    emitted["cache"] = {**CacheSpec.for_model(model.cfg).to_dict(), "form": support.cache}
+    emitted["cache"] = {**CacheSpec.for_model(model.cfg, cache_dtype).to_dict(), "form": support.cache}
     emitted["attention"] = attention
     emitted["pipeline"] = {"name": target.pipeline, "passes": [asdict(r) for r in program.pass_records]}
     return emitted

@@ -150,6 +150,7 @@ def trace_decode_program(
     layout: SlotLayout | None = None,
     attention: Attention = "masked",
     prefill: bool = False,
+    cache_dtype: str = "float32",
 ) -> SlotProgram:
     """Export the :class:`DecodeModule` of ``model`` (cache form ``cache``) and run the slot ``pipeline`` on it.
 
@@ -157,11 +158,12 @@ def trace_decode_program(
     cache (``io`` form) and the slot; the slot passes hold exactly as for the full-window program.
     ``memory=False`` exports the same program without the memory FFN and without slot inputs (the baseline
     of ``scripts/bench_decode.py``). ``prefill`` also exports the module with ``last_logits`` as the program's
-    :attr:`SlotProgram.prefill` (same inputs, logits ``[1, 1, vocab]``).
+    :attr:`SlotProgram.prefill` (same inputs, logits ``[1, 1, vocab]``). ``cache_dtype``: the state cache's
+    (float16 with ``attention="kernel"`` only).
     """
     cfg = model.cfg
     layers = assemble_path(model, example_path(cfg.memory)) if memory else ()
-    module = decode_module(model, layers, cache, layout, attention).eval()
+    module = decode_module(model, layers, cache, layout, attention, cache_dtype).eval()
     contract = contract if memory else replace(contract, tensors=())
     spec = module.cache_spec
     n = torch.export.Dim(TOKENS_AXIS, min=1, max=cfg.max_seq_len)

@@ -19,7 +19,8 @@ Layouts (``R`` = memory width, ``d`` = model width, rows are the reduction axis 
 
 ``hm_export::attend_cache(q, k, v, k_cache, v_cache, input_pos, scale, window) -> Tensor`` is one attention
 layer of the KV-cache decode program: it writes ``k``/``v`` (``[1, Hkv, S, D]``) into the caches
-(``[Hkv, L, D]``, mutated in place) at positions ``input_pos ..``, then attends each query of ``q``
+(``[Hkv, L, D]``, float32, or float16 for half the bytes read per step: ``k``/``v`` rounded to nearest even;
+mutated in place) at positions ``input_pos ..``, then attends each query of ``q``
 (``[1, Hq, S, D]``) over the filled positions it may see (causal; ``window > 0``: the last ``window`` ones),
 query head ``h`` reading KV head ``h // (Hq / Hkv)``; returns ``[1, S, Hq, D]``.  Nothing past the last
 written position is read, no mask tensor exists and grouped KV heads are never repeated.
@@ -417,11 +418,11 @@ def attend_cache_reference(
         raise ValueError(f"attend_cache: q {list(q.shape)}, k {list(k.shape)} and cache {list(k_cache.shape)} disagree")
     if not 0 <= pos <= length - seq:
         raise ValueError(f"attend_cache: positions {pos} .. {pos + seq - 1} are outside the cache of {length}")
-    k_cache[:, pos : pos + seq] = k[0]
+    k_cache[:, pos : pos + seq] = k[0]  # a float16 cache rounds to nearest even here
     v_cache[:, pos : pos + seq] = v[0]
     filled = pos + seq
-    keys = k_cache[:, :filled].repeat_interleave(heads // kv_heads, dim=0)  # [Hq, filled, D]
-    values = v_cache[:, :filled].repeat_interleave(heads // kv_heads, dim=0)
+    keys = k_cache[:, :filled].to(q.dtype).repeat_interleave(heads // kv_heads, dim=0)  # [Hq, filled, D]
+    values = v_cache[:, :filled].to(q.dtype).repeat_interleave(heads // kv_heads, dim=0)
     query_pos = torch.arange(pos, filled).unsqueeze(1)
     key_pos = torch.arange(filled).unsqueeze(0)
     allowed = key_pos <= query_pos

@@ -1,6 +1,7 @@
-"""hm_export::attend_cache against ExecuTorch's llama::update_cache + llama::custom_sdpa, one decode step of a
-30-layer SmolLM2-shaped attention stack (9 query heads, 3 KV heads, head dim 64, cache of --length positions),
-in the ExecuTorch runtime, interleaved runs.  Why: docs/kernels.md ("attention kernel").
+"""hm_export::attend_cache (float32 and float16 caches) against ExecuTorch's llama::update_cache +
+llama::custom_sdpa (float32), one decode step of a 30-layer SmolLM2-shaped attention stack (9 query heads, 3 KV
+heads, head dim 64, cache of --length positions), in the ExecuTorch runtime, interleaved runs.  Why:
+docs/kernels.md ("attention kernel").
 
     OMP_NUM_THREADS=1 python scripts/bench_attention_kernels.py [--layers 30] [--length 512] [--position 128]
 """
@@ -21,11 +22,11 @@ from hm_export.kernels import attend_cache, load_kernel_library
 
 
 class Ours(torch.nn.Module):
-    def __init__(self, layers: int, length: int) -> None:
+    def __init__(self, layers: int, length: int, dtype: torch.dtype) -> None:
         super().__init__()
         for i in range(layers):
-            self.register_buffer(f"k{i}", torch.zeros(3, length, 64), persistent=False)
-            self.register_buffer(f"v{i}", torch.zeros(3, length, 64), persistent=False)
+            self.register_buffer(f"k{i}", torch.zeros(3, length, 64, dtype=dtype), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(3, length, 64, dtype=dtype), persistent=False)
         self.layers = layers
 
     def forward(self, q, k, v, input_pos):  # q [1, 9, 1, 64], k/v [1, 3, 1, 64]
@@ -80,11 +81,20 @@ def main() -> int:
     q, k, v = torch.randn(1, 9, 1, 64), torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64)
     pos = torch.tensor([args.position])
     work = Path(tempfile.mkdtemp())
-    ours = lower(Ours(args.layers, args.length), (q, k, v, pos), work / "ours.pte")
+    ours = {
+        dtype: lower(Ours(args.layers, args.length, dtype), (q, k, v, pos), work / f"ours-{dtype}.pte")
+        for dtype in (torch.float32, torch.float16)
+    }
     theirs_args = (q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), pos)
     theirs = lower(Theirs(args.layers, args.length), theirs_args, work / "theirs.pte")
     methods = {
-        "hm_export::attend_cache": (Runtime.get().load_program(str(ours)).load_method("forward"), [q, k, v, pos]),
+        **{
+            f"hm_export::attend_cache ({str(dtype)[6:]} cache)": (
+                Runtime.get().load_program(str(path)).load_method("forward"),
+                [q, k, v, pos],
+            )
+            for dtype, path in ours.items()
+        },
         "llama::update_cache+custom_sdpa": (
             Runtime.get().load_program(str(theirs)).load_method("forward"),
             list(theirs_args),

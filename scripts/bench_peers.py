@@ -1191,7 +1191,14 @@ def prepare_anchor(peers: Peers, checkpoint: Path, preset: str) -> Path:
     model, description = exported_model(ckpt.model, get_preset(preset))
     contract = SlotContract.for_model(ckpt.config, ckpt.config.max_seq_len)
     traced = trace_decode_program(
-        model, contract, PIPELINES["xnnpack_slot"], "state", memory=False, attention="kernel", prefill=True
+        model,
+        contract,
+        PIPELINES["xnnpack_slot"],
+        "state",
+        memory=False,
+        attention="kernel",
+        prefill=True,
+        cache_dtype=get_preset(preset).kv_cache,
     )
     out = peers.bundles / f"anchor-{preset}"
     emitted = emit_executorch(traced, out)

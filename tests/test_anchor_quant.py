@@ -109,6 +109,9 @@ def test_preset_exports_passes_its_checks_and_stores_each_weight_once(tmp_path, 
     assert entry["window"] == "decode" and entry["files"] == {}  # one program per target
     assert sorted(p.name for p in (bundle / "executorch").iterdir()) == ["decode.pte"]
     assert entry["anchor_quant"]["preset"] == preset
+    kv_cache = "float32" if preset == "none" else "float16"  # a quantized anchor's cache is float16
+    assert entry["decode"]["cache"]["dtype"] == kv_cache
+    assert {state["dtype"] for state in entry["decode"]["io"]["states"]} == {kv_cache}
     report = run_checks(bundle)
     assert report.passed, [r for r in report.results if r.status == "fail"]
     assert report.summary()["executorch/decode"]["pass"] == 2

@@ -16,6 +16,7 @@ from hm_export.bench import set_threads
 from hm_export.checkpoint import Checkpoint, load_checkpoint
 from hm_export.cli import main
 from hm_export.decode import DecodeModule
+from hm_export.errors import UsageError
 from hm_export.model import assemble_path
 from hm_export.runtime_stubs.generate import Generator, Sampling, WindowDecoder, next_token
 from hm_export.runtime_stubs.loader import BundleLoader
@@ -62,6 +63,24 @@ def test_eager_decode_module_equals_the_full_window(cache):
     incremental = torch.cat(pieces)
     assert incremental.shape == full.shape
     assert (incremental - full).abs().max() < 1e-5
+
+
+def test_float16_cache_of_the_attention_kernel_stays_close_to_the_full_window():
+    cfg = tiny_config()
+    model = tiny_model(cfg, seed=1)
+    path = (1, 4)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    module = DecodeModule(model, assemble_path(model, path), attention="kernel", cache_dtype="float16").eval()
+    assert {getattr(module, name).dtype for name in module.cache_spec.names("state")} == {torch.float16}
+    with torch.no_grad():
+        full = model.forward_path(tokens, torch.tensor(path))[0]
+        pieces = [module(tokens[:, :11], torch.tensor([0]))[0]]
+        pieces += [module(tokens[:, i : i + 1], torch.tensor([i]))[0] for i in range(11, 24)]
+        error = (torch.cat(pieces) - full).abs().max()
+    # the rounding of keys and values to float16 (a relative 2^-11) is all that differs from the float32 window
+    assert 1e-6 < error < 2e-3
+    with pytest.raises(UsageError, match="float16 needs attention='kernel'"):
+        DecodeModule(model, (), attention="masked", cache_dtype="float16")
 
 
 def test_decode_module_without_memory_is_the_bare_anchor():

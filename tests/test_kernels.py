@@ -160,18 +160,26 @@ def attention_operands(heads: int, kv_heads: int, seq: int, length: int, dim: in
     return q, k, v, caches
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window", [0, 3])
-def test_attend_cache_reference_matches_masked_attention(window):
-    q, k, v, (k_cache, v_cache) = attention_operands(4, 2, 3, 16, 8)
+def test_attend_cache_reference_matches_masked_attention(window, cache_dtype):
+    q, k, v, caches = attention_operands(4, 2, 3, 16, 8)
+    k_cache, v_cache = (cache.to(cache_dtype) for cache in caches)
     pos = 5
     got = attend_cache(q, k, v, k_cache, v_cache, torch.tensor([pos]), 0.3, window)
-    assert torch.equal(k_cache[:, pos : pos + 3], k[0]) and torch.equal(v_cache[:, pos : pos + 3], v[0])
-    keys, values = k_cache.repeat_interleave(2, 0), v_cache.repeat_interleave(2, 0)  # whole cache, stale rows too
+    # written as the cache's dtype holds them: a float16 cache rounds to nearest even, as .half() does
+    assert torch.equal(k_cache[:, pos : pos + 3], k[0].to(cache_dtype))
+    assert torch.equal(v_cache[:, pos : pos + 3], v[0].to(cache_dtype))
+    keys = k_cache.float().repeat_interleave(2, 0)  # whole cache, stale rows too
+    values = v_cache.float().repeat_interleave(2, 0)
     scores = q[0] @ keys.transpose(1, 2) * 0.3
     query_pos, key_pos = torch.arange(pos, pos + 3)[:, None], torch.arange(16)[None, :]
     blocked = (key_pos > query_pos) | ((query_pos - key_pos >= window) if window else torch.zeros(1, dtype=torch.bool))
     want = torch.softmax(scores.masked_fill(blocked, float("-inf")), -1) @ values
     torch.testing.assert_close(got, want.transpose(0, 1).unsqueeze(0), rtol=0, atol=1e-6)
+    if cache_dtype == torch.float16:  # the rounding is the only change: close to a float32 cache's result
+        exact = attend_cache(q, k, v, *caches, torch.tensor([pos]), 0.3, window)
+        torch.testing.assert_close(got, exact, rtol=0, atol=5e-3)
 
 
 # --- the C++ kernel in the ExecuTorch runtime ----------------------------------------------------------
@@ -555,10 +563,10 @@ def test_qmatmul_neon_path_is_bit_exact_under_qemu(neon_harness, case):
 class CacheAttention(torch.nn.Module):
     """One attention layer over cache buffers, as the decode programs call it."""
 
-    def __init__(self, kv_heads: int, length: int, dim: int, window: int) -> None:
+    def __init__(self, kv_heads: int, length: int, dim: int, window: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.register_buffer("k_cache", torch.zeros(kv_heads, length, dim), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(kv_heads, length, dim), persistent=False)
+        self.register_buffer("k_cache", torch.zeros(kv_heads, length, dim, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(kv_heads, length, dim, dtype=dtype), persistent=False)
         self.window = window
 
     def forward(self, q, k, v, input_pos):
@@ -567,17 +575,24 @@ class CacheAttention(torch.nn.Module):
 
 # Groups of 3, 1 and 8 query heads per KV head; head dims of 8 (the x86 path's last columns only), 64 (two full
 # 32-column blocks: SmolLM2's) and 40 (a block and a tail); 12 query heads on one KV head take the portable path.
+# Caches in float16 (what the decode programs hold) and float32.
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(6, 2, 8), (9, 3, 64), (3, 3, 40), (8, 1, 40), (12, 1, 16)])
 @pytest.mark.parametrize("window", [0, 4])
-def test_cpp_attention_matches_the_reference_across_calls(kernel_library, tmp_path, window, heads, kv_heads, dim):
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float32])
+def test_cpp_attention_matches_the_reference_across_calls(
+    kernel_library, tmp_path, window, heads, kv_heads, dim, cache_dtype
+):
     from executorch.runtime import Runtime
 
     q, k, v, _ = attention_operands(heads, kv_heads, 5, 16, dim)
     dynamic = {"q": {2: torch.export.Dim("n", min=1, max=16)}}
     dynamic.update({"k": {2: dynamic["q"][2]}, "v": {2: dynamic["q"][2]}, "input_pos": None})
-    eager = CacheAttention(kv_heads, 16, dim, window)
+    eager = CacheAttention(kv_heads, 16, dim, window, cache_dtype)
     pte = lower_to_pte(
-        CacheAttention(kv_heads, 16, dim, window), (q, k, v, torch.tensor([0])), tmp_path / "a.pte", dynamic
+        CacheAttention(kv_heads, 16, dim, window, cache_dtype),
+        (q, k, v, torch.tensor([0])),
+        tmp_path / "a.pte",
+        dynamic,
     )
     method = Runtime.get().load_program(str(pte)).load_method("forward")
     position = 0

@@ -131,9 +131,10 @@ class HostDecodeModule(HostSlotModule, StaticKVCache):
         cache: CacheForm = "state",
         layout: SlotLayout | None = None,
         attention: Attention = "masked",
+        cache_dtype: str = "float32",
     ) -> None:
         super().__init__(model, memory, layout)
-        self.init_cache(model.cfg, cache, attention)
+        self.init_cache(model.cfg, cache, attention, cache_dtype)
         mask = host_structure(model.cfg).mask
         self.per_layer_type = mask == "per-layer-type"
         window = getattr(self.host.config, "sliding_window", None)
