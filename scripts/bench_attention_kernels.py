@@ -12,10 +12,11 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from benchlib import seconds_per_call
 
 from hm_export.bench import set_threads
 from hm_export.kernels import attend_cache, load_kernel_library
@@ -103,10 +104,7 @@ def main() -> int:
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(args.runs):
         for name, (method, inputs) in methods.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                method.execute(inputs)
-            times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+            times[name].append(seconds_per_call(partial(method.execute, inputs), args.steps) * 1e3)
     report = {
         "layers": args.layers,
         "cache_length": args.length,

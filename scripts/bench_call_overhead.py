@@ -13,10 +13,11 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from benchlib import seconds_per_call
 
 from hm_export.bench import set_threads
 from hm_export.runtime_stubs.generate import Generator
@@ -41,6 +42,14 @@ def lower(inputs: tuple[torch.Tensor, ...], path: Path) -> Path:
     return path
 
 
+def decode_step_seconds(generator: Generator, prompt: list[int], steps: int) -> float:
+    """Mean time of ``steps`` one-token decode calls after prefilling ``prompt``, as the generation loop makes them."""
+    generator.prefill_last(prompt)
+    positions = iter(range(len(prompt), len(prompt) + steps))
+    token = torch.tensor([[5]])
+    return seconds_per_call(lambda: generator.decoder(token, next(positions), generator.loader.slot), steps)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
@@ -54,7 +63,7 @@ def main() -> int:
     loader = BundleLoader(args.bundle, target=None, verify=False)
     generator = Generator(loader, "executorch")
     loader.set_path([0] * loader.config.memory.num_levels)
-    decoder, slot = generator.decoder, loader.slot
+    slot = loader.slot
     tokens, position = torch.tensor([[5]]), torch.tensor([64])
     work = Path(tempfile.mkdtemp())
     calls = {
@@ -66,18 +75,11 @@ def main() -> int:
     }
     times: dict[str, list[float]] = {name: [] for name in [*methods, "decode step"]}
     prompt = list(range(100, 164))
+    steps = min(args.steps, loader.config.max_seq_len - len(prompt))
     for _ in range(args.runs):
         for name, (method, inputs) in methods.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                method.execute(inputs)
-            times[name].append((time.perf_counter() - start) / args.steps * 1e6)
-        generator.prefill_last(prompt)
-        steps = min(args.steps, loader.config.max_seq_len - len(prompt))
-        start = time.perf_counter()
-        for i in range(steps):
-            decoder(tokens, len(prompt) + i, slot)
-        times["decode step"].append((time.perf_counter() - start) / steps * 1e6)
+            times[name].append(seconds_per_call(partial(method.execute, inputs), args.steps) * 1e6)
+        times["decode step"].append(decode_step_seconds(generator, prompt, steps) * 1e6)
     mean = {name: statistics.mean(t) for name, t in times.items()}
     extra_inputs = len(slot)
     per_input = (mean["no-op, all decode inputs"] - mean["no-op, tokens and input_pos"]) / extra_inputs

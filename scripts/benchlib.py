@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +178,14 @@ def run_measured(code: str, *args: str, interval: float = 0.02) -> Measured:
         raise RuntimeError(f"measured subprocess failed with exit code {process.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
     return Measured(result, round(peak_pss / 1024, 1), round(peak_rss / 1024, 1), time.perf_counter() - start)
+
+
+def seconds_per_call(call: Callable[[], object], count: int) -> float:
+    """Mean wall time of ``count`` back-to-back calls of ``call``."""
+    start = time.perf_counter()
+    for _ in range(count):
+        call()
+    return (time.perf_counter() - start) / count
 
 
 def percentiles(values: list[float], scale: float = 1e3) -> dict[str, float]:
