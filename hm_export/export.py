@@ -104,8 +104,8 @@ def _emit_decode(
     options: EmitOptions,
     traced: dict[tuple[Any, ...], SlotProgram],
 ) -> dict[str, Any]:
-    """Trace (once per pipeline, cache form and attention, cached in ``traced``) and emit ``target``'s decode
-    program."""
+    """Trace (once per pipeline, cache form, attention and cache dtype, cached in ``traced``) and emit ``target``'s
+    decode program."""
     # The attention kernel has no logit soft-capping: such a host (Gemma 2) attends with masks on every target.
     attention = support.attention if support.attention != "kernel" or model.kernel_attention else "masked"
     cache_dtype = get_preset(options.anchor_quant).kv_cache if attention == "kernel" else "float32"
